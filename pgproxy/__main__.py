@@ -1,0 +1,5 @@
+"""`python -m pgproxy` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,87 @@
+"""Where session and statement events go: the seam between the proxy and the audit log.
+
+The proxy calls ``emit`` with plain dicts that are already safe to store (no tokens, no upstream
+credentials; masking applies before this point). ``emit`` never blocks the event loop: the JSON-lines
+sink buffers in memory and writes in batches. A sink that cannot write raises ``AuditUnavailable`` so
+the caller can refuse to run statements it could not record (fail closed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class AuditUnavailable(Exception):
+    """The audit log cannot be written: statements must not run unrecorded."""
+
+
+class AuditSink(Protocol):
+    def emit(self, event: dict[str, Any]) -> None:
+        """Accept one event; raise AuditUnavailable when it cannot be recorded."""
+
+    def flush(self) -> None:
+        """Make every accepted event durable as far as the sink's policy says."""
+
+    def close(self) -> None: ...
+
+
+class MemoryAuditSink:
+    """Keeps events in a list: for embedding the proxy in tests and tools."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def emit(self, event: dict[str, Any]) -> None:
+        self.events.append(event)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class JsonLinesAuditSink:
+    """Appends one JSON object per line to a file, written in batches of ``batch_size`` events."""
+
+    def __init__(self, path: Path, *, batch_size: int = 256) -> None:
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        self._file = os.fdopen(fd, "a", encoding="utf-8")
+        self._lines: list[str] = []
+        self._batch_size = batch_size
+        self._lock = threading.Lock()
+        self._broken: str | None = None
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self._broken is not None:
+            raise AuditUnavailable(self._broken)
+        line = json.dumps(event, separators=(",", ":"), default=str)
+        with self._lock:
+            self._lines.append(line)
+            full = len(self._lines) >= self._batch_size
+        if full:
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            lines, self._lines = self._lines, []
+            if not lines:
+                return
+            try:
+                self._file.write("\n".join(lines) + "\n")
+                self._file.flush()
+            except OSError as exc:
+                self._broken = f"audit log {self.path} is not writable: {exc.strerror}"
+                raise AuditUnavailable(self._broken) from None
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            self._file.close()

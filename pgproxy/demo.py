@@ -1,0 +1,165 @@
+"""`pgproxy demo`: a throwaway database, the sample schema, dev keys and TLS, and the proxy, in one command.
+
+Everything lives in a temporary directory that is removed on exit. The printed token is a development
+token signed by a key generated for this run only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import shlex
+import shutil
+import signal
+import socket
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import click
+import yaml
+
+from .config import CONFIG_ENV_VAR, load_config
+from .demo_data import seed_sample_schema
+from .devdb import Database, start_database
+from .identity import generate_dev_keys, mint_token
+from .server.listener import ProxyServer
+from .tlsutil import generate_dev_ca_and_cert
+
+DEMO_ISSUER = "pgproxy-demo"
+DEMO_AUDIENCE = "pgproxy"
+DEMO_SUBJECT = "demo-agent"
+DEMO_ROLES = ("agent_reader", "agent_writer")
+DEFAULT_PORT = 6432
+
+
+def _pick_port(preferred: int) -> int:
+    for port in (preferred, 0):
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(s.getsockname()[1])
+    raise RuntimeError("no free port")
+
+
+@dataclass
+class DemoEnvironment:
+    """What a running demo offers: where to connect and with what."""
+
+    workdir: Path
+    database: Database
+    config_file: Path
+    ca_file: Path
+    port: int
+    token: str
+
+    def connection_env(self) -> dict[str, str]:
+        return {
+            "PGHOST": "127.0.0.1",
+            "PGPORT": str(self.port),
+            "PGUSER": DEMO_ROLES[0],
+            "PGPASSWORD": self.token,
+            "PGSSLMODE": "verify-full",
+            "PGSSLROOTCERT": str(self.ca_file),
+            "PGDATABASE": self.database.database,
+            "PGPROXY_UPSTREAM_DSN": self.database.dsn(),
+            CONFIG_ENV_VAR: str(self.config_file),
+        }
+
+
+def write_demo_config(workdir: Path, database: Database, port: int) -> tuple[Path, Path]:
+    """Create keys, certificates, the upstream password file and the config; returns (config, CA file)."""
+    keys = generate_dev_keys(workdir / "keys")
+    tls = generate_dev_ca_and_cert(workdir / "tls")
+    password_file = workdir / "upstream-password"
+    password_file.write_text(database.password)
+    password_file.chmod(0o600)
+    config: dict[str, Any] = {
+        "listeners": [{"host": "127.0.0.1", "port": port,
+                       "tls": {"cert_file": str(tls.cert_file), "key_file": str(tls.key_file)}}],
+        "identity": {"issuer": DEMO_ISSUER, "audience": DEMO_AUDIENCE, "algorithms": ["ES256"],
+                     "jwks_file": str(keys.jwks_file), "dev_signing_key_file": str(keys.private_key_file),
+                     "default_db_role": DEMO_ROLES[0]},
+        "upstream": {"host": database.host, "port": database.port, "sslmode": "disable",
+                     "credentials": [{"role": "*", "password_file": str(password_file)}]},
+        "audit": {"jsonl_path": str(workdir / "audit" / "audit.jsonl")},
+    }
+    config_file = workdir / "pgproxy.yaml"
+    config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    return config_file, tls.ca_file
+
+
+def _demo_token(config_file: Path, ttl_seconds: float) -> str:
+    config = load_config(config_file)
+    assert config.identity.dev_signing_key_file is not None
+    return mint_token(config.identity.dev_signing_key_file, issuer=DEMO_ISSUER, audience=DEMO_AUDIENCE,
+                      subject=DEMO_SUBJECT, groups=["agents"], db_role=list(DEMO_ROLES), ttl_seconds=ttl_seconds,
+                      extra_claims={"agent_id": "demo-agent-1"})
+
+
+def run_demo(env_file: Path | None, port: int | None, token_ttl: float,
+             on_ready: Callable[[DemoEnvironment], None] | None = None) -> None:
+    """Run the demo until SIGINT/SIGTERM, cleaning everything up afterwards."""
+    workdir = Path(tempfile.mkdtemp(prefix="pgproxy-demo-"))
+    stop_database: Callable[[], None] | None = None
+    try:
+        click.echo("starting a throwaway PostgreSQL ...", err=True)
+        database, stop_database = start_database()
+        # The demo's roles get the superuser's password: a single upstream secret for the demo.
+        seed_sample_schema(database.dsn(), database.password)
+        chosen = _pick_port(port if port is not None else DEFAULT_PORT)
+        config_file, ca_file = write_demo_config(workdir, database, chosen)
+        env = DemoEnvironment(workdir, database, config_file, ca_file, chosen, _demo_token(config_file, token_ttl))
+        asyncio.run(_serve(env, env_file, on_ready))
+    finally:
+        if stop_database is not None:
+            stop_database()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+async def _serve(env: DemoEnvironment, env_file: Path | None,
+                 on_ready: Callable[[DemoEnvironment], None] | None) -> None:
+    server = ProxyServer(load_config(env.config_file))
+    await server.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    variables = env.connection_env()
+    if env_file is not None:
+        env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items()))
+    _print_banner(env, variables)
+    if on_ready is not None:
+        on_ready(env)
+    try:
+        await stop.wait()
+    finally:
+        click.echo("stopping ...", err=True)
+        await server.close(drain_seconds=2.0)
+
+
+def _print_banner(env: DemoEnvironment, variables: dict[str, str]) -> None:
+    conninfo = (f"host=127.0.0.1 port={env.port} user={DEMO_ROLES[0]} dbname={env.database.database} "
+                f"sslmode=verify-full sslrootcert={env.ca_file}")
+    click.echo(f"""
+pgproxy demo is running.
+
+  proxy     127.0.0.1:{env.port} (TLS, token as password)
+  upstream  {env.database.host}:{env.database.port} (the proxy logs in with its own credential)
+  config    {env.config_file}
+  audit     {env.workdir / 'audit' / 'audit.jsonl'}
+
+Connect through the proxy (the password is a JWT for subject "{DEMO_SUBJECT}", roles {', '.join(DEMO_ROLES)}):
+
+  PGPASSWORD={shlex.quote(env.token)} \\
+    psql {shlex.quote(conninfo)}
+
+Try:  SELECT full_name, email, ssn FROM shop.customers LIMIT 5;
+More tokens:  {CONFIG_ENV_VAR}={env.config_file} pgproxy token --sub someone --role agent_reader
+Ctrl-C stops the proxy and the database and removes {env.workdir}.
+""")

@@ -1,0 +1,1209 @@
+"""Typed PostgreSQL v3 protocol messages (sans-I/O).
+
+One frozen dataclass per message. ``encode()`` returns the full wire message (type byte, Int32
+length, body); ``decode(body)`` parses the body that follows the 5-byte header and raises
+:class:`~pgproxy.protocol.codec.ProtocolViolation` on anything malformed (truncation, trailing bytes,
+bad lengths, invalid UTF-8, invalid enum values). :func:`decode_frontend` and :func:`decode_backend`
+dispatch on the type byte. Message formats follow the PostgreSQL "Message Formats" documentation.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Final, NamedTuple, Self
+
+from .codec import (
+    INT16,
+    INT32,
+    UINT8,
+    UINT16,
+    UINT32,
+    Buffer,
+    ProtocolViolation,
+    Reader,
+    as_bytes,
+    cstr,
+    invalid_utf8,
+    msg,
+    nullable,
+    type_name,
+)
+
+__all__ = [
+    "AuthenticationCleartextPassword",
+    "AuthenticationMD5Password",
+    "AuthenticationMessage",
+    "AuthenticationOk",
+    "AuthenticationOther",
+    "AuthenticationResponse",
+    "AuthenticationSASL",
+    "AuthenticationSASLContinue",
+    "AuthenticationSASLFinal",
+    "BackendKeyData",
+    "BackendMessage",
+    "Bind",
+    "BindComplete",
+    "Close",
+    "CloseComplete",
+    "CommandComplete",
+    "CopyBothResponse",
+    "CopyData",
+    "CopyDone",
+    "CopyFail",
+    "CopyInResponse",
+    "CopyOutResponse",
+    "DataRow",
+    "Describe",
+    "EmptyQueryResponse",
+    "ErrorResponse",
+    "Execute",
+    "FieldDescription",
+    "Flush",
+    "FrontendMessage",
+    "FunctionCall",
+    "FunctionCallResponse",
+    "NegotiateProtocolVersion",
+    "NoData",
+    "NoticeResponse",
+    "NotificationResponse",
+    "ParameterDescription",
+    "ParameterStatus",
+    "Parse",
+    "ParseComplete",
+    "PasswordMessage",
+    "PortalSuspended",
+    "Query",
+    "ReadyForQuery",
+    "RowDescription",
+    "SASLInitialResponse",
+    "SASLResponse",
+    "Sync",
+    "Terminate",
+    "decode_backend",
+    "decode_frontend",
+]
+
+_EMPTY_LENGTH: Final = b"\x00\x00\x00\x04"
+# RowDescription per-field record after the name: table oid, column number, type oid, type size,
+# type modifier, format code.
+_FIELD: Final = struct.Struct(">IhIhih")
+_FIELD_SIZE: Final = _FIELD.size
+_NULL_BYTE: Final = b"\x00"
+
+
+def _int16s(values: tuple[int, ...]) -> bytes:
+    """Uint16 count followed by that many Int16 values."""
+    n = len(values)
+    return UINT16.pack(n) + struct.pack(f">{n}h", *values)
+
+
+def _values(values: tuple[bytes | None, ...]) -> bytes:
+    """Uint16 count followed by length-prefixed values (-1 for NULL)."""
+    parts = [UINT16.pack(len(values))]
+    append = parts.append
+    pack = INT32.pack
+    for v in values:
+        if v is None:
+            append(b"\xff\xff\xff\xff")
+        else:
+            append(pack(len(v)))
+            append(v)
+    return b"".join(parts)
+
+
+def _check_format_count(what: str, formats: int, values: int, noun: str) -> None:
+    if formats not in (0, 1) and formats != values:
+        raise ProtocolViolation(f"{what} message has {formats} {noun} formats but {values} {noun}s")
+
+
+class _Empty:
+    """Base for messages without a body."""
+
+    __slots__ = ()
+    TYPE: ClassVar[bytes]
+
+    def encode(self) -> bytes:
+        return self.TYPE + _EMPTY_LENGTH
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        if len(body):
+            raise ProtocolViolation(f"invalid message length {len(body) + 4} for {type_name(cls.TYPE)}")
+        return cls()
+
+
+# --------------------------------------------------------------------------------------------------
+# Frontend messages
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Query:
+    """Simple query ('Q')."""
+
+    sql: str
+    TYPE: ClassVar[bytes] = b"Q"
+
+    def encode(self) -> bytes:
+        return msg(b"Q", cstr(self.sql))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "Query")
+        sql = r.cstring()
+        r.done()
+        return cls(sql)
+
+
+@dataclass(frozen=True, slots=True)
+class Parse:
+    """Extended-protocol Parse ('P'); ``param_types`` are type OIDs (0 = unspecified)."""
+
+    name: str
+    query: str
+    param_types: tuple[int, ...] = ()
+    TYPE: ClassVar[bytes] = b"P"
+
+    def encode(self) -> bytes:
+        n = len(self.param_types)
+        return msg(
+            b"P",
+            cstr(self.name) + cstr(self.query) + UINT16.pack(n) + struct.pack(f">{n}I", *self.param_types),
+        )
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "Parse")
+        name = r.cstring()
+        query = r.cstring()
+        types = r.uint32_array(r.uint16())
+        r.done()
+        return cls(name, query, types)
+
+
+@dataclass(frozen=True, slots=True)
+class Bind:
+    """Extended-protocol Bind ('B'); ``params`` entries are raw values, ``None`` for NULL."""
+
+    portal: str
+    statement: str
+    param_formats: tuple[int, ...] = ()
+    params: tuple[bytes | None, ...] = ()
+    result_formats: tuple[int, ...] = ()
+    TYPE: ClassVar[bytes] = b"B"
+
+    def encode(self) -> bytes:
+        return msg(
+            b"B",
+            b"".join((
+                cstr(self.portal),
+                cstr(self.statement),
+                _int16s(self.param_formats),
+                _values(self.params),
+                _int16s(self.result_formats),
+            )),
+        )
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "Bind")
+        portal = r.cstring()
+        statement = r.cstring()
+        formats = r.int16_array(r.uint16())
+        params = r.nullable_array(r.uint16())
+        results = r.int16_array(r.uint16())
+        r.done()
+        _check_format_count("bind", len(formats), len(params), "parameter")
+        return cls(portal, statement, formats, params, results)
+
+    def param_format(self, index: int) -> int:
+        """Format code (0 text, 1 binary) of parameter ``index`` per the 0/1/N format-code rule."""
+        formats = self.param_formats
+        if not formats:
+            return 0
+        return formats[0] if len(formats) == 1 else formats[index]
+
+
+@dataclass(frozen=True, slots=True)
+class Describe:
+    """Describe ('D') a prepared statement (``kind`` 'S') or portal ('P')."""
+
+    kind: str
+    name: str
+    TYPE: ClassVar[bytes] = b"D"
+
+    def encode(self) -> bytes:
+        return msg(b"D", self.kind.encode("ascii") + cstr(self.name))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "Describe")
+        kind = r.char()
+        if kind not in ("S", "P"):
+            raise ProtocolViolation(f"invalid DESCRIBE message subtype {ord(kind)}")
+        name = r.cstring()
+        r.done()
+        return cls(kind, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Execute:
+    """Execute ('E') a portal; ``max_rows`` 0 means no limit."""
+
+    portal: str
+    max_rows: int = 0
+    TYPE: ClassVar[bytes] = b"E"
+
+    def encode(self) -> bytes:
+        return msg(b"E", cstr(self.portal) + INT32.pack(self.max_rows))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "Execute")
+        portal = r.cstring()
+        max_rows = r.int32()
+        r.done()
+        return cls(portal, max_rows)
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Close ('C') a prepared statement (``kind`` 'S') or portal ('P')."""
+
+    kind: str
+    name: str
+    TYPE: ClassVar[bytes] = b"C"
+
+    def encode(self) -> bytes:
+        return msg(b"C", self.kind.encode("ascii") + cstr(self.name))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "Close")
+        kind = r.char()
+        if kind not in ("S", "P"):
+            raise ProtocolViolation(f"invalid CLOSE message subtype {ord(kind)}")
+        name = r.cstring()
+        r.done()
+        return cls(kind, name)
+
+
+@dataclass(frozen=True, slots=True)
+class Sync(_Empty):
+    """Sync ('S'): end of an extended-query batch."""
+
+    TYPE: ClassVar[bytes] = b"S"
+
+
+@dataclass(frozen=True, slots=True)
+class Flush(_Empty):
+    """Flush ('H'): ask the server to send pending output."""
+
+    TYPE: ClassVar[bytes] = b"H"
+
+
+@dataclass(frozen=True, slots=True)
+class CopyData:
+    """CopyData ('d'), sent in both directions."""
+
+    data: bytes
+    TYPE: ClassVar[bytes] = b"d"
+
+    def encode(self) -> bytes:
+        return msg(b"d", self.data)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        return cls(as_bytes(body))
+
+
+@dataclass(frozen=True, slots=True)
+class CopyDone(_Empty):
+    """CopyDone ('c'), sent in both directions."""
+
+    TYPE: ClassVar[bytes] = b"c"
+
+
+@dataclass(frozen=True, slots=True)
+class CopyFail:
+    """CopyFail ('f'): the frontend aborts COPY FROM STDIN."""
+
+    message: str
+    TYPE: ClassVar[bytes] = b"f"
+
+    def encode(self) -> bytes:
+        return msg(b"f", cstr(self.message))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "CopyFail")
+        message = r.cstring()
+        r.done()
+        return cls(message)
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCall:
+    """Fast-path FunctionCall ('F'); ``args`` entries are raw values, ``None`` for NULL."""
+
+    function_oid: int
+    arg_formats: tuple[int, ...] = ()
+    args: tuple[bytes | None, ...] = ()
+    result_format: int = 0
+    TYPE: ClassVar[bytes] = b"F"
+
+    def encode(self) -> bytes:
+        return msg(
+            b"F",
+            b"".join((
+                UINT32.pack(self.function_oid),
+                _int16s(self.arg_formats),
+                _values(self.args),
+                INT16.pack(self.result_format),
+            )),
+        )
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "FunctionCall")
+        oid = r.uint32()
+        formats = r.int16_array(r.uint16())
+        args = r.nullable_array(r.uint16())
+        result_format = r.int16()
+        r.done()
+        _check_format_count("function call", len(formats), len(args), "argument")
+        return cls(oid, formats, args, result_format)
+
+
+@dataclass(frozen=True, slots=True)
+class PasswordMessage:
+    """PasswordMessage ('p'): a cleartext or md5-hashed password."""
+
+    password: str
+    TYPE: ClassVar[bytes] = b"p"
+
+    def encode(self) -> bytes:
+        return msg(b"p", cstr(self.password))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "PasswordMessage")
+        password = r.cstring()
+        r.done()
+        return cls(password)
+
+
+@dataclass(frozen=True, slots=True)
+class SASLInitialResponse:
+    """SASLInitialResponse ('p'): chosen mechanism plus optional initial client data."""
+
+    mechanism: str
+    data: bytes | None
+    TYPE: ClassVar[bytes] = b"p"
+
+    def encode(self) -> bytes:
+        return msg(b"p", cstr(self.mechanism) + nullable(self.data))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "SASLInitialResponse")
+        mechanism = r.cstring()
+        data = r.nullable_bytes()
+        r.done()
+        return cls(mechanism, data)
+
+
+@dataclass(frozen=True, slots=True)
+class SASLResponse:
+    """SASLResponse ('p'): mechanism-specific client data."""
+
+    data: bytes
+    TYPE: ClassVar[bytes] = b"p"
+
+    def encode(self) -> bytes:
+        return msg(b"p", self.data)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        return cls(as_bytes(body))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationResponse:
+    """A raw 'p' message; which kind it is depends on the authentication exchange in progress.
+
+    Interpret it with :meth:`password`, :meth:`sasl_initial` or :meth:`sasl_response`.
+    """
+
+    data: bytes
+    TYPE: ClassVar[bytes] = b"p"
+
+    def encode(self) -> bytes:
+        return msg(b"p", self.data)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        return cls(as_bytes(body))
+
+    def password(self) -> str:
+        """The body as a PasswordMessage: exactly one NUL-terminated UTF-8 string."""
+        return PasswordMessage.decode(self.data).password
+
+    def sasl_initial(self) -> SASLInitialResponse:
+        """The body as a SASLInitialResponse."""
+        return SASLInitialResponse.decode(self.data)
+
+    def sasl_response(self) -> SASLResponse:
+        """The body as a SASLResponse."""
+        return SASLResponse(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class Terminate(_Empty):
+    """Terminate ('X'): the frontend is closing the connection."""
+
+    TYPE: ClassVar[bytes] = b"X"
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend messages: authentication requests ('R')
+# --------------------------------------------------------------------------------------------------
+
+
+def _auth_reader(body: Buffer, code: int, what: str) -> Reader:
+    r = Reader(body, what)
+    got = r.int32()
+    if got != code:
+        raise ProtocolViolation(f"{what} message has authentication code {got}, expected {code}")
+    return r
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationOk:
+    """AuthenticationOk ('R', 0)."""
+
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int] = 0
+
+    def encode(self) -> bytes:
+        return b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        _auth_reader(body, 0, "AuthenticationOk").done()
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationCleartextPassword:
+    """AuthenticationCleartextPassword ('R', 3)."""
+
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int] = 3
+
+    def encode(self) -> bytes:
+        return b"R\x00\x00\x00\x08\x00\x00\x00\x03"
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        _auth_reader(body, 3, "AuthenticationCleartextPassword").done()
+        return cls()
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationMD5Password:
+    """AuthenticationMD5Password ('R', 5) with its 4-byte salt."""
+
+    salt: bytes
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int] = 5
+
+    def encode(self) -> bytes:
+        if len(self.salt) != 4:
+            raise ValueError("MD5 salt must be exactly 4 bytes")
+        return msg(b"R", INT32.pack(5) + self.salt)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = _auth_reader(body, 5, "AuthenticationMD5Password")
+        salt = r.raw(4)
+        r.done()
+        return cls(salt)
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationSASL:
+    """AuthenticationSASL ('R', 10): mechanisms in the server's order of preference."""
+
+    mechanisms: tuple[str, ...]
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int] = 10
+
+    def encode(self) -> bytes:
+        if "" in self.mechanisms:
+            raise ValueError("SASL mechanism names must not be empty")
+        return msg(b"R", INT32.pack(10) + b"".join(cstr(m) for m in self.mechanisms) + _NULL_BYTE)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = _auth_reader(body, 10, "AuthenticationSASL")
+        mechanisms: list[str] = []
+        while True:
+            name = r.cstring()
+            if not name:
+                break
+            mechanisms.append(name)
+        r.done()
+        return cls(tuple(mechanisms))
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationSASLContinue:
+    """AuthenticationSASLContinue ('R', 11): server challenge data."""
+
+    data: bytes
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int] = 11
+
+    def encode(self) -> bytes:
+        return msg(b"R", INT32.pack(11) + self.data)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        return cls(_auth_reader(body, 11, "AuthenticationSASLContinue").rest())
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationSASLFinal:
+    """AuthenticationSASLFinal ('R', 12): server's final SASL data (e.g. the SCRAM signature)."""
+
+    data: bytes
+    TYPE: ClassVar[bytes] = b"R"
+    CODE: ClassVar[int] = 12
+
+    def encode(self) -> bytes:
+        return msg(b"R", INT32.pack(12) + self.data)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        return cls(_auth_reader(body, 12, "AuthenticationSASLFinal").rest())
+
+
+#: Authentication request codes carried by :class:`AuthenticationOther`:
+#: KerberosV5 (2), GSS (7), GSSContinue (8), SSPI (9).
+_OTHER_AUTH_CODES: Final = frozenset({2, 7, 8, 9})
+
+
+@dataclass(frozen=True, slots=True)
+class AuthenticationOther:
+    """An authentication request the proxy does not implement (KerberosV5, GSS, GSSContinue, SSPI)."""
+
+    code: int
+    data: bytes = b""
+    TYPE: ClassVar[bytes] = b"R"
+
+    def encode(self) -> bytes:
+        return msg(b"R", INT32.pack(self.code) + self.data)
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "Authentication")
+        code = r.int32()
+        if code not in _OTHER_AUTH_CODES:
+            raise ProtocolViolation(f"unsupported authentication request code {code}")
+        return cls(code, r.rest())
+
+
+AuthenticationMessage = (
+    AuthenticationOk
+    | AuthenticationCleartextPassword
+    | AuthenticationMD5Password
+    | AuthenticationSASL
+    | AuthenticationSASLContinue
+    | AuthenticationSASLFinal
+    | AuthenticationOther
+)
+
+_AUTH_DECODERS: Final[dict[int, Callable[[Buffer], AuthenticationMessage]]] = {
+    0: AuthenticationOk.decode,
+    3: AuthenticationCleartextPassword.decode,
+    5: AuthenticationMD5Password.decode,
+    10: AuthenticationSASL.decode,
+    11: AuthenticationSASLContinue.decode,
+    12: AuthenticationSASLFinal.decode,
+}
+
+
+def _decode_authentication(body: Buffer) -> AuthenticationMessage:
+    if len(body) < 4:
+        raise ProtocolViolation(f"invalid message length {len(body) + 4} for 'R'")
+    code: int = INT32.unpack_from(body, 0)[0]
+    decoder = _AUTH_DECODERS.get(code, AuthenticationOther.decode)
+    return decoder(body)
+
+
+# --------------------------------------------------------------------------------------------------
+# Backend messages: everything else
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class BackendKeyData:
+    """BackendKeyData ('K'): cancellation key; ``secret_key`` is unsigned 32-bit."""
+
+    process_id: int
+    secret_key: int
+    TYPE: ClassVar[bytes] = b"K"
+
+    def encode(self) -> bytes:
+        return msg(b"K", INT32.pack(self.process_id) + UINT32.pack(self.secret_key))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "BackendKeyData")
+        pid = r.int32()
+        key = r.uint32()
+        r.done()
+        return cls(pid, key)
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterStatus:
+    """ParameterStatus ('S'): a run-time parameter's current value."""
+
+    name: str
+    value: str
+    TYPE: ClassVar[bytes] = b"S"
+
+    def encode(self) -> bytes:
+        return msg(b"S", cstr(self.name) + cstr(self.value))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "ParameterStatus")
+        name = r.cstring()
+        value = r.cstring()
+        r.done()
+        return cls(name, value)
+
+
+_READY_STATUSES: Final = frozenset({"I", "T", "E"})
+
+
+@dataclass(frozen=True, slots=True)
+class ReadyForQuery:
+    """ReadyForQuery ('Z'); ``status`` is 'I' (idle), 'T' (in transaction) or 'E' (failed transaction)."""
+
+    status: str
+    TYPE: ClassVar[bytes] = b"Z"
+
+    def encode(self) -> bytes:
+        return msg(b"Z", self.status.encode("ascii"))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        if len(body) != 1:
+            raise ProtocolViolation(f"invalid message length {len(body) + 4} for 'Z'")
+        status = chr(body[0])
+        if status not in _READY_STATUSES:
+            raise ProtocolViolation(f"invalid transaction status {status!r} in ReadyForQuery")
+        return cls(status)
+
+
+class FieldDescription(NamedTuple):
+    """One column of a RowDescription; ``table_oid`` and ``type_oid`` are unsigned 32-bit.
+
+    A NamedTuple rather than a dataclass because RowDescription decoding builds one per column and
+    tuple construction is several times cheaper; it is immutable, use ``_replace()`` to derive one.
+    """
+
+    name: str
+    table_oid: int
+    column_number: int
+    type_oid: int
+    type_size: int
+    type_modifier: int
+    format_code: int
+
+
+@dataclass(frozen=True, slots=True)
+class RowDescription:
+    """RowDescription ('T'): the columns of the rows that follow."""
+
+    fields: tuple[FieldDescription, ...]
+    TYPE: ClassVar[bytes] = b"T"
+
+    def encode(self) -> bytes:
+        parts = [UINT16.pack(len(self.fields))]
+        pack = _FIELD.pack
+        for f in self.fields:
+            parts.append(cstr(f.name))
+            parts.append(
+                pack(f.table_oid, f.column_number, f.type_oid, f.type_size, f.type_modifier, f.format_code)
+            )
+        return msg(b"T", b"".join(parts))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        # Hot path: a flat loop with one find() and one unpack_from() per column.
+        buf = as_bytes(body)
+        end = len(buf)
+        if end < 2:
+            raise Reader(buf, "RowDescription").truncated(2)
+        count: int = UINT16.unpack_from(buf, 0)[0]
+        pos = 2
+        fields: list[FieldDescription] = []
+        append = fields.append
+        find = buf.find
+        unpack = _FIELD.unpack_from
+        new = FieldDescription
+        try:
+            for _ in range(count):
+                nul = find(b"\x00", pos)
+                if nul < 0:
+                    raise ProtocolViolation(f"unterminated string in RowDescription message at offset {pos}")
+                name = buf[pos:nul].decode("utf-8")
+                pos = nul + 1
+                append(new(name, *unpack(buf, pos)))
+                pos += _FIELD_SIZE
+        except UnicodeDecodeError as exc:
+            raise invalid_utf8(exc) from None
+        except struct.error:
+            raise ProtocolViolation(
+                f"truncated RowDescription message: needed {_FIELD_SIZE} byte(s) at offset {pos}, "
+                f"{end - pos} remaining"
+            ) from None
+        if pos != end:
+            raise ProtocolViolation(
+                f"RowDescription message has {end - pos} trailing byte(s) at offset {pos}"
+            )
+        return cls(tuple(fields))
+
+
+@dataclass(frozen=True, slots=True)
+class DataRow:
+    """DataRow ('D'): one row of raw column values, ``None`` for NULL."""
+
+    values: tuple[bytes | None, ...]
+    TYPE: ClassVar[bytes] = b"D"
+
+    def encode(self) -> bytes:
+        return msg(b"D", _values(self.values))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "DataRow")
+        values = r.nullable_array(r.uint16())
+        r.done()
+        return cls(values)
+
+
+@dataclass(frozen=True, slots=True)
+class CommandComplete:
+    """CommandComplete ('C') with its command tag, e.g. ``"SELECT 5"`` or ``"INSERT 0 3"``."""
+
+    tag: str
+    TYPE: ClassVar[bytes] = b"C"
+
+    def encode(self) -> bytes:
+        return msg(b"C", cstr(self.tag))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "CommandComplete")
+        tag = r.cstring()
+        r.done()
+        return cls(tag)
+
+    @property
+    def rows(self) -> int | None:
+        """Row count: the last word of the tag when it is an integer, else ``None``."""
+        last = self.tag.rpartition(" ")[2]
+        if last.isascii() and last.isdigit():
+            return int(last)
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class EmptyQueryResponse(_Empty):
+    """EmptyQueryResponse ('I'): the query string was empty."""
+
+    TYPE: ClassVar[bytes] = b"I"
+
+
+@dataclass(frozen=True, slots=True)
+class _FieldsResponse:
+    """Shared body of ErrorResponse and NoticeResponse: ordered (code, value) fields."""
+
+    fields: tuple[tuple[str, str], ...]
+    TYPE: ClassVar[bytes]
+    _NAME: ClassVar[str]
+
+    def encode(self) -> bytes:
+        parts = []
+        for code, value in self.fields:
+            if len(code) != 1 or code == "\x00":
+                raise ValueError(f"invalid {self._NAME} field code {code!r}")
+            parts.append(code.encode("latin-1"))
+            parts.append(cstr(value))
+        parts.append(_NULL_BYTE)
+        return msg(self.TYPE, b"".join(parts))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, cls._NAME)
+        fields: list[tuple[str, str]] = []
+        while True:
+            code = r.uint8()
+            if code == 0:
+                break
+            fields.append((chr(code), r.cstring()))
+        r.done()
+        return cls(tuple(fields))
+
+    @classmethod
+    def build(
+        cls,
+        severity: str,
+        sqlstate: str,
+        message: str,
+        detail: str | None = None,
+        hint: str | None = None,
+    ) -> Self:
+        """Build a message with S and V (severity), C (SQLSTATE), M and optional D and H fields."""
+        fields = [("S", severity), ("V", severity), ("C", sqlstate), ("M", message)]
+        if detail is not None:
+            fields.append(("D", detail))
+        if hint is not None:
+            fields.append(("H", hint))
+        return cls(tuple(fields))
+
+    def get(self, code: str) -> str | None:
+        """Value of the first field with ``code``, or ``None``."""
+        for key, value in self.fields:
+            if key == code:
+                return value
+        return None
+
+    @property
+    def severity(self) -> str | None:
+        """Non-localized severity ('V') when present, else the localized one ('S')."""
+        value = self.get("V")
+        return value if value is not None else self.get("S")
+
+    @property
+    def sqlstate(self) -> str | None:
+        """The SQLSTATE code ('C')."""
+        return self.get("C")
+
+    @property
+    def message(self) -> str | None:
+        """The primary message ('M')."""
+        return self.get("M")
+
+    @property
+    def detail(self) -> str | None:
+        """The detail message ('D')."""
+        return self.get("D")
+
+    @property
+    def hint(self) -> str | None:
+        """The hint ('H')."""
+        return self.get("H")
+
+
+@dataclass(frozen=True, slots=True)
+class ErrorResponse(_FieldsResponse):
+    """ErrorResponse ('E')."""
+
+    TYPE: ClassVar[bytes] = b"E"
+    _NAME: ClassVar[str] = "ErrorResponse"
+
+
+@dataclass(frozen=True, slots=True)
+class NoticeResponse(_FieldsResponse):
+    """NoticeResponse ('N')."""
+
+    TYPE: ClassVar[bytes] = b"N"
+    _NAME: ClassVar[str] = "NoticeResponse"
+
+
+@dataclass(frozen=True, slots=True)
+class NotificationResponse:
+    """NotificationResponse ('A'): a NOTIFY delivered to this session."""
+
+    process_id: int
+    channel: str
+    payload: str
+    TYPE: ClassVar[bytes] = b"A"
+
+    def encode(self) -> bytes:
+        return msg(b"A", INT32.pack(self.process_id) + cstr(self.channel) + cstr(self.payload))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "NotificationResponse")
+        pid = r.int32()
+        channel = r.cstring()
+        payload = r.cstring()
+        r.done()
+        return cls(pid, channel, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class _CopyResponse:
+    """Shared body of CopyIn/CopyOut/CopyBothResponse: overall format and per-column formats."""
+
+    format: int
+    column_formats: tuple[int, ...] = ()
+    TYPE: ClassVar[bytes]
+    _NAME: ClassVar[str]
+
+    def encode(self) -> bytes:
+        return msg(self.TYPE, UINT8.pack(self.format) + _int16s(self.column_formats))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, cls._NAME)
+        fmt = r.uint8()
+        columns = r.int16_array(r.uint16())
+        r.done()
+        return cls(fmt, columns)
+
+
+@dataclass(frozen=True, slots=True)
+class CopyInResponse(_CopyResponse):
+    """CopyInResponse ('G'): the server is ready for COPY FROM STDIN data."""
+
+    TYPE: ClassVar[bytes] = b"G"
+    _NAME: ClassVar[str] = "CopyInResponse"
+
+
+@dataclass(frozen=True, slots=True)
+class CopyOutResponse(_CopyResponse):
+    """CopyOutResponse ('H'): COPY TO STDOUT data follows."""
+
+    TYPE: ClassVar[bytes] = b"H"
+    _NAME: ClassVar[str] = "CopyOutResponse"
+
+
+@dataclass(frozen=True, slots=True)
+class CopyBothResponse(_CopyResponse):
+    """CopyBothResponse ('W'): bidirectional copy (streaming replication)."""
+
+    TYPE: ClassVar[bytes] = b"W"
+    _NAME: ClassVar[str] = "CopyBothResponse"
+
+
+@dataclass(frozen=True, slots=True)
+class ParameterDescription:
+    """ParameterDescription ('t'): parameter type OIDs of a prepared statement."""
+
+    type_oids: tuple[int, ...]
+    TYPE: ClassVar[bytes] = b"t"
+
+    def encode(self) -> bytes:
+        n = len(self.type_oids)
+        return msg(b"t", UINT16.pack(n) + struct.pack(f">{n}I", *self.type_oids))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "ParameterDescription")
+        oids = r.uint32_array(r.uint16())
+        r.done()
+        return cls(oids)
+
+
+@dataclass(frozen=True, slots=True)
+class NoData(_Empty):
+    """NoData ('n'): the statement returns no rows."""
+
+    TYPE: ClassVar[bytes] = b"n"
+
+
+@dataclass(frozen=True, slots=True)
+class PortalSuspended(_Empty):
+    """PortalSuspended ('s'): Execute's row limit was reached."""
+
+    TYPE: ClassVar[bytes] = b"s"
+
+
+@dataclass(frozen=True, slots=True)
+class ParseComplete(_Empty):
+    """ParseComplete ('1')."""
+
+    TYPE: ClassVar[bytes] = b"1"
+
+
+@dataclass(frozen=True, slots=True)
+class BindComplete(_Empty):
+    """BindComplete ('2')."""
+
+    TYPE: ClassVar[bytes] = b"2"
+
+
+@dataclass(frozen=True, slots=True)
+class CloseComplete(_Empty):
+    """CloseComplete ('3')."""
+
+    TYPE: ClassVar[bytes] = b"3"
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionCallResponse:
+    """FunctionCallResponse ('V'): the function result, ``None`` for NULL."""
+
+    value: bytes | None
+    TYPE: ClassVar[bytes] = b"V"
+
+    def encode(self) -> bytes:
+        return msg(b"V", nullable(self.value))
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "FunctionCallResponse")
+        value = r.nullable_bytes()
+        r.done()
+        return cls(value)
+
+
+@dataclass(frozen=True, slots=True)
+class NegotiateProtocolVersion:
+    """NegotiateProtocolVersion ('v'): newest supported minor version and unrecognized options."""
+
+    newest_minor: int
+    unrecognized: tuple[str, ...] = ()
+    TYPE: ClassVar[bytes] = b"v"
+
+    def encode(self) -> bytes:
+        return msg(
+            b"v",
+            INT32.pack(self.newest_minor)
+            + INT32.pack(len(self.unrecognized))
+            + b"".join(cstr(name) for name in self.unrecognized),
+        )
+
+    @classmethod
+    def decode(cls, body: Buffer) -> Self:
+        r = Reader(body, "NegotiateProtocolVersion")
+        minor = r.int32()
+        count = r.int32()
+        if count < 0:
+            raise ProtocolViolation(f"invalid option count {count} in NegotiateProtocolVersion message")
+        names = tuple(r.cstring() for _ in range(count))
+        r.done()
+        return cls(minor, names)
+
+
+# --------------------------------------------------------------------------------------------------
+# Dispatch
+# --------------------------------------------------------------------------------------------------
+
+FrontendMessage = (
+    Query
+    | Parse
+    | Bind
+    | Describe
+    | Execute
+    | Close
+    | Sync
+    | Flush
+    | CopyData
+    | CopyDone
+    | CopyFail
+    | FunctionCall
+    | PasswordMessage
+    | SASLInitialResponse
+    | SASLResponse
+    | AuthenticationResponse
+    | Terminate
+)
+
+BackendMessage = (
+    AuthenticationMessage
+    | BackendKeyData
+    | ParameterStatus
+    | ReadyForQuery
+    | RowDescription
+    | DataRow
+    | CommandComplete
+    | EmptyQueryResponse
+    | ErrorResponse
+    | NoticeResponse
+    | NotificationResponse
+    | CopyData
+    | CopyDone
+    | CopyInResponse
+    | CopyOutResponse
+    | CopyBothResponse
+    | ParameterDescription
+    | NoData
+    | PortalSuspended
+    | ParseComplete
+    | BindComplete
+    | CloseComplete
+    | FunctionCallResponse
+    | NegotiateProtocolVersion
+)
+
+_FRONTEND: Final[dict[int, Callable[[Buffer], FrontendMessage]]] = {
+    ord("Q"): Query.decode,
+    ord("P"): Parse.decode,
+    ord("B"): Bind.decode,
+    ord("D"): Describe.decode,
+    ord("E"): Execute.decode,
+    ord("C"): Close.decode,
+    ord("S"): Sync.decode,
+    ord("H"): Flush.decode,
+    ord("d"): CopyData.decode,
+    ord("c"): CopyDone.decode,
+    ord("f"): CopyFail.decode,
+    ord("F"): FunctionCall.decode,
+    ord("p"): AuthenticationResponse.decode,
+    ord("X"): Terminate.decode,
+}
+
+_BACKEND: Final[dict[int, Callable[[Buffer], BackendMessage]]] = {
+    ord("R"): _decode_authentication,
+    ord("K"): BackendKeyData.decode,
+    ord("S"): ParameterStatus.decode,
+    ord("Z"): ReadyForQuery.decode,
+    ord("T"): RowDescription.decode,
+    ord("D"): DataRow.decode,
+    ord("C"): CommandComplete.decode,
+    ord("I"): EmptyQueryResponse.decode,
+    ord("E"): ErrorResponse.decode,
+    ord("N"): NoticeResponse.decode,
+    ord("A"): NotificationResponse.decode,
+    ord("d"): CopyData.decode,
+    ord("c"): CopyDone.decode,
+    ord("G"): CopyInResponse.decode,
+    ord("H"): CopyOutResponse.decode,
+    ord("W"): CopyBothResponse.decode,
+    ord("t"): ParameterDescription.decode,
+    ord("n"): NoData.decode,
+    ord("s"): PortalSuspended.decode,
+    ord("1"): ParseComplete.decode,
+    ord("2"): BindComplete.decode,
+    ord("3"): CloseComplete.decode,
+    ord("V"): FunctionCallResponse.decode,
+    ord("v"): NegotiateProtocolVersion.decode,
+}
+
+
+def decode_frontend(type_byte: int, body: Buffer) -> FrontendMessage:
+    """Decode a message sent by a client. 'p' yields a raw :class:`AuthenticationResponse`."""
+    decoder = _FRONTEND.get(type_byte)
+    if decoder is None:
+        raise ProtocolViolation(f"invalid frontend message type {type_byte} ({type_name(type_byte)})")
+    return decoder(body)
+
+
+def decode_backend(type_byte: int, body: Buffer) -> BackendMessage:
+    """Decode a message sent by a server."""
+    decoder = _BACKEND.get(type_byte)
+    if decoder is None:
+        raise ProtocolViolation(f"invalid backend message type {type_byte} ({type_name(type_byte)})")
+    return decoder(body)

@@ -1,0 +1,231 @@
+"""Pair every server response with the client request that caused it.
+
+The PostgreSQL protocol answers requests strictly in order, so a FIFO of outstanding requests is enough
+to know, for each response, which Query, Parse, Bind, Describe, Execute, Close, Sync or FunctionCall it
+belongs to — even when a client pipelines many of them. From that pairing the tracker produces one
+``StatementResult`` per executed statement (text, bound parameters, command tags, error) for the audit
+sink, knows when the session is idle, and lets a refused request be answered with the proxy's own error
+in exactly the place where the server would have answered it.
+
+Sans-I/O: fed message types and bodies, it never touches a socket.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum
+
+from .messages import Bind, CommandComplete, ErrorResponse, Execute, FunctionCall, Parse, Query, ReadyForQuery
+
+
+class Kind(Enum):
+    QUERY = "Q"
+    PARSE = "P"
+    BIND = "B"
+    DESCRIBE = "D"
+    EXECUTE = "E"
+    CLOSE = "C"
+    SYNC = "S"
+    FUNCTION = "F"
+
+
+# Requests that end with ReadyForQuery.
+_SYNC_POINTS = (Kind.QUERY, Kind.SYNC, Kind.FUNCTION)
+
+# Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
+# can bypass it, which keeps the per-row path free of Python calls.
+TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHW")
+TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSF")
+
+
+@dataclass(slots=True)
+class StatementResult:
+    """One statement as it ran: what was asked and how the server answered. Never holds result rows."""
+
+    protocol: str  # "simple", "extended" or "function"
+    sql: str
+    started_at: float  # wall clock, seconds since the epoch
+    duration_ms: float = 0.0
+    params: tuple[bytes | None, ...] = ()
+    param_formats: tuple[int, ...] = ()
+    statement_name: str | None = None
+    tags: list[str] = field(default_factory=list)
+    rows: int | None = None
+    error: ErrorResponse | None = None
+    refused: bool = False
+
+
+@dataclass(slots=True)
+class Pending:
+    """An outstanding request; ``refusal`` replaces the server's error for a request the proxy refused."""
+
+    kind: Kind
+    result: StatementResult | None = None
+    started: float = 0.0
+    refusal: ErrorResponse | None = None
+    # SQLSTATE the substituted request is expected to fail with; only that error is replaced.
+    refusal_expected_sqlstate: str | None = None
+
+
+@dataclass(slots=True)
+class _Portal:
+    sql: str
+    statement_name: str
+    params: tuple[bytes | None, ...]
+    param_formats: tuple[int, ...]
+
+
+class ExchangeTracker:
+    """FIFO of outstanding requests for one session; produces finished StatementResults."""
+
+    def __init__(self) -> None:
+        self.queue: deque[Pending] = deque()
+        self.statements: dict[str, str] = {}
+        self.portals: dict[str, _Portal] = {}
+        self.finished: list[StatementResult] = []
+        self.transaction_status = "I"
+        self.desyncs = 0
+
+    @property
+    def idle(self) -> bool:
+        """True when no request is waiting for its answer."""
+        return not self.queue
+
+    # ----------------------------------------------------------------------------------------- frontend
+
+    def on_frontend(self, msg_type: int, body: bytes | memoryview) -> Pending | None:
+        """Record a request about to be forwarded; returns its queue entry (None for untracked types)."""
+        now_wall, now = time.time(), time.perf_counter()
+        if msg_type == 0x51:  # Q
+            sql = Query.decode(body).sql
+            p = Pending(Kind.QUERY, StatementResult("simple", sql, now_wall), now)
+        elif msg_type == 0x50:  # P
+            parse = Parse.decode(body)
+            self.statements[parse.name] = parse.query
+            p = Pending(Kind.PARSE, StatementResult("extended", parse.query, now_wall, statement_name=parse.name),
+                        now)
+        elif msg_type == 0x42:  # B
+            bind = Bind.decode(body)
+            sql = self.statements.get(bind.statement, "")
+            self.portals[bind.portal] = _Portal(sql, bind.statement, bind.params, bind.param_formats)
+            p = Pending(Kind.BIND, StatementResult("extended", sql, now_wall, params=bind.params,
+                                                   param_formats=bind.param_formats,
+                                                   statement_name=bind.statement), now)
+        elif msg_type == 0x45:  # E
+            portal = self.portals.get(Execute.decode(body).portal)
+            if portal is None:
+                result = StatementResult("extended", "", now_wall)
+            else:
+                result = StatementResult("extended", portal.sql, now_wall, params=portal.params,
+                                         param_formats=portal.param_formats,
+                                         statement_name=portal.statement_name)
+            p = Pending(Kind.EXECUTE, result, now)
+        elif msg_type == 0x44:  # D
+            p = Pending(Kind.DESCRIBE)
+        elif msg_type == 0x43:  # C
+            kind, name = chr(body[0]) if len(body) else "", bytes(body[1:-1]).decode("utf-8", "replace")
+            if kind == "S":
+                self.statements.pop(name, None)
+            elif kind == "P":
+                self.portals.pop(name, None)
+            p = Pending(Kind.CLOSE)
+        elif msg_type == 0x53:  # S
+            p = Pending(Kind.SYNC)
+        elif msg_type == 0x46:  # F
+            oid = FunctionCall.decode(body).function_oid
+            p = Pending(Kind.FUNCTION, StatementResult("function", f"<function call oid={oid}>", now_wall), now)
+        else:
+            return None
+        self.queue.append(p)
+        return p
+
+    # ------------------------------------------------------------------------------------------ backend
+
+    def on_backend(self, msg_type: int, body: bytes | memoryview) -> bytes | None:
+        """Account for one tracked server message; returns replacement bytes for a refused request."""
+        queue = self.queue
+        head = queue[0] if queue else None
+        if msg_type == 0x44:  # DataRow: never tracked (fast path); listed for completeness
+            return None
+        if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
+            self._pop_expected(head, (Kind.PARSE, Kind.BIND, Kind.CLOSE))
+            return None
+        if msg_type == 0x74:  # ParameterDescription: Describe continues with RowDescription/NoData
+            return None
+        if msg_type == 0x54:  # RowDescription ends a Describe; for Query/Execute it precedes rows
+            if head is not None and head.kind is Kind.DESCRIBE:
+                queue.popleft()
+            return None
+        if msg_type == 0x6E:  # NoData
+            self._pop_expected(head, (Kind.DESCRIBE,))
+            return None
+        if msg_type == 0x43:  # CommandComplete
+            if head is not None and head.result is not None:
+                tag = CommandComplete.decode(body)
+                head.result.tags.append(tag.tag)
+                rows = tag.rows
+                if rows is not None:
+                    head.result.rows = (head.result.rows or 0) + rows
+                if head.kind is Kind.EXECUTE:
+                    self._finish(queue.popleft())
+            return None
+        if msg_type in (0x49, 0x73):  # EmptyQueryResponse, PortalSuspended
+            if head is not None and head.kind is Kind.EXECUTE:
+                self._finish(queue.popleft())
+            return None
+        if msg_type == 0x45:  # ErrorResponse
+            return self._on_error(head, body)
+        if msg_type == 0x5A:  # ReadyForQuery
+            self.transaction_status = ReadyForQuery.decode(body).status
+            if head is not None and head.kind in _SYNC_POINTS:
+                self._finish(queue.popleft())
+            else:
+                self.desyncs += 1
+            return None
+        if msg_type == 0x56:  # FunctionCallResponse: ReadyForQuery follows
+            return None
+        return None  # Copy*Response: the COPY belongs to the head Query/Execute
+
+    def _pop_expected(self, head: Pending | None, kinds: tuple[Kind, ...]) -> None:
+        if head is not None and head.kind in kinds:
+            self._finish(self.queue.popleft())
+        else:
+            self.desyncs += 1
+
+    def _on_error(self, head: Pending | None, body: bytes | memoryview) -> bytes | None:
+        error = ErrorResponse.decode(body)
+        if head is None:
+            return None  # an asynchronous error, e.g. FATAL on termination
+        replacement = None
+        if head.refusal is not None and error.sqlstate == head.refusal_expected_sqlstate:
+            error = head.refusal
+            replacement = error.encode()
+            if head.result is not None:
+                head.result.refused = True
+        if head.result is not None:
+            head.result.error = error
+        if head.kind in _SYNC_POINTS:
+            return replacement  # ReadyForQuery will finish it
+        # Extended protocol: the server now skips everything up to the next Sync.
+        failed = self.queue.popleft()
+        if failed.result is not None:
+            self._finish(failed)
+        while self.queue and self.queue[0].kind is not Kind.SYNC:
+            self.queue.popleft()
+        return replacement
+
+    def _finish(self, pending: Pending) -> None:
+        result = pending.result
+        if result is None:
+            return
+        if pending.kind in (Kind.PARSE, Kind.BIND) and result.error is None and not result.refused:
+            return  # a successful Parse/Bind is not a statement; its Execute is
+        result.duration_ms = (time.perf_counter() - pending.started) * 1000.0
+        self.finished.append(result)
+
+    def drain(self) -> list[StatementResult]:
+        """Hand over (and forget) the statements finished since the last call."""
+        done, self.finished = self.finished, []
+        return done

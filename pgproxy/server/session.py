@@ -1,0 +1,407 @@
+"""One client session: startup, token check, upstream login, then a framed byte pump.
+
+The pump hands each frontend message to the seams that may inspect or refuse it (token expiry now;
+policy and approvals plug in here) and each tracked backend message to the response tracker (audit,
+refusal substitution) before forwarding; everything else is forwarded by slicing, untouched.
+This module never logs or stores the caller's token or the upstream password.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import secrets
+import time
+from typing import TYPE_CHECKING, Any
+
+from ..audit.sink import AuditUnavailable
+from ..config import ConfigError, ListenerConfig
+from ..identity import Identity, TokenError
+from ..protocol import errors
+from ..protocol.codec import ProtocolViolation
+from ..protocol.framing import MessageRelay
+from ..protocol.messages import (
+    AuthenticationCleartextPassword,
+    AuthenticationOk,
+    AuthenticationResponse,
+    BackendKeyData,
+    NegotiateProtocolVersion,
+    Terminate,
+)
+from ..protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, decode_startup
+from ..protocol.tracker import (
+    TRACKED_BACKEND_TYPES,
+    TRACKED_FRONTEND_TYPES,
+    ExchangeTracker,
+    Kind,
+    Pending,
+    StatementResult,
+)
+from .link import Link, LinkClosed
+from .upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
+
+if TYPE_CHECKING:
+    from .listener import ProxyServer
+
+log = logging.getLogger(__name__)
+
+PASSWORD_MESSAGE_LIMIT = 64 * 1024
+_STATEMENT_TYPES = frozenset(b"QPEF")
+_SCRUBBED_TYPES = frozenset(b"SNAE")  # ParameterStatus, Notice, Notification, Error
+FRONTEND_INSPECTED = TRACKED_FRONTEND_TYPES | frozenset(b"X")
+BACKEND_INSPECTED = TRACKED_BACKEND_TYPES | _SCRUBBED_TYPES | frozenset(b"K")
+MAX_AUDITED_PARAM_BYTES = 4096
+
+
+class SessionRefused(Exception):
+    """End the session with a FATAL ErrorResponse carrying this SQLSTATE and message."""
+
+    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.sqlstate, self.message, self.detail, self.hint = sqlstate, message, detail, hint
+
+
+class _Ended(Exception):
+    """Raised inside the pump after the session was terminated, to stop processing the chunk."""
+
+
+def token_fingerprint(token: str) -> str:
+    """A stable, non-reversible name for a token, for logs: never log the token itself."""
+    return "sha256:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
+
+
+def audit_param(value: bytes | None, fmt: int) -> str | None:
+    """A bound parameter as recorded: text as text, binary as hex, both capped in size."""
+    if value is None:
+        return None
+    clipped = value[:MAX_AUDITED_PARAM_BYTES]
+    suffix = f"...({len(value)} bytes)" if len(value) > MAX_AUDITED_PARAM_BYTES else ""
+    if fmt == 0:
+        return clipped.decode("utf-8", "replace") + suffix
+    return "\\x" + clipped.hex() + suffix
+
+
+class Session:
+    """Everything about one client connection, from its first byte to its close."""
+
+    def __init__(self, server: ProxyServer, client: Link, listener: ListenerConfig) -> None:
+        self.server = server
+        self.config = server.config
+        self.client = client
+        self.listener = listener
+        self.id = secrets.token_hex(8)
+        self.upstream: Link | None = None
+        self.identity: Identity | None = None
+        self.tracker = ExchangeTracker()
+        self.started_at = time.time()
+        self.statements = 0
+        self.expired = False
+        self.end_reason = "client disconnected"
+        self._ended = False
+        self._upstream_fatal = False
+        self._secret: bytes | None = None
+        self._cancel_key: tuple[int, int] | None = None
+        self._expiry_timer: asyncio.TimerHandle | None = None
+        self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    # ------------------------------------------------------------------------------------------ driver
+
+    async def run(self) -> None:
+        try:
+            try:
+                async with asyncio.timeout(self.config.limits.startup_timeout_seconds):
+                    startup = await self._negotiate()
+                    if startup is None:
+                        return
+                    identity = await self._authenticate(startup)
+            except TimeoutError:
+                raise SessionRefused(errors.CONNECTION_FAILURE, "canceling authentication due to timeout") from None
+            await self._connect_upstream(startup, identity)
+            self._start_pumping()
+            await self._closed
+        except SessionRefused as exc:
+            self.end_reason = exc.message
+            self.client.write(errors.fatal(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint))
+        except ProtocolViolation as exc:
+            self.end_reason = f"protocol violation: {exc}"
+            self.client.write(errors.fatal(exc.sqlstate, str(exc)))
+        except LinkClosed:
+            self.end_reason = "client disconnected during startup"
+        finally:
+            self._cleanup()
+
+    def _cleanup(self) -> None:
+        self._ended = True
+        if self._expiry_timer is not None:
+            self._expiry_timer.cancel()
+        if self._cancel_key is not None:
+            self.server.cancels.unregister(*self._cancel_key)
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.close()
+        if self.identity is not None:
+            self._emit_finished()
+            self._audit({"event": "session_end", "reason": self.end_reason, "statements": self.statements,
+                         "duration_s": round(time.time() - self.started_at, 3)})
+        self._secret = None
+
+    # ----------------------------------------------------------------------------------------- startup
+
+    async def _negotiate(self) -> StartupMessage | None:
+        """Handle SSLRequest/GSSENCRequest/CancelRequest until the real StartupMessage arrives."""
+        limit = self.config.limits.max_startup_packet_bytes
+        while True:
+            packet = decode_startup(await self.client.read_startup_packet(limit))
+            if isinstance(packet, SSLRequest):
+                if self.client.tls:
+                    raise ProtocolViolation("SSLRequest received on an encrypted connection")
+                if self.client.buffer:  # bytes sent before our answer could be injected (CVE-2021-23214)
+                    raise ProtocolViolation("received unencrypted data after SSL request")
+                context = self.server.tls_context(self.listener)
+                if context is None:
+                    self.client.write(b"N")
+                    continue
+                self.client.write(b"S")
+                await self.client.start_tls(context, server_side=True)
+                continue
+            if isinstance(packet, GSSENCRequest):
+                self.client.write(b"N")
+                continue
+            if isinstance(packet, CancelRequest):
+                self.end_reason = "cancel request"
+                await self.server.cancels.cancel(packet, self.config.upstream.connect_timeout_seconds)
+                return None
+            return packet
+
+    async def _authenticate(self, startup: StartupMessage) -> Identity:
+        user = startup.params.get("user", "")
+        if not self.client.tls and not self.listener.insecure_plaintext:
+            raise SessionRefused(errors.INVALID_AUTHORIZATION,
+                                 "pgproxy requires an encrypted connection: the token is sent as a password",
+                                 hint="Connect with sslmode=require (or verify-full).")
+        minor = startup.protocol_version & 0xFFFF
+        if minor > 0 or startup.protocol_options:
+            self.client.write(NegotiateProtocolVersion(0, tuple(startup.protocol_options)).encode())
+        self.client.write(AuthenticationCleartextPassword().encode())
+        msg_type, body = await self.client.read_message(PASSWORD_MESSAGE_LIMIT)
+        if msg_type != ord("p"):
+            raise ProtocolViolation(f"expected password response, got message type {chr(msg_type)!r}")
+        token = AuthenticationResponse.decode(body).password()
+        try:
+            identity = await self.server.verifier.verify(token)
+        except TokenError as exc:
+            self._audit({"event": "auth_failed", "user": user, "reason": exc.reason, "client": self.client.peer(),
+                         "token": token_fingerprint(token)})
+            raise SessionRefused(errors.INVALID_PASSWORD,
+                                 f'password authentication failed for user "{user}": {exc.reason}') from None
+        if identity.expires_at <= time.time():
+            raise SessionRefused(errors.INVALID_PASSWORD,
+                                 f'password authentication failed for user "{user}": token expired')
+        return identity
+
+    async def _connect_upstream(self, startup: StartupMessage, identity: Identity) -> None:
+        user = startup.params.get("user", "")
+        role = identity.role_for(user)
+        if role is None:
+            raise SessionRefused(errors.INVALID_AUTHORIZATION,
+                                 f'token for "{identity.subject}" does not allow database role "{user}"',
+                                 hint=f"Connect as one of: {', '.join(identity.db_roles)}")
+        upstream_cfg = self.config.upstream
+        credential = upstream_cfg.credential_for(role)
+        if credential is None:
+            raise SessionRefused(errors.INVALID_AUTHORIZATION,
+                                 f'no upstream credential is configured for database role "{role}"')
+        try:
+            password = credential.password()
+        except ConfigError as exc:
+            log.error("session %s: %s", self.id, exc)
+            raise SessionRefused(errors.CANNOT_CONNECT_NOW, "the proxy's upstream credential is unavailable") from None
+        params = dict(startup.params)
+        params["user"] = role
+        params["database"] = upstream_cfg.database or startup.params.get("database") or user
+        self.identity = identity
+        self._secret = password.encode() if password else None
+        self._audit({"event": "session_start", "identity": identity.audit_fields(), "client": self.client.peer(),
+                     "tls": self.client.tls, "database": params["database"], "upstream_role": role,
+                     "application_name": startup.params.get("application_name")})
+        try:
+            self.upstream, notices = await connect_upstream(upstream_cfg, params, password)
+        except UpstreamUnavailable as exc:
+            log.warning("session %s: %s", self.id, exc)
+            raise SessionRefused(errors.UNABLE_TO_CONNECT, str(exc)) from None
+        except UpstreamRefused as exc:
+            if exc.error.sqlstate in (errors.INVALID_PASSWORD, errors.INVALID_AUTHORIZATION):
+                log.error("session %s: upstream refused the proxy's login as %r: %s", self.id, role, exc.error.message)
+                raise SessionRefused(errors.INVALID_AUTHORIZATION,
+                                     f'the proxy could not log in upstream as role "{role}"',
+                                     hint="Ask the operator to check the upstream credential.") from None
+            self.client.write(self._scrub(exc.error.encode()))
+            raise SessionRefused(exc.error.sqlstate or errors.CONNECTION_FAILURE, exc.error.message) from None
+        self.client.write(AuthenticationOk().encode())
+        for notice in notices:
+            self.client.write(self._scrub(notice))
+        delay = max(0.0, identity.expires_at - time.time())
+        self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._on_token_expired)
+
+    # -------------------------------------------------------------------------------------------- pump
+
+    def _start_pumping(self) -> None:
+        assert self.upstream is not None
+        client, upstream = self.client, self.upstream
+        max_size = self.config.limits.max_message_bytes
+        self._front = MessageRelay(max_size, FRONTEND_INSPECTED, self._on_frontend_message)
+        self._back = MessageRelay(max_size, BACKEND_INSPECTED, self._on_backend_message)
+        client.on_lost = self._on_client_lost
+        upstream.on_lost = self._on_upstream_lost
+        client.on_pause_writing, client.on_resume_writing = upstream.pause_reading, upstream.resume_reading
+        upstream.on_pause_writing, upstream.on_resume_writing = client.pause_reading, client.resume_reading
+        self.tracker.queue.append(Pending(Kind.SYNC))  # the ReadyForQuery that ends the startup
+        if client.closed:
+            self._on_client_lost()
+            return
+        upstream.start_pump(self._on_upstream_data)
+        client.start_pump(self._on_client_data)
+
+    def _on_client_data(self, data: bytes) -> None:
+        try:
+            out = self._front.feed(data)
+        except ProtocolViolation as exc:
+            self.terminate(exc.sqlstate, str(exc))
+            return
+        except _Ended:
+            return
+        if out and self.upstream is not None:
+            self.upstream.write(out)
+
+    def _on_frontend_message(self, msg_type: int, body: memoryview) -> bytes | None:
+        if self._ended:
+            raise _Ended()
+        if msg_type in _STATEMENT_TYPES and (self.expired or time.time() >= self._expires_at):
+            self._expire()
+            raise _Ended()
+        if msg_type == 0x58:  # Terminate: forwarded; the upstream closes and so do we
+            self.end_reason = "client terminated"
+            return None
+        self.tracker.on_frontend(msg_type, body)
+        return None
+
+    def _on_upstream_data(self, data: bytes) -> None:
+        try:
+            out = self._back.feed(data)
+        except ProtocolViolation as exc:
+            log.error("session %s: invalid message from upstream: %s", self.id, exc)
+            self.terminate(errors.PROTOCOL_VIOLATION, "the upstream database sent an invalid message")
+            return
+        if out:
+            self.client.write(out)
+        if self.tracker.finished:
+            self._emit_finished()
+        if self.expired and self.tracker.idle and not self._ended:
+            self._expire()
+
+    def _on_backend_message(self, msg_type: int, body: memoryview) -> bytes | None:
+        replacement = None
+        if msg_type in TRACKED_BACKEND_TYPES:
+            replacement = self.tracker.on_backend(msg_type, body)
+        if msg_type in _SCRUBBED_TYPES:
+            if msg_type == 0x45 and (b"SFATAL\x00" in body or b"SPANIC\x00" in body):
+                self._upstream_fatal = True
+            if replacement is None and self._secret and self._secret in body:
+                replacement = self._scrub(bytes([msg_type]) + len(body).to_bytes(4, "big") + bytes(body))
+        elif msg_type == 0x4B:  # BackendKeyData: keep the pid, hand out our own secret
+            key = BackendKeyData.decode(body)
+            cfg = self.config.upstream
+            proxy_secret = self.server.cancels.register(key.process_id, key.secret_key, cfg.host, cfg.port)
+            self._cancel_key = (key.process_id, proxy_secret)
+            replacement = BackendKeyData(key.process_id, proxy_secret).encode()
+        return replacement
+
+    def _scrub(self, message: bytes) -> bytes:
+        """Remove the upstream password from a message that is about to reach the client."""
+        if not self._secret or self._secret not in message[5:]:
+            return message
+        body = message[5:].replace(self._secret, b"********")
+        return message[:1] + (len(body) + 4).to_bytes(4, "big") + body
+
+    # ------------------------------------------------------------------------------------- termination
+
+    @property
+    def _expires_at(self) -> float:
+        return self.identity.expires_at if self.identity is not None else 0.0
+
+    def _on_token_expired(self) -> None:
+        self.expired = True
+        if self.tracker.idle:
+            self._expire()
+
+    def _expire(self) -> None:
+        self.terminate(errors.INVALID_AUTHORIZATION, "terminating connection because the session token expired",
+                       hint="Reconnect with a fresh token.")
+
+    def terminate(self, sqlstate: str, message: str, *, hint: str | None = None) -> None:
+        """End the session now with a FATAL to the client; safe to call more than once."""
+        if self._ended:
+            return
+        self._ended = True
+        self.end_reason = message
+        self.client.write(errors.fatal(sqlstate, message, hint=hint))
+        self.client.close()
+        if self.upstream is not None:
+            self.upstream.write(Terminate().encode())
+            self.upstream.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _on_client_lost(self) -> None:
+        if self.upstream is not None and not self.upstream.closed:
+            self.upstream.write(Terminate().encode())
+            self.upstream.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    def _on_upstream_lost(self) -> None:
+        if not self._ended and not self._upstream_fatal and not self.client.closed:
+            self.end_reason = "upstream closed the connection"
+            self.client.write(errors.fatal(errors.CONNECTION_FAILURE,
+                                           "the upstream database closed the connection unexpectedly"))
+        self.client.close()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    # ------------------------------------------------------------------------------------------- audit
+
+    def _emit_finished(self) -> None:
+        for result in self.tracker.drain():
+            self.statements += 1
+            self._audit(self._statement_event(result))
+
+    def _statement_event(self, r: StatementResult) -> dict[str, Any]:
+        event: dict[str, Any] = {"event": "statement", "protocol": r.protocol, "sql": r.sql,
+                                 "started_at": r.started_at, "duration_ms": round(r.duration_ms, 3),
+                                 "tags": r.tags, "rows": r.rows}
+        if r.params:
+            formats = r.param_formats
+            event["params"] = [audit_param(v, formats[i] if len(formats) > 1 else (formats[0] if formats else 0))
+                               for i, v in enumerate(r.params)]
+        if r.statement_name:
+            event["statement_name"] = r.statement_name
+        if r.error is not None:
+            event["error"] = {"severity": r.error.severity, "sqlstate": r.error.sqlstate, "message": r.error.message}
+        if r.refused:
+            event["refused"] = True
+        return event
+
+    def _audit(self, event: dict[str, Any]) -> None:
+        event["ts"] = time.time()
+        event["session"] = self.id
+        try:
+            self.server.audit.emit(event)
+        except AuditUnavailable as exc:
+            log.error("session %s: %s", self.id, exc)
+            if event["event"] == "session_end":
+                return
+            if self.upstream is None:
+                raise SessionRefused(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable") from None
+            if not self._ended:
+                self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; refusing to continue")

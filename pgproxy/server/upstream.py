@@ -1,0 +1,100 @@
+"""Open a session's upstream connection and log in with the proxy's own credential.
+
+The caller's token never goes upstream and the upstream password never goes to the caller: this
+module is the only place that holds the password, and only for the duration of the login.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Mapping
+
+from ..config import UpstreamConfig
+from ..protocol.codec import ProtocolViolation
+from ..protocol.messages import ErrorResponse, NegotiateProtocolVersion, NoticeResponse, decode_backend
+from ..protocol.startup import SSLRequest, StartupMessage
+from ..protocol.upstream_auth import AuthMessage, UpstreamAuthenticator, UpstreamAuthError
+from ..tlsutil import client_context
+from .link import Link, LinkClosed
+
+PROTOCOL_3_0 = 196608
+AUTH_MESSAGE_LIMIT = 64 * 1024
+
+
+class UpstreamRefused(Exception):
+    """The upstream server answered the login with an ErrorResponse (relayed to the client)."""
+
+    def __init__(self, error: ErrorResponse) -> None:
+        super().__init__(error.message)
+        self.error = error
+
+
+class UpstreamUnavailable(Exception):
+    """The upstream server could not be reached or spoke nonsense; the message is safe to show."""
+
+
+async def connect_upstream(cfg: UpstreamConfig, params: Mapping[str, str], password: str | None,
+                           ) -> tuple[Link, list[bytes]]:
+    """Connect, negotiate TLS per ``cfg.sslmode``, send the startup packet and authenticate.
+
+    Returns the link (still in startup mode, holding whatever followed AuthenticationOk) and the
+    notices received during login, to be relayed to the client.
+    """
+    loop = asyncio.get_running_loop()
+    timeout = cfg.connect_timeout_seconds
+    try:
+        _, link = await asyncio.wait_for(loop.create_connection(Link, cfg.host, cfg.port), timeout)
+    except (OSError, TimeoutError) as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
+        raise UpstreamUnavailable(f"could not connect to the upstream database at {cfg.host}:{cfg.port}: "
+                                  f"{reason}") from None
+    try:
+        async with asyncio.timeout(timeout):
+            notices = await _login(link, cfg, params, password)
+    except TimeoutError:
+        link.close()
+        raise UpstreamUnavailable("timed out logging in to the upstream database") from None
+    except (LinkClosed, ProtocolViolation) as exc:
+        link.close()
+        raise UpstreamUnavailable(f"upstream connection failed during login: {exc or 'closed'}") from None
+    except BaseException:
+        link.close()
+        raise
+    return link, notices
+
+
+async def _login(link: Link, cfg: UpstreamConfig, params: Mapping[str, str], password: str | None,
+                 ) -> list[bytes]:
+    context = client_context(cfg.sslmode, cfg.sslrootcert)
+    if context is not None:
+        link.write(SSLRequest().encode())
+        answer = await link.read_exactly(1)
+        if answer != b"S":
+            raise UpstreamUnavailable(f"upstream does not accept TLS but sslmode is {cfg.sslmode}")
+        hostname = cfg.host if cfg.sslmode == "verify-full" else None
+        await link.start_tls(context, server_side=False, server_hostname=hostname)
+    link.write(StartupMessage(PROTOCOL_3_0, dict(params)).encode())
+    auth = UpstreamAuthenticator(params["user"], password)
+    notices: list[bytes] = []
+    while not auth.done:
+        msg_type, body = await link.read_message(AUTH_MESSAGE_LIMIT)
+        msg = decode_backend(msg_type, body)
+        if isinstance(msg, ErrorResponse):
+            raise UpstreamRefused(msg)
+        if isinstance(msg, NoticeResponse):
+            notices.append(msg.encode())
+            continue
+        if isinstance(msg, NegotiateProtocolVersion):
+            continue  # we asked for plain 3.0; nothing to adjust
+        if msg_type != ord("R"):
+            raise UpstreamUnavailable(f"unexpected message {chr(msg_type)!r} from upstream during login")
+        try:
+            reply = auth.handle(msg)  # type: ignore[arg-type]
+        except UpstreamAuthError as exc:
+            raise UpstreamUnavailable(str(exc)) from None
+        if reply is not None:
+            link.write(reply)
+    return notices
+
+
+__all__ = ["AuthMessage", "UpstreamRefused", "UpstreamUnavailable", "connect_upstream"]
