@@ -165,7 +165,7 @@ class _Section:
         self.used.add(key)
         return self.data.get(key)
 
-    def str(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
+    def string(self, key: str, default: str | None = None, *, required: bool = False) -> str | None:
         value = self.raw(key)
         if value is None:
             if required:
@@ -176,11 +176,11 @@ class _Section:
         return value
 
     def req_str(self, key: str) -> str:
-        value = self.str(key, required=True)
+        value = self.string(key, required=True)
         assert value is not None
         return value
 
-    def int(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
+    def integer(self, key: str, default: int, *, minimum: int = 0, maximum: int | None = None) -> int:
         value = self.raw(key)
         if value is None:
             return default
@@ -191,7 +191,7 @@ class _Section:
             raise ConfigError(f"{self._p(key)}: must be {bound}, got {value}")
         return value
 
-    def float(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
         value = self.raw(key)
         if value is None:
             return default
@@ -201,7 +201,7 @@ class _Section:
             raise ConfigError(f"{self._p(key)}: must be >= {minimum}, got {value}")
         return float(value)
 
-    def bool(self, key: str, default: bool) -> bool:
+    def boolean(self, key: str, default: bool) -> bool:
         value = self.raw(key)
         if value is None:
             return default
@@ -210,7 +210,7 @@ class _Section:
         return value
 
     def path_(self, key: str, *, must_exist: bool = True) -> Path | None:
-        value = self.str(key)
+        value = self.string(key)
         if value is None:
             return None
         p = Path(value)
@@ -223,7 +223,7 @@ class _Section:
     def section(self, key: str) -> _Section:
         return _Section(self.raw(key), self._p(key), self.base_dir)
 
-    def list(self, key: str) -> list[Any]:
+    def items(self, key: str) -> list[Any]:
         value = self.raw(key)
         if value is None:
             return []
@@ -248,10 +248,10 @@ def _listener(s: _Section) -> ListenerConfig:
         t.done()
         tls = TLSConfig(cert, key)
     listener = ListenerConfig(
-        host=s.str("host", "127.0.0.1") or "127.0.0.1",
-        port=s.int("port", 6432, maximum=65535),
+        host=s.string("host", "127.0.0.1") or "127.0.0.1",
+        port=s.integer("port", 6432, maximum=65535),
         tls=tls,
-        insecure_plaintext=s.bool("insecure_plaintext", False),
+        insecure_plaintext=s.boolean("insecure_plaintext", False),
     )
     s.done()
     if listener.tls is None and not listener.insecure_plaintext:
@@ -261,7 +261,7 @@ def _listener(s: _Section) -> ListenerConfig:
 
 
 def _identity(s: _Section) -> IdentityConfig:
-    algorithms = s.list("algorithms")
+    algorithms = s.items("algorithms")
     if not algorithms:
         raise ConfigError(f"{s._p('algorithms')}: required (an explicit allowlist, e.g. [RS256, ES256])")
     for alg in algorithms:
@@ -269,8 +269,8 @@ def _identity(s: _Section) -> IdentityConfig:
             raise ConfigError(f"{s._p('algorithms')}: unsupported algorithm {alg!r} "
                               f"(allowed: {', '.join(sorted(ASYMMETRIC_ALGORITHMS | SYMMETRIC_ALGORITHMS))})")
     jwks_file = s.path_("jwks_file")
-    jwks_url = s.str("jwks_url")
-    secret_env = s.str("hs256_secret_env")
+    jwks_url = s.string("jwks_url")
+    secret_env = s.string("hs256_secret_env")
     sources = [x for x in (jwks_file, jwks_url, secret_env) if x is not None]
     if len(sources) != 1:
         raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url or hs256_secret_env")
@@ -283,7 +283,7 @@ def _identity(s: _Section) -> IdentityConfig:
         raise ConfigError(f"{s._p('algorithms')}: HS* algorithms need hs256_secret_env; never mix them with "
                           "public keys (algorithm confusion)")
     c = s.section("claims")
-    claims = ClaimNames(**{name: c.str(name, default) or default
+    claims = ClaimNames(**{name: c.string(name, default) or default
                            for name, default in ClaimNames().__dict__.items()})
     c.done()
     ident = IdentityConfig(
@@ -293,12 +293,12 @@ def _identity(s: _Section) -> IdentityConfig:
         jwks_file=jwks_file,
         jwks_url=jwks_url,
         hs256_secret_env=secret_env,
-        leeway_seconds=s.float("leeway_seconds", 30.0),
-        jwks_cache_seconds=s.float("jwks_cache_seconds", 300.0),
-        jwks_timeout_seconds=s.float("jwks_timeout_seconds", 5.0, minimum=0.1),
-        jwks_min_refresh_seconds=s.float("jwks_min_refresh_seconds", 10.0),
+        leeway_seconds=s.number("leeway_seconds", 30.0),
+        jwks_cache_seconds=s.number("jwks_cache_seconds", 300.0),
+        jwks_timeout_seconds=s.number("jwks_timeout_seconds", 5.0, minimum=0.1),
+        jwks_min_refresh_seconds=s.number("jwks_min_refresh_seconds", 10.0),
         claims=claims,
-        default_db_role=s.str("default_db_role"),
+        default_db_role=s.string("default_db_role"),
         dev_signing_key_file=s.path_("dev_signing_key_file", must_exist=False),
     )
     s.done()
@@ -307,9 +307,9 @@ def _identity(s: _Section) -> IdentityConfig:
 
 def _upstream(s: _Section) -> UpstreamConfig:
     creds = []
-    for i, item in enumerate(s.list("credentials")):
+    for i, item in enumerate(s.items("credentials")):
         c = _Section(item, f"{s._p('credentials')}[{i}]", s.base_dir)
-        cred = UpstreamCredential(role=c.req_str("role"), password_env=c.str("password_env"),
+        cred = UpstreamCredential(role=c.req_str("role"), password_env=c.string("password_env"),
                                   password_file=c.path_("password_file"))
         c.done()
         if cred.password_env and cred.password_file:
@@ -318,16 +318,16 @@ def _upstream(s: _Section) -> UpstreamConfig:
     if not creds:
         raise ConfigError(f"{s._p('credentials')}: at least one upstream credential is required "
                           "(role: '*' matches any mapped role)")
-    sslmode = s.str("sslmode", "disable") or "disable"
+    sslmode = s.string("sslmode", "disable") or "disable"
     if sslmode not in SSLMODES:
         raise ConfigError(f"{s._p('sslmode')}: must be one of {', '.join(SSLMODES)}")
     up = UpstreamConfig(
-        host=s.str("host", "127.0.0.1") or "127.0.0.1",
-        port=s.int("port", 5432, maximum=65535),
-        database=s.str("database"),
+        host=s.string("host", "127.0.0.1") or "127.0.0.1",
+        port=s.integer("port", 5432, maximum=65535),
+        database=s.string("database"),
         sslmode=sslmode,
         sslrootcert=s.path_("sslrootcert"),
-        connect_timeout_seconds=s.float("connect_timeout_seconds", 10.0, minimum=0.1),
+        connect_timeout_seconds=s.number("connect_timeout_seconds", 10.0, minimum=0.1),
         credentials=tuple(creds),
     )
     s.done()
@@ -340,7 +340,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
     """Build a validated ProxyConfig from already-loaded YAML data."""
     root = _Section(data, "", base_dir)
     listeners = [_listener(_Section(item, f"listeners[{i}]", base_dir))
-                 for i, item in enumerate(root.list("listeners"))]
+                 for i, item in enumerate(root.items("listeners"))]
     if not listeners:
         raise ConfigError("listeners: at least one listener is required")
     if "identity" not in root.data:
@@ -351,11 +351,11 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
     upstream = _upstream(root.section("upstream"))
     lim = root.section("limits")
     limits = LimitsConfig(
-        max_message_bytes=lim.int("max_message_bytes", LimitsConfig.max_message_bytes, minimum=1024,
+        max_message_bytes=lim.integer("max_message_bytes", LimitsConfig.max_message_bytes, minimum=1024,
                                   maximum=1 << 30),
-        max_startup_packet_bytes=lim.int("max_startup_packet_bytes", LimitsConfig.max_startup_packet_bytes,
+        max_startup_packet_bytes=lim.integer("max_startup_packet_bytes", LimitsConfig.max_startup_packet_bytes,
                                          minimum=64, maximum=1 << 20),
-        startup_timeout_seconds=lim.float("startup_timeout_seconds", LimitsConfig.startup_timeout_seconds,
+        startup_timeout_seconds=lim.number("startup_timeout_seconds", LimitsConfig.startup_timeout_seconds,
                                           minimum=0.1),
     )
     lim.done()

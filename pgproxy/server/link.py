@@ -36,8 +36,7 @@ class Link(asyncio.Protocol):
     # -------------------------------------------------------------------------------- asyncio callbacks
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not subclasses
         if self._on_made is not None:
             self._on_made(self)
 
