@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
 from .audit.sink import AuditSink
 from .config import ProxyConfig
+from .server.gates import FrontendGate
 from .server.listener import ProxyServer
 
 T = TypeVar("T")
@@ -33,9 +34,11 @@ def new_event_loop() -> asyncio.AbstractEventLoop:
 class RunningProxy:
     """A ProxyServer serving from a daemon thread until ``stop``."""
 
-    def __init__(self, config: ProxyConfig, *, audit: AuditSink | None = None) -> None:
+    def __init__(self, config: ProxyConfig, *, audit: AuditSink | None = None,
+                 gates: Sequence[FrontendGate] = ()) -> None:
         self.config = config
         self._audit = audit
+        self._gates = gates
         self.loop = new_event_loop()
         self.server: ProxyServer | None = None
         self._thread = threading.Thread(target=self.loop.run_forever, name="pgproxy", daemon=True)
@@ -46,7 +49,7 @@ class RunningProxy:
         return self
 
     async def _start(self) -> ProxyServer:
-        server = ProxyServer(self.config, audit=self._audit)
+        server = ProxyServer(self.config, audit=self._audit, gates=self._gates)
         await server.start()
         return server
 

@@ -8,11 +8,12 @@ the caller can refuse to run statements it could not record (fail closed).
 
 from __future__ import annotations
 
-import json
 import os
 import threading
 from pathlib import Path
 from typing import Any, Protocol
+
+import orjson
 
 
 class AuditUnavailable(Exception):
@@ -52,8 +53,8 @@ class JsonLinesAuditSink:
         self.path = path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-        self._file = os.fdopen(fd, "a", encoding="utf-8")
-        self._lines: list[str] = []
+        self._file = os.fdopen(fd, "ab")
+        self._lines: list[bytes] = []
         self._batch_size = batch_size
         self._lock = threading.Lock()
         self._broken: str | None = None
@@ -61,7 +62,7 @@ class JsonLinesAuditSink:
     def emit(self, event: dict[str, Any]) -> None:
         if self._broken is not None:
             raise AuditUnavailable(self._broken)
-        line = json.dumps(event, separators=(",", ":"), default=str)
+        line = orjson.dumps(event, default=str)
         with self._lock:
             self._lines.append(line)
             full = len(self._lines) >= self._batch_size
@@ -74,7 +75,7 @@ class JsonLinesAuditSink:
             if not lines:
                 return
             try:
-                self._file.write("\n".join(lines) + "\n")
+                self._file.write(b"\n".join(lines) + b"\n")
                 self._file.flush()
             except OSError as exc:
                 self._broken = f"audit log {self.path} is not writable: {exc.strerror}"

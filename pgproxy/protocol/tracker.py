@@ -17,7 +17,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from enum import Enum
 
-from .messages import Bind, CommandComplete, ErrorResponse, Execute, FunctionCall, Parse, Query, ReadyForQuery
+from .codec import ProtocolViolation, invalid_utf8
+from .messages import Bind, Close, CommandComplete, ErrorResponse, FunctionCall, Parse, Query
 
 
 class Kind(Enum):
@@ -38,28 +39,53 @@ _SYNC_POINTS = (Kind.QUERY, Kind.SYNC, Kind.FUNCTION)
 # can bypass it, which keeps the per-row path free of Python calls.
 TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHW")
 TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSF")
+_TRANSACTION_STATES = frozenset(b"ITE")
+
+
+_PARSE_CACHE_LIMIT = 4096
 
 
 @dataclass(slots=True)
 class StatementResult:
-    """One statement as it ran: what was asked and how the server answered. Never holds result rows."""
+    """One statement as it ran: what was asked and how the server answered. Never holds result rows.
+
+    Bound parameters are kept as the raw Bind body and decoded only when read, so a statement nobody
+    inspects costs no decoding.
+    """
 
     protocol: str  # "simple", "extended" or "function"
     sql: str
     started_at: float  # wall clock, seconds since the epoch
     duration_ms: float = 0.0
-    params: tuple[bytes | None, ...] = ()
-    param_formats: tuple[int, ...] = ()
+    bind_body: bytes | None = None
     statement_name: str | None = None
     tags: list[str] = field(default_factory=list)
     rows: int | None = None
     error: ErrorResponse | None = None
     refused: bool = False
 
+    @property
+    def bind(self) -> Bind | None:
+        return Bind.decode(self.bind_body) if self.bind_body is not None else None
+
+    @property
+    def params(self) -> tuple[bytes | None, ...]:
+        bind = self.bind
+        return bind.params if bind is not None else ()
+
+    @property
+    def param_formats(self) -> tuple[int, ...]:
+        bind = self.bind
+        return bind.param_formats if bind is not None else ()
+
 
 @dataclass(slots=True)
 class Pending:
-    """An outstanding request; ``refusal`` replaces the server's error for a request the proxy refused."""
+    """An outstanding request; ``refusal`` replaces the server's error for a request the proxy refused.
+
+    ``result`` exists from the start for requests that run a statement (Query, Execute, FunctionCall);
+    for Parse and Bind it is created only if they fail, since only then are they worth recording.
+    """
 
     kind: Kind
     result: StatementResult | None = None
@@ -67,14 +93,27 @@ class Pending:
     refusal: ErrorResponse | None = None
     # SQLSTATE the substituted request is expected to fail with; only that error is replaced.
     refusal_expected_sqlstate: str | None = None
+    portal: _Portal | None = None
+    sql: str | None = None
+    statement_name: str | None = None
 
 
 @dataclass(slots=True)
 class _Portal:
     sql: str
     statement_name: str
-    params: tuple[bytes | None, ...]
-    param_formats: tuple[int, ...]
+    bind_body: bytes
+
+
+def _cstring(raw: bytes, pos: int) -> tuple[str, int]:
+    """The NUL-terminated UTF-8 string at ``pos`` and the offset after it."""
+    end = raw.find(b"\0", pos)
+    if end < 0:
+        raise ProtocolViolation("missing string terminator in message")
+    try:
+        return raw[pos:end].decode(), end + 1
+    except UnicodeDecodeError as exc:
+        raise invalid_utf8(exc) from None
 
 
 class ExchangeTracker:
@@ -87,6 +126,7 @@ class ExchangeTracker:
         self.finished: list[StatementResult] = []
         self.transaction_status = "I"
         self.desyncs = 0
+        self._parse_cache: dict[bytes, tuple[str, str]] = {}
 
     @property
     def idle(self) -> bool:
@@ -95,47 +135,57 @@ class ExchangeTracker:
 
     # ----------------------------------------------------------------------------------------- frontend
 
+    def _parse(self, raw: bytes) -> tuple[str, str]:
+        """(statement name, query text) of a Parse body; repeated statements are decoded once."""
+        cached = self._parse_cache.get(raw)
+        if cached is None:
+            parse = Parse.decode(raw)  # full validation the first time
+            cached = (parse.name, parse.query)
+            if len(self._parse_cache) >= _PARSE_CACHE_LIMIT:
+                self._parse_cache.clear()
+            self._parse_cache[raw] = cached
+        return cached
+
     def on_frontend(self, msg_type: int, body: bytes | memoryview) -> Pending | None:
         """Record a request about to be forwarded; returns its queue entry (None for untracked types)."""
-        now_wall, now = time.time(), time.perf_counter()
-        if msg_type == 0x51:  # Q
-            sql = Query.decode(body).sql
-            p = Pending(Kind.QUERY, StatementResult("simple", sql, now_wall), now)
-        elif msg_type == 0x50:  # P
-            parse = Parse.decode(body)
-            self.statements[parse.name] = parse.query
-            p = Pending(Kind.PARSE, StatementResult("extended", parse.query, now_wall, statement_name=parse.name),
-                        now)
-        elif msg_type == 0x42:  # B
-            bind = Bind.decode(body)
-            sql = self.statements.get(bind.statement, "")
-            self.portals[bind.portal] = _Portal(sql, bind.statement, bind.params, bind.param_formats)
-            p = Pending(Kind.BIND, StatementResult("extended", sql, now_wall, params=bind.params,
-                                                   param_formats=bind.param_formats,
-                                                   statement_name=bind.statement), now)
+        if msg_type == 0x42:  # B: the hottest request; keep the raw body, decode only names now
+            raw = bytes(body)
+            portal_name, pos = _cstring(raw, 0)
+            statement, _ = _cstring(raw, pos)
+            portal = _Portal(self.statements.get(statement, ""), statement, raw)
+            self.portals[portal_name] = portal
+            p = Pending(Kind.BIND, None, time.perf_counter(), portal=portal)
         elif msg_type == 0x45:  # E
-            portal = self.portals.get(Execute.decode(body).portal)
-            if portal is None:
-                result = StatementResult("extended", "", now_wall)
+            portal_name, _ = _cstring(bytes(body), 0)
+            found = self.portals.get(portal_name)
+            if found is None:
+                result = StatementResult("extended", "", time.time())
             else:
-                result = StatementResult("extended", portal.sql, now_wall, params=portal.params,
-                                         param_formats=portal.param_formats,
-                                         statement_name=portal.statement_name)
-            p = Pending(Kind.EXECUTE, result, now)
-        elif msg_type == 0x44:  # D
-            p = Pending(Kind.DESCRIBE)
-        elif msg_type == 0x43:  # C
-            kind, name = chr(body[0]) if len(body) else "", bytes(body[1:-1]).decode("utf-8", "replace")
-            if kind == "S":
-                self.statements.pop(name, None)
-            elif kind == "P":
-                self.portals.pop(name, None)
-            p = Pending(Kind.CLOSE)
+                result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
+                                         statement_name=found.statement_name)
+            p = Pending(Kind.EXECUTE, result, time.perf_counter())
+        elif msg_type == 0x50:  # P
+            name, query = self._parse(bytes(body))
+            self.statements[name] = query
+            p = Pending(Kind.PARSE, None, time.perf_counter(), sql=query, statement_name=name)
         elif msg_type == 0x53:  # S
             p = Pending(Kind.SYNC)
+        elif msg_type == 0x44:  # D
+            p = Pending(Kind.DESCRIBE)
+        elif msg_type == 0x51:  # Q
+            sql = Query.decode(body).sql
+            p = Pending(Kind.QUERY, StatementResult("simple", sql, time.time()), time.perf_counter())
+        elif msg_type == 0x43:  # C
+            close = Close.decode(body)
+            if close.kind == "S":
+                self.statements.pop(close.name, None)
+            else:
+                self.portals.pop(close.name, None)
+            p = Pending(Kind.CLOSE)
         elif msg_type == 0x46:  # F
             oid = FunctionCall.decode(body).function_oid
-            p = Pending(Kind.FUNCTION, StatementResult("function", f"<function call oid={oid}>", now_wall), now)
+            p = Pending(Kind.FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
+                        time.perf_counter())
         else:
             return None
         self.queue.append(p)
@@ -164,10 +214,11 @@ class ExchangeTracker:
         if msg_type == 0x43:  # CommandComplete
             if head is not None and head.result is not None:
                 tag = CommandComplete.decode(body)
-                head.result.tags.append(tag.tag)
+                result = head.result
+                result.tags.append(tag.tag)
                 rows = tag.rows
                 if rows is not None:
-                    head.result.rows = (head.result.rows or 0) + rows
+                    result.rows = (result.rows or 0) + rows
                 if head.kind is Kind.EXECUTE:
                     self._finish(queue.popleft())
             return None
@@ -178,7 +229,9 @@ class ExchangeTracker:
         if msg_type == 0x45:  # ErrorResponse
             return self._on_error(head, body)
         if msg_type == 0x5A:  # ReadyForQuery
-            self.transaction_status = ReadyForQuery.decode(body).status
+            if len(body) != 1 or body[0] not in _TRANSACTION_STATES:
+                raise ProtocolViolation("invalid ReadyForQuery message")
+            self.transaction_status = chr(body[0])
             if head is not None and head.kind in _SYNC_POINTS:
                 self._finish(queue.popleft())
             else:
@@ -198,6 +251,8 @@ class ExchangeTracker:
         error = ErrorResponse.decode(body)
         if head is None:
             return None  # an asynchronous error, e.g. FATAL on termination
+        if head.result is None and head.kind in (Kind.PARSE, Kind.BIND):
+            head.result = self._request_result(head)
         replacement = None
         if head.refusal is not None and error.sqlstate == head.refusal_expected_sqlstate:
             error = head.refusal
@@ -215,6 +270,14 @@ class ExchangeTracker:
         while self.queue and self.queue[0].kind is not Kind.SYNC:
             self.queue.popleft()
         return replacement
+
+    @staticmethod
+    def _request_result(p: Pending) -> StatementResult:
+        """A record for a Parse or Bind that failed (successful ones are not statements)."""
+        if p.portal is not None:
+            return StatementResult("extended", p.portal.sql, time.time(), bind_body=p.portal.bind_body,
+                                   statement_name=p.portal.statement_name)
+        return StatementResult("extended", p.sql or "", time.time(), statement_name=p.statement_name)
 
     def _finish(self, pending: Pending) -> None:
         result = pending.result

@@ -8,8 +8,10 @@ session never reaches another or the listener.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
+from collections.abc import Callable, Sequence
 
 from ..audit.sink import AuditSink, JsonLinesAuditSink, MemoryAuditSink
 from ..config import ListenerConfig, ProxyConfig
@@ -17,6 +19,7 @@ from ..identity import TokenVerifier
 from ..protocol import errors
 from ..tlsutil import server_context
 from .cancel import CancelRegistry
+from .gates import FrontendGate
 from .link import Link
 from .session import Session
 
@@ -27,8 +30,9 @@ class ProxyServer:
     """Serves every configured listener until closed."""
 
     def __init__(self, config: ProxyConfig, *, audit: AuditSink | None = None,
-                 verifier: TokenVerifier | None = None) -> None:
+                 verifier: TokenVerifier | None = None, gates: Sequence[FrontendGate] = ()) -> None:
         self.config = config
+        self.gates = tuple(gates)
         if audit is None:
             path = config.audit.jsonl_path
             audit = JsonLinesAuditSink(path) if path is not None else MemoryAuditSink()
@@ -56,14 +60,14 @@ class ProxyServer:
         loop = asyncio.get_running_loop()
         for listener in self.config.listeners:
             self.tls_context(listener)  # fail at start, not at the first client, on a bad cert
-            server = await loop.create_server(lambda lc=listener: Link(on_made=self._accepted(lc)),  # type: ignore[misc]
+            server = await loop.create_server(functools.partial(Link, self._accepted(listener)),
                                               listener.host, listener.port, reuse_address=True)
             self._servers.append(server)
             log.info("listening on %s:%d (%s)", listener.host, server.sockets[0].getsockname()[1],
                      "tls" if listener.tls else "plaintext")
         self._flusher = asyncio.create_task(self._flush_audit_periodically())
 
-    def _accepted(self, listener: ListenerConfig) -> object:
+    def _accepted(self, listener: ListenerConfig) -> Callable[[Link], None]:
         def on_made(link: Link) -> None:
             session = Session(self, link, listener)
             self.sessions.add(session)

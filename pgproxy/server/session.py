@@ -13,6 +13,7 @@ import hashlib
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from ..audit.sink import AuditUnavailable
@@ -38,6 +39,7 @@ from ..protocol.tracker import (
     Pending,
     StatementResult,
 )
+from .gates import FrontendGate, substitute_for_refusal
 from .link import Link, LinkClosed
 from .upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 
@@ -48,6 +50,7 @@ log = logging.getLogger(__name__)
 
 PASSWORD_MESSAGE_LIMIT = 64 * 1024
 _STATEMENT_TYPES = frozenset(b"QPEF")
+_GATED_TYPES = frozenset(b"QPBEF")
 _SCRUBBED_TYPES = frozenset(b"SNAE")  # ParameterStatus, Notice, Notification, Error
 FRONTEND_INSPECTED = TRACKED_FRONTEND_TYPES | frozenset(b"X")
 BACKEND_INSPECTED = TRACKED_BACKEND_TYPES | _SCRUBBED_TYPES | frozenset(b"K")
@@ -57,9 +60,11 @@ MAX_AUDITED_PARAM_BYTES = 4096
 class SessionRefused(Exception):
     """End the session with a FATAL ErrorResponse carrying this SQLSTATE and message."""
 
-    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None) -> None:
+    def __init__(self, sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None,
+                 raw: bytes | None = None) -> None:
         super().__init__(message)
         self.sqlstate, self.message, self.detail, self.hint = sqlstate, message, detail, hint
+        self.raw = raw  # an upstream ErrorResponse to relay as it is, instead of building one
 
 
 class _Ended(Exception):
@@ -104,6 +109,8 @@ class Session:
         self._cancel_key: tuple[int, int] | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.gates: list[FrontendGate] = list(server.gates)
+        self._backend_hooks: dict[int, Callable[[memoryview], bytes | None]] = {}
 
     # ------------------------------------------------------------------------------------------ driver
 
@@ -122,7 +129,7 @@ class Session:
             await self._closed
         except SessionRefused as exc:
             self.end_reason = exc.message
-            self.client.write(errors.fatal(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint))
+            self.client.write(exc.raw or errors.fatal(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint))
         except ProtocolViolation as exc:
             self.end_reason = f"protocol violation: {exc}"
             self.client.write(errors.fatal(exc.sqlstate, str(exc)))
@@ -236,8 +243,8 @@ class Session:
                 raise SessionRefused(errors.INVALID_AUTHORIZATION,
                                      f'the proxy could not log in upstream as role "{role}"',
                                      hint="Ask the operator to check the upstream credential.") from None
-            self.client.write(self._scrub(exc.error.encode()))
-            raise SessionRefused(exc.error.sqlstate or errors.CONNECTION_FAILURE, exc.error.message) from None
+            raise SessionRefused(exc.error.sqlstate or errors.CONNECTION_FAILURE, exc.error.message or "",
+                                 raw=self._scrub(exc.error.encode())) from None
         self.client.write(AuthenticationOk().encode())
         for notice in notices:
             self.client.write(self._scrub(notice))
@@ -251,7 +258,8 @@ class Session:
         client, upstream = self.client, self.upstream
         max_size = self.config.limits.max_message_bytes
         self._front = MessageRelay(max_size, FRONTEND_INSPECTED, self._on_frontend_message)
-        self._back = MessageRelay(max_size, BACKEND_INSPECTED, self._on_backend_message)
+        self._back = MessageRelay(max_size, BACKEND_INSPECTED | frozenset(self._backend_hooks),
+                                  self._on_backend_message)
         client.on_lost = self._on_client_lost
         upstream.on_lost = self._on_upstream_lost
         client.on_pause_writing, client.on_resume_writing = upstream.pause_reading, upstream.resume_reading
@@ -283,8 +291,21 @@ class Session:
         if msg_type == 0x58:  # Terminate: forwarded; the upstream closes and so do we
             self.end_reason = "client terminated"
             return None
-        self.tracker.on_frontend(msg_type, body)
+        pending = self.tracker.on_frontend(msg_type, body)
+        if self.gates and pending is not None and msg_type in _GATED_TYPES:
+            for gate in self.gates:
+                verdict = gate.inspect(self, pending, msg_type, body)
+                if verdict is not None:
+                    substitute, expected = substitute_for_refusal(msg_type, body)
+                    pending.refusal, pending.refusal_expected_sqlstate = verdict.error, expected
+                    return substitute
         return None
+
+    def add_backend_hook(self, msg_type: int, hook: Callable[[memoryview], bytes | None]) -> None:
+        """Let ``hook`` rewrite every backend message of ``msg_type`` (return None to keep it)."""
+        self._backend_hooks[msg_type] = hook
+        if hasattr(self, "_back"):
+            self._back.interesting = self._back.interesting | {msg_type}
 
     def _on_upstream_data(self, data: bytes) -> None:
         try:
@@ -304,17 +325,21 @@ class Session:
         replacement = None
         if msg_type in TRACKED_BACKEND_TYPES:
             replacement = self.tracker.on_backend(msg_type, body)
-        if msg_type in _SCRUBBED_TYPES:
-            if msg_type == 0x45 and (b"SFATAL\x00" in body or b"SPANIC\x00" in body):
+        if msg_type in _SCRUBBED_TYPES:  # rare messages: copying the body is affordable
+            raw = bytes(body)
+            if msg_type == 0x45 and (b"SFATAL\x00" in raw or b"SPANIC\x00" in raw):
                 self._upstream_fatal = True
-            if replacement is None and self._secret and self._secret in body:
-                replacement = self._scrub(bytes([msg_type]) + len(body).to_bytes(4, "big") + bytes(body))
+            if replacement is None and self._secret and self._secret in raw:
+                replacement = self._scrub(bytes([msg_type]) + (len(raw) + 4).to_bytes(4, "big") + raw)
         elif msg_type == 0x4B:  # BackendKeyData: keep the pid, hand out our own secret
             key = BackendKeyData.decode(body)
             cfg = self.config.upstream
             proxy_secret = self.server.cancels.register(key.process_id, key.secret_key, cfg.host, cfg.port)
             self._cancel_key = (key.process_id, proxy_secret)
             replacement = BackendKeyData(key.process_id, proxy_secret).encode()
+        hook = self._backend_hooks.get(msg_type)
+        if hook is not None and replacement is None:
+            replacement = hook(body)
         return replacement
 
     def _scrub(self, message: bytes) -> bytes:
@@ -380,10 +405,9 @@ class Session:
         event: dict[str, Any] = {"event": "statement", "protocol": r.protocol, "sql": r.sql,
                                  "started_at": r.started_at, "duration_ms": round(r.duration_ms, 3),
                                  "tags": r.tags, "rows": r.rows}
-        if r.params:
-            formats = r.param_formats
-            event["params"] = [audit_param(v, formats[i] if len(formats) > 1 else (formats[0] if formats else 0))
-                               for i, v in enumerate(r.params)]
+        bind = r.bind
+        if bind is not None and bind.params:
+            event["params"] = [audit_param(v, bind.param_format(i)) for i, v in enumerate(bind.params)]
         if r.statement_name:
             event["statement_name"] = r.statement_name
         if r.error is not None:
