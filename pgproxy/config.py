@@ -7,11 +7,13 @@ config file itself: only the names of environment variables or files that hold t
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 
@@ -260,6 +262,21 @@ def _listener(s: _Section) -> ListenerConfig:
     return listener
 
 
+def _secure_url(url: str) -> bool:
+    """https, or plain http to a loopback host (keys fetched in clear text could be swapped)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    if parts.scheme != "http" or parts.username is not None or not parts.hostname:
+        return False
+    if parts.hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(parts.hostname).is_loopback
+    except ValueError:
+        return False
+
+
 def _identity(s: _Section) -> IdentityConfig:
     algorithms = s.items("algorithms")
     if not algorithms:
@@ -274,7 +291,7 @@ def _identity(s: _Section) -> IdentityConfig:
     sources = [x for x in (jwks_file, jwks_url, secret_env) if x is not None]
     if len(sources) != 1:
         raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url or hs256_secret_env")
-    if jwks_url is not None and not jwks_url.startswith(("https://", "http://127.", "http://localhost")):
+    if jwks_url is not None and not _secure_url(jwks_url):
         raise ConfigError(f"{s._p('jwks_url')}: must be an https URL (plain http only for loopback)")
     symmetric = [a for a in algorithms if a in SYMMETRIC_ALGORITHMS]
     if secret_env is not None and len(symmetric) != len(algorithms):

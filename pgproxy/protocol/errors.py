@@ -19,6 +19,7 @@ CANNOT_CONNECT_NOW = "57P03"
 ADMIN_SHUTDOWN = "57P01"
 INSUFFICIENT_PRIVILEGE = "42501"
 CHARACTER_NOT_IN_REPERTOIRE = "22021"
+INTERNAL_ERROR = "XX000"
 
 
 def fatal(sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None) -> bytes:

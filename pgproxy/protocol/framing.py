@@ -67,7 +67,7 @@ class MessageRelay:
         need = HEADER_SIZE
         while n - pos >= HEADER_SIZE:
             msg_type = buf[pos]
-            length = int.from_bytes(buf[pos + 1:pos + 5], "big")
+            length = int.from_bytes(buf[pos + 1:pos + 5], "big", signed=True)
             if length < 4 or length > max_size:
                 raise length_violation(msg_type, length, max_size)
             end = pos + 1 + length

@@ -38,7 +38,7 @@ _SYNC_POINTS = (Kind.QUERY, Kind.SYNC, Kind.FUNCTION)
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
 TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHW")
-TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSF")
+TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSFcf")
 _TRANSACTION_STATES = frozenset(b"ITE")
 
 
@@ -66,7 +66,13 @@ class StatementResult:
 
     @property
     def bind(self) -> Bind | None:
-        return Bind.decode(self.bind_body) if self.bind_body is not None else None
+        """The decoded Bind; None when there was none or it was malformed (the server rejected it too)."""
+        if self.bind_body is None:
+            return None
+        try:
+            return Bind.decode(self.bind_body)
+        except ProtocolViolation:
+            return None
 
     @property
     def params(self) -> tuple[bytes | None, ...]:
@@ -96,6 +102,7 @@ class Pending:
     portal: _Portal | None = None
     sql: str | None = None
     statement_name: str | None = None
+    seq: int = 0  # order in which requests were sent
 
 
 @dataclass(slots=True)
@@ -127,6 +134,14 @@ class ExchangeTracker:
         self.transaction_status = "I"
         self.desyncs = 0
         self._parse_cache: dict[bytes, tuple[str, str]] = {}
+        # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
+        self._inflight: dict[str, str] = {}
+        # After an extended-protocol error the server ignores everything up to the next Sync.
+        self._skipping = False
+        # During COPY FROM STDIN the server ignores Sync (and Flush); libpq sends one before and after.
+        self._client_in_copy = False
+        self._copy_end_seq = 0
+        self._seq = 0
 
     @property
     def idle(self) -> bool:
@@ -147,12 +162,22 @@ class ExchangeTracker:
         return cached
 
     def on_frontend(self, msg_type: int, body: bytes | memoryview) -> Pending | None:
-        """Record a request about to be forwarded; returns its queue entry (None for untracked types)."""
+        """Record a request about to be forwarded; returns its queue entry (None when the server will
+        not answer it: untracked types, requests it will skip after an error, Sync during COPY)."""
+        if self._skipping or self._client_in_copy:
+            if msg_type in (0x63, 0x66):  # CopyDone, CopyFail
+                self._client_in_copy = False
+                self._copy_end_seq = self._seq
+                return None
+            if self._client_in_copy or msg_type != 0x53:
+                return None
+            self._skipping = False
         if msg_type == 0x42:  # B: the hottest request; keep the raw body, decode only names now
             raw = bytes(body)
             portal_name, pos = _cstring(raw, 0)
             statement, _ = _cstring(raw, pos)
-            portal = _Portal(self.statements.get(statement, ""), statement, raw)
+            sql = self._inflight.get(statement)
+            portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
             self.portals[portal_name] = portal
             p = Pending(Kind.BIND, None, time.perf_counter(), portal=portal)
         elif msg_type == 0x45:  # E
@@ -166,7 +191,7 @@ class ExchangeTracker:
             p = Pending(Kind.EXECUTE, result, time.perf_counter())
         elif msg_type == 0x50:  # P
             name, query = self._parse(bytes(body))
-            self.statements[name] = query
+            self._inflight[name] = query
             p = Pending(Kind.PARSE, None, time.perf_counter(), sql=query, statement_name=name)
         elif msg_type == 0x53:  # S
             p = Pending(Kind.SYNC)
@@ -186,8 +211,13 @@ class ExchangeTracker:
             oid = FunctionCall.decode(body).function_oid
             p = Pending(Kind.FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
                         time.perf_counter())
+        elif msg_type in (0x63, 0x66):  # CopyDone, CopyFail
+            self._copy_end_seq = self._seq
+            return None
         else:
             return None
+        p.seq = self._seq
+        self._seq += 1
         self.queue.append(p)
         return p
 
@@ -200,6 +230,10 @@ class ExchangeTracker:
         if msg_type == 0x44:  # DataRow: never tracked (fast path); listed for completeness
             return None
         if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
+            if msg_type == 0x31 and head is not None and head.kind is Kind.PARSE:
+                name = head.statement_name or ""
+                self.statements[name] = head.sql or ""
+                self._forget_inflight(head)
             self._pop_expected(head, (Kind.PARSE, Kind.BIND, Kind.CLOSE))
             return None
         if msg_type == 0x74:  # ParameterDescription: Describe continues with RowDescription/NoData
@@ -237,9 +271,24 @@ class ExchangeTracker:
             else:
                 self.desyncs += 1
             return None
-        if msg_type == 0x56:  # FunctionCallResponse: ReadyForQuery follows
-            return None
-        return None  # Copy*Response: the COPY belongs to the head Query/Execute
+        if msg_type == 0x47 and head is not None:  # CopyInResponse
+            self._enter_copy_in(head)
+        return None  # FunctionCallResponse, Copy(Out|Both)Response: the head request goes on
+
+    def _enter_copy_in(self, head: Pending) -> None:
+        """The server now ignores Sync until the client's CopyDone/CopyFail: drop Syncs it will ignore."""
+        already_ended = self._copy_end_seq > head.seq
+        limit = self._copy_end_seq if already_ended else self._seq
+        kept = [p for p in self.queue if not (p.kind is Kind.SYNC and head.seq < p.seq < limit)]
+        if len(kept) != len(self.queue):
+            self.queue = deque(kept)
+        if not already_ended:
+            self._client_in_copy = True
+
+    def _forget_inflight(self, p: Pending) -> None:
+        name = p.statement_name or ""
+        if self._inflight.get(name) is p.sql:
+            del self._inflight[name]
 
     def _pop_expected(self, head: Pending | None, kinds: tuple[Kind, ...]) -> None:
         if head is not None and head.kind in kinds:
@@ -264,11 +313,18 @@ class ExchangeTracker:
         if head.kind in _SYNC_POINTS:
             return replacement  # ReadyForQuery will finish it
         # Extended protocol: the server now skips everything up to the next Sync.
+        self._client_in_copy = False
         failed = self.queue.popleft()
+        if failed.kind is Kind.PARSE:
+            self._forget_inflight(failed)
         if failed.result is not None:
             self._finish(failed)
         while self.queue and self.queue[0].kind is not Kind.SYNC:
-            self.queue.popleft()
+            skipped = self.queue.popleft()
+            if skipped.kind is Kind.PARSE:
+                self._forget_inflight(skipped)
+        if not self.queue:
+            self._skipping = True  # the client has not sent its Sync yet
         return replacement
 
     @staticmethod

@@ -97,7 +97,7 @@ class Link(asyncio.Protocol):
         """Read one typed message; returns (type byte, body)."""
         await self._fill(HEADER_SIZE)
         msg_type = self.buffer[0]
-        length = int.from_bytes(self.buffer[1:5], "big")
+        length = int.from_bytes(self.buffer[1:5], "big", signed=True)
         if length < 4 or length > max_size:
             raise length_violation(msg_type, length, max_size)
         data = await self.read_exactly(1 + length)

@@ -279,6 +279,10 @@ class Session:
             return
         except _Ended:
             return
+        except Exception:
+            log.exception("session %s: internal error on client data", self.id)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed")
+            return
         if out and self.upstream is not None:
             self.upstream.write(out)
 
@@ -310,14 +314,18 @@ class Session:
     def _on_upstream_data(self, data: bytes) -> None:
         try:
             out = self._back.feed(data)
+            if out:
+                self.client.write(out)
+            if self.tracker.finished:
+                self._emit_finished()
         except ProtocolViolation as exc:
             log.error("session %s: invalid message from upstream: %s", self.id, exc)
             self.terminate(errors.PROTOCOL_VIOLATION, "the upstream database sent an invalid message")
             return
-        if out:
-            self.client.write(out)
-        if self.tracker.finished:
-            self._emit_finished()
+        except Exception:
+            log.exception("session %s: internal error on upstream data", self.id)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed")
+            return
         if self.expired and self.tracker.idle and not self._ended:
             self._expire()
 

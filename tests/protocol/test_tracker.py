@@ -1,0 +1,800 @@
+"""ExchangeTracker: pairing server responses with the requests that caused them.
+
+Each test plays a realistic conversation: frontend messages are recorded with ``on_frontend`` as the
+session does before forwarding them, backend messages of the tracked types are fed to ``on_backend``
+(DataRow, ParameterStatus, notices and the like bypass the tracker, as in the session), all built
+with the message classes' ``encode()`` and passed as memoryviews of the body.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from pgproxy.protocol.codec import ProtocolViolation
+from pgproxy.protocol.errors import error
+from pgproxy.protocol.framing import MessageRelay
+from pgproxy.protocol.messages import (
+    AuthenticationOk,
+    BackendKeyData,
+    Bind,
+    BindComplete,
+    Close,
+    CloseComplete,
+    CommandComplete,
+    CopyData,
+    CopyDone,
+    CopyInResponse,
+    CopyOutResponse,
+    DataRow,
+    Describe,
+    EmptyQueryResponse,
+    ErrorResponse,
+    Execute,
+    FieldDescription,
+    Flush,
+    FunctionCall,
+    FunctionCallResponse,
+    NoData,
+    NoticeResponse,
+    ParameterDescription,
+    ParameterStatus,
+    Parse,
+    ParseComplete,
+    PortalSuspended,
+    Query,
+    ReadyForQuery,
+    RowDescription,
+    Sync,
+)
+from pgproxy.protocol.tracker import (
+    TRACKED_BACKEND_TYPES,
+    TRACKED_FRONTEND_TYPES,
+    ExchangeTracker,
+    Kind,
+    Pending,
+    StatementResult,
+)
+
+INT4 = 23
+
+
+def rowdesc(*names: str) -> RowDescription:
+    return RowDescription(tuple(FieldDescription(n, 0, 0, INT4, 4, -1, 0) for n in names))
+
+
+def err(sqlstate: str = "42P01", message: str = 'relation "nope" does not exist') -> ErrorResponse:
+    return ErrorResponse.build("ERROR", sqlstate, message)
+
+
+class Conversation:
+    """A tracker plus helpers to play the client and the server."""
+
+    def __init__(self, *, startup: bool = True) -> None:
+        self.t = ExchangeTracker()
+        if startup:
+            # As the session does: the ReadyForQuery that ends the startup phase is expected.
+            self.t.queue.append(Pending(Kind.SYNC))
+            self.server(AuthenticationOk(), ParameterStatus("server_version", "16.0"),
+                        BackendKeyData(42, 7), ReadyForQuery("I"))
+            assert self.t.idle
+
+    def client(self, *messages: Any) -> list[Pending | None]:
+        out = []
+        for m in messages:
+            data = m.encode()
+            if data[0] in TRACKED_FRONTEND_TYPES:
+                out.append(self.t.on_frontend(data[0], memoryview(data)[5:]))
+        return out
+
+    def server(self, *messages: Any) -> list[bytes | None]:
+        """Feed the tracked messages; return on_backend's answers (one per tracked message)."""
+        out = []
+        for m in messages:
+            data = m.encode()
+            if data[0] in TRACKED_BACKEND_TYPES:
+                out.append(self.t.on_backend(data[0], memoryview(data)[5:]))
+        return out
+
+    def done(self) -> list[StatementResult]:
+        return self.t.drain()
+
+
+# --------------------------------------------------------------------------------------------------
+# Startup
+
+
+def test_startup_ready_for_query_consumes_the_seeded_sync() -> None:
+    c = Conversation(startup=False)
+    c.t.queue.append(Pending(Kind.SYNC))
+    assert not c.t.idle
+    c.server(AuthenticationOk(), ParameterStatus("client_encoding", "UTF8"), BackendKeyData(1, 2),
+             ReadyForQuery("I"))
+    assert c.t.idle
+    assert c.t.desyncs == 0
+    assert c.t.transaction_status == "I"
+    assert c.done() == []
+
+
+def test_tracked_type_sets() -> None:
+    # DataRow and CopyData are deliberately absent: the per-row path must not call into Python.
+    assert ord("D") not in TRACKED_BACKEND_TYPES
+    assert ord("d") not in TRACKED_BACKEND_TYPES
+    assert ord("d") not in TRACKED_FRONTEND_TYPES
+    # CopyDone/CopyFail are seen (not queued): they end the stretch in which the server ignores Sync.
+    assert set(b"QPBDECSFcf") == set(TRACKED_FRONTEND_TYPES)
+
+
+def test_untracked_frontend_types_are_ignored() -> None:
+    t = ExchangeTracker()
+    assert t.on_frontend(ord("H"), memoryview(b"")) is None
+    assert t.on_frontend(ord("d"), memoryview(b"data")) is None
+    assert t.idle
+
+
+# --------------------------------------------------------------------------------------------------
+# Simple query protocol
+
+
+def test_simple_query_with_several_statements() -> None:
+    c = Conversation()
+    sql = "SELECT * FROM a; INSERT INTO b VALUES (1), (2), (3); CREATE TABLE c (x int)"
+    (p,) = c.client(Query(sql))
+    assert p is not None and p.kind is Kind.QUERY
+    assert not c.t.idle
+    c.server(
+        rowdesc("x"), DataRow((b"1",)), DataRow((b"2",)), CommandComplete("SELECT 2"),
+        CommandComplete("INSERT 0 3"),
+        NoticeResponse.build("NOTICE", "00000", "hello"),
+        CommandComplete("CREATE TABLE"),
+    )
+    assert c.done() == []  # not finished before ReadyForQuery
+    assert not c.t.idle
+    c.server(ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.protocol == "simple"
+    assert res.sql == sql
+    assert res.tags == ["SELECT 2", "INSERT 0 3", "CREATE TABLE"]
+    assert res.rows == 5
+    assert res.error is None
+    assert not res.refused
+    assert res.duration_ms >= 0
+    assert res.started_at > 0
+    assert c.t.idle
+    assert c.t.desyncs == 0
+
+
+def test_simple_query_without_row_counts() -> None:
+    c = Conversation()
+    c.client(Query("CREATE TABLE t (x int)"))
+    c.server(CommandComplete("CREATE TABLE"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.tags == ["CREATE TABLE"]
+    assert res.rows is None
+
+
+def test_simple_query_with_error() -> None:
+    c = Conversation()
+    c.client(Query("SELECT 1; SELECT * FROM nope; SELECT 3"))
+    answers = c.server(rowdesc("?column?"), DataRow((b"1",)), CommandComplete("SELECT 1"), err())
+    assert answers == [None, None, None]  # RowDescription, CommandComplete, ErrorResponse (DataRow bypasses)
+    assert c.done() == []
+    c.server(ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.tags == ["SELECT 1"]
+    assert res.rows == 1
+    assert res.error is not None
+    assert res.error.sqlstate == "42P01"
+    assert not res.refused
+    assert c.t.idle
+
+
+def test_consecutive_simple_queries() -> None:
+    c = Conversation()
+    c.client(Query("SELECT 1"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.client(Query("SELECT 2"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert [r.sql for r in c.done()] == ["SELECT 1", "SELECT 2"]
+
+
+def test_pipelined_simple_queries() -> None:
+    c = Conversation()
+    c.client(Query("SELECT 1"), Query("SELECT 2"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert [r.sql for r in c.done()] == ["SELECT 1"]
+    assert not c.t.idle
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert [r.sql for r in c.done()] == ["SELECT 2"]
+    assert c.t.idle
+
+
+def test_empty_query_response_in_simple_query() -> None:
+    c = Conversation()
+    c.client(Query(""))
+    c.server(EmptyQueryResponse(), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == ""
+    assert res.tags == []
+    assert res.rows is None
+    assert res.error is None
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_copy_from_stdin_in_a_simple_query() -> None:
+    c = Conversation()
+    c.client(Query("COPY t FROM STDIN"))
+    c.server(CopyInResponse(0, (0,)))
+    assert not c.t.idle
+    # The client's CopyData and CopyDone are not queued requests.
+    assert c.client(CopyData(b"1\n"), CopyData(b"2\n"), CopyData(b"3\n"), CopyDone()) == [None]
+    c.server(CommandComplete("COPY 3"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == "COPY t FROM STDIN"
+    assert res.tags == ["COPY 3"]
+    assert res.rows == 3
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_copy_to_stdout_in_a_simple_query() -> None:
+    c = Conversation()
+    c.client(Query("COPY t TO STDOUT"))
+    c.server(CopyOutResponse(0, (0,)), CopyData(b"1\n"), CopyDone(), CommandComplete("COPY 1"),
+             ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.tags == ["COPY 1"]
+    assert res.rows == 1
+
+
+def test_transaction_status_tracking() -> None:
+    c = Conversation()
+    assert c.t.transaction_status == "I"
+    c.client(Query("BEGIN"))
+    c.server(CommandComplete("BEGIN"), ReadyForQuery("T"))
+    assert c.t.transaction_status == "T"
+    c.client(Query("SELECT * FROM nope"))
+    c.server(err(), ReadyForQuery("E"))
+    assert c.t.transaction_status == "E"
+    c.client(Query("SELECT 1"))
+    c.server(err("25P02", "current transaction is aborted"), ReadyForQuery("E"))
+    assert c.t.transaction_status == "E"
+    c.client(Query("ROLLBACK"))
+    c.server(CommandComplete("ROLLBACK"), ReadyForQuery("I"))
+    assert c.t.transaction_status == "I"
+    assert [r.error.sqlstate if r.error else None for r in c.done()] == [None, "42P01", "25P02", None]
+
+
+# --------------------------------------------------------------------------------------------------
+# Extended query protocol
+
+
+def test_extended_query_with_parameters() -> None:
+    c = Conversation()
+    sql = "SELECT * FROM t WHERE a = $1 AND b = $2"
+    pendings = c.client(Parse("", sql, (INT4, 0)), Bind("", "", (0, 1), (b"42", None), (0,)),
+                        Describe("P", ""), Execute("", 0), Sync())
+    assert [p.kind for p in pendings if p is not None] == [Kind.PARSE, Kind.BIND, Kind.DESCRIBE, Kind.EXECUTE,
+                                                           Kind.SYNC]
+    c.server(ParseComplete(), BindComplete(), rowdesc("a", "b"))
+    assert c.done() == []  # Parse and Bind succeeded: they are not statements of their own
+    c.server(DataRow((b"42", b"x")), DataRow((b"42", b"y")), CommandComplete("SELECT 2"))
+    (res,) = c.done()
+    assert res.protocol == "extended"
+    assert res.sql == sql
+    assert res.params == (b"42", None)
+    assert res.param_formats == (0, 1)
+    assert res.statement_name == ""
+    assert res.tags == ["SELECT 2"]
+    assert res.rows == 2
+    assert res.error is None
+    assert not c.t.idle  # the Sync is still outstanding
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle
+    assert c.done() == []
+    assert c.t.desyncs == 0
+
+
+def test_pipelined_executes_before_one_sync() -> None:
+    c = Conversation()
+    c.client(
+        Parse("ins", "INSERT INTO t VALUES ($1)"),
+        Bind("", "ins", (), (b"1",)), Execute(""),
+        Bind("", "ins", (), (b"2",)), Execute(""),
+        Parse("", "UPDATE t SET x = x + 1"), Bind("", ""), Execute(""),
+        Sync(),
+    )
+    c.server(
+        ParseComplete(),
+        BindComplete(), CommandComplete("INSERT 0 1"),
+        BindComplete(), CommandComplete("INSERT 0 1"),
+        ParseComplete(), BindComplete(), CommandComplete("UPDATE 7"),
+    )
+    results = c.done()
+    assert [(r.sql, r.params, r.rows, r.statement_name) for r in results] == [
+        ("INSERT INTO t VALUES ($1)", (b"1",), 1, "ins"),
+        ("INSERT INTO t VALUES ($1)", (b"2",), 1, "ins"),
+        ("UPDATE t SET x = x + 1", (), 7, ""),
+    ]
+    assert [r.tags for r in results] == [["INSERT 0 1"], ["INSERT 0 1"], ["UPDATE 7"]]
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_several_batches_pipelined() -> None:
+    c = Conversation()
+    c.client(Parse("", "SELECT 1"), Bind("", ""), Execute(""), Sync(),
+             Parse("", "SELECT 2"), Bind("", ""), Execute(""), Sync())
+    c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert not c.t.idle
+    c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert [r.sql for r in c.done()] == ["SELECT 1", "SELECT 2"]
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_error_in_the_middle_of_an_extended_pipeline() -> None:
+    c = Conversation()
+    c.client(
+        Parse("", "INSERT INTO t VALUES (1)"), Bind("", ""), Execute(""),
+        Parse("", "INSERT INTO nope VALUES (2)"), Bind("", ""), Execute(""),
+        Parse("", "INSERT INTO t VALUES (3)"), Bind("", ""), Execute(""),
+        Sync(),
+    )
+    c.server(ParseComplete(), BindComplete(), CommandComplete("INSERT 0 1"))
+    answers = c.server(err())  # the second Parse fails; the server skips everything up to the Sync
+    assert answers == [None]
+    results = c.done()
+    assert [(r.sql, r.error.sqlstate if r.error else None) for r in results] == [
+        ("INSERT INTO t VALUES (1)", None),
+        ("INSERT INTO nope VALUES (2)", "42P01"),
+    ]
+    assert [p.kind for p in c.t.queue] == [Kind.SYNC]
+    c.server(ReadyForQuery("E"))
+    assert c.t.idle
+    assert c.t.transaction_status == "E"
+    assert c.done() == []  # the skipped requests produce nothing
+    assert c.t.desyncs == 0
+
+    # The next batch works normally.
+    c.client(Parse("", "SELECT 4"), Bind("", ""), Execute(""), Sync())
+    c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == "SELECT 4" and res.error is None and res.tags == ["SELECT 1"]
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_error_on_execute_finishes_the_execute() -> None:
+    c = Conversation()
+    c.client(Parse("", "SELECT 1/$1"), Bind("", "", (), (b"0",)), Execute(""), Execute(""), Sync())
+    c.server(ParseComplete(), BindComplete(), err("22012", "division by zero"))
+    (res,) = c.done()
+    assert res.sql == "SELECT 1/$1"
+    assert res.params == (b"0",)
+    assert res.error is not None and res.error.sqlstate == "22012"
+    assert res.tags == []
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+    assert c.done() == []
+
+
+def test_error_on_bind_is_reported_with_its_parameters() -> None:
+    c = Conversation()
+    c.client(Parse("s", "SELECT $1::int"), Bind("", "s", (), (b"abc",)), Execute(""), Sync())
+    c.server(ParseComplete(), err("22P02", 'invalid input syntax for type integer: "abc"'))
+    (res,) = c.done()
+    assert res.sql == "SELECT $1::int"
+    assert res.params == (b"abc",)
+    assert res.error is not None and res.error.sqlstate == "22P02"
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_requests_sent_after_an_error_but_before_the_sync_are_skipped_too() -> None:
+    # The server discards every message up to the next Sync, including those that reach the proxy only
+    # after it has seen the ErrorResponse (e.g. a pipelining client that flushed before its Sync).
+    c = Conversation()
+    c.client(Parse("", "SELECT * FROM nope"), Bind("", ""), Execute(""), Flush())
+    c.server(err())
+    assert len(c.done()) == 1
+    c.client(Parse("", "SELECT 2"), Bind("", ""), Execute(""), Sync())
+    c.server(ReadyForQuery("I"))  # the only answer the server gives to these four messages
+    assert c.t.idle
+    assert c.t.desyncs == 0
+    assert c.done() == []
+    c.client(Query("SELECT 3"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert [r.sql for r in c.done()] == ["SELECT 3"]
+
+
+def test_failed_bind_result_keeps_its_bind_message() -> None:
+    c = Conversation()
+    c.client(Parse("s", "SELECT $1::int, $2::text"), Sync())
+    c.server(ParseComplete(), ReadyForQuery("I"))
+    c.client(Bind("p", "s", (0, 1), (b"x", b"\x00\x01"), (1,)), Execute("p"), Sync())
+    c.server(err("22P02", "invalid input syntax"))
+    (res,) = c.done()
+    assert res.bind == Bind("p", "s", (0, 1), (b"x", b"\x00\x01"), (1,))
+    assert res.params == (b"x", b"\x00\x01")
+    assert res.param_formats == (0, 1)
+    assert res.statement_name == "s"
+    assert res.sql == "SELECT $1::int, $2::text"
+
+
+def test_malformed_bind_is_rejected_or_harmless() -> None:
+    # A Bind whose names are fine but whose parameter section is truncated. PostgreSQL answers it with an
+    # ERROR (08P01 "insufficient data left in message") and the session goes on. The tracker must either
+    # refuse the message itself or record it so that reading the result (as the audit does) cannot raise.
+    c = Conversation()
+    c.client(Parse("s", "SELECT $1"), Sync())
+    c.server(ParseComplete(), ReadyForQuery("I"))
+    bad = Bind("", "s", (), (b"abcdef",)).encode()[5:-6]
+    try:
+        c.t.on_frontend(ord("B"), memoryview(bad))
+    except ProtocolViolation:
+        return
+    c.client(Execute(""), Sync())
+    c.server(err("08P01", "insufficient data left in message"), ReadyForQuery("I"))
+    for res in c.done():
+        res.params  # noqa: B018 - must not raise
+        res.param_formats  # noqa: B018
+        res.bind  # noqa: B018
+    assert c.t.idle
+
+
+def test_repeated_parse_bodies_decode_consistently() -> None:
+    c = Conversation()
+    for sql in ("SELECT 1", "SELECT 2", "SELECT 1", "SELECT 2"):
+        c.client(Parse("", sql), Bind("", ""), Execute(""), Sync())
+        c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert [r.sql for r in c.done()] == ["SELECT 1", "SELECT 2", "SELECT 1", "SELECT 2"]
+    # Same text under another name is another statement.
+    c.client(Parse("a", "SELECT 1"), Parse("b", "SELECT 1"), Sync())
+    c.server(ParseComplete(), ParseComplete(), ReadyForQuery("I"))
+    assert c.t.statements["a"] == c.t.statements["b"] == "SELECT 1"
+
+
+def test_invalid_parse_raises_protocol_violation() -> None:
+    t = ExchangeTracker()
+    with pytest.raises(ProtocolViolation):
+        t.on_frontend(ord("P"), memoryview(b"name-without-terminator"))
+
+
+def test_named_prepared_statement_reused_and_closed() -> None:
+    c = Conversation()
+    c.client(Parse("get_user", "SELECT name FROM users WHERE id = $1", (INT4,)), Sync())
+    c.server(ParseComplete(), ReadyForQuery("I"))
+    assert c.done() == []
+    assert c.t.statements["get_user"] == "SELECT name FROM users WHERE id = $1"
+
+    for uid in (b"1", b"2"):
+        c.client(Bind("p1", "get_user", (), (uid,)), Execute("p1"), Sync())
+        c.server(BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    results = c.done()
+    assert [(r.sql, r.params, r.statement_name) for r in results] == [
+        ("SELECT name FROM users WHERE id = $1", (b"1",), "get_user"),
+        ("SELECT name FROM users WHERE id = $1", (b"2",), "get_user"),
+    ]
+
+    c.client(Close("S", "get_user"), Close("P", "p1"), Sync())
+    assert "get_user" not in c.t.statements
+    assert "p1" not in c.t.portals
+    c.server(CloseComplete(), CloseComplete(), ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+    assert c.done() == []
+
+
+def test_failed_parse_does_not_replace_an_existing_prepared_statement() -> None:
+    # Parse with the name of an existing statement fails (42P05 duplicate_prepared_statement) and the
+    # server keeps the original: an Execute of that statement must be audited with the original text.
+    c = Conversation()
+    c.client(Parse("s1", "DELETE FROM audit_log"), Sync())
+    c.server(ParseComplete(), ReadyForQuery("I"))
+    c.client(Parse("s1", "SELECT 1"), Sync())
+    c.server(err("42P05", 'prepared statement "s1" already exists'), ReadyForQuery("I"))
+    (failed,) = c.done()
+    assert failed.sql == "SELECT 1" and failed.error is not None
+    c.client(Bind("", "s1"), Execute(""), Sync())
+    c.server(BindComplete(), CommandComplete("DELETE 10"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == "DELETE FROM audit_log"
+    assert res.statement_name == "s1"
+
+
+def test_describe_statement_with_rows() -> None:
+    c = Conversation()
+    c.client(Parse("s", "SELECT a, b FROM t WHERE a = $1"), Describe("S", "s"), Sync())
+    c.server(ParseComplete(), ParameterDescription((INT4,)))
+    assert not c.t.idle
+    assert [p.kind for p in c.t.queue] == [Kind.DESCRIBE, Kind.SYNC]
+    c.server(rowdesc("a", "b"))
+    assert [p.kind for p in c.t.queue] == [Kind.SYNC]
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+    assert c.done() == []
+
+
+def test_describe_statement_without_rows() -> None:
+    c = Conversation()
+    c.client(Parse("s", "UPDATE t SET a = $1"), Describe("S", "s"), Sync())
+    c.server(ParseComplete(), ParameterDescription((INT4,)), NoData(), ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_describe_portal_then_execute() -> None:
+    c = Conversation()
+    c.client(Parse("", "DELETE FROM t"), Bind("", ""), Describe("P", ""), Execute(""), Sync())
+    c.server(ParseComplete(), BindComplete(), NoData(), CommandComplete("DELETE 4"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == "DELETE FROM t" and res.rows == 4
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_describe_of_unknown_statement_fails_and_skips_to_sync() -> None:
+    c = Conversation()
+    c.client(Describe("S", "missing"), Bind("", "missing"), Execute(""), Sync())
+    c.server(err("26000", 'prepared statement "missing" does not exist'))
+    assert [p.kind for p in c.t.queue] == [Kind.SYNC]
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_portal_suspended_with_max_rows() -> None:
+    c = Conversation()
+    c.client(Parse("", "SELECT * FROM generate_series(1, 5)"), Bind("cur", ""),
+             Execute("cur", 2), Execute("cur", 2), Execute("cur", 2), Sync())
+    c.server(ParseComplete(), BindComplete(), DataRow((b"1",)), DataRow((b"2",)), PortalSuspended())
+    (first,) = c.done()
+    assert first.sql == "SELECT * FROM generate_series(1, 5)"
+    assert first.error is None and first.tags == []
+    c.server(DataRow((b"3",)), DataRow((b"4",)), PortalSuspended())
+    assert len(c.done()) == 1
+    c.server(DataRow((b"5",)), CommandComplete("SELECT 1"))
+    (last,) = c.done()
+    assert last.tags == ["SELECT 1"] and last.rows == 1
+    c.server(ReadyForQuery("T"))
+    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.transaction_status == "T"
+
+
+def test_empty_query_in_extended_protocol() -> None:
+    c = Conversation()
+    c.client(Parse("", ""), Bind("", ""), Execute(""), Sync())
+    c.server(ParseComplete(), BindComplete(), EmptyQueryResponse())
+    (res,) = c.done()
+    assert res.sql == "" and res.tags == [] and res.error is None
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_copy_from_stdin_in_extended_protocol() -> None:
+    c = Conversation()
+    c.client(Parse("", "COPY t FROM STDIN"), Bind("", ""), Execute(""), Flush())
+    c.server(ParseComplete(), BindComplete(), CopyInResponse(0, ()))
+    c.client(CopyData(b"1\n"), CopyDone(), Sync())
+    c.server(CommandComplete("COPY 1"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == "COPY t FROM STDIN" and res.rows == 1
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_copy_from_stdin_in_extended_protocol_libpq_style() -> None:
+    # libpq (PQexecParams) sends Parse/Bind/Execute/Sync at once; the server reads that Sync while in
+    # copy-in mode and ignores it ("Flush and Sync messages received during copy-in mode are ignored"),
+    # so libpq sends a second Sync after CopyDone. The server answers the two Syncs with ONE ReadyForQuery.
+    c = Conversation()
+    c.client(Parse("", "COPY t FROM STDIN"), Bind("", ""), Execute(""), Sync())
+    c.server(ParseComplete(), BindComplete(), CopyInResponse(0, ()))
+    c.client(CopyData(b"1\n"), CopyData(b"2\n"), CopyDone(), Sync())
+    c.server(CommandComplete("COPY 2"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == "COPY t FROM STDIN" and res.rows == 2
+    assert c.t.idle
+    assert c.t.desyncs == 0
+    # The following statement is still paired with its own response.
+    c.client(Query("SELECT 1"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    (nxt,) = c.done()
+    assert nxt.sql == "SELECT 1" and nxt.tags == ["SELECT 1"]
+    assert c.t.idle
+
+
+def test_execute_of_unknown_portal_has_empty_sql() -> None:
+    c = Conversation()
+    c.client(Execute("nope"), Sync())
+    c.server(err("34000", 'portal "nope" does not exist'), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.sql == "" and res.error is not None and res.error.sqlstate == "34000"
+    assert c.t.idle
+
+
+def test_sync_alone() -> None:
+    c = Conversation()
+    c.client(Sync())
+    assert not c.t.idle
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.done() == [] and c.t.desyncs == 0
+
+
+def test_error_at_sync_commit_is_absorbed() -> None:
+    # A deferred constraint fails when the implicit transaction commits at Sync.
+    c = Conversation()
+    c.client(Parse("", "INSERT INTO t VALUES (1)"), Bind("", ""), Execute(""), Sync())
+    c.server(ParseComplete(), BindComplete(), CommandComplete("INSERT 0 1"))
+    assert len(c.done()) == 1
+    c.server(err("23503", "violates foreign key constraint"), ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# FunctionCall
+
+
+def test_function_call() -> None:
+    c = Conversation()
+    (p,) = c.client(FunctionCall(1598, (0,), (b"x",), 0))
+    assert p is not None and p.kind is Kind.FUNCTION
+    c.server(FunctionCallResponse(b"42"))
+    assert not c.t.idle
+    c.server(ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.protocol == "function"
+    assert "1598" in res.sql
+    assert res.error is None
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_function_call_error() -> None:
+    c = Conversation()
+    c.client(FunctionCall(99999))
+    c.server(err("42883", "function 99999 does not exist"), ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.error is not None and res.error.sqlstate == "42883"
+    assert c.t.idle
+
+
+# --------------------------------------------------------------------------------------------------
+# Robustness
+
+
+def test_unexpected_responses_count_as_desyncs_and_do_not_crash() -> None:
+    c = Conversation()
+    c.server(ReadyForQuery("I"))
+    assert c.t.desyncs == 1
+    c.server(ParseComplete())
+    assert c.t.desyncs == 2
+    c.server(BindComplete(), CloseComplete(), NoData())
+    assert c.t.desyncs == 5
+    # Messages that have nothing to attach to are ignored without error.
+    assert c.server(CommandComplete("SELECT 1"), EmptyQueryResponse(), PortalSuspended(), rowdesc("a"),
+                    ParameterDescription(()), FunctionCallResponse(None), CopyInResponse(0, ()),
+                    err()) == [None] * 8
+    assert c.t.idle
+    assert c.done() == []
+
+
+def test_wrong_kind_at_head_is_a_desync() -> None:
+    c = Conversation()
+    c.client(Execute(""), Sync())
+    c.server(ParseComplete())  # an Execute cannot be answered by ParseComplete
+    assert c.t.desyncs == 1
+    c.server(NoData())
+    assert c.t.desyncs == 2
+    assert len(c.t.queue) == 2  # nothing was popped
+    c.server(ReadyForQuery("I"))  # the Execute is not a sync point
+    assert c.t.desyncs == 3
+
+
+def test_invalid_ready_for_query_is_a_protocol_violation() -> None:
+    c = Conversation()
+    c.client(Query("SELECT 1"))
+    for bad in (b"X", b"", b"II"):
+        with pytest.raises(ProtocolViolation):
+            c.t.on_backend(ord("Z"), memoryview(bad))
+
+
+def test_fatal_error_with_empty_queue() -> None:
+    c = Conversation()
+    assert c.server(ErrorResponse.build("FATAL", "57P01", "terminating connection")) == [None]
+    assert c.t.idle
+
+
+def test_drain_forgets() -> None:
+    c = Conversation()
+    c.client(Query("SELECT 1"))
+    c.server(CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    assert len(c.done()) == 1
+    assert c.done() == []
+
+
+# --------------------------------------------------------------------------------------------------
+# Refusal substitution
+
+
+def test_refusal_replaces_the_expected_error_of_a_simple_query() -> None:
+    c = Conversation()
+    (p,) = c.client(Query("SELECT 1/0 -- stands in for a refused statement"))
+    assert p is not None
+    refusal = error("42501", "permission denied by the proxy's policy")
+    p.refusal = refusal
+    p.refusal_expected_sqlstate = "22012"
+    answers = c.server(err("22012", "division by zero"))
+    assert answers == [refusal.encode()]
+    c.server(ReadyForQuery("I"))
+    (res,) = c.done()
+    assert res.refused
+    assert res.error == refusal
+    assert c.t.idle
+
+
+def test_refusal_with_a_different_sqlstate_passes_the_server_error_through() -> None:
+    c = Conversation()
+    (p,) = c.client(Query("SELECT 1/0"))
+    assert p is not None
+    p.refusal = error("42501", "refused")
+    p.refusal_expected_sqlstate = "22012"
+    answers = c.server(err("57014", "canceling statement due to user request"))
+    assert answers == [None]
+    c.server(ReadyForQuery("I"))
+    (res,) = c.done()
+    assert not res.refused
+    assert res.error is not None and res.error.sqlstate == "57014"
+
+
+def test_refusal_only_applies_to_its_own_request() -> None:
+    c = Conversation()
+    first, second = c.client(Query("SELECT 1"), Query("SELECT 1/0"))
+    assert first is not None and second is not None
+    second.refusal = error("42501", "refused")
+    second.refusal_expected_sqlstate = "22012"
+    # The first query fails with the same SQLSTATE: it is the server's own error, forwarded as is.
+    assert c.server(err("22012", "division by zero"), ReadyForQuery("I")) == [None, None]
+    refused = error("42501", "refused").encode()
+    assert c.server(err("22012", "division by zero"), ReadyForQuery("I")) == [refused, None]
+    a, b = c.done()
+    assert not a.refused and a.error is not None and a.error.sqlstate == "22012"
+    assert b.refused and b.error is not None and b.error.sqlstate == "42501"
+
+
+def test_refusal_in_extended_protocol() -> None:
+    c = Conversation()
+    parse, *_ = c.client(Parse("", "SELECT 1/0"), Bind("", ""), Execute(""), Sync())
+    assert parse is not None
+    parse.refusal = error("42501", "refused")
+    parse.refusal_expected_sqlstate = "22012"
+    assert c.server(err("22012", "division by zero")) == [error("42501", "refused").encode()]
+    (res,) = c.done()
+    assert res.refused and res.sql == "SELECT 1/0"
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_refusal_of_a_bind() -> None:
+    c = Conversation()
+    _, bind, *_ = c.client(Parse("", "SELECT $1::int"), Bind("", "", (), (b"secret-id",)), Execute(""), Sync())
+    assert bind is not None and bind.kind is Kind.BIND
+    bind.refusal = error("42501", "refused")
+    bind.refusal_expected_sqlstate = "22P02"
+    assert c.server(ParseComplete(), err("22P02", "invalid input")) == [None, error("42501", "refused").encode()]
+    (res,) = c.done()
+    assert res.refused
+    assert res.sql == "SELECT $1::int"
+    assert res.params == (b"secret-id",)
+    assert res.error is not None and res.error.sqlstate == "42501"
+    c.server(ReadyForQuery("I"))
+    assert c.t.idle and c.t.desyncs == 0
+
+
+def test_refusal_spliced_into_the_backend_stream_by_the_relay() -> None:
+    c = Conversation()
+    (p,) = c.client(Query("SELECT 1/0"))
+    assert p is not None
+    refusal = error("42501", "refused by policy")
+    p.refusal, p.refusal_expected_sqlstate = refusal, "22012"
+    relay = MessageRelay(1 << 20, TRACKED_BACKEND_TYPES, c.t.on_backend)
+    notice = NoticeResponse.build("NOTICE", "00000", "before").encode()
+    server_error = err("22012", "division by zero").encode()
+    ready = ReadyForQuery("I").encode()
+    out = relay.feed(notice + server_error + ready)
+    assert out == notice + refusal.encode() + ready
+    (res,) = c.done()
+    assert res.refused
