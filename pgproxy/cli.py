@@ -124,12 +124,13 @@ def token(config_path: str | None, subject: str, groups: Sequence[str], roles: S
     if key is None:
         raise click.ClickException("no signing key: pass --key or set identity.dev_signing_key_file")
     names = config.identity.claims
-    extra = {name: value for name, value in ((names.agent_id, agent_id), (names.session_id, session_id),
-                                              (names.tool_call_id, tool_call_id)) if value}
+    # Claims go under the names this config maps, so the token verifies against it.
+    claims = {names.subject: subject, names.groups: list(groups), names.db_role: list(roles) or None,
+              names.agent_id: agent_id, names.session_id: session_id, names.tool_call_id: tool_call_id}
+    extra = {name: value for name, value in claims.items() if value is not None}
     try:
         click.echo(mint_token(key, issuer=config.identity.issuer, audience=config.identity.audience,
-                              subject=subject, groups=list(groups), db_role=list(roles) or None,
-                              ttl_seconds=ttl, extra_claims=extra))
+                              subject=subject, ttl_seconds=ttl, extra_claims=extra))
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"cannot mint token: {exc}") from None
 

@@ -256,10 +256,23 @@ def _listener(s: _Section) -> ListenerConfig:
         insecure_plaintext=s.boolean("insecure_plaintext", False),
     )
     s.done()
+    if listener.insecure_plaintext and not is_loopback_host(listener.host):
+        raise ConfigError(f"{s._p('insecure_plaintext')}: only allowed on a loopback host (127.0.0.1, ::1, "
+                          f"localhost), not {listener.host!r}: tokens would cross the network in clear text")
     if listener.tls is None and not listener.insecure_plaintext:
         raise ConfigError(f"{s.path}: a listener needs tls (cert_file, key_file) because the token is sent as "
                           "a cleartext password; set insecure_plaintext: true only for loopback demos")
     return listener
+
+
+def is_loopback_host(host: str) -> bool:
+    """True for ``localhost`` and loopback IP addresses (127.0.0.0/8, ::1), nothing else."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _secure_url(url: str) -> bool:
@@ -269,12 +282,7 @@ def _secure_url(url: str) -> bool:
         return True
     if parts.scheme != "http" or parts.username is not None or not parts.hostname:
         return False
-    if parts.hostname == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(parts.hostname).is_loopback
-    except ValueError:
-        return False
+    return is_loopback_host(parts.hostname)
 
 
 def _identity(s: _Section) -> IdentityConfig:

@@ -36,7 +36,13 @@ from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey, RSAPubl
 from jwt.algorithms import ECAlgorithm, OKPAlgorithm, RSAAlgorithm
 from jwt.exceptions import InvalidJTIError, InvalidSubjectError
 
-from pgproxy.config import ASYMMETRIC_ALGORITHMS, SYMMETRIC_ALGORITHMS, ConfigError, IdentityConfig
+from pgproxy.config import (
+    ASYMMETRIC_ALGORITHMS,
+    SYMMETRIC_ALGORITHMS,
+    ConfigError,
+    IdentityConfig,
+    is_loopback_host,
+)
 from pgproxy.identity.claims import Identity, TokenError, identity_from_claims, valid_role_name
 
 __all__ = ["MAX_TOKEN_BYTES", "TokenError", "TokenVerifier"]
@@ -139,8 +145,7 @@ class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
 
 
 def _is_loopback_url(url: str) -> bool:
-    host = urllib.parse.urlsplit(url).hostname or ""
-    return host == "localhost" or host.startswith("127.") or host == "::1"
+    return is_loopback_host(urllib.parse.urlsplit(url).hostname or "")
 
 
 def _fetch_url(url: str, timeout: float) -> bytes:

@@ -13,8 +13,8 @@ import logging
 import ssl
 from collections.abc import Callable, Sequence
 
-from ..audit.sink import AuditSink, JsonLinesAuditSink, MemoryAuditSink
-from ..config import ListenerConfig, ProxyConfig
+from ..audit.sink import AuditSink, JsonLinesAuditSink
+from ..config import ConfigError, ListenerConfig, ProxyConfig
 from ..identity import TokenVerifier
 from ..protocol import errors
 from ..tlsutil import server_context
@@ -34,8 +34,9 @@ class ProxyServer:
         self.config = config
         self.gates = tuple(gates)
         if audit is None:
-            path = config.audit.jsonl_path
-            audit = JsonLinesAuditSink(path) if path is not None else MemoryAuditSink()
+            if config.audit.jsonl_path is None:
+                raise ConfigError("audit.jsonl_path: required: the proxy does not run statements it cannot record")
+            audit = JsonLinesAuditSink(config.audit.jsonl_path)
         self.audit: AuditSink = audit
         self.verifier = verifier or TokenVerifier(config.identity)
         self.cancels = CancelRegistry()

@@ -202,31 +202,37 @@ class Session:
                          "token": token_fingerprint(token)})
             raise SessionRefused(errors.INVALID_PASSWORD,
                                  f'password authentication failed for user "{user}": {exc.reason}') from None
-        if identity.expires_at <= time.time():
-            raise SessionRefused(errors.INVALID_PASSWORD,
-                                 f'password authentication failed for user "{user}": token expired')
         return identity
+
+    def _refuse_login(self, identity: Identity, user: str, reason: str, sqlstate: str, message: str,
+                      hint: str | None = None) -> SessionRefused:
+        """Record a refused login of a valid token (e.g. a role it does not allow) and build the error."""
+        self._audit({"event": "auth_failed", "user": user, "reason": reason, "client": self.client.peer(),
+                     "identity": identity.audit_fields()})
+        return SessionRefused(sqlstate, message, hint=hint)
 
     async def _connect_upstream(self, startup: StartupMessage, identity: Identity) -> None:
         user = startup.params.get("user", "")
         role = identity.role_for(user)
         if role is None:
-            raise SessionRefused(errors.INVALID_AUTHORIZATION,
-                                 f'token for "{identity.subject}" does not allow database role "{user}"',
-                                 hint=f"Connect as one of: {', '.join(identity.db_roles)}")
+            raise self._refuse_login(identity, user, "role not allowed by token", errors.INVALID_AUTHORIZATION,
+                                     f'token for "{identity.subject}" does not allow database role "{user}"',
+                                     hint=f"Connect as one of: {', '.join(identity.db_roles)}")
         upstream_cfg = self.config.upstream
         credential = upstream_cfg.credential_for(role)
         if credential is None:
-            raise SessionRefused(errors.INVALID_AUTHORIZATION,
-                                 f'no upstream credential is configured for database role "{role}"')
+            raise self._refuse_login(identity, user, "no upstream credential for role", errors.INVALID_AUTHORIZATION,
+                                     f'no upstream credential is configured for database role "{role}"')
         try:
             password = credential.password()
         except ConfigError as exc:
             log.error("session %s: %s", self.id, exc)
-            raise SessionRefused(errors.CANNOT_CONNECT_NOW, "the proxy's upstream credential is unavailable") from None
+            raise self._refuse_login(identity, user, "upstream credential unavailable", errors.CANNOT_CONNECT_NOW,
+                                     "the proxy's upstream credential is unavailable") from None
         params = dict(startup.params)
         params["user"] = role
-        params["database"] = upstream_cfg.database or startup.params.get("database") or user
+        # PostgreSQL's default database is the user's name: here, the role we log in as.
+        params["database"] = upstream_cfg.database or startup.params.get("database") or role
         self.identity = identity
         self._secret = password.encode() if password else None
         self._audit({"event": "session_start", "identity": identity.audit_fields(), "client": self.client.peer(),
@@ -248,7 +254,7 @@ class Session:
         self.client.write(AuthenticationOk().encode())
         for notice in notices:
             self.client.write(self._scrub(notice))
-        delay = max(0.0, identity.expires_at - time.time())
+        delay = max(0.0, self._expires_at - time.time())
         self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._on_token_expired)
 
     # -------------------------------------------------------------------------------------------- pump
@@ -361,7 +367,10 @@ class Session:
 
     @property
     def _expires_at(self) -> float:
-        return self.identity.expires_at if self.identity is not None else 0.0
+        """When the session must end: the token's exp plus the same leeway the verifier allowed."""
+        if self.identity is None:
+            return 0.0
+        return self.identity.expires_at + self.config.identity.leeway_seconds
 
     def _on_token_expired(self) -> None:
         self.expired = True
@@ -394,6 +403,8 @@ class Session:
             self._closed.set_result(None)
 
     def _on_upstream_lost(self) -> None:
+        if self._upstream_fatal and not self._ended:
+            self.end_reason = "upstream ended the session with FATAL"
         if not self._ended and not self._upstream_fatal and not self.client.closed:
             self.end_reason = "upstream closed the connection"
             self.client.write(errors.fatal(errors.CONNECTION_FAILURE,
