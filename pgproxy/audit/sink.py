@@ -9,7 +9,6 @@ the caller can refuse to run statements it could not record (fail closed).
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -47,7 +46,10 @@ class MemoryAuditSink:
 
 
 class JsonLinesAuditSink:
-    """Appends one JSON object per line to a file, written in batches of ``batch_size`` events."""
+    """Appends one JSON object per line to a file, written in batches of ``batch_size`` events.
+
+    Used from the event loop's thread only (no locking on the per-statement path).
+    """
 
     def __init__(self, path: Path, *, batch_size: int = 256) -> None:
         self.path = path
@@ -56,30 +58,26 @@ class JsonLinesAuditSink:
         self._file = os.fdopen(fd, "ab")
         self._lines: list[bytes] = []
         self._batch_size = batch_size
-        self._lock = threading.Lock()
         self._broken: str | None = None
 
     def emit(self, event: dict[str, Any]) -> None:
         if self._broken is not None:
             raise AuditUnavailable(self._broken)
-        line = orjson.dumps(event, default=str)
-        with self._lock:
-            self._lines.append(line)
-            full = len(self._lines) >= self._batch_size
-        if full:
+        lines = self._lines
+        lines.append(orjson.dumps(event, default=str))
+        if len(lines) >= self._batch_size:
             self.flush()
 
     def flush(self) -> None:
-        with self._lock:
-            lines, self._lines = self._lines, []
-            if not lines:
-                return
-            try:
-                self._file.write(b"\n".join(lines) + b"\n")
-                self._file.flush()
-            except OSError as exc:
-                self._broken = f"audit log {self.path} is not writable: {exc.strerror}"
-                raise AuditUnavailable(self._broken) from None
+        lines, self._lines = self._lines, []
+        if not lines:
+            return
+        try:
+            self._file.write(b"\n".join(lines) + b"\n")
+            self._file.flush()
+        except OSError as exc:
+            self._broken = f"audit log {self.path} is not writable: {exc.strerror}"
+            raise AuditUnavailable(self._broken) from None
 
     def close(self) -> None:
         try:

@@ -45,6 +45,8 @@ UINT32: Final = struct.Struct(">I")
 _HEADER: Final = struct.Struct(">cI")
 _NULL: Final = b"\xff\xff\xff\xff"
 _INT32_UNPACK_FROM: Final = INT32.unpack_from
+# Compiled array formats by (code, count): formatting and looking up a struct string per call is slow.
+_ARRAY_STRUCTS: dict[tuple[str, int], struct.Struct] = {}
 
 
 class ProtocolViolation(Exception):
@@ -170,7 +172,11 @@ class Reader:
         if pos + need > self._end:
             raise self.truncated(need)
         self._pos = pos + need
-        return struct.unpack_from(f">{count}{code}", self._buf, pos)
+        key = (code, count)
+        st = _ARRAY_STRUCTS.get(key)
+        if st is None:
+            st = _ARRAY_STRUCTS[key] = struct.Struct(f">{count}{code}")
+        return st.unpack_from(self._buf, pos)
 
     def cstring(self) -> str:
         """NUL-terminated string, decoded as UTF-8 (invalid UTF-8 raises with SQLSTATE 22021)."""

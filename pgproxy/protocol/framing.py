@@ -1,7 +1,7 @@
 """Split a byte stream into PostgreSQL messages and forward it, rewriting only what must change.
 
 ``MessageRelay`` is fed raw bytes from one direction of a connection and returns the bytes to send on.
-It reads only each message's 5-byte header unless the message type is one the caller asked to see;
+It reads only each message's 5-byte header unless a handler is registered for the message type;
 untouched messages are forwarded by slicing the original buffer, never re-encoded — this is what keeps
 the per-row cost of the proxy near that of a byte pump. Lengths are checked against a maximum before
 anything is buffered, so a peer cannot make us hold more than ``max_size`` bytes of one message.
@@ -11,15 +11,18 @@ Sans-I/O: no sockets, no event loop.
 
 from __future__ import annotations
 
+import functools
+import struct
 from collections.abc import Callable
 
 from .codec import ProtocolViolation
 
 HEADER_SIZE = 5  # type byte + int32 length
+_HEADER_UNPACK_FROM = struct.Struct(">Bi").unpack_from
 
-# Called with (type byte, body) for each message of an interesting type; returns replacement bytes
-# (the whole encoded message, or b"" to drop it) or None to forward the message unchanged.
-MessageHandler = Callable[[int, memoryview], bytes | None]
+# Called with the body of each message of its type; returns replacement bytes (the whole encoded
+# message, or b"" to drop it) or None to forward the message unchanged.
+MessageHandler = Callable[[memoryview], bytes | None]
 
 
 def length_violation(type_byte: int, length: int, max_size: int) -> ProtocolViolation:
@@ -33,16 +36,24 @@ def length_violation(type_byte: int, length: int, max_size: int) -> ProtocolViol
 
 
 class MessageRelay:
-    """Frames one direction of a session and lets ``handler`` inspect or rewrite chosen messages."""
+    """Frames one direction of a session; ``handlers`` (type byte -> handler) inspect or rewrite messages.
 
-    __slots__ = ("_need", "_pending", "handler", "interesting", "max_size")
+    The map is read on every message, so handlers can be added or removed while the relay runs.
+    """
 
-    def __init__(self, max_size: int, interesting: frozenset[int], handler: MessageHandler) -> None:
+    __slots__ = ("_need", "_pending", "handlers", "max_size")
+
+    def __init__(self, max_size: int, handlers: dict[int, MessageHandler]) -> None:
         self.max_size = max_size
-        self.interesting = interesting
-        self.handler = handler
+        self.handlers = handlers
         self._pending = bytearray()
         self._need = 0
+
+    @classmethod
+    def for_types(cls, max_size: int, types: frozenset[int] | bytes,
+                  handler: Callable[[int, memoryview], bytes | None]) -> MessageRelay:
+        """A relay calling one ``handler(type, body)`` for all of ``types``."""
+        return cls(max_size, {t: functools.partial(handler, t) for t in types})
 
     @property
     def buffered(self) -> int:
@@ -63,21 +74,22 @@ class MessageRelay:
         pos = last = 0
         out: list[bytes] | None = None
         view: memoryview | None = None
-        interesting, handler, max_size = self.interesting, self.handler, self.max_size
+        handlers, max_size = self.handlers, self.max_size
         need = HEADER_SIZE
+        header = _HEADER_UNPACK_FROM
         while n - pos >= HEADER_SIZE:
-            msg_type = buf[pos]
-            length = int.from_bytes(buf[pos + 1:pos + 5], "big", signed=True)
+            msg_type, length = header(buf, pos)
             if length < 4 or length > max_size:
                 raise length_violation(msg_type, length, max_size)
             end = pos + 1 + length
             if end > n:
                 need = 1 + length
                 break
-            if msg_type in interesting:
+            handler = handlers.get(msg_type)
+            if handler is not None:
                 if view is None:
                     view = memoryview(buf)
-                replacement = handler(msg_type, view[pos + 5:end])
+                replacement = handler(view[pos + 5:end])
                 if replacement is not None:
                     if out is None:
                         out = []

@@ -820,10 +820,15 @@ class CommandComplete:
     @property
     def rows(self) -> int | None:
         """Row count: the last word of the tag when it is an integer, else ``None``."""
-        last = self.tag.rpartition(" ")[2]
-        if last.isascii() and last.isdigit():
-            return int(last)
-        return None
+        return tag_rows(self.tag)
+
+
+def tag_rows(tag: str) -> int | None:
+    """Row count of a command tag ("SELECT 5", "INSERT 0 3"): its last word if an integer, else None."""
+    last = tag.rpartition(" ")[2]
+    if last.isascii() and last.isdigit():
+        return int(last)
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 
 from .codec import ProtocolViolation, invalid_utf8
-from .messages import Bind, Close, CommandComplete, ErrorResponse, FunctionCall, Parse, Query
+from .messages import Bind, Close, ErrorResponse, FunctionCall, Parse, Query, tag_rows
 
 
 class Kind(Enum):
@@ -60,9 +61,14 @@ class StatementResult:
     bind_body: bytes | None = None
     statement_name: str | None = None
     tags: list[str] = field(default_factory=list)
-    rows: int | None = None
     error: ErrorResponse | None = None
     refused: bool = False
+
+    @property
+    def rows(self) -> int | None:
+        """Rows reported by the command tags (summed over a multi-statement query), None if none did."""
+        counts = [n for n in map(tag_rows, self.tags) if n is not None]
+        return sum(counts) if counts else None
 
     @property
     def bind(self) -> Bind | None:
@@ -124,7 +130,12 @@ def _cstring(raw: bytes, pos: int) -> tuple[str, int]:
 
 
 class ExchangeTracker:
-    """FIFO of outstanding requests for one session; produces finished StatementResults."""
+    """FIFO of outstanding requests for one session; produces finished StatementResults.
+
+    ``frontend_handlers`` / ``backend_handlers`` map message types to the methods that account for
+    them, so the relay calls straight into the right one; ``on_frontend`` / ``on_backend`` dispatch
+    through the same maps for callers that have a type byte in hand.
+    """
 
     def __init__(self) -> None:
         self.queue: deque[Pending] = deque()
@@ -133,6 +144,8 @@ class ExchangeTracker:
         self.finished: list[StatementResult] = []
         self.transaction_status = "I"
         self.desyncs = 0
+        # The entry the last frontend message created (None when it created none).
+        self.last_request: Pending | None = None
         self._parse_cache: dict[bytes, tuple[str, str]] = {}
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
         self._inflight: dict[str, str] = {}
@@ -142,13 +155,87 @@ class ExchangeTracker:
         self._client_in_copy = False
         self._copy_end_seq = 0
         self._seq = 0
+        self.frontend_handlers: dict[int, Callable[[memoryview], None]] = {
+            0x42: self._bind, 0x45: self._execute, 0x50: self._parse_request, 0x53: self._sync,
+            0x44: self._describe, 0x51: self._query, 0x43: self._close, 0x46: self._function_call,
+            0x63: self._copy_end, 0x66: self._copy_end,
+        }
+        self.backend_handlers: dict[int, Callable[[memoryview], bytes | None]] = {
+            0x31: self._parse_complete, 0x32: self._bind_or_close_complete, 0x33: self._bind_or_close_complete,
+            0x74: _ignore, 0x54: self._row_description, 0x6E: self._no_data, 0x43: self._command_complete,
+            0x49: self._execute_done, 0x73: self._execute_done, 0x45: self._error, 0x5A: self._ready_for_query,
+            0x56: _ignore, 0x47: self._copy_in_response, 0x48: _ignore, 0x57: _ignore,
+        }
 
     @property
     def idle(self) -> bool:
         """True when no request is waiting for its answer."""
         return not self.queue
 
+    def on_frontend(self, msg_type: int, body: bytes | memoryview) -> Pending | None:
+        """Record a request about to be forwarded; returns its queue entry (None when the server will
+        not answer it: untracked types, requests it will skip after an error, Sync during COPY)."""
+        self.last_request = None
+        handler = self.frontend_handlers.get(msg_type)
+        if handler is not None:
+            handler(memoryview(body))
+        return self.last_request
+
+    def on_backend(self, msg_type: int, body: bytes | memoryview) -> bytes | None:
+        """Account for one server message; returns replacement bytes for a refused request."""
+        handler = self.backend_handlers.get(msg_type)
+        return handler(memoryview(body)) if handler is not None else None
+
+    def drain(self) -> list[StatementResult]:
+        """Hand over (and forget) the statements finished since the last call."""
+        done, self.finished = self.finished, []
+        return done
+
     # ----------------------------------------------------------------------------------------- frontend
+
+    def _push(self, p: Pending) -> None:
+        p.seq = self._seq
+        self._seq += 1
+        self.queue.append(p)
+        self.last_request = p
+
+    def _ignored_by_server(self, msg_type: int) -> bool:
+        """While the server skips to Sync or copies in, decide whether it will ignore this request."""
+        if self._client_in_copy or msg_type != 0x53:
+            self.last_request = None
+            return True
+        self._skipping = False  # this Sync ends the skipping
+        return False
+
+    def _bind(self, body: memoryview) -> None:  # the hottest request: keep the raw body, decode names only
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x42):
+            return
+        raw = bytes(body)
+        portal_name, pos = _cstring(raw, 0)
+        statement, _ = _cstring(raw, pos)
+        sql = self._inflight.get(statement)
+        portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
+        self.portals[portal_name] = portal
+        self._push(Pending(Kind.BIND, None, time.perf_counter(), portal=portal))
+
+    def _execute(self, body: memoryview) -> None:
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x45):
+            return
+        portal_name, _ = _cstring(bytes(body), 0)
+        found = self.portals.get(portal_name)
+        if found is None:
+            result = StatementResult("extended", "", time.time())
+        else:
+            result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
+                                     statement_name=found.statement_name)
+        self._push(Pending(Kind.EXECUTE, result, time.perf_counter()))
+
+    def _parse_request(self, body: memoryview) -> None:
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x50):
+            return
+        name, query = self._parse(bytes(body))
+        self._inflight[name] = query
+        self._push(Pending(Kind.PARSE, None, time.perf_counter(), sql=query, statement_name=name))
 
     def _parse(self, raw: bytes) -> tuple[str, str]:
         """(statement name, query text) of a Parse body; repeated statements are decoded once."""
@@ -161,122 +248,111 @@ class ExchangeTracker:
             self._parse_cache[raw] = cached
         return cached
 
-    def on_frontend(self, msg_type: int, body: bytes | memoryview) -> Pending | None:
-        """Record a request about to be forwarded; returns its queue entry (None when the server will
-        not answer it: untracked types, requests it will skip after an error, Sync during COPY)."""
-        if self._skipping or self._client_in_copy:
-            if msg_type in (0x63, 0x66):  # CopyDone, CopyFail
-                self._client_in_copy = False
-                self._copy_end_seq = self._seq
-                return None
-            if self._client_in_copy or msg_type != 0x53:
-                return None
-            self._skipping = False
-        if msg_type == 0x42:  # B: the hottest request; keep the raw body, decode only names now
-            raw = bytes(body)
-            portal_name, pos = _cstring(raw, 0)
-            statement, _ = _cstring(raw, pos)
-            sql = self._inflight.get(statement)
-            portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
-            self.portals[portal_name] = portal
-            p = Pending(Kind.BIND, None, time.perf_counter(), portal=portal)
-        elif msg_type == 0x45:  # E
-            portal_name, _ = _cstring(bytes(body), 0)
-            found = self.portals.get(portal_name)
-            if found is None:
-                result = StatementResult("extended", "", time.time())
-            else:
-                result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
-                                         statement_name=found.statement_name)
-            p = Pending(Kind.EXECUTE, result, time.perf_counter())
-        elif msg_type == 0x50:  # P
-            name, query = self._parse(bytes(body))
-            self._inflight[name] = query
-            p = Pending(Kind.PARSE, None, time.perf_counter(), sql=query, statement_name=name)
-        elif msg_type == 0x53:  # S
-            p = Pending(Kind.SYNC)
-        elif msg_type == 0x44:  # D
-            p = Pending(Kind.DESCRIBE)
-        elif msg_type == 0x51:  # Q
-            sql = Query.decode(body).sql
-            p = Pending(Kind.QUERY, StatementResult("simple", sql, time.time()), time.perf_counter())
-        elif msg_type == 0x43:  # C
-            close = Close.decode(body)
-            if close.kind == "S":
-                self.statements.pop(close.name, None)
-            else:
-                self.portals.pop(close.name, None)
-            p = Pending(Kind.CLOSE)
-        elif msg_type == 0x46:  # F
-            oid = FunctionCall.decode(body).function_oid
-            p = Pending(Kind.FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
-                        time.perf_counter())
-        elif msg_type in (0x63, 0x66):  # CopyDone, CopyFail
-            self._copy_end_seq = self._seq
-            return None
+    def _sync(self, body: memoryview) -> None:
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x53):
+            return
+        self._push(Pending(Kind.SYNC))
+
+    def _describe(self, body: memoryview) -> None:
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x44):
+            return
+        self._push(Pending(Kind.DESCRIBE))
+
+    def _query(self, body: memoryview) -> None:
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x51):
+            return
+        sql = Query.decode(body).sql
+        self._push(Pending(Kind.QUERY, StatementResult("simple", sql, time.time()), time.perf_counter()))
+
+    def _close(self, body: memoryview) -> None:
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x43):
+            return
+        close = Close.decode(body)
+        if close.kind == "S":
+            self.statements.pop(close.name, None)
         else:
-            return None
-        p.seq = self._seq
-        self._seq += 1
-        self.queue.append(p)
-        return p
+            self.portals.pop(close.name, None)
+        self._push(Pending(Kind.CLOSE))
+
+    def _function_call(self, body: memoryview) -> None:
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x46):
+            return
+        oid = FunctionCall.decode(body).function_oid
+        self._push(Pending(Kind.FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
+                           time.perf_counter()))
+
+    def _copy_end(self, body: memoryview) -> None:  # CopyDone / CopyFail
+        self.last_request = None
+        self._client_in_copy = False
+        self._copy_end_seq = self._seq
 
     # ------------------------------------------------------------------------------------------ backend
 
-    def on_backend(self, msg_type: int, body: bytes | memoryview) -> bytes | None:
-        """Account for one tracked server message; returns replacement bytes for a refused request."""
+    def _pop_expected(self, kinds: tuple[Kind, ...]) -> None:
         queue = self.queue
-        head = queue[0] if queue else None
-        if msg_type == 0x44:  # DataRow: never tracked (fast path); listed for completeness
-            return None
-        if msg_type in (0x31, 0x32, 0x33):  # ParseComplete, BindComplete, CloseComplete
-            if msg_type == 0x31 and head is not None and head.kind is Kind.PARSE:
-                name = head.statement_name or ""
-                self.statements[name] = head.sql or ""
-                self._forget_inflight(head)
-            self._pop_expected(head, (Kind.PARSE, Kind.BIND, Kind.CLOSE))
-            return None
-        if msg_type == 0x74:  # ParameterDescription: Describe continues with RowDescription/NoData
-            return None
-        if msg_type == 0x54:  # RowDescription ends a Describe; for Query/Execute it precedes rows
-            if head is not None and head.kind is Kind.DESCRIBE:
-                queue.popleft()
-            return None
-        if msg_type == 0x6E:  # NoData
-            self._pop_expected(head, (Kind.DESCRIBE,))
-            return None
-        if msg_type == 0x43:  # CommandComplete
-            if head is not None and head.result is not None:
-                tag = CommandComplete.decode(body)
-                result = head.result
-                result.tags.append(tag.tag)
-                rows = tag.rows
-                if rows is not None:
-                    result.rows = (result.rows or 0) + rows
-                if head.kind is Kind.EXECUTE:
-                    self._finish(queue.popleft())
-            return None
-        if msg_type in (0x49, 0x73):  # EmptyQueryResponse, PortalSuspended
-            if head is not None and head.kind is Kind.EXECUTE:
-                self._finish(queue.popleft())
-            return None
-        if msg_type == 0x45:  # ErrorResponse
-            return self._on_error(head, body)
-        if msg_type == 0x5A:  # ReadyForQuery
-            if len(body) != 1 or body[0] not in _TRANSACTION_STATES:
-                raise ProtocolViolation("invalid ReadyForQuery message")
-            self.transaction_status = chr(body[0])
-            if head is not None and head.kind in _SYNC_POINTS:
-                self._finish(queue.popleft())
-            else:
-                self.desyncs += 1
-            return None
-        if msg_type == 0x47 and head is not None:  # CopyInResponse
-            self._enter_copy_in(head)
-        return None  # FunctionCallResponse, Copy(Out|Both)Response: the head request goes on
+        if queue and queue[0].kind in kinds:
+            self._finish(queue.popleft())
+        else:
+            self.desyncs += 1
 
-    def _enter_copy_in(self, head: Pending) -> None:
+    def _parse_complete(self, body: memoryview) -> None:
+        queue = self.queue
+        if queue and queue[0].kind is Kind.PARSE:
+            head = queue[0]
+            self.statements[head.statement_name or ""] = head.sql or ""
+            self._forget_inflight(head)
+        self._pop_expected((Kind.PARSE,))
+
+    def _bind_or_close_complete(self, body: memoryview) -> None:
+        self._pop_expected((Kind.BIND, Kind.CLOSE))
+
+    def _row_description(self, body: memoryview) -> None:
+        """Ends a Describe; for a Query or Execute it only announces the rows."""
+        queue = self.queue
+        if queue and queue[0].kind is Kind.DESCRIBE:
+            queue.popleft()
+
+    def _no_data(self, body: memoryview) -> None:
+        self._pop_expected((Kind.DESCRIBE,))
+
+    def _command_complete(self, body: memoryview) -> None:
+        queue = self.queue
+        if not queue:
+            self.desyncs += 1
+            return
+        head = queue[0]
+        result = head.result
+        if result is None:
+            self.desyncs += 1
+            return
+        tag = bytes(body[:-1])
+        try:
+            result.tags.append(tag.decode())
+        except UnicodeDecodeError as exc:
+            raise invalid_utf8(exc) from None
+        if head.kind is Kind.EXECUTE:
+            self._finish(queue.popleft())
+
+    def _execute_done(self, body: memoryview) -> None:  # EmptyQueryResponse, PortalSuspended
+        queue = self.queue
+        if queue and queue[0].kind is Kind.EXECUTE:
+            self._finish(queue.popleft())
+
+    def _ready_for_query(self, body: memoryview) -> None:
+        if len(body) != 1 or body[0] not in _TRANSACTION_STATES:
+            raise ProtocolViolation("invalid ReadyForQuery message")
+        self.transaction_status = chr(body[0])
+        queue = self.queue
+        if queue and queue[0].kind in _SYNC_POINTS:
+            self._finish(queue.popleft())
+        else:
+            self.desyncs += 1
+
+    def _copy_in_response(self, body: memoryview) -> None:
         """The server now ignores Sync until the client's CopyDone/CopyFail: drop Syncs it will ignore."""
+        if not self.queue:
+            return
+        head = self.queue[0]
         already_ended = self._copy_end_seq > head.seq
         limit = self._copy_end_seq if already_ended else self._seq
         kept = [p for p in self.queue if not (p.kind is Kind.SYNC and head.seq < p.seq < limit)]
@@ -290,16 +366,11 @@ class ExchangeTracker:
         if self._inflight.get(name) is p.sql:
             del self._inflight[name]
 
-    def _pop_expected(self, head: Pending | None, kinds: tuple[Kind, ...]) -> None:
-        if head is not None and head.kind in kinds:
-            self._finish(self.queue.popleft())
-        else:
-            self.desyncs += 1
-
-    def _on_error(self, head: Pending | None, body: bytes | memoryview) -> bytes | None:
+    def _error(self, body: memoryview) -> bytes | None:
         error = ErrorResponse.decode(body)
-        if head is None:
+        if not self.queue:
             return None  # an asynchronous error, e.g. FATAL on termination
+        head = self.queue[0]
         if head.result is None and head.kind in (Kind.PARSE, Kind.BIND):
             head.result = self._request_result(head)
         replacement = None
@@ -344,7 +415,6 @@ class ExchangeTracker:
         result.duration_ms = (time.perf_counter() - pending.started) * 1000.0
         self.finished.append(result)
 
-    def drain(self) -> list[StatementResult]:
-        """Hand over (and forget) the statements finished since the last call."""
-        done, self.finished = self.finished, []
-        return done
+
+def _ignore(body: memoryview) -> None:
+    """Responses that need no accounting (the request at the head goes on)."""

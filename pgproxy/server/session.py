@@ -9,6 +9,7 @@ This module never logs or stores the caller's token or the upstream password.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import secrets
@@ -21,7 +22,7 @@ from ..config import ConfigError, ListenerConfig
 from ..identity import Identity, TokenError
 from ..protocol import errors
 from ..protocol.codec import ProtocolViolation
-from ..protocol.framing import MessageRelay
+from ..protocol.framing import MessageHandler, MessageRelay
 from ..protocol.messages import (
     AuthenticationCleartextPassword,
     AuthenticationOk,
@@ -32,8 +33,6 @@ from ..protocol.messages import (
 )
 from ..protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, decode_startup
 from ..protocol.tracker import (
-    TRACKED_BACKEND_TYPES,
-    TRACKED_FRONTEND_TYPES,
     ExchangeTracker,
     Kind,
     Pending,
@@ -51,9 +50,6 @@ log = logging.getLogger(__name__)
 PASSWORD_MESSAGE_LIMIT = 64 * 1024
 _STATEMENT_TYPES = frozenset(b"QPEF")
 _GATED_TYPES = frozenset(b"QPBEF")
-_SCRUBBED_TYPES = frozenset(b"SNAE")  # ParameterStatus, Notice, Notification, Error
-FRONTEND_INSPECTED = TRACKED_FRONTEND_TYPES | frozenset(b"X")
-BACKEND_INSPECTED = TRACKED_BACKEND_TYPES | _SCRUBBED_TYPES | frozenset(b"K")
 MAX_AUDITED_PARAM_BYTES = 4096
 
 
@@ -102,6 +98,7 @@ class Session:
         self.started_at = time.time()
         self.statements = 0
         self.expired = False
+        self._deadline = 0.0  # epoch seconds after which no statement may start
         self.end_reason = "client disconnected"
         self._ended = False
         self._upstream_fatal = False
@@ -110,7 +107,7 @@ class Session:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.gates: list[FrontendGate] = list(server.gates)
-        self._backend_hooks: dict[int, Callable[[memoryview], bytes | None]] = {}
+        self._backend_hooks: dict[int, MessageHandler] = {}
 
     # ------------------------------------------------------------------------------------------ driver
 
@@ -254,7 +251,9 @@ class Session:
         self.client.write(AuthenticationOk().encode())
         for notice in notices:
             self.client.write(self._scrub(notice))
-        delay = max(0.0, self._expires_at - time.time())
+        # The session ends at the token's exp plus the same leeway the verifier allowed.
+        self._deadline = identity.expires_at + self.config.identity.leeway_seconds
+        delay = max(0.0, self._deadline - time.time())
         self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._on_token_expired)
 
     # -------------------------------------------------------------------------------------------- pump
@@ -263,9 +262,8 @@ class Session:
         assert self.upstream is not None
         client, upstream = self.client, self.upstream
         max_size = self.config.limits.max_message_bytes
-        self._front = MessageRelay(max_size, FRONTEND_INSPECTED, self._on_frontend_message)
-        self._back = MessageRelay(max_size, BACKEND_INSPECTED | frozenset(self._backend_hooks),
-                                  self._on_backend_message)
+        self._front = MessageRelay(max_size, self._frontend_handlers())
+        self._back = MessageRelay(max_size, self._backend_handlers())
         client.on_lost = self._on_client_lost
         upstream.on_lost = self._on_upstream_lost
         client.on_pause_writing, client.on_resume_writing = upstream.pause_reading, upstream.resume_reading
@@ -292,17 +290,26 @@ class Session:
         if out and self.upstream is not None:
             self.upstream.write(out)
 
-    def _on_frontend_message(self, msg_type: int, body: memoryview) -> bytes | None:
+    def _frontend_handlers(self) -> dict[int, MessageHandler]:
+        """Per message type: the tracker's accounting, behind the expiry check and gates for statements."""
+        tracked = self.tracker.frontend_handlers
+        handlers: dict[int, MessageHandler] = dict(tracked)
+        checked = _STATEMENT_TYPES | (_GATED_TYPES if self.gates else frozenset())
+        for msg_type in checked:
+            handlers[msg_type] = functools.partial(self._on_statement_request, msg_type, tracked[msg_type])
+        handlers[0x58] = self._on_terminate
+        return handlers
+
+    def _on_statement_request(self, msg_type: int, track: Callable[[memoryview], None],
+                              body: memoryview) -> bytes | None:
         if self._ended:
             raise _Ended()
-        if msg_type in _STATEMENT_TYPES and (self.expired or time.time() >= self._expires_at):
+        if time.time() >= self._deadline:
             self._expire()
             raise _Ended()
-        if msg_type == 0x58:  # Terminate: forwarded; the upstream closes and so do we
-            self.end_reason = "client terminated"
-            return None
-        pending = self.tracker.on_frontend(msg_type, body)
-        if self.gates and pending is not None and msg_type in _GATED_TYPES:
+        track(body)
+        pending = self.tracker.last_request
+        if self.gates and pending is not None:
             for gate in self.gates:
                 verdict = gate.inspect(self, pending, msg_type, body)
                 if verdict is not None:
@@ -311,11 +318,14 @@ class Session:
                     return substitute
         return None
 
-    def add_backend_hook(self, msg_type: int, hook: Callable[[memoryview], bytes | None]) -> None:
+    def _on_terminate(self, body: memoryview) -> None:
+        self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we
+
+    def add_backend_hook(self, msg_type: int, hook: MessageHandler) -> None:
         """Let ``hook`` rewrite every backend message of ``msg_type`` (return None to keep it)."""
         self._backend_hooks[msg_type] = hook
         if hasattr(self, "_back"):
-            self._back.interesting = self._back.interesting | {msg_type}
+            self._back.handlers = self._backend_handlers()
 
     def _on_upstream_data(self, data: bytes) -> None:
         try:
@@ -335,26 +345,39 @@ class Session:
         if self.expired and self.tracker.idle and not self._ended:
             self._expire()
 
-    def _on_backend_message(self, msg_type: int, body: memoryview) -> bytes | None:
-        replacement = None
-        if msg_type in TRACKED_BACKEND_TYPES:
-            replacement = self.tracker.on_backend(msg_type, body)
-        if msg_type in _SCRUBBED_TYPES:  # rare messages: copying the body is affordable
-            raw = bytes(body)
-            if msg_type == 0x45 and (b"SFATAL\x00" in raw or b"SPANIC\x00" in raw):
-                self._upstream_fatal = True
-            if replacement is None and self._secret and self._secret in raw:
-                replacement = self._scrub(bytes([msg_type]) + (len(raw) + 4).to_bytes(4, "big") + raw)
-        elif msg_type == 0x4B:  # BackendKeyData: keep the pid, hand out our own secret
-            key = BackendKeyData.decode(body)
-            cfg = self.config.upstream
-            proxy_secret = self.server.cancels.register(key.process_id, key.secret_key, cfg.host, cfg.port)
-            self._cancel_key = (key.process_id, proxy_secret)
-            replacement = BackendKeyData(key.process_id, proxy_secret).encode()
-        hook = self._backend_hooks.get(msg_type)
-        if hook is not None and replacement is None:
-            replacement = hook(body)
-        return replacement
+    def _backend_handlers(self) -> dict[int, MessageHandler]:
+        """Per message type: tracking, FATAL detection, credential scrubbing, cancel keys, then hooks."""
+        handlers: dict[int, MessageHandler] = dict(self.tracker.backend_handlers)
+        handlers[0x45] = self._on_error_response
+        for msg_type in (0x53, 0x4E, 0x41):  # ParameterStatus, NoticeResponse, NotificationResponse
+            handlers[msg_type] = functools.partial(self._scrub_body, msg_type)
+        handlers[0x4B] = self._on_backend_key_data
+        for msg_type, hook in self._backend_hooks.items():
+            first = handlers.get(msg_type)
+            handlers[msg_type] = hook if first is None else functools.partial(_chain, first, hook)
+        return handlers
+
+    def _on_error_response(self, body: memoryview) -> bytes | None:
+        replacement = self.tracker.backend_handlers[0x45](body)
+        raw = bytes(body)  # errors are rare: copying is affordable
+        if b"SFATAL\x00" in raw or b"SPANIC\x00" in raw:
+            self._upstream_fatal = True
+        return replacement if replacement is not None else self._scrub_body(0x45, body)
+
+    def _scrub_body(self, msg_type: int, body: memoryview) -> bytes | None:
+        """The message without the upstream password, or None if it does not contain it."""
+        raw = bytes(body)
+        if not self._secret or self._secret not in raw:
+            return None
+        return self._scrub(bytes([msg_type]) + (len(raw) + 4).to_bytes(4, "big") + raw)
+
+    def _on_backend_key_data(self, body: memoryview) -> bytes:
+        """Keep the upstream pid, hand the client a secret key of our own."""
+        key = BackendKeyData.decode(body)
+        cfg = self.config.upstream
+        proxy_secret = self.server.cancels.register(key.process_id, key.secret_key, cfg.host, cfg.port)
+        self._cancel_key = (key.process_id, proxy_secret)
+        return BackendKeyData(key.process_id, proxy_secret).encode()
 
     def _scrub(self, message: bytes) -> bytes:
         """Remove the upstream password from a message that is about to reach the client."""
@@ -365,15 +388,9 @@ class Session:
 
     # ------------------------------------------------------------------------------------- termination
 
-    @property
-    def _expires_at(self) -> float:
-        """When the session must end: the token's exp plus the same leeway the verifier allowed."""
-        if self.identity is None:
-            return 0.0
-        return self.identity.expires_at + self.config.identity.leeway_seconds
-
     def _on_token_expired(self) -> None:
         self.expired = True
+        self._deadline = 0.0
         if self.tracker.idle:
             self._expire()
 
@@ -422,11 +439,12 @@ class Session:
 
     def _statement_event(self, r: StatementResult) -> dict[str, Any]:
         event: dict[str, Any] = {"event": "statement", "protocol": r.protocol, "sql": r.sql,
-                                 "started_at": r.started_at, "duration_ms": round(r.duration_ms, 3),
+                                 "started_at": r.started_at, "duration_ms": r.duration_ms,
                                  "tags": r.tags, "rows": r.rows}
-        bind = r.bind
-        if bind is not None and bind.params:
-            event["params"] = [audit_param(v, bind.param_format(i)) for i, v in enumerate(bind.params)]
+        if r.bind_body is not None:
+            bind = r.bind
+            if bind is not None and bind.params:
+                event["params"] = [audit_param(v, bind.param_format(i)) for i, v in enumerate(bind.params)]
         if r.statement_name:
             event["statement_name"] = r.statement_name
         if r.error is not None:
@@ -448,3 +466,11 @@ class Session:
                 raise SessionRefused(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable") from None
             if not self._ended:
                 self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; refusing to continue")
+
+
+def _chain(first: MessageHandler, second: MessageHandler, body: memoryview) -> bytes | None:
+    """Run ``first`` (e.g. tracking) and then ``second`` (a hook) on the same message."""
+    replaced = first(body)
+    if replaced is not None:
+        return replaced
+    return second(body)

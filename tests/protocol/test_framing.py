@@ -49,7 +49,7 @@ class Recorder:
 def relay(interesting: str = "", answers: dict[int, bytes | None] | None = None,
           max_size: int = MAX) -> tuple[MessageRelay, Recorder]:
     rec = Recorder(answers)
-    return MessageRelay(max_size, frozenset(interesting.encode()), rec), rec
+    return MessageRelay.for_types(max_size, frozenset(interesting.encode()), rec), rec
 
 
 def stream() -> list[bytes]:
@@ -241,7 +241,7 @@ def test_selective_handler_rewrites_only_some_instances() -> None:
         return b"!" if bytes(body) == b"b\x00" else None
 
     a, b_, c = Query("a").encode(), Query("b").encode(), Query("c").encode()
-    r = MessageRelay(MAX, frozenset(b"Q"), handler)
+    r = MessageRelay.for_types(MAX, frozenset(b"Q"), handler)
     assert r.feed(a + b_ + c) == a + b"!" + c
 
 
@@ -254,7 +254,7 @@ def test_handler_sees_type_and_body_memoryview() -> None:
 
     rows = [RowDescription(()).encode(), DataRow((b"1", None)).encode(), CommandComplete("SELECT 1").encode(),
             ReadyForQuery("I").encode()]
-    r = MessageRelay(MAX, frozenset(b"CZ"), handler)
+    r = MessageRelay.for_types(MAX, frozenset(b"CZ"), handler)
     data = b"".join(rows)
     # Split inside the CommandComplete body so that it is reassembled from the pending buffer.
     cut = len(rows[0]) + len(rows[1]) + 7

@@ -790,7 +790,7 @@ def test_refusal_spliced_into_the_backend_stream_by_the_relay() -> None:
     assert p is not None
     refusal = error("42501", "refused by policy")
     p.refusal, p.refusal_expected_sqlstate = refusal, "22012"
-    relay = MessageRelay(1 << 20, TRACKED_BACKEND_TYPES, c.t.on_backend)
+    relay = MessageRelay(1 << 20, c.t.backend_handlers)
     notice = NoticeResponse.build("NOTICE", "00000", "before").encode()
     server_error = err("22012", "division by zero").encode()
     ready = ReadyForQuery("I").encode()
