@@ -28,7 +28,6 @@ from pgproxy.protocol.messages import (
     Describe,
     Execute,
     FieldDescription,
-    NoData,
     Parse,
     ParseComplete,
     Query,
