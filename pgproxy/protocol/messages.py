@@ -1076,16 +1076,18 @@ class FunctionCallResponse:
 
 @dataclass(frozen=True, slots=True)
 class NegotiateProtocolVersion:
-    """NegotiateProtocolVersion ('v'): newest supported minor version and unrecognized options."""
+    """NegotiateProtocolVersion ('v'): the newest protocol version the server supports and the
+    unrecognized ``_pq_`` options. The version is the full number (``3 << 16 | minor``): that is what
+    PostgreSQL sends and what libpq 18 checks, although the documentation speaks of the minor version."""
 
-    newest_minor: int
+    newest_version: int
     unrecognized: tuple[str, ...] = ()
     TYPE: ClassVar[bytes] = b"v"
 
     def encode(self) -> bytes:
         return msg(
             b"v",
-            INT32.pack(self.newest_minor)
+            INT32.pack(self.newest_version)
             + INT32.pack(len(self.unrecognized))
             + b"".join(cstr(name) for name in self.unrecognized),
         )

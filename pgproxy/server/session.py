@@ -31,7 +31,14 @@ from ..protocol.messages import (
     NegotiateProtocolVersion,
     Terminate,
 )
-from ..protocol.startup import CancelRequest, GSSENCRequest, SSLRequest, StartupMessage, decode_startup
+from ..protocol.startup import (
+    PROTOCOL_3_0,
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    decode_startup,
+)
 from ..protocol.tracker import (
     ExchangeTracker,
     Kind,
@@ -132,6 +139,10 @@ class Session:
             self.client.write(errors.fatal(exc.sqlstate, str(exc)))
         except LinkClosed:
             self.end_reason = "client disconnected during startup"
+        except Exception:
+            log.exception("session %s: internal error", self.id)
+            self.end_reason = "internal error"
+            self.client.write(errors.fatal(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed"))
         finally:
             self._cleanup()
 
@@ -186,7 +197,7 @@ class Session:
                                  hint="Connect with sslmode=require (or verify-full).")
         minor = startup.protocol_version & 0xFFFF
         if minor > 0 or startup.protocol_options:
-            self.client.write(NegotiateProtocolVersion(0, tuple(startup.protocol_options)).encode())
+            self.client.write(NegotiateProtocolVersion(PROTOCOL_3_0, tuple(startup.protocol_options)).encode())
         self.client.write(AuthenticationCleartextPassword().encode())
         msg_type, body = await self.client.read_message(PASSWORD_MESSAGE_LIMIT)
         if msg_type != ord("p"):

@@ -7,17 +7,17 @@ module is the only place that holds the password, and only for the duration of t
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Mapping
 
 from ..config import UpstreamConfig
 from ..protocol.codec import ProtocolViolation
 from ..protocol.messages import ErrorResponse, NegotiateProtocolVersion, NoticeResponse, decode_backend
-from ..protocol.startup import SSLRequest, StartupMessage
+from ..protocol.startup import PROTOCOL_3_0, SSLRequest, StartupMessage
 from ..protocol.upstream_auth import AuthMessage, UpstreamAuthenticator, UpstreamAuthError
 from ..tlsutil import client_context
 from .link import Link, LinkClosed
 
-PROTOCOL_3_0 = 196608
 AUTH_MESSAGE_LIMIT = 64 * 1024
 
 
@@ -54,7 +54,10 @@ async def connect_upstream(cfg: UpstreamConfig, params: Mapping[str, str], passw
     except TimeoutError:
         link.close()
         raise UpstreamUnavailable("timed out logging in to the upstream database") from None
-    except (LinkClosed, ProtocolViolation) as exc:
+    except ssl.SSLError as exc:
+        link.close()
+        raise UpstreamUnavailable(f"TLS with the upstream database failed: {exc.reason or exc}") from None
+    except (LinkClosed, ProtocolViolation, OSError) as exc:
         link.close()
         raise UpstreamUnavailable(f"upstream connection failed during login: {exc or 'closed'}") from None
     except BaseException:

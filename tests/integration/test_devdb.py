@@ -244,7 +244,13 @@ def test_tls_files_and_contexts(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_seed_sample_schema(database: Database) -> None:
+def test_seed_sample_schema() -> None:
+    # Its own cluster: roles are cluster-wide, and the shared one's agent roles belong to the proxy tests.
+    with TemporaryCluster() as database:
+        _check_seed(database)
+
+
+def _check_seed(database: Database) -> None:
     seed_sample_schema(database.dsn(), "sample-pw")
     seed_sample_schema(database.dsn(), "sample-pw")  # re-runnable
 
