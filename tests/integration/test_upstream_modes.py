@@ -72,5 +72,6 @@ def test_upstream_tls_required_but_refused(through: Callable[..., tuple[Database
 def test_upstream_tls_verify_full_rejects_wrong_ca(through: Callable[..., tuple[Database, str]],
                                                    tls_files: Any) -> None:
     _, conninfo = through(ssl=True, upstream={"sslmode": "verify-full", "sslrootcert": str(tls_files.ca_file)})
-    with pytest.raises(psycopg.OperationalError, match="TLS with the upstream database failed: CERTIFICATE_VERIFY_FAILED"):
+    expected = "TLS with the upstream database failed: CERTIFICATE_VERIFY_FAILED"
+    with pytest.raises(psycopg.OperationalError, match=expected):
         psycopg.connect(conninfo)
