@@ -21,8 +21,10 @@ HEADER_SIZE = 5  # type byte + int32 length
 _HEADER_UNPACK_FROM = struct.Struct(">Bi").unpack_from
 
 # Called with the body of each message of its type; returns replacement bytes (the whole encoded
-# message, or b"" to drop it) or None to forward the message unchanged.
+# message, or b"" to drop it), None to forward the message unchanged, or HOLD to stop the stream
+# before this message until ``MessageRelay.resume``.
 MessageHandler = Callable[[memoryview], bytes | None]
+HOLD = b"\x00hold"  # compared by identity
 
 
 def length_violation(type_byte: int, length: int, max_size: int) -> ProtocolViolation:
@@ -41,13 +43,14 @@ class MessageRelay:
     The map is read on every message, so handlers can be added or removed while the relay runs.
     """
 
-    __slots__ = ("_need", "_pending", "handlers", "max_size")
+    __slots__ = ("_need", "_pending", "handlers", "held", "max_size")
 
     def __init__(self, max_size: int, handlers: dict[int, MessageHandler]) -> None:
         self.max_size = max_size
         self.handlers = handlers
         self._pending = bytearray()
         self._need = 0
+        self.held = False
 
     @classmethod
     def for_types(cls, max_size: int, types: frozenset[int] | bytes,
@@ -60,8 +63,18 @@ class MessageRelay:
         """Bytes of an incomplete message held back."""
         return len(self._pending)
 
+    def resume(self) -> bytes:
+        """Leave the held state and process what was held, starting with the held message again."""
+        self.held = False
+        data = bytes(self._pending)
+        self._pending = bytearray()
+        return self.feed(data) if data else b""
+
     def feed(self, data: bytes) -> bytes:
         """Consume ``data``; return the complete messages (possibly rewritten) to forward now."""
+        if self.held:
+            self._pending += data
+            return b""
         if self._pending:
             self._pending += data
             if len(self._pending) < self._need:
@@ -90,6 +103,11 @@ class MessageRelay:
                 if view is None:
                     view = memoryview(buf)
                 replacement = handler(view[pos + 5:end])
+                if replacement is HOLD:
+                    self.held = True
+                    self._need = 0
+                    self._pending = bytearray(buf[pos:])
+                    return buf[:pos] if out is None else b"".join((*out, buf[last:pos]))
                 if replacement is not None:
                     if out is None:
                         out = []

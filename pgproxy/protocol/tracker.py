@@ -186,6 +186,29 @@ class ExchangeTracker:
         handler = self.backend_handlers.get(msg_type)
         return handler(memoryview(body)) if handler is not None else None
 
+    def peek(self, msg_type: int, body: memoryview) -> tuple[str, str | None, bytes | None]:
+        """(sql, statement name, raw Bind body) a Query/Parse/Bind/Execute/FunctionCall refers to,
+        read without changing any state (gates look before the tracker records)."""
+        if msg_type == 0x51:
+            return Query.decode(body).sql, None, None
+        if msg_type == 0x50:
+            name, query = self._parse(bytes(body))
+            return query, name, None
+        if msg_type == 0x42:
+            raw = bytes(body)
+            _, pos = _cstring(raw, 0)
+            statement, _ = _cstring(raw, pos)
+            sql = self._inflight.get(statement)
+            return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
+        if msg_type == 0x45:
+            portal = self.portals.get(_cstring(bytes(body), 0)[0])
+            if portal is None:
+                return "", None, None
+            return portal.sql, portal.statement_name, portal.bind_body
+        if msg_type == 0x46:
+            return f"<function call oid={FunctionCall.decode(body).function_oid}>", None, None
+        raise ValueError(f"message type {chr(msg_type)!r} names no statement")
+
     def drain(self) -> list[StatementResult]:
         """Hand over (and forget) the statements finished since the last call."""
         done, self.finished = self.finished, []

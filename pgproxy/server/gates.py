@@ -1,22 +1,31 @@
 """Seams where later layers (policy, approvals, masking) plug into a live session.
 
 A ``FrontendGate`` sees every statement-bearing request (Query, Parse, Bind, Execute, FunctionCall)
-before it goes upstream and may refuse it. A refused request is not dropped: it is replaced by a
-request that makes the server itself fail at exactly that point (see ``substitute_for_refusal``), and
-the server's error is then replaced by the gate's. So ordering, pipelining, "skip until Sync" and the
-transaction's aborted state all stay exactly as PostgreSQL would have them.
+before it goes upstream and answers None (let it through), ``Refuse`` or ``Hold``.
+
+A refused request is not dropped: it is replaced by a request that makes the server itself fail at
+exactly that point (see ``substitute_for_refusal``), and the server's error is then replaced by the
+gate's. So ordering, pipelining, "skip until Sync" and the transaction's aborted state all stay exactly
+as PostgreSQL would have them.
+
+A held request (e.g. waiting for a human approval) stops the client's stream at that message: nothing
+after it is forwarded and the client socket is not read until ``Hold.decision`` resolves to None
+(go on) or a ``Refuse``. Responses to earlier requests keep flowing meanwhile.
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..protocol.messages import Bind, ErrorResponse, Execute, FunctionCall, Parse, Query
+from ..protocol.codec import ProtocolViolation
+from ..protocol.messages import Bind, ErrorResponse, Execute, FunctionCall, NoticeResponse, Parse, Query
 
 if TYPE_CHECKING:
-    from ..protocol.tracker import Pending
     from .session import Session
+
+REQUEST_KINDS = {0x51: "query", 0x50: "parse", 0x42: "bind", 0x45: "execute", 0x46: "function"}
 
 # Text that fails in the server's parser with a syntax error, whatever the session's state.
 _REFUSED_SQL = "pgproxy refused this statement"
@@ -30,13 +39,48 @@ class Refuse:
     error: ErrorResponse
 
 
-class FrontendGate(Protocol):
-    def inspect(self, session: Session, request: Pending, msg_type: int, body: memoryview) -> Refuse | None:
-        """Return Refuse to fail the request, None to let it through.
+@dataclass(frozen=True, slots=True)
+class Hold:
+    """Suspend this request until ``decision`` gives None (forward it) or a Refuse.
 
-        ``request`` is the tracker's entry: ``request.result.sql`` (and ``.bind``) for Query, Execute
-        and FunctionCall, ``request.sql`` for Parse, ``request.portal`` for Bind.
-        """
+    ``notice`` (e.g. "waiting for approval 42") is sent to the client at once.
+    """
+
+    decision: Awaitable[Refuse | None]
+    notice: NoticeResponse | None = None
+
+
+Verdict = Refuse | Hold | None
+
+
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A statement-bearing request as a gate sees it, before the server does."""
+
+    msg_type: int
+    sql: str  # for a FunctionCall: "<function call oid=N>"
+    statement_name: str | None = None  # Parse, Bind, Execute
+    bind_body: bytes | None = None  # Bind and Execute: the raw Bind message body
+
+    @property
+    def kind(self) -> str:
+        """"query", "parse", "bind", "execute" or "function"."""
+        return REQUEST_KINDS[self.msg_type]
+
+    @property
+    def bind(self) -> Bind | None:
+        """The bound parameters (Bind, Execute); None when absent or malformed."""
+        if self.bind_body is None:
+            return None
+        try:
+            return Bind.decode(self.bind_body)
+        except ProtocolViolation:
+            return None
+
+
+class FrontendGate(Protocol):
+    def inspect(self, session: Session, request: Request) -> Verdict:
+        """None lets the request through; Refuse fails it in place; Hold suspends the stream."""
 
 
 def substitute_for_refusal(msg_type: int, body: memoryview) -> tuple[bytes, str]:

@@ -22,7 +22,7 @@ from ..config import ConfigError, ListenerConfig
 from ..identity import Identity, TokenError
 from ..protocol import errors
 from ..protocol.codec import ProtocolViolation
-from ..protocol.framing import MessageHandler, MessageRelay
+from ..protocol.framing import HOLD, MessageHandler, MessageRelay
 from ..protocol.messages import (
     AuthenticationCleartextPassword,
     AuthenticationOk,
@@ -45,7 +45,7 @@ from ..protocol.tracker import (
     Pending,
     StatementResult,
 )
-from .gates import FrontendGate, substitute_for_refusal
+from .gates import FrontendGate, Hold, Refuse, Request, Verdict, substitute_for_refusal
 from .link import Link, LinkClosed
 from .upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 
@@ -57,6 +57,7 @@ log = logging.getLogger(__name__)
 PASSWORD_MESSAGE_LIMIT = 64 * 1024
 _STATEMENT_TYPES = frozenset(b"QPEF")
 _GATED_TYPES = frozenset(b"QPBEF")
+_UNDECIDED = object()
 MAX_AUDITED_PARAM_BYTES = 4096
 
 
@@ -115,6 +116,8 @@ class Session:
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.gates: list[FrontendGate] = list(server.gates)
         self._backend_hooks: dict[int, MessageHandler] = {}
+        self._decided: Verdict | object = _UNDECIDED
+        self._hold_task: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------------------------------ driver
 
@@ -148,6 +151,8 @@ class Session:
 
     def _cleanup(self) -> None:
         self._ended = True
+        if self._hold_task is not None:
+            self._hold_task.cancel()
         if self._expiry_timer is not None:
             self._expiry_timer.cancel()
         if self._cancel_key is not None:
@@ -287,8 +292,14 @@ class Session:
         client.start_pump(self._on_client_data)
 
     def _on_client_data(self, data: bytes) -> None:
+        self._pump_client(data)
+        if self._front.held:
+            self.client.pause_reading()  # bytes after a held request wait in the relay, bounded
+
+    def _pump_client(self, data: bytes | None) -> None:
+        """Relay client bytes (None: resume after a hold) and forward the output upstream."""
         try:
-            out = self._front.feed(data)
+            out = self._front.feed(data) if data is not None else self._front.resume()
         except ProtocolViolation as exc:
             self.terminate(exc.sqlstate, str(exc))
             return
@@ -318,16 +329,48 @@ class Session:
         if time.time() >= self._deadline:
             self._expire()
             raise _Ended()
+        verdict: Verdict = None
+        if self._decided is not _UNDECIDED:  # the held request, now decided
+            verdict, self._decided = self._decided, _UNDECIDED  # type: ignore[assignment]
+        elif self.gates:
+            sql, statement_name, bind_body = self.tracker.peek(msg_type, body)
+            request = Request(msg_type, sql, statement_name, bind_body)
+            for gate in self.gates:
+                verdict = gate.inspect(self, request)
+                if verdict is not None:
+                    break
+            if isinstance(verdict, Hold):
+                self._hold(verdict)
+                return HOLD
         track(body)
         pending = self.tracker.last_request
-        if self.gates and pending is not None:
-            for gate in self.gates:
-                verdict = gate.inspect(self, pending, msg_type, body)
-                if verdict is not None:
-                    substitute, expected = substitute_for_refusal(msg_type, body)
-                    pending.refusal, pending.refusal_expected_sqlstate = verdict.error, expected
-                    return substitute
+        if isinstance(verdict, Refuse) and pending is not None:
+            substitute, expected = substitute_for_refusal(msg_type, body)
+            pending.refusal, pending.refusal_expected_sqlstate = verdict.error, expected
+            return substitute
         return None
+
+    def _hold(self, hold: Hold) -> None:
+        """Stop reading the client until the held request is decided (responses keep flowing)."""
+        self.client.pause_reading()
+        if hold.notice is not None:
+            self.client.write(hold.notice.encode())
+        self._hold_task = asyncio.ensure_future(self._await_decision(hold))
+
+    async def _await_decision(self, hold: Hold) -> None:
+        try:
+            decision = await hold.decision
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("session %s: held request failed: %s", self.id, exc)
+            decision = Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, f"request not approved: {exc}"))
+        if self._ended or self.client.closed:
+            return
+        self._decided = decision
+        self._pump_client(None)
+        if not self._front.held:
+            self.client.resume_reading()
 
     def _on_terminate(self, body: memoryview) -> None:
         self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,8 +15,8 @@ import pytest
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
 from pgproxy.protocol import errors
-from pgproxy.protocol.tracker import Pending
-from pgproxy.server.gates import Refuse
+from pgproxy.protocol.messages import NoticeResponse
+from pgproxy.server.gates import Hold, Refuse, Request
 from pgproxy.testing import RunningProxy
 
 MARKER = "forbidden_zone"
@@ -23,9 +25,8 @@ MARKER = "forbidden_zone"
 class MarkerGate:
     """Refuses every statement whose text mentions MARKER."""
 
-    def inspect(self, session: Any, request: Pending, msg_type: int, body: memoryview) -> Refuse | None:
-        sql = request.result.sql if request.result is not None else (request.sql or "")
-        if MARKER in sql:
+    def inspect(self, session: Any, request: Request) -> Refuse | None:
+        if MARKER in request.sql:
             return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, f"statement refused: mentions {MARKER}"))
         return None
 
@@ -99,3 +100,119 @@ def test_asyncpg_prepared_statement_refused(proxy, gated) -> None:  # type: igno
             await conn.close()
 
     asyncio.run(go())
+
+
+# --------------------------------------------------------------------------------------------------
+# Hold: a request waits for a decision while the session stays alive
+# --------------------------------------------------------------------------------------------------
+
+HOLD_MARKER = "hold_me"
+
+
+class HoldingGate:
+    """Holds every statement mentioning HOLD_MARKER until the test decides it."""
+
+    def __init__(self, running: RunningProxy) -> None:
+        self.running = running
+        self.held: list[tuple[str, asyncio.Future[Refuse | None]]] = []
+        self.arrived = threading.Event()
+
+    def inspect(self, session: Any, request: Request) -> Hold | None:
+        if HOLD_MARKER not in request.sql or request.kind not in ("query", "execute"):
+            return None
+        future: asyncio.Future[Refuse | None] = asyncio.get_running_loop().create_future()
+        self.held.append((request.sql, future))
+        self.arrived.set()
+        notice = NoticeResponse.build("NOTICE", "00000", f"waiting for approval {len(self.held)}")
+        return Hold(future, notice)
+
+    def decide(self, decision: Refuse | None) -> None:
+        assert self.arrived.wait(10), "no request was held"
+        self.arrived.clear()
+        _, future = self.held[-1]
+        self.running.loop.call_soon_threadsafe(future.set_result, decision)
+
+
+@pytest.fixture
+def holding(proxy):  # type: ignore[no-untyped-def]
+    gate_box: list[HoldingGate] = []
+
+    class Lazy:
+        def inspect(self, session: Any, request: Request) -> Hold | None:
+            return gate_box[0].inspect(session, request)
+
+    running = RunningProxy(parse_config(proxy.config_data, Path.cwd()), audit=MemoryAuditSink(), gates=[Lazy()])
+    gate_box.append(HoldingGate(running))
+    running.start()
+    yield running, gate_box[0]
+    running.stop()
+
+
+def _run_in_thread(fn: Callable[[], Any]) -> tuple[threading.Thread, list[Any]]:
+    box: list[Any] = []
+
+    def target() -> None:
+        try:
+            box.append(fn())
+        except BaseException as exc:  # handed to the test thread
+            box.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def test_held_statement_runs_after_approval(proxy, holding) -> None:  # type: ignore[no-untyped-def]
+    running, gate = holding
+    notices: list[str] = []
+    with psycopg.connect(_dsn(proxy, running), autocommit=True) as conn:
+        conn.add_notice_handler(lambda d: notices.append(d.message_primary or ""))
+        thread, box = _run_in_thread(lambda: conn.execute(f"select 7 as {HOLD_MARKER}").fetchone())
+        gate.decide(None)
+        thread.join(10)
+        assert box == [(7,)]
+        assert notices == ["waiting for approval 1"]
+        assert conn.execute("select 8").fetchone() == (8,)
+
+
+def test_held_statement_refused_in_a_transaction(proxy, holding) -> None:  # type: ignore[no-untyped-def]
+    running, gate = holding
+    with psycopg.connect(_dsn(proxy, running)) as conn:
+        conn.execute("create temp table held_t (x int)")
+        conn.commit()
+        thread, box = _run_in_thread(lambda: conn.execute(f"insert into held_t select 1 where '{HOLD_MARKER}' <> ''"))
+        gate.decide(Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "approval denied by bob")))
+        thread.join(10)
+        assert isinstance(box[0], psycopg.errors.InsufficientPrivilege)
+        assert "approval denied by bob" in str(box[0])
+        with pytest.raises(psycopg.errors.InFailedSqlTransaction):
+            conn.execute("select 1")
+        conn.rollback()
+        assert conn.execute("select count(*) from held_t").fetchone() == (0,)
+
+
+def test_pipelined_requests_behind_a_held_one_wait_then_run(proxy, holding) -> None:  # type: ignore[no-untyped-def]
+    running, gate = holding
+
+    def pipeline() -> list[Any]:
+        with psycopg.connect(_dsn(proxy, running), autocommit=True) as conn, conn.pipeline():
+            first = conn.execute("select %s::int", [1])
+            held = conn.execute(f"select %s::text as {HOLD_MARKER}", ["x"])
+            last = conn.execute("select %s::int", [3])
+            return [first.fetchone(), held.fetchone(), last.fetchone()]
+
+    thread, box = _run_in_thread(pipeline)
+    gate.decide(None)
+    thread.join(10)
+    assert box == [[(1,), ("x",), (3,)]]
+
+
+def test_client_vanishing_while_held_leaves_the_proxy_serving(proxy, holding) -> None:  # type: ignore[no-untyped-def]
+    running, gate = holding
+    conn = psycopg.connect(_dsn(proxy, running), autocommit=True)
+    conn.pgconn.send_query(f"select 1 as {HOLD_MARKER}".encode())
+    assert gate.arrived.wait(10)
+    conn.pgconn.finish()  # gone without waiting
+    gate.decide(None)
+    with psycopg.connect(_dsn(proxy, running), autocommit=True) as other:
+        assert other.execute("select 9").fetchone() == (9,)
