@@ -1,0 +1,1 @@
+"""Statement classification, policy decisions and just-in-time approvals."""
