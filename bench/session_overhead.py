@@ -80,19 +80,27 @@ class NullTransport:
         pass
 
 
-async def measure(mode: str, transactions: int, audit_dir: Path) -> float:
+async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | None = None) -> float:
     config = parse_config({
         "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
         "identity": {"issuer": "i", "audience": "a", "algorithms": ["HS256"], "hs256_secret_env": "UNUSED"},
         "upstream": {"credentials": [{"role": "*"}]},
     }, audit_dir)
     audit = JsonLinesAuditSink(audit_dir / f"{mode}.jsonl")
-    server = SimpleNamespace(config=config, gates=(), audit=audit, cancels=None)
+    gates: tuple[Any, ...] = ()
+    if policy is not None:  # the policy gate, as `policy: {file: ...}` installs it (no approvals needed here)
+        from pgproxy.policy.gate import PolicyGate
+        from pgproxy.policy.rules import load_policy
+
+        gates = (PolicyGate(load_policy(policy), None),)
+    server = SimpleNamespace(config=config, gates=gates, audit=audit, cancels=None)
     client, upstream = Link(), Link()
     client.connection_made(NullTransport())  # type: ignore[arg-type]
     upstream.connection_made(NullTransport())  # type: ignore[arg-type]
     session = Session(server, client, config.listeners[0])  # type: ignore[arg-type]
-    session.identity = SimpleNamespace(expires_at=time.time() + 3600)  # type: ignore[assignment]
+    session.identity = SimpleNamespace(expires_at=time.time() + 3600, subject="bench",  # type: ignore[assignment]
+                                       groups=("agents",), agent_id=None, audit_fields=dict)
+    session.database, session.db_role = "bench", "bench"
     session._deadline = time.time() + 3600
     session.upstream = upstream
     session._start_pumping()
@@ -111,11 +119,17 @@ async def measure(mode: str, transactions: int, audit_dir: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=50_000)
+    parser.add_argument("--policy", type=Path, default=None,
+                        help="Also run each mode with a PolicyGate enforcing this policy file "
+                             "(e.g. policies/default.yaml).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for mode in PATTERNS:
             us = asyncio.run(measure(mode, args.transactions, Path(tmp)))
             print(f"{mode:9s} {us:6.2f} us of proxy CPU per transaction (framing + tracking + audit)")
+            if args.policy is not None:
+                gated = asyncio.run(measure(mode, args.transactions, Path(tmp), args.policy))
+                print(f"{mode:9s} {gated:6.2f} us with the policy gate ({gated - us:+.2f} us)")
 
 
 if __name__ == "__main__":

@@ -96,6 +96,14 @@ def check(config_path: str | None) -> None:
             cred.password()
         except ConfigError as exc:
             problems.append(str(exc))
+    if config.policy is not None:  # the statement policy: errors fail the check, shadowed rules warn
+        from .policy.rules import check_policy, load_policy
+
+        try:
+            for warning in check_policy(load_policy(config.policy.file)):
+                click.echo(f"warning: {config.policy.file}: {warning}", err=True)
+        except ConfigError as exc:
+            problems.append(f"policy.file: {exc}")
     if problems:
         for p in problems:
             click.echo(f"error: {p}", err=True)
@@ -150,6 +158,201 @@ def demo(env_file: str | None, port: int | None, token_ttl: float) -> None:
         pass
     except (ConfigError, RuntimeError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+@main.group()
+def audit() -> None:
+    """The signed audit log: keys, verification, sessions, evidence bundles and replay."""
+
+
+_pubkey_option = click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(exists=True, dir_okay=False),
+                              help="Trusted public key (FILE.pub from keygen; repeatable for rotated keys).")
+_log_dir = click.argument("directory", type=click.Path(exists=True, file_okay=False))
+
+
+@audit.command("keygen")
+@click.option("--out", "out", required=True, type=click.Path(dir_okay=False), help="Private key file (0600).")
+def audit_keygen(out: str) -> None:
+    """Create an Ed25519 checkpoint signing key (FILE, mode 0600) and its public key (FILE.pub)."""
+    from .audit.keys import KeyError_, generate_key
+
+    try:
+        pub, kid = generate_key(Path(out))
+    except (KeyError_, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {out} (private, 0600) and {pub}; key id {kid}")
+
+
+@audit.command("verify")
+@_log_dir
+@click.option("--witness", default=None, help="Witness directory or PostgreSQL DSN holding published checkpoints.")
+@_pubkey_option
+def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str]) -> None:
+    """Verify a log: signatures, hash chain, Merkle roots, truncation, forks. Exit 1 on any problem."""
+    from .audit.verify import verify_log
+
+    report = verify_log(Path(directory), pubkeys=[Path(p) for p in pubkeys], witness=witness,
+                        progress=lambda n: click.echo(f"  {n} records checked ...", err=True))
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for p in report.problems:
+        click.echo(f"TAMPERED: {p}", err=True)
+    cp = report.latest_checkpoint
+    summary = (f"log {report.log_id}: {report.records} records, {report.checkpoints} valid checkpoint(s)"
+               + (f", latest signs {cp.tree_size} records (key {cp.key_id})" if cp else ""))
+    if not report.ok:
+        click.echo(f"FAILED: {summary}: {len(report.problems)} problem(s)")
+        sys.exit(1)
+    click.echo(f"OK: {summary}")
+
+
+@audit.command("sessions")
+@_log_dir
+def audit_sessions(directory: str) -> None:
+    """List the sessions recorded in a log."""
+    from .audit.timeline import format_sessions, list_sessions
+
+    click.echo("\n".join(format_sessions(list_sessions(Path(directory)))))
+
+
+@audit.command("show")
+@_log_dir
+@click.argument("session")
+def audit_show(directory: str, session: str) -> None:
+    """Print one session's events as a timeline."""
+    from .audit.timeline import show_session
+
+    lines = show_session(Path(directory), session)
+    if not lines:
+        raise click.ClickException(f"no records of session {session}")
+    click.echo("\n".join(lines))
+
+
+@audit.command("export")
+@_log_dir
+@click.option("--session", required=True, help="Session id (see `pgproxy audit sessions`).")
+@click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
+@_pubkey_option
+def audit_export(directory: str, session: str, output: str, pubkeys: Sequence[str]) -> None:
+    """Write one session's records with inclusion proofs and the signed checkpoint to a bundle."""
+    from .audit.bundle import BundleError, export_session
+
+    try:
+        info = export_session(Path(directory), session, Path(output), pubkeys=[Path(p) for p in pubkeys],
+                              progress=lambda text: click.echo(text, err=True))
+    except BundleError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"wrote {output}: {info['records']} records, proofs against the checkpoint of "
+               f"{info['tree_size']} records (key {info['key_id']})")
+
+
+@audit.command("verify-bundle")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@_pubkey_option
+def audit_verify_bundle(bundle: str, pubkeys: Sequence[str]) -> None:
+    """Check a bundle offline: checkpoint signature and every record's inclusion proof."""
+    from .audit.bundle import verify_bundle
+
+    report = verify_bundle(Path(bundle), pubkeys=[Path(p) for p in pubkeys])
+    for w in report.warnings:
+        click.echo(f"warning: {w}", err=True)
+    for p in report.problems:
+        click.echo(f"TAMPERED: {p}", err=True)
+    if not report.ok:
+        click.echo(f"FAILED: bundle for session {report.session}: {len(report.problems)} problem(s)")
+        sys.exit(1)
+    click.echo(f"OK: session {report.session}: {report.records} records included in the signed log "
+               f"(key {report.key_id}{', trusted' if report.trusted else ''})")
+
+
+@audit.command("replay")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target", required=True, help="DSN of a sandbox database to replay against.")
+@click.option("--commit", is_flag=True, help="Commit the replay's transaction (default: roll back).")
+@_pubkey_option
+def audit_replay(bundle: str, target: str, commit: bool, pubkeys: Sequence[str]) -> None:
+    """Re-run a bundle's statements and compare result digests with the recorded ones. Exit 1 on a difference."""
+    from .audit.replay import ReplayError, ReplayOutcome, run_replay
+
+    def progress(o: ReplayOutcome, n: int, total: int) -> None:
+        click.echo(f"[{n}/{total}] #{o.index} {o.status.upper()}: {o.sql[:80]}"
+                   + (f" ({o.detail})" if o.detail else ""))
+
+    try:
+        report = run_replay(Path(bundle), target, commit=commit, pubkeys=tuple(Path(p) for p in pubkeys),
+                            progress=progress)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped; "
+               + ("committed" if report.committed else "rolled back"))
+    if not report.ok:
+        sys.exit(1)
+
+
+@main.group()
+def approvals() -> None:
+    """Review and decide statements waiting for approval (docs/approvals.md)."""
+
+
+_approver_token = click.option("--token", "approver_token", envvar="PGPROXY_APPROVER_TOKEN", default=None,
+                               help="Approver's JWT (default: $PGPROXY_APPROVER_TOKEN); its sub and groups decide.")
+_json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+
+
+def _approvals_run(config_path: str | None, token_: str | None, action: str, approval_id: str | None = None,
+                   **kwargs: object) -> None:
+    from .policy.approval_cli import ApprovalCLIError, run_approvals_command
+
+    config = _load(config_path)
+    try:
+        with _event_loop_runner() as runner:
+            click.echo(runner.run(run_approvals_command(config, token_, action, approval_id, **kwargs)))  # type: ignore[arg-type]
+    except ApprovalCLIError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@approvals.command("list")
+@config_option
+@_approver_token
+@_json_option
+@click.option("--status", type=click.Choice(["pending", "approved", "denied", "expired", "used"]), default=None)
+def approvals_list(config_path: str | None, approver_token: str | None, as_json: bool, status: str | None) -> None:
+    """List requests you may decide (newest first)."""
+    _approvals_run(config_path, approver_token, "list", status=status, as_json=as_json)
+
+
+@approvals.command("show")
+@config_option
+@_approver_token
+@_json_option
+@click.argument("approval_id")
+def approvals_show(config_path: str | None, approver_token: str | None, as_json: bool, approval_id: str) -> None:
+    """Show a request: exact SQL, parameters, requester, reasons, rule, impact, decisions."""
+    _approvals_run(config_path, approver_token, "show", approval_id, as_json=as_json)
+
+
+@approvals.command("approve")
+@config_option
+@_approver_token
+@_json_option
+@click.option("--reason", default=None, help="Why (recorded with the decision).")
+@click.argument("approval_id")
+def approvals_approve(config_path: str | None, approver_token: str | None, as_json: bool, reason: str | None,
+                      approval_id: str) -> None:
+    """Approve a request (as the token's subject)."""
+    _approvals_run(config_path, approver_token, "approve", approval_id, reason=reason, as_json=as_json)
+
+
+@approvals.command("deny")
+@config_option
+@_approver_token
+@_json_option
+@click.option("--reason", default=None, help="Why (recorded with the decision).")
+@click.argument("approval_id")
+def approvals_deny(config_path: str | None, approver_token: str | None, as_json: bool, reason: str | None,
+                   approval_id: str) -> None:
+    """Deny a request (one deny is final)."""
+    _approvals_run(config_path, approver_token, "deny", approval_id, reason=reason, as_json=as_json)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,11 +127,64 @@ class LimitsConfig:
     max_message_bytes: int = 64 * 1024 * 1024
     max_startup_packet_bytes: int = 10_000
     startup_timeout_seconds: float = 15.0
+    max_connections: int = 1000  # all sessions of this proxy process
+    max_connections_per_identity: int = 100  # sessions of one token subject
+    idle_timeout_seconds: float = 0.0  # 0: never end idle sessions
+    idle_in_transaction_timeout_seconds: float = 0.0  # 0: never end sessions idle inside a transaction
 
 
 @dataclass(frozen=True)
 class AuditConfig:
     jsonl_path: Path | None = None
+    # The signed, tamper-evident log (docs/audit.md); exclusive with jsonl_path.
+    dir: Path | None = None
+    signing_key_file: Path | None = None
+    checkpoint_every_records: int = 1000
+    checkpoint_every_seconds: float = 60.0
+    fsync: str = "interval"  # always | interval | never
+    segment_max_bytes: int = 64 * 1024 * 1024
+    witness_dir: Path | None = None
+    witness_dsn: str | None = None
+    max_result_rows: int = 20
+
+
+APPROVAL_STORES = ("sqlite", "postgres")
+
+
+@dataclass(frozen=True)
+class ApprovalsConfig:
+    """Where approval requests live (docs/approvals.md) and who hears about new ones."""
+
+    store: str = "sqlite"  # sqlite | postgres
+    path: Path | None = None  # sqlite: the database file
+    dsn_env: str | None = None  # postgres: environment variable holding the DSN
+    schema: str = "pgproxy"  # postgres: schema of the approval tables (created if missing)
+    webhook_url: str | None = None  # each new request is POSTed here as JSON
+    default_expiry_seconds: float = 900.0
+
+    def dsn(self) -> str:
+        """The PostgreSQL DSN from ``dsn_env`` (postgres store only)."""
+        value = os.environ.get(self.dsn_env or "")
+        if not value:
+            raise ConfigError(f"approvals.dsn_env: environment variable {self.dsn_env} is not set")
+        return value
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The statement policy (pgproxy/policy/rules.py); without this section no policy gate runs."""
+
+    file: Path
+    audit_allowed: bool = False  # also record a policy_decision event for every allowed statement
+
+
+@dataclass(frozen=True)
+class AdminConfig:
+    """The admin HTTP listener (approvals API)."""
+
+    host: str = "127.0.0.1"
+    port: int = 8080
+    tls: TLSConfig | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +195,9 @@ class ProxyConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
     source: Path | None = None
+    approvals: ApprovalsConfig | None = None
+    admin: AdminConfig | None = None
+    policy: PolicyConfig | None = None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -361,6 +418,90 @@ def _upstream(s: _Section) -> UpstreamConfig:
     return up
 
 
+def _audit(s: _Section) -> AuditConfig:
+    fsync = s.string("fsync", "interval") or "interval"
+    if fsync not in ("always", "interval", "never"):
+        raise ConfigError(f"{s._p('fsync')}: must be one of always, interval, never")
+    audit = AuditConfig(
+        jsonl_path=s.path_("jsonl_path", must_exist=False),
+        dir=s.path_("dir", must_exist=False),
+        signing_key_file=s.path_("signing_key_file"),
+        checkpoint_every_records=s.integer("checkpoint_every_records", 1000, minimum=1),
+        checkpoint_every_seconds=s.number("checkpoint_every_seconds", 60.0, minimum=0.01),
+        fsync=fsync,
+        segment_max_bytes=s.integer("segment_max_bytes", 64 * 1024 * 1024, minimum=1024),
+        witness_dir=s.path_("witness_dir", must_exist=False),
+        witness_dsn=s.string("witness_dsn"),
+        max_result_rows=s.integer("max_result_rows", 20, maximum=100_000),
+    )
+    s.done()
+    if audit.jsonl_path is not None and audit.dir is not None:
+        raise ConfigError(f"{s.path}: set exactly one of jsonl_path or dir, not both")
+    if audit.dir is not None and audit.signing_key_file is None:
+        raise ConfigError(f"{s._p('signing_key_file')}: required with dir (create one with `pgproxy audit keygen`)")
+    if audit.dir is None:
+        for key in ("signing_key_file", "witness_dir", "witness_dsn"):
+            if getattr(audit, key) is not None:
+                raise ConfigError(f"{s._p(key)}: only used with dir (the signed audit log)")
+    if audit.witness_dir is not None and audit.witness_dsn is not None:
+        raise ConfigError(f"{s.path}: set witness_dir or witness_dsn, not both")
+    return audit
+
+
+def _approvals(s: _Section) -> ApprovalsConfig:
+    store = s.string("store", "sqlite") or "sqlite"
+    if store not in APPROVAL_STORES:
+        raise ConfigError(f"{s._p('store')}: must be one of {', '.join(APPROVAL_STORES)}, got {store!r}")
+    schema = s.string("schema", "pgproxy") or "pgproxy"
+    approvals = ApprovalsConfig(
+        store=store,
+        path=s.path_("path", must_exist=False),
+        dsn_env=s.string("dsn_env"),
+        schema=schema,
+        webhook_url=s.string("webhook_url"),
+        default_expiry_seconds=s.number("default_expiry_seconds", 900.0, minimum=1.0),
+    )
+    s.done()
+    if store == "sqlite":
+        if approvals.path is None:
+            raise ConfigError(f"{s._p('path')}: required with store sqlite (the approvals database file)")
+        for key in ("dsn_env",):
+            if getattr(approvals, key) is not None:
+                raise ConfigError(f"{s._p(key)}: only used with store postgres")
+        if "schema" in s.data and s.data["schema"] is not None:
+            raise ConfigError(f"{s._p('schema')}: only used with store postgres")
+    else:
+        if approvals.dsn_env is None:
+            raise ConfigError(f"{s._p('dsn_env')}: required with store postgres (the environment variable "
+                              "holding the DSN)")
+        if approvals.path is not None:
+            raise ConfigError(f"{s._p('path')}: only used with store sqlite")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
+            raise ConfigError(f"{s._p('schema')}: must be a plain identifier (letters, digits, _; at most 63), "
+                              f"got {schema!r}")
+    if approvals.webhook_url is not None and not _secure_url(approvals.webhook_url):
+        raise ConfigError(f"{s._p('webhook_url')}: must be an https URL (plain http only for loopback)")
+    return approvals
+
+
+def _admin(s: _Section) -> AdminConfig:
+    tls = None
+    if s.raw("tls") is not None:
+        t = s.section("tls")
+        cert, key = t.path_("cert_file"), t.path_("key_file")
+        if cert is None or key is None:
+            raise ConfigError(f"{t.path}: cert_file and key_file are both required")
+        t.done()
+        tls = TLSConfig(cert, key)
+    admin = AdminConfig(host=s.string("host", "127.0.0.1") or "127.0.0.1",
+                        port=s.integer("port", 8080, maximum=65535), tls=tls)
+    s.done()
+    if admin.tls is None and not is_loopback_host(admin.host):
+        raise ConfigError(f"{s._p('tls')}: required unless host is loopback (approver tokens would cross the "
+                          f"network in clear text), host is {admin.host!r}")
+    return admin
+
+
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> ProxyConfig:
     """Build a validated ProxyConfig from already-loaded YAML data."""
     root = _Section(data, "", base_dir)
@@ -382,14 +523,31 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
                                          minimum=64, maximum=1 << 20),
         startup_timeout_seconds=lim.number("startup_timeout_seconds", LimitsConfig.startup_timeout_seconds,
                                           minimum=0.1),
+        max_connections=lim.integer("max_connections", LimitsConfig.max_connections, minimum=1),
+        max_connections_per_identity=lim.integer("max_connections_per_identity",
+                                                 LimitsConfig.max_connections_per_identity, minimum=1),
+        idle_timeout_seconds=lim.number("idle_timeout_seconds", LimitsConfig.idle_timeout_seconds),
+        idle_in_transaction_timeout_seconds=lim.number("idle_in_transaction_timeout_seconds",
+                                                       LimitsConfig.idle_in_transaction_timeout_seconds),
     )
     lim.done()
     aud = root.section("audit")
-    audit = AuditConfig(jsonl_path=aud.path_("jsonl_path", must_exist=False))
-    aud.done()
+    audit = _audit(aud)
+    approvals = _approvals(root.section("approvals")) if root.raw("approvals") is not None else None
+    admin = _admin(root.section("admin")) if root.raw("admin") is not None else None
+    if admin is not None and approvals is None:
+        raise ConfigError("admin: needs an approvals section (the admin listener serves the approvals API)")
+    policy = None
+    if root.raw("policy") is not None:
+        pol = root.section("policy")
+        policy_file = pol.path_("file")
+        if policy_file is None:
+            raise ConfigError("policy.file: required (the YAML policy, e.g. policies/default.yaml)")
+        policy = PolicyConfig(file=policy_file, audit_allowed=pol.boolean("audit_allowed", False))
+        pol.done()
     root.done()
     return ProxyConfig(listeners=tuple(listeners), identity=identity, upstream=upstream, limits=limits,
-                       audit=audit, source=source)
+                       audit=audit, source=source, approvals=approvals, admin=admin, policy=policy)
 
 
 def load_config(path: str | os.PathLike[str] | None) -> ProxyConfig:

@@ -68,6 +68,8 @@ class DemoEnvironment:
             "PGDATABASE": self.database.database,
             "PGPROXY_UPSTREAM_DSN": self.database.dsn(),
             CONFIG_ENV_VAR: str(self.config_file),
+            "PGPROXY_AUDIT_DIR": str(self.workdir / "audit"),
+            "PGPROXY_AUDIT_PUBKEY": str(self.workdir / "keys" / "audit-signing.key.pub"),
         }
 
 
@@ -86,11 +88,22 @@ def write_demo_config(workdir: Path, database: Database, port: int) -> tuple[Pat
                      "default_db_role": DEMO_ROLES[0]},
         "upstream": {"host": database.host, "port": database.port, "sslmode": "disable",
                      "credentials": [{"role": "*", "password_file": str(password_file)}]},
-        "audit": {"jsonl_path": str(workdir / "audit" / "audit.jsonl")},
+        "audit": {"dir": str(workdir / "audit"), "signing_key_file": str(_audit_key(workdir)),
+                  "checkpoint_every_seconds": 10},
     }
     config_file = workdir / "pgproxy.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     return config_file, tls.ca_file
+
+
+def _audit_key(workdir: Path) -> Path:
+    """The demo's audit signing key (and its .pub), created once in the workdir."""
+    from .audit.keys import generate_key
+
+    key = workdir / "keys" / "audit-signing.key"
+    if not key.exists():
+        generate_key(key)
+    return key
 
 
 def _demo_token(config_file: Path, ttl_seconds: float) -> str:
@@ -152,7 +165,7 @@ pgproxy demo is running.
   proxy     127.0.0.1:{env.port} (TLS, token as password)
   upstream  {env.database.host}:{env.database.port} (the proxy logs in with its own credential)
   config    {env.config_file}
-  audit     {env.workdir / 'audit' / 'audit.jsonl'}
+  audit     {env.workdir / 'audit'} (signed; pgproxy audit verify/sessions/show)
 
 Connect through the proxy (the password is a JWT for subject "{DEMO_SUBJECT}", roles {', '.join(DEMO_ROLES)}):
 

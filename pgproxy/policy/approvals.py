@@ -23,6 +23,18 @@ class ApprovalError(Exception):
     """A decision that breaks a rule (self-approval, wrong group, already decided, unknown id...)."""
 
 
+class ApprovalNotFound(ApprovalError):
+    """No request with that id (HTTP 404)."""
+
+
+class ApprovalForbidden(ApprovalError):
+    """The approver may not decide this request: self-approval or not in an approver group (HTTP 403)."""
+
+
+class ApprovalConflict(ApprovalError):
+    """The request is closed (denied, expired, used), already approved, or already decided by you (409)."""
+
+
 class ApprovalStoreUnavailable(Exception):
     """The store cannot be reached: statements needing approval must be refused (fail closed)."""
 

@@ -20,6 +20,13 @@ ADMIN_SHUTDOWN = "57P01"
 INSUFFICIENT_PRIVILEGE = "42501"
 CHARACTER_NOT_IN_REPERTOIRE = "22021"
 INTERNAL_ERROR = "XX000"
+SYNTAX_ERROR = "42601"
+# The proxy's own class PX (approvals): not a PostgreSQL code, so clients can tell them apart.
+APPROVAL_REQUIRED = "PXA01"  # refuse mode: ask an approver, then run the same statement again
+APPROVAL_DENIED = "PXA02"  # denied, timed out, expired or already used
+TOO_MANY_CONNECTIONS = "53300"
+IDLE_SESSION_TIMEOUT = "57P05"
+IDLE_IN_TRANSACTION_TIMEOUT = "25P03"
 
 
 def fatal(sqlstate: str, message: str, *, detail: str | None = None, hint: str | None = None) -> bytes:

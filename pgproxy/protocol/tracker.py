@@ -17,6 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, Close, ErrorResponse, FunctionCall, Parse, Query, tag_rows
@@ -63,6 +64,16 @@ class StatementResult:
     tags: list[str] = field(default_factory=list)
     error: ErrorResponse | None = None
     refused: bool = False
+    # Filled only when the signed audit log captures results (pgproxy.audit.capture): the last
+    # RowDescription body, a SHA-256 over every DataRow message as sent, rows seen, the first rows'
+    # bodies (up to the configured cap), notices and CopyData bytes sent to the client.
+    row_description: bytes | None = None
+    row_digest: Any = None  # hashlib sha256 object
+    rows_sent: int = 0
+    sample_rows: list[bytes] | None = None
+    notices: list[bytes] | None = None
+    copy_out_bytes: int = 0
+    param_types: tuple[int, ...] = ()  # type OIDs the Parse declared (0 = server infers), for replay
 
     @property
     def rows(self) -> int | None:
@@ -146,7 +157,8 @@ class ExchangeTracker:
         self.desyncs = 0
         # The entry the last frontend message created (None when it created none).
         self.last_request: Pending | None = None
-        self._parse_cache: dict[bytes, tuple[str, str]] = {}
+        self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
+        self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
         self._inflight: dict[str, str] = {}
         # After an extended-protocol error the server ignores everything up to the next Sync.
@@ -192,7 +204,7 @@ class ExchangeTracker:
         if msg_type == 0x51:
             return Query.decode(body).sql, None, None
         if msg_type == 0x50:
-            name, query = self._parse(bytes(body))
+            name, query, _ = self._parse(bytes(body))
             return query, name, None
         if msg_type == 0x42:
             raw = bytes(body)
@@ -250,22 +262,25 @@ class ExchangeTracker:
             result = StatementResult("extended", "", time.time())
         else:
             result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
-                                     statement_name=found.statement_name)
+                                     statement_name=found.statement_name,
+                                     param_types=self._param_types.get(found.statement_name, ()))
         self._push(Pending(Kind.EXECUTE, result, time.perf_counter()))
 
     def _parse_request(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x50):
             return
-        name, query = self._parse(bytes(body))
+        name, query, types = self._parse(bytes(body))
         self._inflight[name] = query
+        if types or name in self._param_types:
+            self._param_types[name] = types
         self._push(Pending(Kind.PARSE, None, time.perf_counter(), sql=query, statement_name=name))
 
-    def _parse(self, raw: bytes) -> tuple[str, str]:
-        """(statement name, query text) of a Parse body; repeated statements are decoded once."""
+    def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
+        """(statement name, query text, parameter type OIDs) of a Parse body; decoded once per body."""
         cached = self._parse_cache.get(raw)
         if cached is None:
             parse = Parse.decode(raw)  # full validation the first time
-            cached = (parse.name, parse.query)
+            cached = (parse.name, parse.query, parse.param_types)
             if len(self._parse_cache) >= _PARSE_CACHE_LIMIT:
                 self._parse_cache.clear()
             self._parse_cache[raw] = cached

@@ -11,11 +11,15 @@ import asyncio
 import functools
 import logging
 import ssl
+import time
 from collections.abc import Callable, Sequence
 
-from ..audit.sink import AuditSink, JsonLinesAuditSink
-from ..config import ConfigError, ListenerConfig, ProxyConfig
+from ..admin.server import AdminServer
+from ..audit.factory import sink_from_config
+from ..audit.sink import AuditSink, AuditUnavailable
+from ..config import ListenerConfig, ProxyConfig
 from ..identity import TokenVerifier
+from ..policy.approvals import ApprovalStore
 from ..protocol import errors
 from ..tlsutil import server_context
 from .cancel import CancelRegistry
@@ -30,14 +34,29 @@ class ProxyServer:
     """Serves every configured listener until closed."""
 
     def __init__(self, config: ProxyConfig, *, audit: AuditSink | None = None,
-                 verifier: TokenVerifier | None = None, gates: Sequence[FrontendGate] = ()) -> None:
+                 verifier: TokenVerifier | None = None, gates: Sequence[FrontendGate] = (),
+                 approval_store: ApprovalStore | None = None) -> None:
         self.config = config
         self.gates = tuple(gates)
         if audit is None:
-            if config.audit.jsonl_path is None:
-                raise ConfigError("audit.jsonl_path: required: the proxy does not run statements it cannot record")
-            audit = JsonLinesAuditSink(config.audit.jsonl_path)
+            audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
         self.audit: AuditSink = audit
+        # The policy gate (config `policy:`) runs first; its approvals go to ``approval_store``, else to
+        # the store of the `approvals:` section, else every approval is refused (fail closed).
+        self.approval_store = approval_store
+        self._owns_approval_store = False
+        if config.policy is not None:
+            from ..policy.gate import PolicyGate
+            from ..policy.rules import load_policy
+
+            if self.approval_store is None and config.approvals is not None:
+                from ..policy.approval_factory import build_approval_store
+
+                self.approval_store = build_approval_store(config, audit=audit)
+                self._owns_approval_store = True
+            gate = PolicyGate(load_policy(config.policy.file), self.approval_store,
+                              audit_allowed=config.policy.audit_allowed)
+            self.gates = (gate, *self.gates)
         self.verifier = verifier or TokenVerifier(config.identity)
         self.cancels = CancelRegistry()
         self.sessions: set[Session] = set()
@@ -45,6 +64,8 @@ class ProxyServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self._tls: dict[int, ssl.SSLContext] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self.admin: AdminServer | None = None  # the approvals HTTP API (config `admin:`), started by start()
 
     def tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
         if listener.tls is None:
@@ -67,6 +88,13 @@ class ProxyServer:
             log.info("listening on %s:%d (%s)", listener.host, server.sockets[0].getsockname()[1],
                      "tls" if listener.tls else "plaintext")
         self._flusher = asyncio.create_task(self._flush_audit_periodically())
+        limits = self.config.limits
+        if limits.idle_timeout_seconds or limits.idle_in_transaction_timeout_seconds:
+            self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
+        if self.config.admin is not None:
+            self.admin = AdminServer.from_config(self.config, store=self.approval_store, verifier=self.verifier,
+                                                 audit=self.audit)
+            await self.admin.start()
 
     def _accepted(self, listener: ListenerConfig) -> Callable[[Link], None]:
         def on_made(link: Link) -> None:
@@ -85,6 +113,20 @@ class ProxyServer:
         finally:
             self.sessions.discard(session)
 
+    def over_connection_limit(self) -> bool:
+        """True when a new session would exceed ``limits.max_connections`` (the asking one included)."""
+        return len(self.sessions) > self.config.limits.max_connections
+
+    async def _sweep_idle_sessions(self) -> None:
+        limits = self.config.limits
+        timeouts = [t for t in (limits.idle_timeout_seconds, limits.idle_in_transaction_timeout_seconds) if t]
+        interval = max(0.05, min(1.0, min(timeouts) / 4))
+        while True:
+            await asyncio.sleep(interval)
+            now = time.monotonic()
+            for session in list(self.sessions):
+                session.idle_check(now)
+
     @property
     def bound_ports(self) -> list[int]:
         return [int(s.sockets[0].getsockname()[1]) for s in self._servers]
@@ -94,6 +136,12 @@ class ProxyServer:
             await asyncio.sleep(interval)
             try:
                 self.audit.flush()
+            except AuditUnavailable as exc:  # fail closed now: no session goes on unrecorded
+                log.error("audit flush failed: %s", exc)
+                for session in list(self.sessions):
+                    if session.upstream is not None:
+                        session.terminate(errors.CANNOT_CONNECT_NOW,
+                                          "the audit log is unavailable; refusing to continue")
             except Exception as exc:  # the sink reports itself broken; sessions then fail closed
                 log.error("audit flush failed: %s", exc)
 
@@ -104,6 +152,8 @@ class ProxyServer:
         """Stop accepting, give sessions ``drain_seconds`` to finish, then end the rest with FATAL."""
         for server in self._servers:
             server.close()
+        if self.admin is not None:
+            await self.admin.close()
         if self.sessions and drain_seconds > 0:
             deadline = asyncio.get_running_loop().time() + drain_seconds
             while self.sessions and asyncio.get_running_loop().time() < deadline:
@@ -114,4 +164,11 @@ class ProxyServer:
             await asyncio.wait(list(self._tasks), timeout=5)
         if self._flusher is not None:
             self._flusher.cancel()
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        if self._owns_approval_store and self.approval_store is not None:
+            try:
+                await self.approval_store.close()
+            except Exception as exc:
+                log.warning("closing the approval store failed: %s", exc)
         self.audit.close()

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from ..audit.capture import ResultCapture, result_fields
 from ..audit.sink import AuditUnavailable
 from ..config import ConfigError, ListenerConfig
 from ..identity import Identity, TokenError
@@ -102,10 +103,13 @@ class Session:
         self.id = secrets.token_hex(8)
         self.upstream: Link | None = None
         self.identity: Identity | None = None
+        self.database = ""  # the upstream database and role this session logged in to (set at login)
+        self.db_role = ""
         self.tracker = ExchangeTracker()
         self.started_at = time.time()
         self.statements = 0
         self.expired = False
+        self.last_activity = time.monotonic()  # last client bytes, or last answer that left it idle
         self._deadline = 0.0  # epoch seconds after which no statement may start
         self.end_reason = "client disconnected"
         self._ended = False
@@ -116,6 +120,7 @@ class Session:
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.gates: list[FrontendGate] = list(server.gates)
         self._backend_hooks: dict[int, MessageHandler] = {}
+        self._capturing = False  # result capture for the signed audit log (pgproxy.audit.capture)
         self._decided: Verdict | object = _UNDECIDED
         self._hold_task: asyncio.Future[None] | None = None
 
@@ -128,9 +133,12 @@ class Session:
                     startup = await self._negotiate()
                     if startup is None:
                         return
+                    if self.server.over_connection_limit():
+                        raise SessionRefused(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
                     identity = await self._authenticate(startup)
             except TimeoutError:
                 raise SessionRefused(errors.CONNECTION_FAILURE, "canceling authentication due to timeout") from None
+            self._check_identity_limit(identity)
             await self._connect_upstream(startup, identity)
             self._start_pumping()
             await self._closed
@@ -194,6 +202,27 @@ class Session:
                 return None
             return packet
 
+    def _check_identity_limit(self, identity: Identity) -> None:
+        limit = self.config.limits.max_connections_per_identity
+        same = sum(1 for s in self.server.sessions if s.identity is not None and s.identity.subject == identity.subject)
+        if same >= limit:
+            raise self._refuse_login(identity, identity.subject, "too many connections for identity",
+                                     errors.TOO_MANY_CONNECTIONS,
+                                     f'too many connections for "{identity.subject}" (limit {limit})')
+
+    def idle_check(self, now: float) -> None:
+        """End the session if it sat idle (or idle in a transaction) longer than the configured limits."""
+        if self._ended or self.upstream is None or not self.tracker.idle or self._front.held:
+            return
+        limits = self.config.limits
+        idle_for = now - self.last_activity
+        if self.tracker.transaction_status == "I":
+            if limits.idle_timeout_seconds and idle_for > limits.idle_timeout_seconds:
+                self.terminate(errors.IDLE_SESSION_TIMEOUT, "terminating connection due to idle-session timeout")
+        elif limits.idle_in_transaction_timeout_seconds and idle_for > limits.idle_in_transaction_timeout_seconds:
+            self.terminate(errors.IDLE_IN_TRANSACTION_TIMEOUT,
+                           "terminating connection due to idle-in-transaction timeout")
+
     async def _authenticate(self, startup: StartupMessage) -> Identity:
         user = startup.params.get("user", "")
         if not self.client.tls and not self.listener.insecure_plaintext:
@@ -247,6 +276,7 @@ class Session:
         # PostgreSQL's default database is the user's name: here, the role we log in as.
         params["database"] = upstream_cfg.database or startup.params.get("database") or role
         self.identity = identity
+        self.database, self.db_role = params["database"], role
         self._secret = password.encode() if password else None
         self._audit({"event": "session_start", "identity": identity.audit_fields(), "client": self.client.peer(),
                      "tls": self.client.tls, "database": params["database"], "upstream_role": role,
@@ -278,6 +308,12 @@ class Session:
         assert self.upstream is not None
         client, upstream = self.client, self.upstream
         max_size = self.config.limits.max_message_bytes
+        if getattr(self.server.audit, "capture_results", False):  # the signed audit log records results
+            capture = ResultCapture(self.tracker, getattr(self.server.audit, "max_result_rows", 20))
+            for msg_type, hook in ((0x54, capture.on_row_description), (0x44, capture.on_data_row),
+                                   (0x4E, capture.on_notice), (0x64, capture.on_copy_data)):
+                self._backend_hooks.setdefault(msg_type, hook)
+            self._capturing = True
         self._front = MessageRelay(max_size, self._frontend_handlers())
         self._back = MessageRelay(max_size, self._backend_handlers())
         client.on_lost = self._on_client_lost
@@ -292,6 +328,7 @@ class Session:
         client.start_pump(self._on_client_data)
 
     def _on_client_data(self, data: bytes) -> None:
+        self.last_activity = time.monotonic()
         self._pump_client(data)
         if self._front.held:
             self.client.pause_reading()  # bytes after a held request wait in the relay, bounded
@@ -396,8 +433,10 @@ class Session:
             log.exception("session %s: internal error on upstream data", self.id)
             self.terminate(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed")
             return
-        if self.expired and self.tracker.idle and not self._ended:
-            self._expire()
+        if self.tracker.idle:
+            self.last_activity = time.monotonic()
+            if self.expired and not self._ended:
+                self._expire()
 
     def _backend_handlers(self) -> dict[int, MessageHandler]:
         """Per message type: tracking, FATAL detection, credential scrubbing, cancel keys, then hooks."""
@@ -505,6 +544,8 @@ class Session:
             event["error"] = {"severity": r.error.severity, "sqlstate": r.error.sqlstate, "message": r.error.message}
         if r.refused:
             event["refused"] = True
+        if self._capturing:
+            event.update(result_fields(r))
         return event
 
     def _audit(self, event: dict[str, Any]) -> None:

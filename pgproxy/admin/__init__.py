@@ -1,0 +1,5 @@
+"""The admin HTTP listener: the approvals API for human approvers."""
+
+from pgproxy.admin.server import AdminServer
+
+__all__ = ["AdminServer"]

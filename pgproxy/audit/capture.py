@@ -1,0 +1,142 @@
+"""Result capture for the signed audit log: columns, rows sent, a digest over every DataRow, sample rows.
+
+The session installs these backend hooks only when its sink asks for results (``capture_results``).
+Per DataRow the cost is two ``hashlib`` updates, a counter and, under the cap, one list append; rows are
+decoded only when the statement event is built.
+
+Row digest (docs/audit.md): SHA-256 over the concatenation, in order, of every DataRow message sent to
+the client for the statement, each as its full wire bytes: ``'D'`` (0x44), the int32 big-endian length
+(body length + 4), then the body.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from typing import Any
+
+from ..protocol.codec import ProtocolViolation
+from ..protocol.messages import DataRow, NoticeResponse, RowDescription
+from ..protocol.tracker import ExchangeTracker, Kind, StatementResult
+
+MAX_VALUE_BYTES = 4096
+_DATAROW_HEADER = struct.Struct(">Bi").pack
+_EXECUTING = (Kind.QUERY, Kind.EXECUTE, Kind.FUNCTION)
+
+
+class ResultCapture:
+    """Hooks for 'T', 'D', 'N' and 'd' backend messages; feeds the StatementResult at the queue's head."""
+
+    __slots__ = ("_described", "max_rows", "tracker")
+
+    def __init__(self, tracker: ExchangeTracker, max_rows: int) -> None:
+        self.tracker = tracker
+        self.max_rows = max_rows
+        self._described: dict[str, bytes] = {}  # statement name -> its last RowDescription
+
+    def on_row_description(self, body: memoryview) -> None:
+        # The tracker ran first: a Describe answered by this message is already popped, so the head is
+        # the Execute (or Query) whose rows follow.
+        queue = self.tracker.queue
+        if queue:
+            head = queue[0]
+            r = head.result
+            if r is not None and head.kind in _EXECUTING:
+                raw = bytes(body)
+                r.row_description = raw
+                if r.statement_name is not None:
+                    self._described[r.statement_name] = raw
+
+    def on_data_row(self, body: memoryview) -> None:
+        queue = self.tracker.queue
+        if not queue:
+            return
+        r = queue[0].result
+        if r is None:
+            return
+        digest = r.row_digest
+        if digest is None:
+            digest = r.row_digest = hashlib.sha256()
+            r.sample_rows = []
+            if r.row_description is None and r.statement_name is not None:
+                r.row_description = self._described.get(r.statement_name)
+        digest.update(_DATAROW_HEADER(0x44, len(body) + 4))
+        digest.update(body)
+        if r.rows_sent < self.max_rows:
+            r.sample_rows.append(bytes(body))  # type: ignore[union-attr]
+        r.rows_sent += 1
+
+    def on_notice(self, body: memoryview) -> None:
+        queue = self.tracker.queue
+        if queue and queue[0].result is not None:
+            r = queue[0].result
+            if r.notices is None:
+                r.notices = []
+            if len(r.notices) < 20:
+                r.notices.append(bytes(body))
+
+    def on_copy_data(self, body: memoryview) -> None:
+        queue = self.tracker.queue
+        if queue and queue[0].result is not None:
+            queue[0].result.copy_out_bytes += len(body)
+
+
+def _value(value: bytes | None, fmt: int) -> str | None:
+    if value is None:
+        return None
+    clipped = value[:MAX_VALUE_BYTES]
+    suffix = f"...({len(value)} bytes)" if len(value) > MAX_VALUE_BYTES else ""
+    if fmt == 0:
+        return clipped.decode("utf-8", "replace") + suffix
+    return "\\x" + clipped.hex() + suffix
+
+
+def result_fields(r: StatementResult, *, capturing: bool = True) -> dict[str, Any]:
+    """The signed log's extra statement fields: ``result``, ``notices``, formats for replay."""
+    out: dict[str, Any] = {}
+    bind = r.bind if r.bind_body is not None else None
+    if bind is not None:
+        if bind.param_formats:
+            out["param_formats"] = [bind.param_format(i) for i in range(len(bind.params))]
+        if bind.result_formats:
+            out["result_formats"] = list(bind.result_formats)
+    if r.param_types and any(r.param_types):
+        out["param_types"] = list(r.param_types)
+    if not capturing:
+        return out
+    columns: list[dict[str, Any]] = []
+    formats: list[int] = []
+    if r.row_description is not None:
+        try:
+            for f in RowDescription.decode(r.row_description).fields:
+                columns.append({"name": f.name, "type_oid": f.type_oid, "format": f.format_code})
+                formats.append(f.format_code)
+        except ProtocolViolation:
+            pass
+    result: dict[str, Any] = {"rows_sent": r.rows_sent,
+                              "row_digest": (r.row_digest or hashlib.sha256()).hexdigest()}
+    if columns:
+        result["columns"] = columns
+    if r.sample_rows:
+        rows = []
+        for raw in r.sample_rows:
+            try:
+                values = DataRow.decode(raw).values
+            except ProtocolViolation:
+                continue
+            rows.append([_value(v, formats[i] if i < len(formats) else 0) for i, v in enumerate(values)])
+        result["sample_rows"] = rows
+        result["rows_truncated"] = r.rows_sent > len(rows)
+    if r.copy_out_bytes:
+        result["copy_out_bytes"] = r.copy_out_bytes
+    out["result"] = result
+    if r.notices:
+        notices = []
+        for raw in r.notices:
+            try:
+                n = NoticeResponse.decode(raw)
+            except ProtocolViolation:
+                continue
+            notices.append({"severity": n.severity, "sqlstate": n.sqlstate, "message": n.message})
+        out["notices"] = notices
+    return out

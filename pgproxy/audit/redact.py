@@ -1,0 +1,46 @@
+"""Secret detectors: replace obvious secrets in recorded SQL and parameters with ``[redacted:kind]``.
+
+Applied by the signed audit log to ``sql`` and ``params`` of every statement event before it is
+stored. One combined pre-check keeps the common case (no secret) to a single regex search.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+_PRECHECK = re.compile(r"password|private key|eyJ|AKIA|ASIA|bearer|secret", re.IGNORECASE)
+
+_DETECTORS: tuple[tuple[str, re.Pattern[str], int], ...] = (
+    # ALTER/CREATE ROLE|USER ... [ENCRYPTED] PASSWORD '...': keep the keyword, replace the literal.
+    ("password", re.compile(r"(\bpassword\s+)(?:E?'(?:[^']|'')*'|\$\$.*?\$\$)", re.IGNORECASE | re.DOTALL), 1),
+    ("private_key", re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----.*?(?:-----END [A-Z ]*PRIVATE KEY-----|$)",
+                               re.DOTALL), 0),
+    ("jwt", re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*"), 0),
+    ("bearer_token", re.compile(r"(\bbearer\s+)[A-Za-z0-9._~+/=-]{16,}", re.IGNORECASE), 1),
+    ("aws_access_key", re.compile(r"\b(?:AKIA|ASIA)[0-9A-Z]{16}\b"), 0),
+    ("aws_secret_key", re.compile(r"(aws_secret_access_key[\"']?\s*[:=]\s*[\"']?)[A-Za-z0-9/+=]{40}",
+                                  re.IGNORECASE), 1),
+)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every detected secret replaced; the same object when nothing was found."""
+    if not _PRECHECK.search(text):
+        return text
+    for kind, pattern, keep in _DETECTORS:
+        replacement = f"[redacted:{kind}]"
+        # A group-1 prefix (e.g. the PASSWORD keyword) stays; \g<1> in a template keeps it.
+        text = pattern.sub("\\g<1>" + replacement if keep else replacement, text)
+    return text
+
+
+def redact_event(event: dict[str, Any]) -> dict[str, Any]:
+    """Redact ``sql`` and ``params`` of a statement event in place (other events pass through)."""
+    sql = event.get("sql")
+    if isinstance(sql, str):
+        event["sql"] = redact_text(sql)
+    params = event.get("params")
+    if isinstance(params, list):
+        event["params"] = [redact_text(p) if isinstance(p, str) else p for p in params]
+    return event

@@ -1,0 +1,203 @@
+"""`pgproxy audit replay`: re-run a verified bundle's statements against a sandbox and compare digests.
+
+Runs on pgproxy's own wire protocol layer (``connect_upstream`` + the message classes), so the DataRow
+bytes hashed here are exactly what PostgreSQL sends, as they were when recorded. Everything runs in
+one transaction (each statement inside a savepoint, so an error does not end the replay) that is
+rolled back unless ``commit``. Statements that cannot be replayed faithfully are skipped and say why:
+transaction control, redacted or truncated text/parameters, refused statements, function calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import UpstreamConfig
+from ..protocol.messages import Bind, ErrorResponse, Execute, Parse, Query, Sync, Terminate
+from ..server.link import Link
+from ..server.upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
+from .bundle import BundleError, verify_bundle
+
+MESSAGE_LIMIT = 1 << 30
+_TXN_CONTROL = re.compile(r"^\s*(begin|commit|rollback|end|abort|start\s+transaction|savepoint|release|"
+                          r"prepare\s+transaction|commit\s+prepared|rollback\s+prepared)\b", re.IGNORECASE)
+_TRUNCATED = re.compile(r"\.\.\.\(\d+ bytes\)$")
+
+
+@dataclass
+class ReplayOutcome:
+    index: int
+    sql: str
+    status: str  # "match", "differ", "skipped"
+    detail: str = ""
+
+
+@dataclass
+class ReplayReport:
+    outcomes: list[ReplayOutcome] = field(default_factory=list)
+    committed: bool = False
+
+    def count(self, status: str) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+    @property
+    def ok(self) -> bool:
+        return self.count("differ") == 0
+
+
+class ReplayError(Exception):
+    pass
+
+
+def _skip_reason(event: dict[str, Any]) -> str | None:
+    sql = event.get("sql")
+    if not isinstance(sql, str):
+        return "no statement text"
+    if event.get("protocol") == "function":
+        return "function call"
+    if event.get("refused"):
+        return "refused by the proxy when recorded"
+    if "[redacted:" in sql or any(isinstance(p, str) and "[redacted:" in p for p in event.get("params") or []):
+        return "contains redacted secrets"
+    if any(isinstance(p, str) and _TRUNCATED.search(p) for p in event.get("params") or []):
+        return "a parameter was truncated when recorded"
+    if _TXN_CONTROL.match(sql):
+        return "transaction control (the replay runs in its own transaction)"
+    if "result" not in event:
+        return "no recorded result digest"
+    return None
+
+
+class _Conn:
+    def __init__(self, link: Link) -> None:
+        self.link = link
+
+    async def until_ready(self) -> tuple[str, int, ErrorResponse | None]:
+        """Read to ReadyForQuery: (digest of DataRow messages, rows, first error)."""
+        digest = hashlib.sha256()
+        rows = 0
+        error: ErrorResponse | None = None
+        while True:
+            msg_type, body = await self.link.read_message(MESSAGE_LIMIT)
+            if msg_type == 0x44:
+                digest.update(b"D" + (len(body) + 4).to_bytes(4, "big"))
+                digest.update(body)
+                rows += 1
+            elif msg_type == 0x45 and error is None:
+                error = ErrorResponse.decode(body)
+            elif msg_type == 0x5A:
+                return digest.hexdigest(), rows, error
+
+    async def simple(self, sql: str) -> tuple[str, int, ErrorResponse | None]:
+        self.link.write(Query(sql).encode())
+        return await self.until_ready()
+
+    async def extended(self, sql: str, params: list[bytes | None], param_formats: list[int],
+                       result_formats: list[int], param_types: list[int]) -> tuple[str, int, ErrorResponse | None]:
+        self.link.write(Parse("", sql, tuple(param_types)).encode()
+                        + Bind("", "", tuple(param_formats), tuple(params), tuple(result_formats)).encode()
+                        + Execute("", 0).encode() + Sync().encode())
+        return await self.until_ready()
+
+
+def _params(event: dict[str, Any]) -> tuple[list[bytes | None], list[int]]:
+    raw = event.get("params") or []
+    formats = event.get("param_formats") or [0] * len(raw)
+    values: list[bytes | None] = []
+    for i, p in enumerate(raw):
+        if p is None:
+            values.append(None)
+        elif formats[i] == 1:
+            values.append(bytes.fromhex(p[2:]))
+        else:
+            values.append(p.encode("utf-8"))
+    return values, [int(f) for f in formats] if event.get("param_formats") else []
+
+
+def _target(dsn: str) -> tuple[UpstreamConfig, dict[str, str], str | None]:
+    from psycopg.conninfo import conninfo_to_dict
+
+    try:
+        info = {k: str(v) for k, v in conninfo_to_dict(dsn).items() if v is not None}
+    except Exception as exc:
+        raise ReplayError(f"invalid --target: {exc}") from None
+    sslmode = info.get("sslmode", "disable")
+    if sslmode in ("prefer", "allow"):
+        sslmode = "disable"
+    cfg = UpstreamConfig(host=info.get("host", "127.0.0.1"), port=int(info.get("port", "5432")),
+                         sslmode=sslmode, sslrootcert=Path(info["sslrootcert"]) if "sslrootcert" in info else None)
+    user = info.get("user", "postgres")
+    params = {"user": user, "database": info.get("dbname", user), "application_name": "pgproxy-audit-replay"}
+    return cfg, params, info.get("password")
+
+
+async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
+                        progress: Callable[[ReplayOutcome, int, int], None] | None = None) -> ReplayReport:
+    checked = verify_bundle(path, pubkeys=pubkeys)
+    if not checked.ok:
+        raise ReplayError(f"the bundle does not verify: {checked.problems[0]}")
+    statements = [e for e in checked.events if e.get("event") == "statement"]
+    cfg, params, password = _target(dsn)
+    try:
+        link, _ = await connect_upstream(cfg, params, password)
+    except (UpstreamRefused, UpstreamUnavailable) as exc:
+        raise ReplayError(f"cannot connect to the target: {exc}") from None
+    conn = _Conn(link)
+    report = ReplayReport()
+    try:
+        await conn.until_ready()  # ParameterStatus, BackendKeyData, ReadyForQuery after the login
+        _, _, err = await conn.simple("BEGIN")
+        if err is not None:
+            raise ReplayError(f"cannot start the replay transaction: {err.message}")
+        for n, event in enumerate(statements, 1):
+            outcome = await _replay_one(conn, event)
+            report.outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome, n, len(statements))
+        _, _, err = await conn.simple("COMMIT" if commit else "ROLLBACK")
+        report.committed = commit and err is None
+    finally:
+        link.write(Terminate().encode())
+        link.close()
+    return report
+
+
+async def _replay_one(conn: _Conn, event: dict[str, Any]) -> ReplayOutcome:
+    index, sql = int(event["index"]), str(event.get("sql"))
+    reason = _skip_reason(event)
+    if reason is not None:
+        return ReplayOutcome(index, sql, "skipped", reason)
+    await conn.simple("SAVEPOINT pgproxy_replay")
+    if event.get("protocol") == "extended":
+        values, formats = _params(event)
+        digest, rows, error = await conn.extended(sql, values, formats, list(event.get("result_formats") or []),
+                                                  [int(t) for t in event.get("param_types") or []])
+    else:
+        digest, rows, error = await conn.simple(sql)
+    await conn.simple(("ROLLBACK TO" if error is not None else "RELEASE") + " SAVEPOINT pgproxy_replay")
+    recorded = event.get("result") or {}
+    recorded_error = (event.get("error") or {}).get("sqlstate")
+    differences = []
+    if digest != recorded.get("row_digest"):
+        differences.append(f"rows differ: {rows} rows, digest {digest[:16]}... (recorded {recorded.get('rows_sent')} "
+                           f"rows, {str(recorded.get('row_digest'))[:16]}...)")
+    replay_error = error.sqlstate if error is not None else None
+    if replay_error != recorded_error:
+        differences.append(f"error {replay_error or 'none'} (recorded {recorded_error or 'none'})"
+                           + (f": {error.message}" if error is not None else ""))
+    if differences:
+        return ReplayOutcome(index, sql, "differ", "; ".join(differences))
+    return ReplayOutcome(index, sql, "match", f"{rows} rows" + (f", error {replay_error}" if replay_error else ""))
+
+
+def run_replay(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
+               progress: Callable[[ReplayOutcome, int, int], None] | None = None) -> ReplayReport:
+    try:
+        return asyncio.run(replay_bundle(path, dsn, commit=commit, pubkeys=pubkeys, progress=progress))
+    except BundleError as exc:
+        raise ReplayError(str(exc)) from None

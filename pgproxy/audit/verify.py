@@ -1,0 +1,227 @@
+"""`pgproxy audit verify`: check a signed audit log end to end and say exactly what is wrong, and where.
+
+Checks, in order: every checkpoint's signature (against ``--pubkey`` keys, else the log's own keyring),
+every record's numbering and hash chain, the Merkle root at every checkpointed size, checkpoints that
+the log is shorter than (truncation), and, with a witness, the witness's checkpoints the same way.
+An incomplete final line after the last checkpoint is reported as a torn tail (a crash), not as
+tampering.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+from .keys import Checkpoint, KeyError_, key_id, load_public_key
+from .logformat import CHECKPOINTS_FILE, KEYS_DIR, genesis_hash, iter_lines, read_checkpoint_lines, read_meta
+from .merkle import CompactTree, leaf_hash
+
+MAX_PROBLEMS = 20
+
+
+@dataclass
+class VerifyReport:
+    directory: Path
+    log_id: str = ""
+    records: int = 0  # complete records read
+    checkpoints: int = 0  # valid signed checkpoints checked
+    latest_checkpoint: Checkpoint | None = None
+    problems: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    torn_tail: str | None = None
+    leaves: list[bytes] = field(default_factory=list)
+    roots: dict[int, bytes] = field(default_factory=dict)  # root at each checkpointed size
+    last_hash: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def problem(self, text: str) -> None:
+        if len(self.problems) < MAX_PROBLEMS:
+            self.problems.append(text)
+        elif len(self.problems) == MAX_PROBLEMS:
+            self.problems.append("... further problems not shown")
+
+
+def load_keyring(directory: Path, pubkeys: Iterable[Path]) -> tuple[dict[str, Ed25519PublicKey], bool]:
+    """Keys by id: the given files (trusted) or else the log's ``keys/`` directory (self-asserted)."""
+    files = list(pubkeys)
+    trusted = bool(files)
+    if not files:
+        files = sorted((directory / KEYS_DIR).glob("*.pub"))
+    keys = {}
+    for f in files:
+        k = load_public_key(f)
+        keys[key_id(k)] = k
+    return keys, trusted
+
+
+def _load_checkpoints(report: VerifyReport, source: str, entries: Iterable[tuple[str, Any]],
+                      keys: dict[str, Ed25519PublicKey]) -> list[tuple[str, Checkpoint]]:
+    good = []
+    for where, data in entries:
+        try:
+            cp = Checkpoint.from_json(data)
+        except ValueError as exc:
+            report.problem(f"{where}: {exc}")
+            continue
+        if cp.log_id != report.log_id:
+            report.problem(f"{where}: checkpoint of another log ({cp.log_id}, this log is {report.log_id})")
+            continue
+        bad = cp.verify(keys)
+        if bad is not None:
+            report.problem(f"{where}: checkpoint for {cp.tree_size} records is {bad}")
+            continue
+        good.append((where, cp))
+    return good
+
+
+def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), witness: str | None = None,
+               progress: Callable[[int], None] | None = None, keep_leaves: bool = False) -> VerifyReport:
+    report = VerifyReport(directory)
+    try:
+        report.log_id = read_meta(directory)["log_id"]
+    except (OSError, ValueError) as exc:
+        report.problem(f"{directory}: cannot read the log's metadata: {exc}")
+        return report
+    try:
+        keys, trusted = load_keyring(directory, pubkeys)
+    except KeyError_ as exc:
+        report.problem(str(exc))
+        return report
+    if not trusted:
+        report.warnings.append("checked against the log's own keyring (keys/); pass --pubkey to pin the key")
+    cp_entries: list[tuple[str, Any]] = []
+    cp_path = directory / CHECKPOINTS_FILE
+    for line_no, data, complete in read_checkpoint_lines(cp_path):
+        where = f"{cp_path.name}:{line_no}"
+        if not complete:
+            report.warnings.append(f"{where}: incomplete final checkpoint line ignored (crash while writing it)")
+            continue
+        try:
+            cp_entries.append((where, orjson.loads(data)))
+        except orjson.JSONDecodeError:
+            report.problem(f"{where}: checkpoint is not valid JSON")
+    checkpoints = _load_checkpoints(report, "log", cp_entries, keys)
+    if witness is not None:
+        from .witness import read_witness
+
+        try:
+            desc, entries = read_witness(witness, report.log_id)
+        except Exception as exc:
+            report.problem(f"witness {witness}: cannot read checkpoints: {exc}")
+        else:
+            witnessed = _load_checkpoints(report, desc, entries, keys)
+            if not witnessed:
+                report.warnings.append(f"witness {desc}: holds no checkpoint of this log")
+            checkpoints += witnessed
+    report.checkpoints = len(checkpoints)
+    by_size: dict[int, list[tuple[str, Checkpoint]]] = {}
+    for where, cp in checkpoints:
+        by_size.setdefault(cp.tree_size, []).append((where, cp))
+    _scan_records(report, by_size, progress, keep_leaves)
+    total = report.records
+    for where, cp in checkpoints:
+        if cp.tree_size > total:
+            report.problem(f"log truncated: {where} signs {cp.tree_size} records but the log holds only {total} "
+                           f"(records {total}..{cp.tree_size - 1} are missing)")
+    if checkpoints:
+        latest = max((cp for _, cp in checkpoints), key=lambda c: (c.tree_size, c.timestamp_ms))
+        report.latest_checkpoint = latest
+        uncovered = total - latest.tree_size
+        if uncovered > 0:
+            report.warnings.append(f"{uncovered} record(s) after the last checkpoint are chain-checked only "
+                                   "(no signed checkpoint covers them yet)")
+    elif total:
+        report.warnings.append("no signed checkpoint: records are chain-checked only")
+    if report.torn_tail is not None:
+        cp_max = max((cp.tree_size for _, cp in checkpoints), default=0)
+        if cp_max > total:
+            report.problem(f"{report.torn_tail}: incomplete record before the last checkpoint")
+        else:
+            report.warnings.append(f"truncated tail: {report.torn_tail} is an incomplete final record after the "
+                                   f"last checkpoint (a crash while writing); the log is intact up to record "
+                                   f"{total - 1}")
+    return report
+
+
+def _scan_records(report: VerifyReport, by_size: dict[int, list[tuple[str, Checkpoint]]],
+                  progress: Callable[[int], None] | None, keep_leaves: bool) -> None:
+    tree = CompactTree()
+    prev = genesis_hash(report.log_id)
+    expected = 0
+    seen: set[int] = set()
+    in_order = True
+    for line in iter_lines(report.directory):
+        where = f"{line.path.name}:{line.line_no}"
+        if not line.complete:
+            if line.last_in_log:
+                report.torn_tail = f"{where} (offset {line.offset}, {len(line.data)} bytes)"
+            else:
+                report.problem(f"{where}: incomplete line inside the log")
+            break
+        if line.line_no == 1:
+            first = int(line.path.name.split("-")[1].split(".")[0])
+            if first != expected:
+                report.problem(f"{line.path.name}: segment should start at record {first} but follows record "
+                               f"{expected - 1} (missing or extra segment)")
+        try:
+            rec = orjson.loads(line.data)
+        except orjson.JSONDecodeError:
+            rec = None
+        if not isinstance(rec, dict) or not isinstance(rec.get("seq"), int) or not isinstance(rec.get("prev"), str):
+            report.problem(f"{where} (record {expected}): not a valid record (modified?)")
+            seq, in_order = expected, False
+            seen.add(seq)
+        else:
+            seq = rec["seq"]
+            if seq in seen:
+                report.problem(f"{where}: record {seq} appears twice (duplicated or reordered)")
+            elif seq > expected:
+                report.problem(f"{where}: found record {seq} where record {expected} belongs "
+                               "(records deleted or reordered)")
+            elif seq < expected:
+                report.problem(f"{where}: record {seq} is out of order (reordered records)")
+            elif in_order and rec["prev"] != prev:
+                report.problem(f"{where} (record {seq}): hash chain broken: its prev does not match the hash of "
+                               + (f"record {seq - 1} (record {seq - 1} or this record was modified)" if seq
+                                  else "the log's genesis (wrong log id, or this record was modified)"))
+            in_order = seq == expected
+            seen.add(seq)
+        h = leaf_hash(line.data)
+        prev = h.hex()
+        tree.append(h)
+        if keep_leaves:
+            report.leaves.append(h)
+        if seq >= expected:
+            expected = seq + 1
+        size = tree.size
+        if size in by_size:
+            root = tree.root()
+            report.roots[size] = root
+            for where_cp, cp in by_size[size]:
+                if cp.root != root.hex():
+                    report.problem(f"fork: {where_cp} signs root {cp.root[:16]}... for {size} records, but the "
+                                   f"log's records 0..{size - 1} hash to {root.hex()[:16]}... (records modified, "
+                                   "or two inconsistent histories were signed)")
+        if progress is not None and size % 10000 == 0:
+            progress(size)
+    report.records = tree.size
+    missing = [i for i in range(expected) if i not in seen]
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        report.problem(f"record(s) {shown} missing from the log (deleted)")
+    report.last_hash = prev
+    report.__dict__["_tree"] = tree
+
+
+def final_tree(report: VerifyReport) -> CompactTree:
+    tree = report.__dict__.get("_tree")
+    assert isinstance(tree, CompactTree)
+    return tree

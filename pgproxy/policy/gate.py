@@ -1,0 +1,265 @@
+"""PolicyGate: classify each statement, decide by policy, and ask for approvals when a rule says so.
+
+Where it judges:
+
+* Query (simple protocol): the whole string, at once.
+* Parse: only the syntax. A string PostgreSQL's grammar rejects is refused with SQLSTATE 42601 and the
+  parser's own message and position, exactly what the server would answer (the server is never asked).
+* Bind: the statement with its bound parameters (the fingerprint of an approval covers them, so an
+  approval for ``id = 1`` does not run ``id = 2``). Bind, not Execute: the server plans an unnamed
+  statement at Bind, and planning can already run functions (constant folding) or fail on them, so
+  Bind is the earliest point where the parameters are known and nothing has run yet. One Bind may be
+  followed by several Executes of the same portal (fetching in batches): they need no new decision.
+* Execute: nothing (its portal was judged at Bind).
+* FunctionCall (fast path, e.g. libpq's lo_import): class ``function_call``.
+
+Decisions: allow lets the request through; deny refuses it with 42501 "pgproxy policy <rule>:
+<message>"; approve goes to the approval store (see ``pgproxy.policy.approvals``):
+
+* refuse mode: an approved, unused request for this exact statement is consumed and the statement runs
+  once; otherwise a request is filed and the statement fails with PXA01 naming the approval id.
+  Inside a transaction block refusing would abort the transaction, so the gate holds instead.
+* hold mode: the session waits (a NOTICE names the approval id) until the request is approved (the
+  statement runs), denied or timed out (PXA02).
+
+A store that cannot be reached refuses the statement with 57P03 (fail closed: nothing that needs an
+approval runs without one).
+
+Cost: classification is cached by SQL text (``classify``), decisions per session by SQL text, so a
+repeated or prepared statement costs two dict lookups. Every deny/approve decision is written to the
+audit log as a ``policy_decision`` event; allows only when ``audit_allowed`` (the ``statement`` event
+records what ran anyway).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import weakref
+from typing import TYPE_CHECKING, Any
+
+from ..protocol import errors
+from ..protocol.messages import ErrorResponse, NoticeResponse
+from ..server.gates import Hold, Refuse, Request, Verdict
+from .approval_factory import new_request
+from .approvals import ApprovalRequest, ApprovalStore
+from .classify import Classification, SqlSyntaxError, StatementInfo, classify
+from .rules import ApprovalRequirement, Decision, Policy
+
+if TYPE_CHECKING:
+    from ..server.session import Session
+
+log = logging.getLogger(__name__)
+
+MAX_CACHED_DECISIONS = 2048  # per session
+_KIND_QUERY, _KIND_PARSE, _KIND_EXECUTE, _KIND_FUNCTION = 0x51, 0x50, 0x45, 0x46
+_KIND_BIND = 0x42
+_JUDGED = frozenset({_KIND_QUERY, _KIND_BIND, _KIND_FUNCTION})
+
+
+def syntax_error(exc: SqlSyntaxError) -> ErrorResponse:
+    """The ErrorResponse PostgreSQL sends for a syntax error (with the 'P' position field)."""
+    fields = (("S", "ERROR"), ("V", "ERROR"), ("C", errors.SYNTAX_ERROR), ("M", exc.message),
+              ("P", str(exc.position)))
+    return ErrorResponse(fields)
+
+
+def function_call_classification(sql: str) -> Classification:
+    info = StatementInfo(sql, "FunctionCall", frozenset({"function_call"}), (), (), (),
+                         (f"fast-path function call ({sql.strip('<>')})",))
+    return Classification((info,), info.classes, (), (), (), info.reasons)
+
+
+def params_as_text(request: Request) -> list[str | None]:
+    """The bound parameters as the fingerprint sees them: text as text, binary as \\x-hex."""
+    bind = request.bind
+    if bind is None:
+        return []
+    out: list[str | None] = []
+    for i, value in enumerate(bind.params):
+        if value is None:
+            out.append(None)
+        elif bind.param_format(i) == 0:
+            out.append(bytes(value).decode("utf-8", "surrogateescape"))
+        else:
+            out.append("\\x" + bytes(value).hex())
+    return out
+
+
+class PolicyGate:
+    """A FrontendGate that enforces ``policy``, filing approval requests in ``store``."""
+
+    def __init__(self, policy: Policy, store: ApprovalStore | None = None, *, audit_allowed: bool = False) -> None:
+        self.policy = policy
+        self.store = store
+        self.audit_allowed = audit_allowed
+        self._decisions: weakref.WeakKeyDictionary[Session, dict[str, tuple[Decision, Classification]]] = \
+            weakref.WeakKeyDictionary()
+
+    # ------------------------------------------------------------------------------------- the seam
+
+    def inspect(self, session: Session, request: Request) -> Verdict:
+        msg_type = request.msg_type
+        if msg_type in _JUDGED:
+            return self._judge(session, request)
+        if msg_type == _KIND_PARSE:
+            try:
+                classify(request.sql)
+            except SqlSyntaxError as exc:
+                self._emit(session, request, None, "refuse", "syntax", None, error=exc.message)
+                return Refuse(syntax_error(exc))
+            return None
+        return None  # Execute: its portal was judged at Bind
+
+    def _judge(self, session: Session, request: Request) -> Verdict:
+        cache = self._decisions.get(session)
+        if cache is None:
+            cache = self._decisions[session] = {}
+        sql = request.sql
+        cached = cache.get(sql)
+        if cached is None:
+            try:
+                classification = (function_call_classification(sql) if request.msg_type == _KIND_FUNCTION
+                                  else classify(sql))
+            except SqlSyntaxError as exc:
+                self._emit(session, request, None, "refuse", "syntax", None, error=exc.message)
+                return Refuse(syntax_error(exc))
+            identity = session.identity
+            if identity is None:  # cannot happen after login; fail closed
+                return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
+            decision = self.policy.decide(identity, classification, session.database, session.db_role)
+            if len(cache) >= MAX_CACHED_DECISIONS:
+                cache.clear()
+            cached = cache[sql] = (decision, classification)
+        decision, classification = cached
+        action = decision.action
+        if action == "allow":
+            if self.audit_allowed:
+                self._emit(session, request, classification, "allow", decision.rule, None)
+            return None
+        if action == "deny":
+            self._emit(session, request, classification, "deny", decision.rule, None)
+            return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE,
+                                       f"pgproxy policy {decision.rule}: {decision.message}",
+                                       detail="; ".join(decision.reasons) or None))
+        return self._approve(session, request, classification, decision)
+
+    # ------------------------------------------------------------------------------------ approvals
+
+    def _approve(self, session: Session, request: Request, classification: Classification,
+                 decision: Decision) -> Verdict:
+        requirement = decision.approval
+        assert requirement is not None
+        identity = session.identity
+        assert identity is not None
+        params = params_as_text(request)
+        mode = requirement.mode
+        if mode == "refuse" and session.tracker.transaction_status != "I":
+            mode = "hold"  # refusing would abort the caller's transaction: wait instead
+        pending = new_request(requester=identity.audit_fields(), database=session.database, sql=request.sql,
+                              params=params, classification=classification.summary(), rule=decision.rule,
+                              approver_groups=requirement.approvers, required_approvals=requirement.approvals,
+                              mode=mode, expiry_seconds=requirement.expires)
+        self._emit(session, request, classification, "approve", decision.rule, pending.id, mode=mode)
+        if self.store is None:
+            return Refuse(_unavailable("no approval store is configured"))
+        if mode == "hold":
+            notice = NoticeResponse.build("NOTICE", "00000", f"waiting for approval {pending.id} (rule "
+                                          f"{decision.rule})", hint=_how_to_approve(pending.id, requirement))
+            return Hold(self._hold(session, pending, requirement), notice)
+        return Hold(self._refuse(session, pending, requirement))
+
+    async def _refuse(self, session: Session, pending: ApprovalRequest,
+                      requirement: ApprovalRequirement) -> Refuse | None:
+        store = self.store
+        assert store is not None
+        try:
+            used = await store.consume(pending.fingerprint)
+            if used is not None:
+                self._emit_approval(session, used, "used")
+                return None
+            stored = await store.create(pending)
+            if stored.status == "approved":  # approved between our two calls
+                used = await store.consume(pending.fingerprint)
+                if used is not None:
+                    self._emit_approval(session, used, "used")
+                    return None
+        except Exception as exc:  # ApprovalStoreUnavailable and anything else: fail closed
+            log.warning("session %s: approval store failed: %s", session.id, exc)
+            return Refuse(_unavailable(str(exc)))
+        self._emit_approval(session, stored, "required")
+        groups = " or ".join(requirement.approvers)
+        return Refuse(errors.error(
+            errors.APPROVAL_REQUIRED,
+            f"approval {stored.id} required (rule {stored.rule}): ask an approver in {groups} to run "
+            f"`pgproxy approvals approve {stored.id}`, then run the same statement again",
+            detail="; ".join(stored.classification.get("reasons", ())) or None,
+            hint="The approval is for this exact statement, parameters, database and caller, and runs it once."))
+
+    async def _hold(self, session: Session, pending: ApprovalRequest,
+                    requirement: ApprovalRequirement) -> Refuse | None:
+        store = self.store
+        assert store is not None
+        try:
+            used = await store.consume(pending.fingerprint)
+            if used is not None:
+                self._emit_approval(session, used, "used")
+                return None
+            stored = await store.create(pending)
+            self._emit_approval(session, stored, "waiting")
+            result = stored if stored.status != "pending" else await store.wait(stored.id, requirement.timeout)
+            if result.status == "approved":
+                used = await store.consume(pending.fingerprint)
+                if used is not None:
+                    self._emit_approval(session, used, "used")
+                    return None
+                return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} was already used"))
+        except Exception as exc:
+            log.warning("session %s: approval store failed: %s", session.id, exc)
+            return Refuse(_unavailable(str(exc)))
+        if result.status == "denied":
+            refusals = [d for d in result.decisions if not d.approve]
+            by = f" by {refusals[-1].approver}" if refusals else ""
+            why = f": {refusals[-1].reason}" if refusals and refusals[-1].reason else ""
+            self._emit_approval(session, result, "denied")
+            return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} denied{by}{why}"))
+        self._emit_approval(session, result, "timed out")
+        return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} timed out"))
+
+    # ---------------------------------------------------------------------------------------- audit
+
+    def _emit(self, session: Session, request: Request, classification: Classification | None, decision: str,
+              rule: str, approval_id: str | None, **extra: Any) -> None:
+        event: dict[str, Any] = {"event": "policy_decision", "ts": time.time(), "session": session.id,
+                                 "kind": request.kind, "sql": request.sql, "decision": decision, "rule": rule}
+        if classification is not None:
+            event["classes"] = sorted(classification.classes)
+            event["reasons"] = list(classification.reasons)
+        if approval_id is not None:
+            event["approval_id"] = approval_id
+        event.update(extra)
+        _emit(session, event)
+
+    def _emit_approval(self, session: Session, request: ApprovalRequest, outcome: str) -> None:
+        _emit(session, {"event": "policy_approval", "ts": time.time(), "session": session.id,
+                        "approval_id": request.id, "rule": request.rule, "outcome": outcome,
+                        "status": request.status})
+
+
+def _emit(session: Session, event: dict[str, Any]) -> None:
+    try:
+        session.server.audit.emit(event)
+    except Exception as exc:  # the session's own statement events fail closed on the same sink
+        log.error("session %s: cannot record policy decision: %s", session.id, exc)
+
+
+def _unavailable(why: str) -> ErrorResponse:
+    return errors.error(errors.CANNOT_CONNECT_NOW,
+                        "the approval store is unavailable: statements that need an approval are refused",
+                        detail=why)
+
+
+def _how_to_approve(approval_id: str, requirement: ApprovalRequirement) -> str:
+    return (f"An approver in {' or '.join(requirement.approvers)} runs `pgproxy approvals approve {approval_id}`; "
+            f"this session waits up to {requirement.timeout:g} s.")
+

@@ -1,0 +1,1 @@
+"""Approval store implementations: SQLite (default, one host) and PostgreSQL (several proxy replicas)."""

@@ -1,0 +1,117 @@
+"""Merkle tree (RFC 9162 vectors, inclusion and consistency proofs), secret redaction, audit config."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pgproxy.audit.merkle import (
+    CompactTree,
+    TreeView,
+    consistency_proof,
+    inclusion_proof,
+    leaf_hash,
+    root_of,
+    verify_consistency,
+    verify_inclusion,
+)
+from pgproxy.audit.redact import redact_event, redact_text
+from pgproxy.config import ConfigError, parse_config
+
+# The RFC 6962 / 9162 test vectors used by certificate-transparency implementations.
+LEAVES = [b"", b"\x00", b"\x10", b"\x20\x21", b"\x30\x31", b"\x40\x41\x42\x43", bytes(range(0x50, 0x58)),
+          bytes(range(0x60, 0x70))]
+ROOTS = ["6e340b9cffb37a989ca544e6bb780a2c78901d3fb33738768511a30617afa01d",
+         "fac54203e7cc696cf0dfcb42c92a1d9dbaf70ad9e621f4bd8d98662f00e3c125",
+         "aeb6bcfe274b70a14fb067a5e5578264db0fa9b51af5e0ba159158f329e06e77",
+         "d37ee418976dd95753c1c73862b9398fa2a2cf9b4ff0fdfe8b30cd95209614b7",
+         "4e3bbb1f7b478dcfe71fb631631519a3bca12c9aefca1612bfce4c13a86264d4",
+         "76e67dadbcdf1e10e1b74ddc608abd2f98dfb16fbce75277b5232a127f2087ef",
+         "ddb89be403809e325750d3d263cd78929c2942b7942a34b77e122c9594a74c8c",
+         "5dc9da79a70659a9ad559cb701ded9a2ab9d823aad2f4960cfe370eff4604328"]
+
+
+def test_known_roots_and_compact_tree() -> None:
+    hashes = [leaf_hash(x) for x in LEAVES]
+    tree = CompactTree()
+    assert tree.root() == hashlib.sha256(b"").digest()
+    for n, expected in enumerate(ROOTS, 1):
+        tree.append(hashes[n - 1])
+        assert root_of(hashes[:n]).hex() == expected
+        assert tree.root().hex() == expected
+
+
+def test_known_inclusion_and_consistency_vectors() -> None:
+    hashes = [leaf_hash(x) for x in LEAVES]
+    # RFC 6962 inclusion proof for leaf 0 in the tree of 8 (from the CT test vectors).
+    assert [h.hex()[:8] for h in inclusion_proof(0, hashes)] == ["96a296d2", "5f083f0a", "6b47aaf2"]
+    # Consistency proof from 4 to 8 is the root of leaves 4..7 only (the old tree is a node).
+    assert [h.hex()[:8] for h in consistency_proof(4, hashes)] == ["6b47aaf2"]
+
+
+def test_proofs_verify_and_reject_for_every_size() -> None:
+    hashes = [leaf_hash(i.to_bytes(2, "big")) for i in range(33)]
+    view = TreeView(hashes)
+    for n in range(1, len(hashes) + 1):
+        root = root_of(hashes[:n])
+        for i in range(n):
+            proof = view.inclusion(i, n)
+            assert proof == inclusion_proof(i, hashes[:n])
+            assert verify_inclusion(hashes[i], i, n, proof, root)
+            assert not verify_inclusion(leaf_hash(b"forged"), i, n, proof, root)
+        for m in range(1, n + 1):
+            proof = consistency_proof(m, hashes[:n])
+            assert verify_consistency(m, n, root_of(hashes[:m]), root, proof)
+            if m < n:
+                assert not verify_consistency(m, n, leaf_hash(b"fork"), root, proof)
+
+
+@pytest.mark.parametrize(("text", "kind", "leaked"), [
+    ("ALTER ROLE bob PASSWORD 'hunter2'", "password", "hunter2"),
+    ("create user x with encrypted password 'it''s secret' valid until 'infinity'", "password", "secret"),
+    ("select '-----BEGIN RSA PRIVATE KEY-----\nMIIEabc\n-----END RSA PRIVATE KEY-----'", "private_key", "MIIE"),
+    ("insert into t values ('eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJhIn0.c2lnbmF0dXJl')", "jwt", "c2lnbmF0dXJl"),
+    ("Authorization: Bearer abcdefghijklmnop0123456789", "bearer_token", "abcdefghijklmnop"),
+    ("select 'AKIAIOSFODNN7EXAMPLE'", "aws_access_key", "IOSFODNN7"),
+    ("aws_secret_access_key = wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY", "aws_secret_key", "wJalrXUtn"),
+])
+def test_secret_detectors(text: str, kind: str, leaked: str) -> None:
+    out = redact_text(text)
+    assert f"[redacted:{kind}]" in out and leaked not in out
+
+
+def test_redaction_leaves_ordinary_sql_alone() -> None:
+    sql = "select password_hash from users where id = $1"
+    assert redact_text(sql) is sql
+    event: dict[str, Any] = {"event": "statement", "sql": "alter role a password 'p'",
+                             "params": ["AKIAIOSFODNN7EXAMPLE", None]}
+    redact_event(event)
+    assert event["sql"] == "alter role a password [redacted:password]"
+    assert event["params"] == ["[redacted:aws_access_key]", None]
+
+
+def _config(audit: dict[str, Any], tmp_path: Path) -> Any:
+    return parse_config({
+        "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
+        "identity": {"issuer": "i", "audience": "a", "algorithms": ["HS256"], "hs256_secret_env": "X"},
+        "upstream": {"credentials": [{"role": "*"}]}, "audit": audit}, tmp_path)
+
+
+def test_audit_config(tmp_path: Path) -> None:
+    (tmp_path / "k").write_text("x")
+    cfg = _config({"dir": "log", "signing_key_file": "k", "fsync": "always", "witness_dir": "w"}, tmp_path).audit
+    assert cfg.dir == tmp_path / "log" and cfg.fsync == "always" and cfg.max_result_rows == 20
+    for audit, message in [
+        ({"dir": "log", "jsonl_path": "a.jsonl", "signing_key_file": "k"},
+         "audit: set exactly one of jsonl_path or dir"),
+        ({"dir": "log"}, "audit.signing_key_file: required with dir"),
+        ({"dir": "log", "signing_key_file": "k", "fsync": "sometimes"}, "audit.fsync: must be one of"),
+        ({"dir": "log", "signing_key_file": "missing"}, "audit.signing_key_file: file not found"),
+        ({"jsonl_path": "a.jsonl", "witness_dir": "w"}, "audit.witness_dir: only used with dir"),
+        ({"dir": "log", "signing_key_file": "k", "max_result_rows": -1}, "audit.max_result_rows: must be"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            _config(audit, tmp_path)

@@ -1,0 +1,121 @@
+"""PolicyGate without a network: which message is judged, function calls, caching, failing closed."""
+
+from __future__ import annotations
+
+import asyncio
+from types import MappingProxyType, SimpleNamespace
+from typing import Any
+
+import yaml
+
+from pgproxy.audit.sink import MemoryAuditSink
+from pgproxy.identity import Identity
+from pgproxy.policy.approvals import ApprovalRequest, ApprovalStoreUnavailable
+from pgproxy.policy.gate import PolicyGate
+from pgproxy.policy.rules import parse_policy
+from pgproxy.protocol.messages import Bind, FunctionCall
+from pgproxy.server.gates import Hold, Refuse, Request
+
+POLICY = parse_policy(yaml.safe_load("""
+rules:
+  - {name: no-fastpath, match: {classes: [function_call]}, action: deny, message: no fast path}
+  - {name: approve-drop, match: {classes: [destructive]}, action: approve, approvers: [dba]}
+default: allow
+"""))
+
+
+class MemoryStore:
+    """The smallest ApprovalStore for refuse mode."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.requests: dict[str, ApprovalRequest] = {}
+        self.fail = fail
+
+    async def consume(self, fingerprint: str) -> ApprovalRequest | None:
+        if self.fail:
+            raise ApprovalStoreUnavailable("down")
+        for r in self.requests.values():
+            if r.fingerprint == fingerprint and r.status == "approved":
+                r.status = "used"
+                return r
+        return None
+
+    async def create(self, request: ApprovalRequest) -> ApprovalRequest:
+        for r in self.requests.values():
+            if r.fingerprint == request.fingerprint and r.status in ("pending", "approved"):
+                return r
+        self.requests[request.id] = request
+        return request
+
+
+class FakeSession(SimpleNamespace):
+    __hash__ = object.__hash__  # weak references and identity hashing, like a Session
+
+
+def session(status: str = "I") -> Any:
+    identity = Identity(subject="agent-1", groups=("agents",), db_roles=("r",), agent_id=None, session_id=None,
+                        tool_call_id=None, token_id="t", issuer="i", expires_at=0.0, claims=MappingProxyType({}))
+    return FakeSession(id="s1", identity=identity, database="app", db_role="r",
+                       tracker=SimpleNamespace(transaction_status=status),
+                       server=SimpleNamespace(audit=MemoryAuditSink()))
+
+
+def run(verdict: Any) -> Any:
+    assert isinstance(verdict, Hold)
+    return asyncio.run(verdict.decision)  # type: ignore[arg-type]
+
+
+def test_only_query_bind_and_function_call_are_judged() -> None:
+    gate, s = PolicyGate(POLICY, MemoryStore()), session()
+    assert gate.inspect(s, Request(0x50, "drop table t", "")) is None  # Parse: syntax only
+    bind = Bind("", "", (), (), ()).encode()[5:]
+    assert isinstance(run(gate.inspect(s, Request(0x42, "drop table t", "", bind))), Refuse)
+    assert gate.inspect(s, Request(0x45, "drop table t", "", bind)) is None  # Execute: judged at Bind
+    assert isinstance(run(gate.inspect(s, Request(0x51, "drop table t"))), Refuse)
+
+
+def test_fast_path_function_call_is_denied() -> None:
+    gate, s = PolicyGate(POLICY, MemoryStore()), session()
+    oid = FunctionCall(764, (), (), 0).function_oid
+    verdict = gate.inspect(s, Request(0x46, f"<function call oid={oid}>"))
+    assert isinstance(verdict, Refuse) and verdict.error.sqlstate == "42501"
+    assert verdict.error.message == "pgproxy policy no-fastpath: no fast path"
+
+
+def test_syntax_error_at_parse_has_position() -> None:
+    verdict = PolicyGate(POLICY).inspect(session(), Request(0x50, "select 1 frm t where", "s1"))
+    assert isinstance(verdict, Refuse)
+    assert verdict.error.sqlstate == "42601" and verdict.error.get("P") == "14"
+
+
+def test_refuse_mode_with_memory_store() -> None:
+    store = MemoryStore()
+    gate, s = PolicyGate(POLICY, store), session()
+    first = run(gate.inspect(s, Request(0x51, "drop table t")))
+    assert isinstance(first, Refuse) and first.error.sqlstate == "PXA01"
+    (request,) = store.requests.values()
+    assert request.id in (first.error.message or "") and request.rule == "approve-drop"
+    request.status = "approved"
+    assert run(gate.inspect(s, Request(0x51, "drop table t"))) is None
+    assert request.status == "used"
+    again = run(gate.inspect(s, Request(0x51, "drop table t")))
+    assert isinstance(again, Refuse) and again.error.sqlstate == "PXA01"
+
+
+def test_in_a_transaction_refuse_mode_holds_with_a_notice() -> None:
+    verdict = PolicyGate(POLICY, MemoryStore()).inspect(session("T"), Request(0x51, "drop table t"))
+    assert isinstance(verdict, Hold) and verdict.notice is not None
+    assert (verdict.notice.get("M") or "").startswith("waiting for approval apr_")
+    verdict.decision.close()  # type: ignore[attr-defined]
+
+
+def test_store_unavailable_fails_closed() -> None:
+    verdict = run(PolicyGate(POLICY, MemoryStore(fail=True)).inspect(session(), Request(0x51, "drop table t")))
+    assert isinstance(verdict, Refuse) and verdict.error.sqlstate == "57P03"
+    assert isinstance(PolicyGate(POLICY, None).inspect(session(), Request(0x51, "drop table t")), Refuse)
+
+
+def test_decisions_are_cached_per_session() -> None:
+    gate, s = PolicyGate(POLICY), session()
+    assert gate.inspect(s, Request(0x51, "select 1")) is None
+    assert "select 1" in gate._decisions[s]
