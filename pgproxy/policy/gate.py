@@ -33,15 +33,19 @@ records what ran anyway).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ..config import ConfigError
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
 from ..server.gates import Hold, Refuse, Request, Verdict
+from ..server.upstream import upstream_dsn
 from .approval_factory import new_request
+from .approval_impact import estimate_impact
 from .approvals import ApprovalRequest, ApprovalStore
 from .classify import Classification, SqlSyntaxError, StatementInfo, classify
 from .rules import ApprovalRequirement, Decision, Policy
@@ -95,6 +99,7 @@ class PolicyGate:
         self.audit_allowed = audit_allowed
         self._decisions: weakref.WeakKeyDictionary[Session, dict[str, tuple[Decision, Classification]]] = \
             weakref.WeakKeyDictionary()
+        self._background: set[asyncio.Future[None]] = set()
 
     # ------------------------------------------------------------------------------------- the seam
 
@@ -179,6 +184,7 @@ class PolicyGate:
                 self._emit_approval(session, used, "used")
                 return None
             stored = await store.create(pending)
+            self._estimate_impact(session, stored)
             if stored.status == "approved":  # approved between our two calls
                 used = await store.consume(pending.fingerprint)
                 if used is not None:
@@ -206,6 +212,7 @@ class PolicyGate:
                 self._emit_approval(session, used, "used")
                 return None
             stored = await store.create(pending)
+            self._estimate_impact(session, stored)
             self._emit_approval(session, stored, "waiting")
             result = stored if stored.status != "pending" else await store.wait(stored.id, requirement.timeout)
             if result.status == "approved":
@@ -225,6 +232,35 @@ class PolicyGate:
             return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} denied{by}{why}"))
         self._emit_approval(session, result, "timed out")
         return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} timed out"))
+
+    async def aclose(self) -> None:
+        """Stop background work (impact estimates) when the proxy shuts down."""
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    def _estimate_impact(self, session: Session, request: ApprovalRequest) -> None:
+        """In the background: the plan (and rows touched) for the approver, as the caller's own role."""
+        if request.impact is not None or request.status != "pending" or self.store is None:
+            return
+        try:
+            dsn = upstream_dsn(session.config.upstream, session.db_role, session.database)
+        except ConfigError as exc:
+            log.warning("session %s: no impact estimate: %s", session.id, exc)
+            return
+        store = self.store
+
+        async def estimate() -> None:
+            impact = await estimate_impact(dsn, request.sql, request.params)
+            try:
+                await store.set_impact(request.id, impact)
+            except Exception as exc:  # the request stands without an estimate
+                log.warning("cannot store impact estimate for %s: %s", request.id, exc)
+
+        task = asyncio.ensure_future(estimate())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---------------------------------------------------------------------------------------- audit
 

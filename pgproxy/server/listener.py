@@ -166,6 +166,10 @@ class ProxyServer:
             self._flusher.cancel()
         if self._sweeper is not None:
             self._sweeper.cancel()
+        for gate in self.gates:  # gates with background work (e.g. impact estimates) stop it here
+            aclose = getattr(gate, "aclose", None)
+            if aclose is not None:
+                await aclose()
         if self._owns_approval_store and self.approval_store is not None:
             try:
                 await self.approval_store.close()

@@ -169,6 +169,13 @@ def test_refuse_mode_approve_retry_once(gated: Gated) -> None:
         approval = _approval_id(first.value)
         assert "pgproxy approvals approve " + approval in str(first.value)
         assert "ask an approver in dba" in str(first.value)
+        # the approver sees what it would do: the plan, and the rows it would delete (rolled back)
+        deadline = time.monotonic() + 10
+        while (request := gated.running.call(gated.store.get(approval))) is not None and request.impact is None:
+            assert time.monotonic() < deadline, "no impact estimate"
+            time.sleep(0.05)
+        assert request is not None and request.impact is not None
+        assert request.impact.get("rows") == 2 and request.impact.get("plan"), request.impact
         # asking again before the approval finds the same pending request
         with pytest.raises(psycopg.Error) as again:
             conn.execute("delete from pg_policy_t")
