@@ -144,3 +144,25 @@ def test_log_continues_after_restart_and_checkpoints_rotate_segments(proxy: Any,
     out = _run("audit", "verify", str(tmp_path / "log"), "--pubkey", str(pub))
     assert out.exit_code == 0, out.output
     assert len({e["session"] for e in _events(tmp_path / "log")}) == 2
+
+
+def test_postgres_witness_catches_truncation(database: Any, tmp_path: Path) -> None:
+    from pgproxy.audit.keys import load_private_key
+    from pgproxy.audit.signed import SignedAuditLog
+    from pgproxy.audit.witness import PostgresWitness
+
+    key = tmp_path / "k"
+    pub, _ = generate_key(key)
+    log = SignedAuditLog(tmp_path / "log", load_private_key(key), checkpoint_every_records=4,
+                         witness=PostgresWitness(database.dsn()))
+    for i in range(10):
+        log.emit({"event": "statement", "session": "w", "ts": float(i), "sql": f"select {i}"})
+        log.flush()
+    log.close()  # waits for the witness thread to publish
+    out = _run("audit", "verify", str(tmp_path / "log"), "--pubkey", str(pub), "--witness", database.dsn())
+    assert out.exit_code == 0, out.output
+    segment = next((tmp_path / "log").glob("segment-*.jsonl"))
+    segment.write_bytes(b"".join(segment.read_bytes().splitlines(keepends=True)[:5]))
+    (tmp_path / "log" / "checkpoints.jsonl").write_bytes(b"")  # the attacker removes local checkpoints
+    out = _run("audit", "verify", str(tmp_path / "log"), "--pubkey", str(pub), "--witness", database.dsn())
+    assert out.exit_code == 1 and "log truncated" in out.output
