@@ -38,10 +38,14 @@ def _event_loop_runner() -> asyncio.Runner:
 
 
 @click.group()
-@click.option("--log-level", default="INFO", show_default=True,
-              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def main(log_level: str) -> None:
+@click.option("--log-level", default=None,
+              type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
+              help="Default: INFO for serve and demo, WARNING for the other commands.")
+@click.pass_context
+def main(ctx: click.Context, log_level: str | None) -> None:
     """Identity-aware PostgreSQL gateway for agents and SQL tools."""
+    if log_level is None:
+        log_level = "INFO" if ctx.invoked_subcommand in ("serve", "demo") else "WARNING"
     logging.basicConfig(level=log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 

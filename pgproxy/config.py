@@ -542,7 +542,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
         pol = root.section("policy")
         policy_file = pol.path_("file")
         if policy_file is None:
-            raise ConfigError("policy.file: required (the YAML policy, e.g. policies/default.yaml)")
+            raise ConfigError("policy.file: required (the YAML policy, e.g. pgproxy/policy/default_policy.yaml)")
         policy = PolicyConfig(file=policy_file, audit_allowed=pol.boolean("audit_allowed", False))
         pol.done()
     root.done()

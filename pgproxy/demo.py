@@ -33,6 +33,8 @@ DEMO_AUDIENCE = "pgproxy"
 DEMO_SUBJECT = "demo-agent"
 DEMO_ROLES = ("agent_reader", "agent_writer")
 DEFAULT_PORT = 6432
+DEFAULT_ADMIN_PORT = 6480
+DEFAULT_POLICY = Path(__file__).parent / "policy" / "default_policy.yaml"
 
 
 def _pick_port(preferred: int) -> int:
@@ -90,6 +92,10 @@ def write_demo_config(workdir: Path, database: Database, port: int) -> tuple[Pat
                      "credentials": [{"role": "*", "password_file": str(password_file)}]},
         "audit": {"dir": str(workdir / "audit"), "signing_key_file": str(_audit_key(workdir)),
                   "checkpoint_every_seconds": 10},
+        # The shipped policy: destructive and privilege statements wait for a DBA's approval.
+        "policy": {"file": str(DEFAULT_POLICY)},
+        "approvals": {"store": "sqlite", "path": str(workdir / "approvals.sqlite")},
+        "admin": {"host": "127.0.0.1", "port": _pick_port(DEFAULT_ADMIN_PORT)},
     }
     config_file = workdir / "pgproxy.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -173,6 +179,14 @@ Connect through the proxy (the password is a JWT for subject "{DEMO_SUBJECT}", r
     psql {shlex.quote(conninfo)}
 
 Try:  SELECT full_name, email, ssn FROM shop.customers LIMIT 5;
-More tokens:  {CONFIG_ENV_VAR}={env.config_file} pgproxy token --sub someone --role agent_reader
+      \\c - agent_writer
+      DELETE FROM shop.orders WHERE status = 'cancelled';   -- fine
+      DELETE FROM shop.orders;   -- refused: needs a DBA's approval (its id is in the error)
+Approve it as a DBA, then run the same DELETE again (it runs once):
+  export {CONFIG_ENV_VAR}={env.config_file}
+  export PGPROXY_APPROVER_TOKEN=$(pgproxy token --sub dba-alice --group dba --role agent_reader)
+  pgproxy approvals list;  pgproxy approvals approve <id> --reason "cleanup ok"
+Audit:  pgproxy audit sessions {env.workdir / 'audit'};  pgproxy audit verify {env.workdir / 'audit'} \
+          --pubkey {env.workdir / 'keys' / 'audit-signing.key.pub'}
 Ctrl-C stops the proxy and the database and removes {env.workdir}.
 """)

@@ -39,7 +39,6 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from ..config import ConfigError
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
 from ..server.gates import Hold, Refuse, Request, Verdict
@@ -246,7 +245,7 @@ class PolicyGate:
             return
         try:
             dsn = upstream_dsn(session.config.upstream, session.db_role, session.database)
-        except ConfigError as exc:
+        except Exception as exc:  # best effort: never fails the statement
             log.warning("session %s: no impact estimate: %s", session.id, exc)
             return
         store = self.store

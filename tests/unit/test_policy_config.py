@@ -31,14 +31,14 @@ def base(tmp_path: Path, **extra: Any) -> dict[str, Any]:
 
 def test_policy_section(tmp_path: Path) -> None:
     assert parse_config(base(tmp_path), tmp_path).policy is None
-    cfg = parse_config(base(tmp_path, policy={"file": str(ROOT / "policies/default.yaml")}), tmp_path)
-    assert cfg.policy is not None and cfg.policy.file.name == "default.yaml" and not cfg.policy.audit_allowed
+    cfg = parse_config(base(tmp_path, policy={"file": str(ROOT / "pgproxy/policy/default_policy.yaml")}), tmp_path)
+    assert cfg.policy is not None and cfg.policy.file.name == "default_policy.yaml" and not cfg.policy.audit_allowed
     with pytest.raises(ConfigError, match=r"policy\.file: file not found"):
         parse_config(base(tmp_path, policy={"file": "nope.yaml"}), tmp_path)
     with pytest.raises(ConfigError, match=r"policy\.file: required"):
         parse_config(base(tmp_path, policy={"audit_allowed": True}), tmp_path)
     with pytest.raises(ConfigError, match=r"policy\.rules: unknown setting"):
-        parse_config(base(tmp_path, policy={"file": str(ROOT / "policies/default.yaml"), "rules": []}), tmp_path)
+        parse_config(base(tmp_path, policy={"file": str(ROOT / "pgproxy/policy/default_policy.yaml"), "rules": []}), tmp_path)
 
 
 def test_server_installs_the_gate_with_the_configured_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -46,7 +46,7 @@ def test_server_installs_the_gate_with_the_configured_store(tmp_path: Path, monk
 
     monkeypatch.setenv("PGPROXY_T_SECRET", "s" * 32)
 
-    data = base(tmp_path, policy={"file": str(ROOT / "policies/default.yaml")},
+    data = base(tmp_path, policy={"file": str(ROOT / "pgproxy/policy/default_policy.yaml")},
                 approvals={"store": "sqlite", "path": str(tmp_path / "a.sqlite")})
 
     async def build() -> tuple[Any, ...]:

@@ -34,7 +34,7 @@ def decide(p: Any, sql: str, identity: Identity | None = None, database: str = "
 
 
 def test_default_policy_file() -> None:
-    p = load_policy(ROOT / "policies" / "default.yaml")
+    p = load_policy(ROOT / "pgproxy" / "policy" / "default_policy.yaml")
     agent = ident(groups=("agents",))
     assert decide(p, "select * from t", agent) == ("allow", "default")
     assert decide(p, "DO $$ begin end $$", agent) == ("deny", "agents-no-code")
