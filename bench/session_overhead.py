@@ -121,7 +121,7 @@ def main() -> None:
     parser.add_argument("--transactions", type=int, default=50_000)
     parser.add_argument("--policy", type=Path, default=None,
                         help="Also run each mode with a PolicyGate enforcing this policy file "
-                             "(e.g. policies/default.yaml).")
+                             "(e.g. pgproxy/policy/default_policy.yaml).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for mode in PATTERNS:
