@@ -80,13 +80,21 @@ class NullTransport:
         pass
 
 
-async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | None = None) -> float:
+async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | None = None,
+                  signed: bool = False) -> float:
     config = parse_config({
         "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
         "identity": {"issuer": "i", "audience": "a", "algorithms": ["HS256"], "hs256_secret_env": "UNUSED"},
         "upstream": {"credentials": [{"role": "*"}]},
     }, audit_dir)
-    audit = JsonLinesAuditSink(audit_dir / f"{mode}.jsonl")
+    audit: Any = JsonLinesAuditSink(audit_dir / f"{mode}.jsonl")
+    if signed:  # the signed, hash-chained log with result capture, as `audit: {dir: ...}` installs it
+        from pgproxy.audit.keys import generate_key, load_private_key
+        from pgproxy.audit.signed import SignedAuditLog
+
+        key_file = audit_dir / f"{mode}-{policy is not None}.key"
+        generate_key(key_file)
+        audit = SignedAuditLog(audit_dir / f"signed-{mode}-{policy is not None}", load_private_key(key_file))
     gates: tuple[Any, ...] = ()
     if policy is not None:  # the policy gate, as `policy: {file: ...}` installs it (no approvals needed here)
         from pgproxy.policy.gate import PolicyGate
@@ -119,16 +127,17 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=50_000)
+    parser.add_argument("--signed", action="store_true", help="Use the signed audit log (with result capture).")
     parser.add_argument("--policy", type=Path, default=None,
                         help="Also run each mode with a PolicyGate enforcing this policy file "
                              "(e.g. pgproxy/policy/default_policy.yaml).")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for mode in PATTERNS:
-            us = asyncio.run(measure(mode, args.transactions, Path(tmp)))
+            us = asyncio.run(measure(mode, args.transactions, Path(tmp), signed=args.signed))
             print(f"{mode:9s} {us:6.2f} us of proxy CPU per transaction (framing + tracking + audit)")
             if args.policy is not None:
-                gated = asyncio.run(measure(mode, args.transactions, Path(tmp), args.policy))
+                gated = asyncio.run(measure(mode, args.transactions, Path(tmp), args.policy, args.signed))
                 print(f"{mode:9s} {gated:6.2f} us with the policy gate ({gated - us:+.2f} us)")
 
 

@@ -11,12 +11,13 @@ the client for the statement, each as its full wire bytes: ``'D'`` (0x44), the i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from typing import Any
 
 from ..protocol.codec import ProtocolViolation
-from ..protocol.messages import DataRow, NoticeResponse, RowDescription
+from ..protocol.messages import Bind, DataRow, NoticeResponse, RowDescription
 from ..protocol.tracker import ExchangeTracker, Kind, StatementResult
 
 MAX_VALUE_BYTES = 4096
@@ -81,7 +82,22 @@ class ResultCapture:
             queue[0].result.copy_out_bytes += len(body)
 
 
-def _value(value: bytes | None, fmt: int) -> str | None:
+@functools.lru_cache(maxsize=1024)
+def _columns(row_description: bytes) -> tuple[tuple[dict[str, Any], ...], tuple[int, ...]]:
+    """Column names, types and formats of a RowDescription; repeated statements decode it once.
+
+    The dicts are shared between records: never mutate them.
+    """
+    try:
+        fields = RowDescription.decode(row_description).fields
+    except ProtocolViolation:
+        return (), ()
+    return (tuple({"name": f.name, "type_oid": f.type_oid, "format": f.format_code} for f in fields),
+            tuple(f.format_code for f in fields))
+
+
+def audit_value(value: bytes | None, fmt: int) -> str | None:
+    """A parameter or cell as recorded: text as text, binary as hex, both capped in size."""
     if value is None:
         return None
     clipped = value[:MAX_VALUE_BYTES]
@@ -91,10 +107,12 @@ def _value(value: bytes | None, fmt: int) -> str | None:
     return "\\x" + clipped.hex() + suffix
 
 
-def result_fields(r: StatementResult, *, capturing: bool = True) -> dict[str, Any]:
-    """The signed log's extra statement fields: ``result``, ``notices``, formats for replay."""
+def result_fields(r: StatementResult, bind: Bind | None, *, capturing: bool = True) -> dict[str, Any]:
+    """The signed log's extra statement fields: ``result``, ``notices``, formats for replay.
+
+    ``bind`` is the statement's decoded Bind (decoded once by the caller), if any.
+    """
     out: dict[str, Any] = {}
-    bind = r.bind if r.bind_body is not None else None
     if bind is not None:
         if bind.param_formats:
             out["param_formats"] = [bind.param_format(i) for i in range(len(bind.params))]
@@ -104,19 +122,11 @@ def result_fields(r: StatementResult, *, capturing: bool = True) -> dict[str, An
         out["param_types"] = list(r.param_types)
     if not capturing:
         return out
-    columns: list[dict[str, Any]] = []
-    formats: list[int] = []
-    if r.row_description is not None:
-        try:
-            for f in RowDescription.decode(r.row_description).fields:
-                columns.append({"name": f.name, "type_oid": f.type_oid, "format": f.format_code})
-                formats.append(f.format_code)
-        except ProtocolViolation:
-            pass
+    columns, formats = _columns(r.row_description) if r.row_description is not None else ((), ())
     result: dict[str, Any] = {"rows_sent": r.rows_sent,
                               "row_digest": (r.row_digest or hashlib.sha256()).hexdigest()}
     if columns:
-        result["columns"] = columns
+        result["columns"] = list(columns)
     if r.sample_rows:
         rows = []
         for raw in r.sample_rows:
@@ -124,7 +134,7 @@ def result_fields(r: StatementResult, *, capturing: bool = True) -> dict[str, An
                 values = DataRow.decode(raw).values
             except ProtocolViolation:
                 continue
-            rows.append([_value(v, formats[i] if i < len(formats) else 0) for i, v in enumerate(values)])
+            rows.append([audit_value(v, formats[i] if i < len(formats) else 0) for i, v in enumerate(values)])
         result["sample_rows"] = rows
         result["rows_truncated"] = r.rows_sent > len(rows)
     if r.copy_out_bytes:

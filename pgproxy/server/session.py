@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from ..audit.capture import ResultCapture, result_fields
+from ..audit.capture import ResultCapture, audit_value, result_fields
 from ..audit.sink import AuditUnavailable
 from ..config import ConfigError, ListenerConfig
 from ..identity import Identity, TokenError
@@ -59,7 +59,6 @@ PASSWORD_MESSAGE_LIMIT = 64 * 1024
 _STATEMENT_TYPES = frozenset(b"QPEF")
 _GATED_TYPES = frozenset(b"QPBEF")
 _UNDECIDED = object()
-MAX_AUDITED_PARAM_BYTES = 4096
 
 
 class SessionRefused(Exception):
@@ -79,17 +78,6 @@ class _Ended(Exception):
 def token_fingerprint(token: str) -> str:
     """A stable, non-reversible name for a token, for logs: never log the token itself."""
     return "sha256:" + hashlib.sha256(token.encode("utf-8", "replace")).hexdigest()[:16]
-
-
-def audit_param(value: bytes | None, fmt: int) -> str | None:
-    """A bound parameter as recorded: text as text, binary as hex, both capped in size."""
-    if value is None:
-        return None
-    clipped = value[:MAX_AUDITED_PARAM_BYTES]
-    suffix = f"...({len(value)} bytes)" if len(value) > MAX_AUDITED_PARAM_BYTES else ""
-    if fmt == 0:
-        return clipped.decode("utf-8", "replace") + suffix
-    return "\\x" + clipped.hex() + suffix
 
 
 class Session:
@@ -534,10 +522,9 @@ class Session:
         event: dict[str, Any] = {"event": "statement", "protocol": r.protocol, "sql": r.sql,
                                  "started_at": r.started_at, "duration_ms": r.duration_ms,
                                  "tags": r.tags, "rows": r.rows}
-        if r.bind_body is not None:
-            bind = r.bind
-            if bind is not None and bind.params:
-                event["params"] = [audit_param(v, bind.param_format(i)) for i, v in enumerate(bind.params)]
+        bind = r.bind if r.bind_body is not None else None
+        if bind is not None and bind.params:
+            event["params"] = [audit_value(v, bind.param_format(i)) for i, v in enumerate(bind.params)]
         if r.statement_name:
             event["statement_name"] = r.statement_name
         if r.error is not None:
@@ -545,7 +532,7 @@ class Session:
         if r.refused:
             event["refused"] = True
         if self._capturing:
-            event.update(result_fields(r))
+            event.update(result_fields(r, bind))
         return event
 
     def _audit(self, event: dict[str, Any]) -> None:
