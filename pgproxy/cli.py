@@ -6,9 +6,7 @@ Errors are one clear line on stderr and a non-zero exit status, never a tracebac
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -55,16 +53,12 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 def serve(config_path: str | None) -> None:
     """Run the proxy until SIGTERM or SIGINT (sessions get a short drain period)."""
     config = _load(config_path)
-    from .server.listener import ProxyServer
+    from .server.listener import ProxyServer, stop_event_on_signals
 
     async def run() -> None:
         server = ProxyServer(config)
         await server.start()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
+        stop = stop_event_on_signals()
         click.echo(f"pgproxy listening on ports {', '.join(map(str, server.bound_ports))}", err=True)
         await stop.wait()
         await server.close()

@@ -160,7 +160,6 @@ class ApprovalsConfig:
     dsn_env: str | None = None  # postgres: environment variable holding the DSN
     schema: str = "pgproxy"  # postgres: schema of the approval tables (created if missing)
     webhook_url: str | None = None  # each new request is POSTed here as JSON
-    default_expiry_seconds: float = 900.0
 
     def dsn(self) -> str:
         """The PostgreSQL DSN from ``dsn_env`` (postgres store only)."""
@@ -459,7 +458,6 @@ def _approvals(s: _Section) -> ApprovalsConfig:
         dsn_env=s.string("dsn_env"),
         schema=schema,
         webhook_url=s.string("webhook_url"),
-        default_expiry_seconds=s.number("default_expiry_seconds", 900.0, minimum=1.0),
     )
     s.done()
     if store == "sqlite":
@@ -558,12 +556,16 @@ def load_config(path: str | os.PathLike[str] | None) -> ProxyConfig:
             raise ConfigError(f"no config file: pass -c FILE or set {CONFIG_ENV_VAR}")
         path = env
     p = Path(path)
+    return parse_config(load_yaml(p), p.resolve().parent, source=p)
+
+
+def load_yaml(path: Path) -> Any:
+    """The YAML document in ``path``; unreadable files and bad YAML become one-line ConfigErrors."""
     try:
-        text = p.read_text()
+        text = path.read_text()
     except OSError as exc:
-        raise ConfigError(f"{p}: {exc.strerror}") from None
+        raise ConfigError(f"{path}: {exc.strerror}") from None
     try:
-        data = yaml.safe_load(text)
+        return yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
-    return parse_config(data, p.resolve().parent, source=p)
+        raise ConfigError(f"{path}: invalid YAML: {exc}") from None

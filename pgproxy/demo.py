@@ -7,10 +7,8 @@ token signed by a key generated for this run only.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import shlex
 import shutil
-import signal
 import socket
 import tempfile
 from collections.abc import Callable
@@ -25,7 +23,7 @@ from .config import CONFIG_ENV_VAR, load_config
 from .demo_data import seed_sample_schema
 from .devdb import Database, start_database
 from .identity import generate_dev_keys, mint_token
-from .server.listener import ProxyServer
+from .server.listener import ProxyServer, stop_event_on_signals
 from .tlsutil import generate_dev_ca_and_cert
 
 DEMO_ISSUER = "pgproxy-demo"
@@ -144,11 +142,7 @@ async def _serve(env: DemoEnvironment, env_file: Path | None,
                  on_ready: Callable[[DemoEnvironment], None] | None) -> None:
     server = ProxyServer(load_config(env.config_file))
     await server.start()
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(NotImplementedError, RuntimeError):
-            loop.add_signal_handler(sig, stop.set)
+    stop = stop_event_on_signals()
     variables = env.connection_env()
     if env_file is not None:
         env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items()))

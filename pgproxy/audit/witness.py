@@ -94,7 +94,10 @@ class PostgresWitness:
             try:
                 if conn is None:
                     conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
-                    conn.execute(CREATE_TABLE)
+                    # Create the table only if missing: the witness role may (and should) only INSERT.
+                    exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (TABLE,)).fetchone()
+                    if not (exists and exists[0]):
+                        conn.execute(CREATE_TABLE)
                 for cp in backlog:
                     conn.execute(f"INSERT INTO {TABLE} VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
                                  (cp.log_id, cp.tree_size, cp.root, cp.timestamp_ms, cp.key_id, cp.signature))

@@ -43,7 +43,7 @@ def _literal(value: str | None) -> str:
 
 
 async def estimate_impact(dsn: str, sql: str, params: Sequence[str | None] = (), *,
-                          timeout_ms: int = STATEMENT_TIMEOUT_MS) -> dict[str, Any]:
+                          timeout_ms: int = STATEMENT_TIMEOUT_MS, count_rows: bool = True) -> dict[str, Any]:
     """``{"plan": [...], "estimated_rows": N, "rows": N (UPDATE/DELETE only)}`` or ``{"error": "..."}``."""
     kind = statement_kind(sql)
     impact: dict[str, Any] = {"statement": kind}
@@ -64,7 +64,9 @@ async def estimate_impact(dsn: str, sql: str, params: Sequence[str | None] = (),
             plan = json.loads(raw) if isinstance(raw, str) else raw
             impact["plan"] = plan
             impact["estimated_rows"] = plan[0]["Plan"].get("Plan Rows")
-            if kind in ("UPDATE", "DELETE"):
+            if kind in ("UPDATE", "DELETE") and not count_rows:
+                impact["rows_not_counted"] = "the statement calls functions: it is not run before approval"
+            elif kind in ("UPDATE", "DELETE"):
                 status = await conn.execute(f"EXECUTE pgproxy_impact{args}")
                 count = status.rpartition(" ")[2]
                 impact["rows"] = int(count) if count.isdigit() else None

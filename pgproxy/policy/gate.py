@@ -164,7 +164,9 @@ class PolicyGate:
                               params=params, classification=classification.summary(), rule=decision.rule,
                               approver_groups=requirement.approvers, required_approvals=requirement.approvals,
                               mode=mode, expiry_seconds=requirement.expires)
-        self._emit(session, request, classification, "approve", decision.rule, pending.id, mode=mode)
+        # The request's id is known once the store has it (it may reuse an existing one): the
+        # policy_approval events carry it.
+        self._emit(session, request, classification, "approve", decision.rule, None, mode=mode)
         if self.store is None:
             return Refuse(_unavailable("no approval store is configured"))
         if mode == "hold":
@@ -251,7 +253,10 @@ class PolicyGate:
         store = self.store
 
         async def estimate() -> None:
-            impact = await estimate_impact(dsn, request.sql, request.params)
+            # Counting rows runs the statement (rolled back); functions could act beyond the
+            # transaction (dblink, pg_terminate_backend...), so such statements are only EXPLAINed.
+            calls_functions = bool(request.classification.get("functions"))
+            impact = await estimate_impact(dsn, request.sql, request.params, count_rows=not calls_functions)
             try:
                 await store.set_impact(request.id, impact)
             except Exception as exc:  # the request stands without an estimate
@@ -276,9 +281,13 @@ class PolicyGate:
         _emit(session, event)
 
     def _emit_approval(self, session: Session, request: ApprovalRequest, outcome: str) -> None:
+        # Who decided, when and why goes into the proxy's own (signed) log, whichever front end
+        # (CLI, HTTP API) recorded the decision in the store.
         _emit(session, {"event": "policy_approval", "ts": time.time(), "session": session.id,
                         "approval_id": request.id, "rule": request.rule, "outcome": outcome,
-                        "status": request.status})
+                        "status": request.status,
+                        "decisions": [{"approver": d.approver, "approve": d.approve, "reason": d.reason, "at": d.at}
+                                      for d in request.decisions]})
 
 
 def _emit(session: Session, event: dict[str, Any]) -> None:

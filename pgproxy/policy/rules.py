@@ -32,9 +32,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-
-from ..config import ConfigError, _Section
+from ..config import ConfigError, _Section, load_yaml
 from ..identity import Identity
 from .classify import CLASSES, Classification, StatementInfo
 
@@ -233,14 +231,7 @@ def parse_policy(data: Any, source: Path | None = None, path: str = "") -> Polic
 
 def load_policy(path: str | os.PathLike[str]) -> Policy:
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as exc:
-        raise ConfigError(f"{p}: {exc.strerror}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{p}: invalid YAML: {exc}") from None
+    data = load_yaml(p)
     try:
         return parse_policy(data, p)
     except ConfigError as exc:

@@ -84,12 +84,7 @@ class StatementResult:
     @property
     def bind(self) -> Bind | None:
         """The decoded Bind; None when there was none or it was malformed (the server rejected it too)."""
-        if self.bind_body is None:
-            return None
-        try:
-            return Bind.decode(self.bind_body)
-        except ProtocolViolation:
-            return None
+        return decode_bind_leniently(self.bind_body)
 
     @property
     def params(self) -> tuple[bytes | None, ...]:
@@ -127,6 +122,16 @@ class _Portal:
     sql: str
     statement_name: str
     bind_body: bytes
+
+
+def decode_bind_leniently(body: bytes | None) -> Bind | None:
+    """A recorded Bind body decoded for display; None when absent or malformed."""
+    if body is None:
+        return None
+    try:
+        return Bind.decode(body)
+    except ProtocolViolation:
+        return None
 
 
 def _cstring(raw: bytes, pos: int) -> tuple[str, int]:

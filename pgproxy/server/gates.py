@@ -19,8 +19,8 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
 
-from ..protocol.codec import ProtocolViolation
 from ..protocol.messages import Bind, ErrorResponse, Execute, FunctionCall, NoticeResponse, Parse, Query
+from ..protocol.tracker import decode_bind_leniently
 
 if TYPE_CHECKING:
     from .session import Session
@@ -70,12 +70,7 @@ class Request:
     @property
     def bind(self) -> Bind | None:
         """The bound parameters (Bind, Execute); None when absent or malformed."""
-        if self.bind_body is None:
-            return None
-        try:
-            return Bind.decode(self.bind_body)
-        except ProtocolViolation:
-            return None
+        return decode_bind_leniently(self.bind_body)
 
 
 class FrontendGate(Protocol):

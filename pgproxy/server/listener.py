@@ -8,8 +8,10 @@ session never reaches another or the listener.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
+import signal
 import ssl
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +30,16 @@ from .link import Link
 from .session import Session
 
 log = logging.getLogger(__name__)
+
+
+def stop_event_on_signals() -> asyncio.Event:
+    """An event set by SIGINT or SIGTERM (where the loop supports signal handlers)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
+    return stop
 
 
 class ProxyServer:

@@ -45,18 +45,16 @@ def test_no_sections_by_default(base_dir: Path) -> None:
 def test_sqlite_defaults(base_dir: Path) -> None:
     cfg = parse_config(config(approvals={"path": "approvals.db"}), base_dir)
     assert cfg.approvals == ApprovalsConfig(store="sqlite", path=base_dir / "approvals.db")
-    assert cfg.approvals.default_expiry_seconds == 900.0
 
 
 def test_postgres_and_admin(base_dir: Path) -> None:
     cfg = parse_config(config(
         approvals={"store": "postgres", "dsn_env": "APPROVALS_DSN", "schema": "approvals_v1",
-                   "webhook_url": "https://hooks.slack.example/T/B/x", "default_expiry_seconds": 60},
+                   "webhook_url": "https://hooks.slack.example/T/B/x"},
         admin={"host": "0.0.0.0", "port": 8443, "tls": {"cert_file": "server.crt", "key_file": "server.key"}}),
         base_dir)
     assert cfg.approvals == ApprovalsConfig(store="postgres", dsn_env="APPROVALS_DSN", schema="approvals_v1",
-                                            webhook_url="https://hooks.slack.example/T/B/x",
-                                            default_expiry_seconds=60.0)
+                                            webhook_url="https://hooks.slack.example/T/B/x")
     assert cfg.admin is not None and cfg.admin.port == 8443 and cfg.admin.tls is not None
     assert parse_config(config(approvals={"path": "a.db"}, admin={}), base_dir).admin == AdminConfig()
 
@@ -73,10 +71,8 @@ def test_postgres_and_admin(base_dir: Path) -> None:
      "approvals.schema: must be a plain identifier"),
     ({"approvals": {"path": "a.db", "webhook_url": "http://hooks.example/x"}},
      "approvals.webhook_url: must be an https URL"),
-    ({"approvals": {"path": "a.db", "default_expiry_seconds": 0}},
-     "approvals.default_expiry_seconds: must be >= 1.0"),
-    ({"approvals": {"path": "a.db", "default_expiry_seconds": "1h"}},
-     "approvals.default_expiry_seconds: expected a number"),
+    ({"approvals": {"path": "a.db", "default_expiry_seconds": 60}},
+     "approvals.default_expiry_seconds: unknown setting"),
     ({"approvals": {"path": "a.db", "expiry": 5}}, "approvals.expiry: unknown setting"),
     ({"approvals": "yes"}, "approvals: expected a mapping"),
     ({"admin": {}}, "admin: needs an approvals section"),
