@@ -12,18 +12,24 @@ from __future__ import annotations
 import copy
 import os
 import secrets
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from harness import (
+    AGENT_ROLES,
+    SUPERUSER_PASSWORD_ENV,
+    UPSTREAM_PASSWORD_ENV,
+    ProxyUnderTest,
+    proxy_config_data,
+)
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
 from pgproxy.devdb import Database, create_role, start_database
-from pgproxy.identity import DevKeys, generate_dev_keys, mint_token
+from pgproxy.identity import DevKeys, generate_dev_keys
 from pgproxy.testing import RunningProxy
 from pgproxy.tlsutil import DevTLS, generate_dev_ca_and_cert
 
@@ -51,84 +57,6 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> DevTLS:
 # --------------------------------------------------------------------------------------------------
 # Proxy fixtures (added by the lead)
 # --------------------------------------------------------------------------------------------------
-
-UPSTREAM_PASSWORD_ENV = "PGPROXY_TEST_UPSTREAM_PASSWORD"
-SUPERUSER_PASSWORD_ENV = "PGPROXY_TEST_SUPERUSER_PASSWORD"
-AGENT_ROLES = ("agent_reader", "agent_writer")
-ISSUER = "https://issuer.test"
-AUDIENCE = "pgproxy-test"
-
-
-@dataclass
-class ProxyUnderTest:
-    """A running proxy in front of the test database, with helpers to mint tokens and connect."""
-
-    running: RunningProxy
-    audit: MemoryAuditSink
-    keys: DevKeys
-    tls: DevTLS
-    database: Database
-    config_data: dict[str, Any]
-
-    @property
-    def port(self) -> int:
-        """The TLS listener."""
-        return self.running.ports[0]
-
-    @property
-    def plain_port(self) -> int:
-        """The loopback listener marked insecure_plaintext."""
-        return self.running.ports[1]
-
-    def token(self, sub: str = "agent-1", roles: Sequence[str] = ("agent_reader",), groups: Sequence[str] = (),
-              ttl: float = 600, **claims: Any) -> str:
-        return mint_token(self.keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject=sub,
-                          groups=list(groups), db_role=list(roles), ttl_seconds=ttl, extra_claims=claims)
-
-    def conninfo(self, *, user: str = "agent_reader", token: str | None = None, tls: bool = True,
-                 database: str | None = None, **extra: str) -> dict[str, str]:
-        """libpq keyword parameters for connecting through the proxy."""
-        params = {"host": "127.0.0.1", "port": str(self.port if tls else self.plain_port), "user": user,
-                  "password": token if token is not None else self.token(roles=(user,)),
-                  "dbname": database or self.database.database,
-                  "sslmode": "verify-full" if tls else "disable"}
-        if tls:
-            params["sslrootcert"] = str(self.tls.ca_file)
-        params.update(extra)
-        return params
-
-    def dsn(self, **kwargs: Any) -> str:
-        """A libpq conninfo string (keyword form) for connecting through the proxy."""
-        return " ".join(f"{k}='{v}'" for k, v in self.conninfo(**kwargs).items())
-
-    def env(self, **kwargs: Any) -> dict[str, str]:
-        """Environment for psql/pgbench connecting through the proxy."""
-        c = self.conninfo(**kwargs)
-        mapping = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "password": "PGPASSWORD",
-                   "dbname": "PGDATABASE", "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT"}
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update({mapping[k]: v for k, v in c.items() if k in mapping})
-        return env
-
-    def events(self, kind: str | None = None) -> list[dict[str, Any]]:
-        return [e for e in list(self.audit.events) if kind is None or e.get("event") == kind]
-
-
-def proxy_config_data(database: Database, keys: DevKeys, tls: DevTLS) -> dict[str, Any]:
-    """The test proxy's config: a TLS listener and a plaintext loopback listener, ES256 dev keys."""
-    return {
-        "listeners": [
-            {"host": "127.0.0.1", "port": 0, "tls": {"cert_file": str(tls.cert_file), "key_file": str(tls.key_file)}},
-            {"host": "127.0.0.1", "port": 0, "insecure_plaintext": True},
-        ],
-        "identity": {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["ES256", "RS256"],
-                     "jwks_file": str(keys.jwks_file), "leeway_seconds": 0},
-        "upstream": {"host": database.host, "port": database.port, "connect_timeout_seconds": 5,
-                     "credentials": [{"role": database.superuser, "password_env": SUPERUSER_PASSWORD_ENV},
-                                     {"role": "*", "password_env": UPSTREAM_PASSWORD_ENV}]},
-        "limits": {"startup_timeout_seconds": 5, "max_message_bytes": 8 * 1024 * 1024},
-    }
-
 
 @pytest.fixture(scope="session")
 def upstream_roles(database: Database) -> str:

@@ -126,8 +126,13 @@ class ProxyServer:
             self.sessions.discard(session)
 
     def over_connection_limit(self) -> bool:
-        """True when a new session would exceed ``limits.max_connections`` (the asking one included)."""
-        return len(self.sessions) > self.config.limits.max_connections
+        """True when one more started session would exceed ``limits.max_connections``.
+
+        As in PostgreSQL, a connection counts once it has sent its startup packet: sockets that have
+        sent nothing yet cannot lock everybody out (the startup timeout ends them).
+        """
+        started = sum(1 for s in self.sessions if s.started)
+        return started >= self.config.limits.max_connections
 
     async def _sweep_idle_sessions(self) -> None:
         limits = self.config.limits

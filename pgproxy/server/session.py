@@ -97,6 +97,7 @@ class Session:
         self.started_at = time.time()
         self.statements = 0
         self.expired = False
+        self.started = False  # sent its startup packet: counts against limits.max_connections
         self.last_activity = time.monotonic()  # last client bytes, or last answer that left it idle
         self._deadline = 0.0  # epoch seconds after which no statement may start
         self.end_reason = "client disconnected"
@@ -123,6 +124,7 @@ class Session:
                         return
                     if self.server.over_connection_limit():
                         raise SessionRefused(errors.TOO_MANY_CONNECTIONS, "sorry, too many clients already")
+                    self.started = True
                     identity = await self._authenticate(startup)
             except TimeoutError:
                 raise SessionRefused(errors.CONNECTION_FAILURE, "canceling authentication due to timeout") from None

@@ -9,7 +9,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import FakeClock, StoreFactory, base_config_data, make_request, mint
+from approval_helpers import FakeClock, StoreFactory, base_config_data, make_request, mint
 
 from pgproxy.admin.server import AdminServer
 from pgproxy.config import AdminConfig, parse_config

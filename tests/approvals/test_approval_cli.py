@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 import yaml
+from approval_helpers import base_config_data, make_request, mint
 from click.testing import CliRunner
-from conftest import base_config_data, make_request, mint
 
 from pgproxy.cli import main
 from pgproxy.config import load_config

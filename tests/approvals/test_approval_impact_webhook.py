@@ -11,7 +11,7 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from conftest import FakeClock, make_request
+from approval_helpers import FakeClock, make_request
 
 from pgproxy.devdb import Database
 from pgproxy.policy.approval_impact import estimate_impact, statement_kind

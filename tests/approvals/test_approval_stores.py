@@ -6,7 +6,7 @@ import asyncio
 import time
 
 import pytest
-from conftest import FakeClock, StoreFactory, make_request
+from approval_helpers import FakeClock, StoreFactory, make_request
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.policy.approvals import (

@@ -23,7 +23,7 @@ from typing import Any
 
 import psycopg
 import pytest
-from conftest import UPSTREAM_PASSWORD_ENV, ProxyUnderTest
+from harness import UPSTREAM_PASSWORD_ENV, ProxyUnderTest
 from rawwire import (
     errors_in,
     login,
