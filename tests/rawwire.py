@@ -99,13 +99,13 @@ def read_message(sock: socket.socket) -> tuple[str, bytes]:
 
 def read_until_closed(sock: socket.socket, limit: int = 1 << 20) -> bytes:
     """Everything the peer sends until it closes (a socket timeout propagates: that is a hang)."""
-    data = b""
+    data = bytearray()
     with contextlib.suppress(ConnectionResetError, BrokenPipeError):
         while chunk := sock.recv(65536):
             data += chunk
             if len(data) > limit:
                 raise AssertionError(f"peer sent more than {limit} bytes without closing")
-    return data
+    return bytes(data)
 
 
 def read_until_ready(sock: socket.socket) -> list[tuple[str, bytes]]:

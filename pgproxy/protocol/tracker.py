@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from .codec import ProtocolViolation, invalid_utf8
-from .messages import Bind, Close, ErrorResponse, FunctionCall, Parse, Query, tag_rows
+from .messages import Bind, ErrorResponse, FunctionCall, Parse, Query, tag_rows
 
 
 class Kind(Enum):
@@ -39,12 +39,13 @@ _SYNC_POINTS = (Kind.QUERY, Kind.SYNC, Kind.FUNCTION)
 
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
-TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHW")
+TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHWS")
 TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSFcf")
 _TRANSACTION_STATES = frozenset(b"ITE")
 
 
-_PARSE_CACHE_LIMIT = 4096
+_PARSE_CACHE_LIMIT = 1024
+_PARSE_CACHE_MAX_BODY = 4096  # bytes: the cache holds at most ~4 MiB per session
 
 
 @dataclass(slots=True)
@@ -134,15 +135,33 @@ def decode_bind_leniently(body: bytes | None) -> Bind | None:
         return None
 
 
-def _cstring(raw: bytes, pos: int) -> tuple[str, int]:
-    """The NUL-terminated UTF-8 string at ``pos`` and the offset after it."""
+# PostgreSQL client encodings and the Python codecs that read them. The server interprets a client's
+# bytes in its client_encoding, so the proxy must judge and record them the same way.
+CLIENT_ENCODINGS = {
+    "UTF8": "utf-8", "SQL_ASCII": "latin-1", "LATIN1": "iso8859-1", "LATIN2": "iso8859-2",
+    "LATIN3": "iso8859-3", "LATIN4": "iso8859-4", "LATIN5": "iso8859-9", "LATIN6": "iso8859-10",
+    "LATIN7": "iso8859-13", "LATIN8": "iso8859-14", "LATIN9": "iso8859-15", "LATIN10": "iso8859-16",
+    "ISO_8859_5": "iso8859-5", "ISO_8859_6": "iso8859-6", "ISO_8859_7": "iso8859-7", "ISO_8859_8": "iso8859-8",
+    "WIN866": "cp866", "WIN874": "cp874", "WIN1250": "cp1250", "WIN1251": "cp1251", "WIN1252": "cp1252",
+    "WIN1253": "cp1253", "WIN1254": "cp1254", "WIN1255": "cp1255", "WIN1256": "cp1256", "WIN1257": "cp1257",
+    "WIN1258": "cp1258", "KOI8R": "koi8-r", "KOI8U": "koi8-u", "EUC_JP": "euc_jp", "EUC_KR": "euc_kr",
+    "EUC_CN": "gb2312", "EUC_JIS_2004": "euc_jis_2004", "SJIS": "shift_jis", "SHIFT_JIS_2004": "shift_jis_2004",
+    "BIG5": "big5", "GBK": "gbk", "GB18030": "gb18030", "UHC": "cp949", "JOHAB": "johab",
+}
+
+
+def _cstring(raw: bytes, pos: int, codec: str | None = "utf-8") -> tuple[str, int]:
+    """The NUL-terminated string at ``pos`` in the client's encoding, and the offset after it."""
     end = raw.find(b"\0", pos)
     if end < 0:
         raise ProtocolViolation("missing string terminator in message")
+    if codec is None:
+        raise ProtocolViolation("the session's client_encoding is not supported by pgproxy", sqlstate="0A000")
     try:
-        return raw[pos:end].decode(), end + 1
+        return raw[pos:end].decode(codec), end + 1
     except UnicodeDecodeError as exc:
-        raise invalid_utf8(exc) from None
+        raise invalid_utf8(exc) if codec == "utf-8" else ProtocolViolation(
+            f"invalid byte sequence for the client encoding ({codec})", sqlstate="22021") from None
 
 
 class ExchangeTracker:
@@ -162,6 +181,7 @@ class ExchangeTracker:
         self.desyncs = 0
         # The entry the last frontend message created (None when it created none).
         self.last_request: Pending | None = None
+        self.codec: str | None = "utf-8"  # Python codec of the session's client_encoding (None: unsupported)
         self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
@@ -182,6 +202,7 @@ class ExchangeTracker:
             0x74: _ignore, 0x54: self._row_description, 0x6E: self._no_data, 0x43: self._command_complete,
             0x49: self._execute_done, 0x73: self._execute_done, 0x45: self._error, 0x5A: self._ready_for_query,
             0x56: _ignore, 0x47: self._copy_in_response, 0x48: _ignore, 0x57: _ignore,
+            0x53: self._parameter_status,
         }
 
     @property
@@ -207,18 +228,18 @@ class ExchangeTracker:
         """(sql, statement name, raw Bind body) a Query/Parse/Bind/Execute/FunctionCall refers to,
         read without changing any state (gates look before the tracker records)."""
         if msg_type == 0x51:
-            return Query.decode(body).sql, None, None
+            return self._query_text(body), None, None
         if msg_type == 0x50:
             name, query, _ = self._parse(bytes(body))
             return query, name, None
         if msg_type == 0x42:
             raw = bytes(body)
-            _, pos = _cstring(raw, 0)
-            statement, _ = _cstring(raw, pos)
+            _, pos = _cstring(raw, 0, self.codec)
+            statement, _ = _cstring(raw, pos, self.codec)
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
         if msg_type == 0x45:
-            portal = self.portals.get(_cstring(bytes(body), 0)[0])
+            portal = self.portals.get(_cstring(bytes(body), 0, self.codec)[0])
             if portal is None:
                 return "", None, None
             return portal.sql, portal.statement_name, portal.bind_body
@@ -251,8 +272,8 @@ class ExchangeTracker:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x42):
             return
         raw = bytes(body)
-        portal_name, pos = _cstring(raw, 0)
-        statement, _ = _cstring(raw, pos)
+        portal_name, pos = _cstring(raw, 0, self.codec)
+        statement, _ = _cstring(raw, pos, self.codec)
         sql = self._inflight.get(statement)
         portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
         self.portals[portal_name] = portal
@@ -261,7 +282,7 @@ class ExchangeTracker:
     def _execute(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x45):
             return
-        portal_name, _ = _cstring(bytes(body), 0)
+        portal_name, _ = _cstring(bytes(body), 0, self.codec)
         found = self.portals.get(portal_name)
         if found is None:
             result = StatementResult("extended", "", time.time())
@@ -280,15 +301,31 @@ class ExchangeTracker:
             self._param_types[name] = types
         self._push(Pending(Kind.PARSE, None, time.perf_counter(), sql=query, statement_name=name))
 
+    def _query_text(self, body: memoryview) -> str:
+        if self.codec == "utf-8":
+            return Query.decode(body).sql
+        raw = bytes(body)
+        sql, end = _cstring(raw, 0, self.codec)
+        if end != len(raw):
+            raise ProtocolViolation("Query message has trailing bytes")
+        return sql
+
     def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
         """(statement name, query text, parameter type OIDs) of a Parse body; decoded once per body."""
         cached = self._parse_cache.get(raw)
         if cached is None:
-            parse = Parse.decode(raw)  # full validation the first time
+            if self.codec == "utf-8":
+                parse = Parse.decode(raw)  # full validation the first time
+            else:  # strings in the client's encoding; the rest validated as usual
+                name, pos = _cstring(raw, 0, self.codec)
+                query, pos = _cstring(raw, pos, self.codec)
+                parse = Parse.decode(b"\0\0" + raw[pos:])
+                parse = Parse(name, query, parse.param_types)
             cached = (parse.name, parse.query, parse.param_types)
-            if len(self._parse_cache) >= _PARSE_CACHE_LIMIT:
-                self._parse_cache.clear()
-            self._parse_cache[raw] = cached
+            if len(raw) <= _PARSE_CACHE_MAX_BODY:  # big one-off statements are not worth keeping
+                if len(self._parse_cache) >= _PARSE_CACHE_LIMIT:
+                    self._parse_cache.clear()
+                self._parse_cache[raw] = cached
         return cached
 
     def _sync(self, body: memoryview) -> None:
@@ -304,17 +341,20 @@ class ExchangeTracker:
     def _query(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x51):
             return
-        sql = Query.decode(body).sql
+        sql = self._query_text(body)
         self._push(Pending(Kind.QUERY, StatementResult("simple", sql, time.time()), time.perf_counter()))
 
     def _close(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x43):
             return
-        close = Close.decode(body)
-        if close.kind == "S":
-            self.statements.pop(close.name, None)
+        raw = bytes(body)
+        if not raw or raw[0] not in b"SP":
+            raise ProtocolViolation("invalid Close message")
+        name, _ = _cstring(raw, 1, self.codec)
+        if raw[0] == 0x53:
+            self.statements.pop(name, None)
         else:
-            self.portals.pop(close.name, None)
+            self.portals.pop(name, None)
         self._push(Pending(Kind.CLOSE))
 
     def _function_call(self, body: memoryview) -> None:
@@ -390,6 +430,13 @@ class ExchangeTracker:
             self._finish(queue.popleft())
         else:
             self.desyncs += 1
+
+    def _parameter_status(self, body: memoryview) -> None:
+        """Follow client_encoding: the server reads the client's bytes in it, so must we."""
+        raw = bytes(body)
+        if raw.startswith(b"client_encoding\0"):
+            value = raw[len(b"client_encoding\0"):].rstrip(b"\0").decode("ascii", "replace").upper()
+            self.codec = CLIENT_ENCODINGS.get(value)
 
     def _copy_in_response(self, body: memoryview) -> None:
         """The server now ignores Sync until the client's CopyDone/CopyFail: drop Syncs it will ignore."""

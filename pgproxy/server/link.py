@@ -14,6 +14,10 @@ from collections.abc import Callable
 
 from ..protocol.framing import HEADER_SIZE, length_violation, startup_packet_length
 
+# Bytes a peer may send ahead during startup before we stop reading it (startup packet, password
+# message and some slack): a flood while we verify a token or log in upstream cannot grow memory.
+STARTUP_BUFFER_LIMIT = 256 * 1024
+
 
 class LinkClosed(Exception):
     """The peer closed the connection (or it broke) while we waited for data."""
@@ -32,6 +36,8 @@ class Link(asyncio.Protocol):
         self.on_lost: Callable[[], None] | None = None
         self.on_pause_writing: Callable[[], None] | None = None
         self.on_resume_writing: Callable[[], None] | None = None
+        # Reading stops while any reason holds (flow control, a held request, a backlog, startup bytes).
+        self._pause_reasons: set[str] = set()
 
     # -------------------------------------------------------------------------------- asyncio callbacks
 
@@ -45,6 +51,8 @@ class Link(asyncio.Protocol):
             self.on_data(data)
             return
         self.buffer += data
+        if len(self.buffer) > STARTUP_BUFFER_LIMIT:  # nobody reads this fast during startup: stop
+            self.pause_reading("startup")
         self._wake()
 
     def eof_received(self) -> bool:
@@ -75,6 +83,7 @@ class Link(asyncio.Protocol):
         while len(self.buffer) < n:
             if self.closed:
                 raise LinkClosed()
+            self.resume_reading("startup")
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
@@ -107,8 +116,14 @@ class Link(asyncio.Protocol):
                         timeout: float = 10.0) -> None:
         assert self.transport is not None
         loop = asyncio.get_running_loop()
-        new_transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
-                                             server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+        try:
+            new_transport = await loop.start_tls(self.transport, self, context, server_side=server_side,
+                                                 server_hostname=server_hostname, ssl_handshake_timeout=timeout)
+        except (ssl.SSLError, ConnectionError) as exc:
+            if not server_side:
+                raise  # the upstream's certificate problems are reported as such
+            self.closed = True
+            raise LinkClosed(f"TLS handshake failed: {exc}") from None
         if new_transport is None:
             raise LinkClosed()
         self.transport = new_transport
@@ -116,23 +131,30 @@ class Link(asyncio.Protocol):
     # ------------------------------------------------------------------------------------------ output
 
     def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.closed:
+        if self.transport is not None and not self.closed and not self.transport.is_closing():
             self.transport.write(data)
 
     def start_pump(self, on_data: Callable[[bytes], None]) -> None:
         """From now on hand every chunk to ``on_data``, starting with whatever is already buffered."""
         self.on_data = on_data
+        self.resume_reading("startup")
         if self.buffer:
             data = bytes(self.buffer)
             self.buffer.clear()
             on_data(data)
 
-    def pause_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+    def pause_reading(self, reason: str = "flow") -> None:
+        if reason in self._pause_reasons:
+            return
+        self._pause_reasons.add(reason)
+        if len(self._pause_reasons) == 1 and self.transport is not None and not self.transport.is_closing():
             self.transport.pause_reading()
 
-    def resume_reading(self) -> None:
-        if self.transport is not None and not self.closed:
+    def resume_reading(self, reason: str = "flow") -> None:
+        if reason not in self._pause_reasons:
+            return
+        self._pause_reasons.discard(reason)
+        if not self._pause_reasons and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
 
     def close(self) -> None:

@@ -59,6 +59,8 @@ PASSWORD_MESSAGE_LIMIT = 64 * 1024
 _STATEMENT_TYPES = frozenset(b"QPEF")
 _GATED_TYPES = frozenset(b"QPBEF")
 _UNDECIDED = object()
+# Requests a client may have outstanding before we stop reading it until the server catches up.
+MAX_OUTSTANDING_REQUESTS = 10_000
 
 
 class SessionRefused(Exception):
@@ -321,7 +323,9 @@ class Session:
         self.last_activity = time.monotonic()
         self._pump_client(data)
         if self._front.held:
-            self.client.pause_reading()  # bytes after a held request wait in the relay, bounded
+            self.client.pause_reading("hold")  # bytes after a held request wait in the relay, bounded
+        elif len(self.tracker.queue) > MAX_OUTSTANDING_REQUESTS:
+            self.client.pause_reading("backlog")  # a client that sends without reading: wait for answers
 
     def _pump_client(self, data: bytes | None) -> None:
         """Relay client bytes (None: resume after a hold) and forward the output upstream."""
@@ -379,7 +383,7 @@ class Session:
 
     def _hold(self, hold: Hold) -> None:
         """Stop reading the client until the held request is decided (responses keep flowing)."""
-        self.client.pause_reading()
+        self.client.pause_reading("hold")
         if hold.notice is not None:
             self.client.write(hold.notice.encode())
         self._hold_task = asyncio.ensure_future(self._await_decision(hold))
@@ -397,7 +401,7 @@ class Session:
         self._decided = decision
         self._pump_client(None)
         if not self._front.held:
-            self.client.resume_reading()
+            self.client.resume_reading("hold")
 
     def _on_terminate(self, body: memoryview) -> None:
         self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we
@@ -423,6 +427,8 @@ class Session:
             log.exception("session %s: internal error on upstream data", self.id)
             self.terminate(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed")
             return
+        if len(self.tracker.queue) < MAX_OUTSTANDING_REQUESTS // 2:
+            self.client.resume_reading("backlog")
         if self.tracker.idle:
             self.last_activity = time.monotonic()
             if self.expired and not self._ended:
@@ -433,7 +439,9 @@ class Session:
         handlers: dict[int, MessageHandler] = dict(self.tracker.backend_handlers)
         handlers[0x45] = self._on_error_response
         for msg_type in (0x53, 0x4E, 0x41):  # ParameterStatus, NoticeResponse, NotificationResponse
-            handlers[msg_type] = functools.partial(self._scrub_body, msg_type)
+            scrub = functools.partial(self._scrub_body, msg_type)
+            tracked = handlers.get(msg_type)
+            handlers[msg_type] = scrub if tracked is None else functools.partial(_chain, tracked, scrub)
         handlers[0x4B] = self._on_backend_key_data
         for msg_type, hook in self._backend_hooks.items():
             first = handlers.get(msg_type)

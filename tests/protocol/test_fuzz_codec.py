@@ -45,7 +45,8 @@ from pgproxy.server.session import Session
 # SQLSTATEs a decoder may attach to a ProtocolViolation.
 DECODER_SQLSTATES = {"08P01", "22021", "54000", "0A000", "28000"}
 # PGPROXY_FUZZ_EXAMPLES raises the count for a longer local fuzzing run.
-FUZZ = settings(max_examples=int(os.environ.get("PGPROXY_FUZZ_EXAMPLES", "200")), deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(max_examples=int(os.environ.get("PGPROXY_FUZZ_EXAMPLES", "200")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow])
 
 
 def frame(type_byte: int, body: bytes) -> bytes:

@@ -38,7 +38,8 @@ def test_policy_section(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"policy\.file: required"):
         parse_config(base(tmp_path, policy={"audit_allowed": True}), tmp_path)
     with pytest.raises(ConfigError, match=r"policy\.rules: unknown setting"):
-        parse_config(base(tmp_path, policy={"file": str(ROOT / "pgproxy/policy/default_policy.yaml"), "rules": []}), tmp_path)
+        policy = {"file": str(ROOT / "pgproxy/policy/default_policy.yaml"), "rules": []}
+        parse_config(base(tmp_path, policy=policy), tmp_path)
 
 
 def test_server_installs_the_gate_with_the_configured_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
