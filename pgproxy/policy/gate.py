@@ -175,22 +175,26 @@ class PolicyGate:
             return Hold(self._hold(session, pending, requirement), notice)
         return Hold(self._refuse(session, pending, requirement))
 
+    async def _use_approval(self, session: Session, fingerprint: str) -> bool:
+        """Consume an approved, unused approval for this statement (recording it); False if none."""
+        assert self.store is not None
+        used = await self.store.consume(fingerprint)
+        if used is None:
+            return False
+        self._emit_approval(session, used, "used")
+        return True
+
     async def _refuse(self, session: Session, pending: ApprovalRequest,
                       requirement: ApprovalRequirement) -> Refuse | None:
         store = self.store
         assert store is not None
         try:
-            used = await store.consume(pending.fingerprint)
-            if used is not None:
-                self._emit_approval(session, used, "used")
+            if await self._use_approval(session, pending.fingerprint):
                 return None
             stored = await store.create(pending)
             self._estimate_impact(session, stored)
-            if stored.status == "approved":  # approved between our two calls
-                used = await store.consume(pending.fingerprint)
-                if used is not None:
-                    self._emit_approval(session, used, "used")
-                    return None
+            if stored.status == "approved" and await self._use_approval(session, pending.fingerprint):
+                return None  # approved between our two calls
         except Exception as exc:  # ApprovalStoreUnavailable and anything else: fail closed
             log.warning("session %s: approval store failed: %s", session.id, exc)
             return Refuse(_unavailable(str(exc)))
@@ -208,18 +212,14 @@ class PolicyGate:
         store = self.store
         assert store is not None
         try:
-            used = await store.consume(pending.fingerprint)
-            if used is not None:
-                self._emit_approval(session, used, "used")
+            if await self._use_approval(session, pending.fingerprint):
                 return None
             stored = await store.create(pending)
             self._estimate_impact(session, stored)
             self._emit_approval(session, stored, "waiting")
             result = stored if stored.status != "pending" else await store.wait(stored.id, requirement.timeout)
             if result.status == "approved":
-                used = await store.consume(pending.fingerprint)
-                if used is not None:
-                    self._emit_approval(session, used, "used")
+                if await self._use_approval(session, pending.fingerprint):
                     return None
                 return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} was already used"))
         except Exception as exc:
