@@ -94,6 +94,7 @@ def check(config_path: str | None) -> None:
             cred.password()
         except ConfigError as exc:
             problems.append(str(exc))
+    problems += _check_audit_and_approvals(config)
     if config.policy is not None:  # the statement policy: errors fail the check, shadowed rules warn
         from .policy.rules import check_policy, load_policy
 
@@ -107,6 +108,42 @@ def check(config_path: str | None) -> None:
             click.echo(f"error: {p}", err=True)
         sys.exit(1)
     click.echo(f"{config.source}: OK")
+
+
+def _check_audit_and_approvals(config: ProxyConfig) -> list[str]:
+    """What `serve` would refuse at start: the audit signing key, the approvals store, the admin TLS."""
+    from .audit.keys import KeyError_, load_private_key
+    from .tlsutil import server_context
+
+    problems: list[str] = []
+    audit = config.audit
+    if audit.dir is None and audit.jsonl_path is None:
+        problems.append("audit: set jsonl_path or dir: the proxy does not run statements it cannot record")
+    if audit.signing_key_file is not None:
+        try:
+            load_private_key(audit.signing_key_file)
+        except KeyError_ as exc:
+            problems.append(f"audit.signing_key_file: {exc}")
+    if config.approvals is not None and config.approvals.store == "postgres":
+        try:
+            config.approvals.dsn()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if config.admin is not None and config.admin.tls is not None:
+        try:
+            server_context(config.admin.tls.cert_file, config.admin.tls.key_file)
+        except (OSError, ValueError) as exc:
+            problems.append(f"admin.tls: cannot load certificate/key: {exc}")
+    if config.policy is not None and config.approvals is None:
+        from .policy.rules import load_policy
+
+        try:
+            if any(rule.action == "approve" for rule in load_policy(config.policy.file).rules):
+                click.echo("warning: policy has approve rules but there is no approvals section: "
+                           "those statements will be refused (57P03)", err=True)
+        except ConfigError:
+            pass  # reported by the policy check below
+    return problems
 
 
 @main.command()

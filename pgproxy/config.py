@@ -517,8 +517,9 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
     limits = LimitsConfig(
         max_message_bytes=lim.integer("max_message_bytes", LimitsConfig.max_message_bytes, minimum=1024,
                                   maximum=1 << 30),
+        # PostgreSQL itself refuses startup packets over 10000 bytes; so does the decoder.
         max_startup_packet_bytes=lim.integer("max_startup_packet_bytes", LimitsConfig.max_startup_packet_bytes,
-                                         minimum=64, maximum=1 << 20),
+                                             minimum=64, maximum=10_000),
         startup_timeout_seconds=lim.number("startup_timeout_seconds", LimitsConfig.startup_timeout_seconds,
                                           minimum=0.1),
         max_connections=lim.integer("max_connections", LimitsConfig.max_connections, minimum=1),

@@ -421,7 +421,11 @@ class Session:
                 self._emit_finished()
         except ProtocolViolation as exc:
             log.error("session %s: invalid message from upstream: %s", self.id, exc)
-            self.terminate(errors.PROTOCOL_VIOLATION, "the upstream database sent an invalid message")
+            if exc.sqlstate == errors.PROGRAM_LIMIT_EXCEEDED:  # a legitimate but oversized result
+                self.terminate(errors.PROGRAM_LIMIT_EXCEEDED,
+                               f"a message from the upstream database is over limits.max_message_bytes: {exc}")
+            else:
+                self.terminate(errors.PROTOCOL_VIOLATION, "the upstream database sent an invalid message")
             return
         except Exception:
             log.exception("session %s: internal error on upstream data", self.id)

@@ -362,7 +362,7 @@ def test_message_at_the_limit_passes(limited: ProxyUnderTest, healthy: Healthy) 
 
 def test_server_message_over_the_limit(limited: ProxyUnderTest, healthy: Healthy) -> None:
     """A row wider than max_message_bytes ends the session as documented (docs/configuration.md, limits):
-    FATAL 08P01 "the upstream database sent an invalid message"; its upstream backend goes too."""
+    FATAL 54000 naming limits.max_message_bytes; its upstream backend goes too."""
     sock = logged_in(limited, application_name="rb_wide_row")
     healthy.own_log_check = True  # the proxy logs the upstream's oversized message as an error
     try:
@@ -372,7 +372,8 @@ def test_server_message_over_the_limit(limited: ProxyUnderTest, healthy: Healthy
         sock.close()
     fields = errors_in(reply)
     assert fields and fields[-1]["S"] == "FATAL", fields
-    assert (fields[-1]["C"], fields[-1]["M"]) == ("08P01", "the upstream database sent an invalid message")
+    assert fields[-1]["C"] == "54000", fields[-1]
+    assert fields[-1]["M"].startswith("a message from the upstream database is over limits.max_message_bytes")
     with psycopg.connect(limited.database.dsn(), autocommit=True) as admin:
         assert wait_for(lambda: admin.execute(
             "select count(*) from pg_stat_activity where application_name = 'rb_wide_row'").fetchone() == (0,), 5)

@@ -1,0 +1,61 @@
+"""`pgproxy check` reports what `serve` would refuse at start, in one line each, exit 1."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from click.testing import CliRunner
+
+from pgproxy.cli import main
+from pgproxy.identity import generate_dev_keys
+
+POLICY_WITH_APPROVALS = """\
+rules:
+  - name: dba
+    match: {classes: [destructive]}
+    action: approve
+    approvers: [dba]
+default: allow
+"""
+
+
+def _config(tmp_path: Path, **extra: Any) -> Path:
+    keys = generate_dev_keys(tmp_path / "keys")
+    data: dict[str, Any] = {
+        "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
+        "identity": {"issuer": "i", "audience": "a", "algorithms": ["ES256"], "jwks_file": str(keys.jwks_file)},
+        "upstream": {"credentials": [{"role": "*"}]},
+        "audit": {"jsonl_path": str(tmp_path / "audit.jsonl")},
+        **extra,
+    }
+    path = tmp_path / "pgproxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def test_valid_config_passes(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["check", "-c", str(_config(tmp_path))])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith(": OK")
+
+
+def test_unreadable_audit_key_and_missing_store_dsn_fail(tmp_path: Path, monkeypatch: Any) -> None:
+    bad_key = tmp_path / "audit.key"
+    bad_key.write_text("not a key")
+    monkeypatch.delenv("PGPROXY_NO_SUCH_DSN", raising=False)
+    config = _config(tmp_path, audit={"dir": str(tmp_path / "log"), "signing_key_file": str(bad_key)},
+                     approvals={"store": "postgres", "dsn_env": "PGPROXY_NO_SUCH_DSN"})
+    result = CliRunner().invoke(main, ["check", "-c", str(config)])
+    assert result.exit_code == 1
+    assert "error: audit.signing_key_file:" in result.output
+    assert "error: approvals.dsn_env: environment variable PGPROXY_NO_SUCH_DSN is not set" in result.output
+
+
+def test_approve_rules_without_an_approvals_section_warn(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY_WITH_APPROVALS)
+    result = CliRunner().invoke(main, ["check", "-c", str(_config(tmp_path, policy={"file": str(policy)}))])
+    assert result.exit_code == 0, result.output
+    assert "warning: policy has approve rules but there is no approvals section" in result.output
