@@ -28,6 +28,7 @@ import psycopg
 import pytest
 from cryptography.hazmat.primitives import serialization
 from pg8000.exceptions import DatabaseError
+from rawwire import parse_fields, read_message, startup_packet
 
 from pgproxy.identity import generate_dev_keys, mint_token
 
@@ -83,30 +84,6 @@ def refusal(proxy: Any, password: str, **kwargs: Any) -> dict[str, str]:
     return fields
 
 
-def parse_error(body: bytes) -> dict[str, str]:
-    fields = {}
-    for part in body.split(b"\x00"):
-        if part:
-            fields[chr(part[0])] = part[1:].decode()
-    return fields
-
-
-def recv_exact(sock: socket.socket, n: int) -> bytes:
-    data = b""
-    while len(data) < n:
-        chunk = sock.recv(n - len(data))
-        if not chunk:
-            raise EOFError(f"connection closed after {len(data)} of {n} bytes")
-        data += chunk
-    return data
-
-
-def read_message(sock: socket.socket) -> tuple[str, bytes]:
-    header = recv_exact(sock, 5)
-    length = struct.unpack("!I", header[1:])[0]
-    return chr(header[0]), recv_exact(sock, length - 4)
-
-
 def read_until_closed(sock: socket.socket) -> bytes:
     data = b""
     try:
@@ -115,14 +92,6 @@ def read_until_closed(sock: socket.socket) -> bytes:
     except (ConnectionResetError, ssl.SSLError):
         pass
     return data
-
-
-def startup_packet(user: str, database: str, **params: str) -> bytes:
-    body = struct.pack("!I", PROTOCOL_3_0)
-    for key, value in {"user": user, "database": database, **params}.items():
-        body += key.encode() + b"\x00" + value.encode() + b"\x00"
-    body += b"\x00"
-    return struct.pack("!I", len(body) + 4) + body
 
 
 def open_raw(proxy: Any, *, tls: bool, timeout: float = 5) -> socket.socket:
@@ -272,7 +241,7 @@ def test_one_megabyte_password(proxy: Any, still_working: None) -> None:
         sock.close()
     # Refused on the message length alone (the token is never parsed): one FATAL, then the close.
     assert reply[:1] == b"E", reply[:100]
-    fields = parse_error(reply[5:])
+    fields = parse_fields(reply[5:])
     assert fields["S"] == "FATAL"
     assert fields["C"] in ("54000", "08P01")  # program_limit_exceeded / protocol_violation
     # And the proxy keeps serving.
@@ -296,7 +265,7 @@ def test_plaintext_to_tls_listener_is_refused_before_the_password(proxy: Any, st
         raw.sendall(startup_packet("agent_reader", proxy.database.database))
         kind, body = read_message(raw)
         assert kind == "E"
-        assert parse_error(body)["C"] == "28000"
+        assert parse_fields(body)["C"] == "28000"
         assert read_until_closed(raw) == b""
     # libpq with sslmode=disable sees the same.
     with pytest.raises(psycopg.OperationalError, match="requires an encrypted connection"):
@@ -386,12 +355,12 @@ def test_startup_timeout(make_proxy: Callable[..., Any]) -> None:
     for name in ("plain_nothing", "half_startup_packet"):  # plaintext: the FATAL is readable as is
         reply = replies[name]
         assert reply[:1] == b"E", (name, reply)
-        fields = parse_error(reply[5:])
+        fields = parse_fields(reply[5:])
         assert fields["S"] == "FATAL"
         assert fields["C"] == "08006"
         assert "timeout" in fields["M"]
     tls_reply = replies["tls_after_handshake"]
-    assert tls_reply == b"" or parse_error(tls_reply[5:])["S"] == "FATAL"
+    assert tls_reply == b"" or parse_fields(tls_reply[5:])["S"] == "FATAL"
     assert quick.events("session_start") and not quick.events("auth_failed")
 
 
@@ -410,7 +379,7 @@ def test_malformed_startup_packet(proxy: Any, still_working: None, packet: bytes
     assert reply[:1] == b"E", reply
     length = struct.unpack("!I", reply[1:5])[0]
     assert len(reply) == 1 + length  # one message, then close
-    fields = parse_error(reply[5:])
+    fields = parse_fields(reply[5:])
     assert (fields["S"], fields["C"]) == ("FATAL", sqlstate)
     assert message in fields["M"]
 
