@@ -1,0 +1,54 @@
+"""`pgproxy check` for masking: the rules load, the key is there, and every rule fits the live schema."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from ..config import ConfigError, ProxyConfig
+from ..server.upstream import upstream_dsn
+from .catalog import read_catalog
+from .rules import MaskingRules, load_rules
+
+
+def check_rules(config: ProxyConfig) -> tuple[MaskingRules | None, list[str]]:
+    """The loaded rules (None if they do not load) and the problems found without a database."""
+    assert config.masking is not None
+    try:
+        rules = load_rules(config.masking.rules_dir)
+    except ConfigError as exc:
+        return None, [str(exc)]
+    problems: list[str] = []
+    try:
+        key = config.masking.key()
+    except ConfigError as exc:
+        return rules, [str(exc)]
+    if rules.needs_key and key is None:
+        problems.append("masking: a rule uses keyed_hash: set masking.key_env or masking.key_file")
+    return rules, problems
+
+
+async def check_live(config: ProxyConfig, rules: MaskingRules, role: str, database: str) -> list[str]:
+    """Every masked relation and column exists upstream, and each mask can produce the column's type."""
+    try:
+        conn = await asyncpg.connect(upstream_dsn(config.upstream, role, database),
+                                     timeout=config.upstream.connect_timeout_seconds)
+    except (OSError, asyncpg.PostgresError, TimeoutError, ConfigError) as exc:
+        return [f"masking: cannot read the live schema as {role!r} in database {database!r}: {exc}"]
+    try:
+        catalog = await read_catalog(conn, ())
+    finally:
+        await conn.close()
+    problems = []
+    for rule in rules.rules:
+        relation = catalog.find(rule.schema, rule.table)
+        if relation is None:
+            problems.append(f"{rule.where}: relation {rule.qualified_table} does not exist in {database!r}")
+            continue
+        column = relation.column(rule.column)
+        if column is None:
+            problems.append(f"{rule.where}: column {rule.column!r} does not exist in {rule.qualified_table}")
+            continue
+        reason = rule.mask.check_type(column.type_name, column.category)
+        if reason is not None:
+            problems.append(f"{rule.where}: {reason}")
+    return problems

@@ -1,0 +1,203 @@
+"""Masking in a running proxy: the gate that rewrites statements and the per-session wire hooks.
+
+``Masking`` is built once per proxy from the ``masking:`` config section; it is a FrontendGate (the last
+one, after policy) and attaches a ``SessionMasking`` to each session whose identity has masking rules.
+Rewrites are cached per (catalog version, rule set, statement text); the catalog is read per database
+when first needed (the statement waits for it, the stream is held) and again after DDL run through
+the proxy or every ``catalog_refresh_seconds``. Never lets a statement of a masked identity through
+without a rewrite check, and never records rewritten text (it carries mask expressions) in the audit log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+from collections import OrderedDict
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
+
+from ..config import ConfigError, MaskingConfig, UpstreamConfig
+from ..policy.classify import SqlSyntaxError, classify
+from ..protocol import errors
+from ..server.gates import Hold, Refuse, Request, Rewrite, Verdict
+from ..server.upstream import upstream_dsn
+from .catalog import CatalogCache, CatalogSnapshot, MaskedSchema, resolve
+from .masks import MaskKey
+from .rewrite import Rewritten, rewrite
+from .rules import ColumnRule, MaskingRules, load_rules
+from .wire import WireMasker
+
+if TYPE_CHECKING:
+    from ..server.session import Session
+
+log = logging.getLogger(__name__)
+
+REWRITE_CACHE_SIZE = 4096
+_QUERY, _PARSE, _FUNCTION = 0x51, 0x50, 0x46
+
+
+def refusal(reason: str) -> Refuse:
+    return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, f"pgproxy masking: {reason}",
+                               hint="Masked columns can only be read through plain SQL the proxy can rewrite."))
+
+
+class Masking:
+    """Column masking for one proxy (a FrontendGate)."""
+
+    def __init__(self, config: MaskingConfig, upstream: UpstreamConfig, rules: MaskingRules | None = None) -> None:
+        self.config = config
+        self.upstream = upstream
+        self.rules = rules if rules is not None else load_rules(config.rules_dir)
+        secret = config.key()
+        if self.rules.needs_key and secret is None:
+            raise ConfigError("masking: a rule uses keyed_hash: set masking.key_env or masking.key_file")
+        self.key = MaskKey(secret) if secret is not None else None
+        self.channels = frozenset(config.notification_channels)
+        self.catalogs = CatalogCache(config.catalog_refresh_seconds,
+                                     {(r.schema, r.table) for r in self.rules.rules})
+        self._schemas: dict[tuple[int, tuple[str, ...]], MaskedSchema] = {}
+        self._rewrites: OrderedDict[tuple[int, tuple[str, ...], str], Rewritten] = OrderedDict()
+
+    def attach(self, session: Session) -> SessionMasking | None:
+        """Per-session state and wire hooks when any rule applies to the session's identity."""
+        assert session.identity is not None
+        rules = self.rules.for_identity(session.identity, session.db_role)
+        if not rules:
+            return None
+        masking = SessionMasking(self, session, rules)
+        masking.install()
+        return masking
+
+    def inspect(self, session: Session, request: Request) -> Verdict:
+        masking = session.masking
+        return masking.inspect(request) if masking is not None else None
+
+    def schema_for(self, catalog: CatalogSnapshot, rules: tuple[ColumnRule, ...]) -> MaskedSchema:
+        key = (catalog.version, tuple(r.where for r in rules))
+        schema = self._schemas.get(key)
+        if schema is None:
+            if len(self._schemas) > 256:
+                self._schemas.clear()
+            schema = self._schemas[key] = resolve(catalog, rules, self.key)
+        return schema
+
+    def rewrite(self, schema: MaskedSchema, rules_key: tuple[str, ...], sql: str) -> Rewritten:
+        key = (schema.catalog.version, rules_key, sql)
+        cached = self._rewrites.get(key)
+        if cached is not None:
+            self._rewrites.move_to_end(key)
+            return cached
+        result = rewrite(sql, schema)
+        self._rewrites[key] = result
+        if len(self._rewrites) > REWRITE_CACHE_SIZE:
+            self._rewrites.popitem(last=False)
+        return result
+
+    def cached(self, catalog_version: int, rules_key: tuple[str, ...], sql: str) -> Rewritten | None:
+        return self._rewrites.get((catalog_version, rules_key, sql))
+
+
+class SessionMasking:
+    """Masking state of one session: its rules, its catalog, its wire hooks."""
+
+    def __init__(self, engine: Masking, session: Session, rules: tuple[ColumnRule, ...]) -> None:
+        self.engine = engine
+        self.session = session
+        self.rules = rules
+        self.rules_key = tuple(r.where for r in rules)
+        self.ddl_pending = False
+        self._schema: MaskedSchema | None = None
+        metrics = getattr(session.server, "metrics", None)
+        self.wire = WireMasker(session.tracker, self.current_schema, engine.channels, self._hook_rows,
+                               getattr(metrics, "masked_values", None))
+
+    def install(self) -> None:
+        s = self.session
+        s.add_backend_hook(0x54, self.wire.on_row_description)
+        s.add_backend_hook(0x45, functools.partial(self.wire.on_error_or_notice, 0x45))
+        s.add_backend_hook(0x4E, functools.partial(self.wire.on_error_or_notice, 0x4E))
+        s.add_backend_hook(0x41, self.wire.on_notification)
+        s.add_backend_hook(0x5A, self._on_ready)
+        asyncio.ensure_future(self._load()).add_done_callback(_ignore_result)  # read the catalog early
+
+    def _hook_rows(self) -> None:
+        self.session.add_backend_hook(0x44, self.wire.on_data_row, first=True)  # before result capture
+
+    def current_schema(self) -> MaskedSchema | None:
+        """The masked schema for the current catalog (the last known one while a reload is pending)."""
+        catalog = self.engine.catalogs.current(self.session.database)
+        if catalog is not None and (self._schema is None or self._schema.catalog is not catalog):
+            self._schema = self.engine.schema_for(catalog, self.rules)
+        return self._schema
+
+    async def _load(self) -> MaskedSchema:
+        catalog = await self.engine.catalogs.get(self.session.database, self._connect)
+        self._schema = self.engine.schema_for(catalog, self.rules)
+        return self._schema
+
+    async def _connect(self) -> Any:
+        dsn = upstream_dsn(self.engine.upstream, self.session.db_role, self.session.database)
+        return await asyncpg.connect(dsn, timeout=self.engine.upstream.connect_timeout_seconds)
+
+    def _on_ready(self, body: memoryview) -> None:
+        if self.ddl_pending and self.session.tracker.transaction_status == "I":
+            self.ddl_pending = False
+            self.engine.catalogs.invalidate(self.session.database)
+
+    def annotate(self, event: dict[str, Any], sql: str) -> None:
+        """Add what masking did to a statement's audit event (never the rewritten text)."""
+        schema = self._schema
+        if schema is None:
+            return
+        result = self.engine.cached(schema.catalog.version, self.rules_key, sql)
+        if result is None:
+            return
+        if result.relations:
+            event["masked_relations"] = list(result.relations)
+        if result.refusal is not None:
+            event["masking_refusal"] = result.refusal
+
+    # ----------------------------------------------------------------------------------------- gate
+
+    def inspect(self, request: Request) -> Verdict:
+        if request.msg_type == _FUNCTION:
+            return refusal("the fast-path function call is not available to masked identities")
+        if request.msg_type not in (_QUERY, _PARSE):
+            return None
+        if request.msg_type == _PARSE:
+            self.wire.forget(request.statement_name or "")
+        try:
+            if "ddl" in classify(request.sql).classes:
+                self.ddl_pending = True
+        except SqlSyntaxError:
+            return None  # the server refuses it too, and nothing runs
+        if self.engine.catalogs.current(self.session.database) is None:
+            return Hold(self._decide_later(request.sql))
+        schema = self.current_schema()
+        assert schema is not None
+        return self._verdict(schema, request.sql)
+
+    async def _decide_later(self, sql: str) -> Refuse | Rewrite | None:
+        try:
+            schema = await self._load()
+        except (TimeoutError, OSError, asyncpg.PostgresError, ConfigError) as exc:
+            log.error("session %s: cannot read the catalog for masking: %s", self.session.id, exc)
+            return Refuse(errors.error(errors.CANNOT_CONNECT_NOW,
+                                       "pgproxy masking: the database catalog could not be read; "
+                                       "refusing statements of masked identities"))
+        return self._verdict(schema, sql)
+
+    def _verdict(self, schema: MaskedSchema, sql: str) -> Refuse | Rewrite | None:
+        result = self.engine.rewrite(schema, self.rules_key, sql)
+        if result.refusal is not None:
+            return refusal(result.refusal)
+        if result.sql is None:
+            return None
+        return Rewrite(result.sql)
+
+
+def _ignore_result(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("masking catalog preload failed: %s", future.exception())

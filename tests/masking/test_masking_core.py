@@ -1,0 +1,195 @@
+"""Masking through the real proxy: the shapes of each mask, exemptions, and the refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import os
+import secrets
+import ssl
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import psycopg
+import pytest
+from harness import ProxyUnderTest
+
+from pgproxy.audit.sink import MemoryAuditSink
+from pgproxy.config import parse_config
+from pgproxy.testing import RunningProxy
+
+SCHEMA = """
+DROP SCHEMA IF EXISTS mcore CASCADE;
+CREATE SCHEMA mcore;
+CREATE TABLE mcore.people (id int PRIMARY KEY, name text, email varchar(80), ssn text, salary numeric(10,2),
+                           born date, nick text);
+INSERT INTO mcore.people VALUES
+  (1, 'Ann', 'ann.canary@example.com', '123-45-6789', 123456.78, '1980-06-15', 'annie'),
+  (2, 'Bob', 'bob@example.org', '987-65-4321', 55000.00, '1991-02-03', NULL);
+CREATE VIEW mcore.people_view AS SELECT id, email, upper(email) AS shout, name FROM mcore.people;
+GRANT USAGE ON SCHEMA mcore TO agent_reader, agent_writer;
+GRANT SELECT ON ALL TABLES IN SCHEMA mcore TO agent_reader;
+GRANT ALL ON ALL TABLES IN SCHEMA mcore TO agent_writer;
+"""
+RULES = """
+tables:
+  mcore.people:
+    exempt: {groups: [dba]}
+    columns:
+      email: email
+      ssn: {mask: partial, keep_last: 4}
+      salary: {mask: numeric, mode: bucket, step: 10000}
+      born: date
+      nick: keyed_hash
+"""
+KEY_ENV = "PGPROXY_TEST_MASKING_KEY"
+
+
+@pytest.fixture(scope="module")
+def masked_proxy(proxy: ProxyUnderTest, tmp_path_factory: pytest.TempPathFactory,
+                 request: pytest.FixtureRequest) -> Iterator[ProxyUnderTest]:
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    rules_dir = tmp_path_factory.mktemp("rules")
+    (rules_dir / "people.yaml").write_text(RULES)
+    os.environ[KEY_ENV] = secrets.token_hex(32)
+    make: Callable[..., ProxyUnderTest] = request.getfixturevalue("make_proxy_module")
+    yield make(lambda d: d.update(masking={"rules_dir": str(rules_dir), "key_env": KEY_ENV}))
+
+
+@pytest.fixture(scope="module")
+def make_proxy_module(proxy: ProxyUnderTest) -> Iterator[Callable[..., ProxyUnderTest]]:
+    started: list[RunningProxy] = []
+
+    def make(mutate: Callable[[dict[str, Any]], None]) -> ProxyUnderTest:
+        data = copy.deepcopy(proxy.config_data)
+        mutate(data)
+        sink = MemoryAuditSink()
+        running = RunningProxy(parse_config(data, Path.cwd()), audit=sink).start()
+        started.append(running)
+        return ProxyUnderTest(running, sink, proxy.keys, proxy.tls, proxy.database, data)
+
+    yield make
+    for running in started:
+        running.stop()
+
+
+def _rows(p: ProxyUnderTest, sql: str, groups: tuple[str, ...] = ("agents",), role: str = "agent_reader") -> list[Any]:
+    token = p.token(roles=(role,), groups=groups)
+    with psycopg.connect(**p.conninfo(user=role, token=token)) as conn:
+        return conn.execute(sql).fetchall()
+
+
+def test_masks_have_their_documented_shapes(masked_proxy: ProxyUnderTest) -> None:
+    rows = _rows(masked_proxy, "SELECT id, name, email, ssn, salary, born, nick FROM mcore.people ORDER BY id")
+    ann = rows[0]
+    assert ann[1] == "Ann"
+    assert ann[2] == "****@example.com"
+    assert ann[3] == "*******6789"
+    assert str(ann[4]) == "120000.00"
+    assert str(ann[5]) == "1980-01-01"
+    assert ann[6] is not None and ann[6] != "annie" and len(ann[6]) == 16
+    assert rows[1][6] is None
+
+
+def test_exempt_group_sees_raw_values(masked_proxy: ProxyUnderTest) -> None:
+    rows = _rows(masked_proxy, "SELECT email FROM mcore.people WHERE id = 1", groups=("dba",))
+    assert rows == [("ann.canary@example.com",)]
+
+
+@pytest.mark.parametrize("sql", [
+    "SELECT upper(email) FROM mcore.people",
+    "SELECT p FROM mcore.people p",
+    "SELECT row_to_json(p) FROM mcore.people p",
+    "SELECT string_agg(email, ',') FROM mcore.people",
+    "TABLE mcore.people",
+    "WITH x AS (SELECT * FROM mcore.people) SELECT email FROM x",
+    "SELECT email FROM mcore.people UNION SELECT 'z'",
+    "SELECT (SELECT email FROM mcore.people WHERE id = 1)",
+    "SELECT * FROM mcore.people_view",
+    "SELECT email FROM mcore.people WHERE email LIKE 'ann.canary%' OR true",
+])
+def test_derived_reads_see_masked_values(masked_proxy: ProxyUnderTest, sql: str) -> None:
+    text = repr(_rows(masked_proxy, sql))
+    assert "canary" not in text.lower() and "123-45" not in text
+
+
+def test_predicate_on_raw_value_matches_nothing(masked_proxy: ProxyUnderTest) -> None:
+    assert _rows(masked_proxy, "SELECT id FROM mcore.people WHERE email = 'ann.canary@example.com'") == []
+
+
+def test_keyed_hash_is_stable_across_sessions(masked_proxy: ProxyUnderTest) -> None:
+    a = _rows(masked_proxy, "SELECT nick FROM mcore.people WHERE id = 1")
+    b = _rows(masked_proxy, "SELECT nick FROM mcore.people WHERE id = 1")
+    assert a == b
+
+
+@pytest.mark.parametrize("sql", [
+    "DO $$ BEGIN RAISE NOTICE 'x'; END $$",
+    "SELECT query_to_xml('select * from mcore.people', true, true, '')",
+    "SELECT * FROM pg_stats",
+    "EXPLAIN SELECT * FROM mcore.people",
+])
+def test_opaque_statements_are_refused(masked_proxy: ProxyUnderTest, sql: str) -> None:
+    with pytest.raises(psycopg.errors.InsufficientPrivilege, match="pgproxy masking"):
+        _rows(masked_proxy, sql)
+
+
+def test_copy_out_is_masked(masked_proxy: ProxyUnderTest) -> None:
+    token = masked_proxy.token(roles=("agent_reader",), groups=("agents",))
+    with (psycopg.connect(**masked_proxy.conninfo(token=token)) as conn, conn.cursor() as cur,
+          cur.copy("COPY mcore.people TO STDOUT WITH (FORMAT csv)") as copy):
+        data = b"".join(bytes(chunk) for chunk in copy)
+    assert b"canary" not in data and b"****@example.com" in data
+
+
+def test_asyncpg_binary_prepared(masked_proxy: ProxyUnderTest) -> None:
+    async def go() -> list[Any]:
+        params = masked_proxy.conninfo(token=masked_proxy.token(roles=("agent_reader",), groups=("agents",)))
+        conn = await asyncpg.connect(host=params["host"], port=int(params["port"]), user=params["user"],
+                                     password=params["password"], database=params["dbname"],
+                                     ssl=ssl.create_default_context(cafile=params["sslrootcert"]))
+        try:
+            stmt = await conn.prepare("SELECT email, salary, born FROM mcore.people WHERE id = $1")
+            return [tuple(await stmt.fetchrow(1)), tuple(await stmt.fetchrow(2))]
+        finally:
+            await conn.close()
+
+    rows = asyncio.run(go())
+    assert rows[0][0] == "****@example.com"
+    assert str(rows[0][1]) == "120000.00"
+    assert str(rows[0][2]) == "1980-01-01"
+
+
+def test_audit_never_holds_raw_values(masked_proxy: ProxyUnderTest) -> None:
+    _rows(masked_proxy, "SELECT * FROM mcore.people")
+    events = [e for e in masked_proxy.audit.events if e.get("sql") == "SELECT * FROM mcore.people"]
+    assert events and all(e["masked_relations"] == ["mcore.people"] for e in events)
+    assert "canary" not in repr(events) and "mcore" in repr(events)
+
+
+def test_wire_backstop_masks_raw_columns_the_rewrite_missed(masked_proxy: ProxyUnderTest,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Simulate a statement the rewrite let through unchanged: the RowDescription names raw masked columns."""
+    from pgproxy.masking.engine import Masking
+    from pgproxy.masking.rewrite import Rewritten
+
+    monkeypatch.setattr(Masking, "rewrite", lambda self, schema, rules_key, sql: Rewritten(None))
+    rows = _rows(masked_proxy, "SELECT id, email, ssn, salary, nick FROM mcore.people ORDER BY id")
+    assert rows[0][:4] == (1, "****@example.com", "*******6789", None)
+    assert rows[0][4] is not None and rows[0][4] != "annie"
+
+    async def binary() -> list[Any]:
+        params = masked_proxy.conninfo(token=masked_proxy.token(roles=("agent_reader",), groups=("agents",)))
+        conn = await asyncpg.connect(host=params["host"], port=int(params["port"]), user=params["user"],
+                                     password=params["password"], database=params["dbname"],
+                                     ssl=ssl.create_default_context(cafile=params["sslrootcert"]))
+        try:
+            return [tuple(r) for r in await conn.fetch("SELECT id, email, salary FROM mcore.people ORDER BY id")]
+        finally:
+            await conn.close()
+
+    got = asyncio.run(binary())
+    assert got[0][0] == 1 and "canary" not in repr(got) and "123456" not in repr(got)
