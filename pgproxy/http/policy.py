@@ -1,0 +1,117 @@
+"""The HTTP policy: ordered rules on target, method and path (plus who calls), first match decides.
+
+    http:
+      rules:
+        - name: refunds-need-approval
+          match: {targets: [payments], methods: [POST], paths: ["/v1/refunds*"]}
+          action: approve          # allow | deny | approve: the same keys as SQL policy rules
+          approvers: [finance]
+          mode: refuse
+      default: allow
+
+``match`` keys (all optional; any value of a list matches, all keys must): ``targets``, ``methods``,
+``paths`` (glob patterns on the path below the target, ``*`` also crosses ``/``), ``subjects``,
+``groups``, ``agent_ids``. The action keys (``action``, ``message``, ``approvers``, ``approvals``,
+``expires``, ``mode``, ``timeout``) are parsed by the SQL policy's own rule parser, so both sides
+accept and reject exactly the same things. Without ``default`` nothing unmatched passes (deny).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Literal
+
+from ..config import ConfigError, _Section
+from ..identity import Identity
+from ..policy.rules import Decision, Rule, _rule
+
+MATCH_KEYS = ("targets", "methods", "paths", "subjects", "groups", "agent_ids")
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+
+@dataclass(frozen=True)
+class HttpMatch:
+    targets: frozenset[str] | None = None
+    methods: frozenset[str] | None = None
+    paths: tuple[str, ...] | None = None
+    subjects: frozenset[str] | None = None
+    groups: frozenset[str] | None = None
+    agent_ids: frozenset[str] | None = None
+
+    def matches(self, identity: Identity, target: str, method: str, path: str) -> bool:
+        return ((self.targets is None or target in self.targets)
+                and (self.methods is None or method in self.methods)
+                and (self.paths is None or any(fnmatchcase(path, p) for p in self.paths))
+                and (self.subjects is None or identity.subject in self.subjects)
+                and (self.groups is None or not self.groups.isdisjoint(identity.groups))
+                and (self.agent_ids is None or identity.agent_id in self.agent_ids))
+
+
+@dataclass(frozen=True)
+class HttpRule:
+    match: HttpMatch
+    rule: Rule  # name, action, message, approval requirement
+
+
+@dataclass(frozen=True)
+class HttpPolicy:
+    rules: tuple[HttpRule, ...] = ()
+    default: Literal["allow", "deny"] = "deny"
+
+    def decide(self, identity: Identity, target: str, method: str, path: str) -> Decision:
+        for r in self.rules:
+            if r.match.matches(identity, target, method, path):
+                reason = f"{method} {path} on {target}"
+                return Decision(r.rule.action, r.rule.name, r.rule.message, r.rule.approval, (reason,))
+        message = None if self.default == "allow" else "no rule allows this request"
+        return Decision(self.default, "default", message, None, ())
+
+
+def _match(s: _Section, target_names: set[str]) -> HttpMatch:
+    values: dict[str, list[str]] = {}
+    for key in MATCH_KEYS:
+        if s.raw(key) is None:
+            continue
+        items = s.items(key)
+        if not items or not all(isinstance(v, str) and v for v in items):
+            raise ConfigError(f"{s._p(key)}: expected a non-empty list of strings (omit the key to match anything)")
+        values[key] = items
+    s.done()
+    for t in values.get("targets", []):
+        if t not in target_names:
+            raise ConfigError(f"{s._p('targets')}: unknown target {t!r} (known: {', '.join(sorted(target_names))})")
+    methods = [m.upper() for m in values.get("methods", [])]
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"{s._p('methods')}: unknown method {m!r} (known: {', '.join(sorted(METHODS))})")
+    for p in values.get("paths", []):
+        if not p.startswith(("/", "*")):
+            raise ConfigError(f"{s._p('paths')}: {p!r} must start with / (the path below the target)")
+
+    def opt(key: str, items: list[str] | None = None) -> frozenset[str] | None:
+        chosen = items if items is not None else values.get(key)
+        return frozenset(chosen) if chosen else None
+
+    return HttpMatch(targets=opt("targets"), methods=opt("methods", methods or None),
+                     paths=tuple(values["paths"]) if "paths" in values else None, subjects=opt("subjects"),
+                     groups=opt("groups"), agent_ids=opt("agent_ids"))
+
+
+def parse_http_policy(http: _Section, target_names: set[str]) -> HttpPolicy:
+    """Read ``rules`` and ``default`` of the ``http`` section."""
+    rules: list[HttpRule] = []
+    names: set[str] = set()
+    for i, item in enumerate(http.items("rules")):
+        s = _Section(item, f"{http._p('rules')}[{i}]", http.base_dir)
+        if s.raw("match") is None:
+            raise ConfigError(f"{s._p('match')}: required (use `match: {{}}` to match every request)")
+        match = _match(s.section("match"), target_names)
+        # The action part goes through the SQL rule parser (with an empty SQL match).
+        action_part = _Section({**{k: v for k, v in s.data.items() if k != "match"}, "match": {}}, s.path,
+                               s.base_dir)
+        rules.append(HttpRule(match, _rule(action_part, names)))
+    default = http.string("default", "deny")
+    if default not in ("allow", "deny"):
+        raise ConfigError(f"{http._p('default')}: must be allow or deny, got {default!r}")
+    return HttpPolicy(tuple(rules), "allow" if default == "allow" else "deny")
