@@ -1,27 +1,41 @@
-"""Structural checks of the deployment files (docker/), without a container engine or a cluster.
+"""Checks of the deployment files (docker/) without a container engine or a cluster.
 
-Every YAML document is loaded with yaml.safe_load_all and cross-checked: Kubernetes object identity,
-selectors and labels, ports, volumes, Secret/ConfigMap references; the compose services, volumes and
-dependencies; and the pgproxy configs embedded in both, which must pass ``pgproxy.config.parse_config``
-and ``pgproxy check`` once their absolute paths point at real (generated) files.
+Schema level: every Kubernetes object validates against the bundled OpenAPI schemas of a real Kubernetes
+version (kubernetes-validate, strict: unknown fields fail), and the compose file parses with a Compose
+Specification parser (compose-spec) after variable interpolation.
+
+Semantic level: selectors, ports, probes, volumes, Secret and ConfigMap references agree with each other
+and with the pgproxy config; the compose services' dependencies and healthchecks agree; and both pgproxy
+configs pass pgproxy's own config loader and ``pgproxy check`` inside a simulated container filesystem
+(each mount point mapped to a temporary directory holding what the volume would hold).
 """
 
 from __future__ import annotations
 
-import copy
+import importlib.util
 import json
 import re
+import socket
+import subprocess
+import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
+from types import ModuleType
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
 from click.testing import CliRunner
+from compose_spec import PyCompose
 
+from pgproxy.audit.keys import generate_key
 from pgproxy.cli import main
-from pgproxy.config import ConfigError, ProxyConfig, parse_config
-from pgproxy.identity import generate_dev_keys
+from pgproxy.config import ProxyConfig, parse_config
+from pgproxy.identity import TokenVerifier, mint_token
+from pgproxy.masking.rules import load_rules
+from pgproxy.policy.rules import check_policy, load_policy
 from pgproxy.tlsutil import generate_dev_ca_and_cert
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -30,27 +44,24 @@ K8S_FILE = DOCKER / "k8s" / "pgproxy.yaml"
 COMPOSE_FILE = DOCKER / "compose.yaml"
 COMPOSE_CONFIG = DOCKER / "pgproxy.compose.yaml"
 DOCKERFILE = DOCKER / "Dockerfile"
-
-NAMESPACED_KINDS = {"ConfigMap", "Secret", "Deployment", "Service"}
-# Config keys whose value is a file path, and whether the file must exist for parse_config.
-PATH_KEYS = {"cert_file": True, "key_file": True, "jwks_file": True, "sslrootcert": True,
-             "password_file": True, "dev_signing_key_file": False, "jsonl_path": False}
-UPSTREAM_PASSWORD = "test-upstream-password"
+DEFAULT_POLICY = ROOT / "pgproxy" / "policy" / "default_policy.yaml"
+K8S_VERSION = "1.30"  # oldest Kubernetes release the manifests are meant for
+IMAGE = "pgproxy:dev"
+COMPOSE_VARIABLES = {"POSTGRES_PASSWORD": "compose-test-password"}
 
 
 # --------------------------------------------------------------------------------------------------
-# Helpers
+# Loading
 
 
 def _k8s_docs() -> list[dict[str, Any]]:
     docs = [d for d in yaml.safe_load_all(K8S_FILE.read_text()) if d is not None]
-    assert docs, f"{K8S_FILE} holds no YAML documents"
-    assert all(isinstance(d, dict) for d in docs)
+    assert docs and all(isinstance(d, dict) for d in docs)
     return docs
 
 
 def _objects(kind: str) -> list[dict[str, Any]]:
-    return [d for d in _k8s_docs() if d.get("kind") == kind]
+    return [d for d in _k8s_docs() if d["kind"] == kind]
 
 
 def _one(kind: str) -> dict[str, Any]:
@@ -65,146 +76,82 @@ def _named(kind: str, name: str) -> dict[str, Any]:
     return matches[0]
 
 
-def _containers() -> list[dict[str, Any]]:
-    containers = _one("Deployment")["spec"]["template"]["spec"]["containers"]
-    assert containers
-    return list(containers)
+def _workload() -> dict[str, Any]:
+    return _one("StatefulSet")
 
 
-def _pgproxy_container() -> dict[str, Any]:
-    matches = [c for c in _containers() if c["name"] == "pgproxy"]
+def _pod() -> dict[str, Any]:
+    return dict(_workload()["spec"]["template"]["spec"])
+
+
+def _pod_labels() -> dict[str, str]:
+    return dict(_workload()["spec"]["template"]["metadata"]["labels"])
+
+
+def _container() -> dict[str, Any]:
+    matches = [c for c in _pod()["containers"] if c["name"] == "pgproxy"]
     assert len(matches) == 1
-    return matches[0]
+    return dict(matches[0])
 
 
-def _secret_keys(secret: dict[str, Any]) -> set[str]:
-    return set(secret.get("data") or {}) | set(secret.get("stringData") or {})
+def _secret_items(secret: dict[str, Any]) -> dict[str, str]:
+    assert not secret.get("data"), "use stringData placeholders, never encoded values"
+    return dict(secret.get("stringData") or {})
 
 
-def _resolve_container_port(port: int | str, container: dict[str, Any]) -> int:
-    """A probe or Service targetPort (number or name) as the container port number it points at."""
+def _k8s_config_data() -> dict[str, Any]:
+    data = yaml.safe_load(_named("ConfigMap", "pgproxy-config")["data"]["pgproxy.yaml"])
+    assert isinstance(data, dict)
+    return data
+
+
+def _resolve_port(port: int | str, container: dict[str, Any]) -> int:
+    """A probe's or Service's target port (number or name) as the container port it points at."""
     ports = container.get("ports") or []
     if isinstance(port, str):
         matches = [p["containerPort"] for p in ports if p.get("name") == port]
-        assert matches, f"port name {port!r} is not a port of container {container['name']}"
+        assert len(matches) == 1, f"port name {port!r} is not a port of container {container['name']}"
         return int(matches[0])
     assert port in [p["containerPort"] for p in ports], f"port {port} is not exposed by {container['name']}"
     return port
 
 
-def _k8s_config_text() -> str:
-    data = _named("ConfigMap", "pgproxy-config")["data"]
-    assert isinstance(data.get("pgproxy.yaml"), str)
-    return str(data["pgproxy.yaml"])
+def _interpolate(text: str, variables: dict[str, str]) -> str:
+    """Compose's ${VAR}, ${VAR:?msg}, ${VAR:-default} substitution; an unknown variable fails."""
 
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        assert name in variables, f"compose file uses ${{{name}}}, which docker/README.md does not document"
+        return variables[name]
 
-def _walk_paths(node: Any) -> Iterator[tuple[dict[str, Any], str]]:
-    """(mapping, key) for every path-valued setting anywhere in a loaded config."""
-    if isinstance(node, dict):
-        for key, value in node.items():
-            if key in PATH_KEYS and isinstance(value, str):
-                yield node, key
-            else:
-                yield from _walk_paths(value)
-    elif isinstance(node, list):
-        for item in node:
-            yield from _walk_paths(item)
-
-
-def _config_paths(data: Any) -> dict[str, str]:
-    """{setting name: absolute path} for every path setting in a loaded config."""
-    found: dict[str, str] = {}
-    for mapping, key in _walk_paths(data):
-        value = mapping[key]
-        assert PurePosixPath(value).is_absolute(), f"{key}: {value} should be an absolute container path"
-        found.setdefault(key, value)
-    return found
-
-
-def _rebase(data: Any, root: Path) -> Any:
-    """A copy of a loaded config whose absolute paths live under ``root``; required files are created
-    empty (``_materialise`` fills the ones that must hold real keys and certificates)."""
-    data = copy.deepcopy(data)
-    for mapping, key in _walk_paths(data):
-        target = root / PurePosixPath(mapping[key]).relative_to("/")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if PATH_KEYS[key]:
-            target.touch()
-        mapping[key] = str(target)
-    return data
-
-
-def _materialise(config: ProxyConfig, tmp_path: Path) -> None:
-    """Put a real certificate/key, CA and JWKS at the paths a parsed config names."""
-    tls = generate_dev_ca_and_cert(tmp_path / "generated-tls")
-    for listener in config.listeners:
-        if listener.tls is not None:
-            listener.tls.cert_file.write_bytes(tls.cert_file.read_bytes())
-            listener.tls.key_file.write_bytes(tls.key_file.read_bytes())
-    if config.upstream.sslrootcert is not None:
-        config.upstream.sslrootcert.write_bytes(tls.ca_file.read_bytes())
-    if config.identity.jwks_file is not None:
-        keys = generate_dev_keys(tmp_path / "generated-keys")
-        config.identity.jwks_file.write_bytes(keys.jwks_file.read_bytes())
-
-
-def _check_config_text(text: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ProxyConfig:
-    """Parse a deployment's pgproxy config as the proxy would, then run ``pgproxy check`` on it."""
-    data = yaml.safe_load(text)
-    assert isinstance(data, dict)
-    # Unchanged, the only possible complaint is a file that does not exist on this machine.
-    try:
-        parse_config(data, tmp_path)
-    except ConfigError as exc:
-        assert "file not found" in str(exc), str(exc)
-    rebased = _rebase(data, tmp_path / "root")
-    config = parse_config(rebased, tmp_path)
-    _materialise(config, tmp_path)
-    for listener in config.listeners:
-        assert listener.tls is not None and not listener.insecure_plaintext, "deployments must use TLS"
-    for cred in config.upstream.credentials:
-        if cred.password_env is not None:
-            monkeypatch.setenv(cred.password_env, UPSTREAM_PASSWORD)
-    config_file = tmp_path / "pgproxy.yaml"
-    config_file.write_text(yaml.safe_dump(rebased))
-    result = CliRunner().invoke(main, ["check", "-c", str(config_file)])
-    assert result.exit_code == 0, result.output
-    assert result.output.strip().endswith(": OK")
-    return config
+    return re.sub(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:[:?-][^}]*)?\}", substitute, text)
 
 
 def _compose() -> dict[str, Any]:
-    docs = [d for d in yaml.safe_load_all(COMPOSE_FILE.read_text()) if d is not None]
-    assert len(docs) == 1 and isinstance(docs[0], dict)
-    return docs[0]
+    data = yaml.safe_load(_interpolate(COMPOSE_FILE.read_text(), COMPOSE_VARIABLES))
+    assert isinstance(data, dict)
+    return data
 
 
-def _env(service: dict[str, Any]) -> dict[str, str]:
-    env = service.get("environment") or {}
-    if isinstance(env, list):
-        return dict(item.split("=", 1) if "=" in item else (item, "") for item in env)
-    return {str(k): str(v) for k, v in env.items()}
+def _service(name: str) -> dict[str, Any]:
+    return dict(_compose()["services"][name])
 
 
-def _mounts(service: dict[str, Any]) -> list[tuple[str, str]]:
-    """(source, target) of each volume entry in short or long syntax."""
+def _mounts(service: dict[str, Any]) -> list[tuple[str, str, bool]]:
+    """(source, target, read-only) of each volume entry in short or long syntax."""
     mounts = []
     for entry in service.get("volumes") or []:
         if isinstance(entry, str):
             parts = entry.split(":")
             assert len(parts) in (2, 3), f"unexpected volume entry {entry!r}"
-            mounts.append((parts[0], parts[1]))
+            mounts.append((parts[0], parts[1], len(parts) == 3 and "ro" in parts[2].split(",")))
         else:
-            mounts.append((str(entry.get("source", "")), str(entry["target"])))
+            mounts.append((str(entry.get("source", "")), str(entry["target"]), bool(entry.get("read_only"))))
     return mounts
 
 
 def _is_bind(source: str) -> bool:
     return source.startswith(("/", "./", "../", "~")) or source in (".", "..")
-
-
-def _under(path: str, directory: str) -> bool:
-    return PurePosixPath(path).is_relative_to(PurePosixPath(directory))
 
 
 def _dockerfile_instructions() -> list[tuple[str, str]]:
@@ -218,282 +165,507 @@ def _dockerfile_instructions() -> list[tuple[str, str]]:
     return out
 
 
+def _final_stage() -> list[tuple[str, str]]:
+    instructions = _dockerfile_instructions()
+    last_from = max(i for i, (word, _) in enumerate(instructions) if word == "FROM")
+    return instructions[last_from:]
+
+
+def _load_script(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, DOCKER / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 # --------------------------------------------------------------------------------------------------
-# Kubernetes
+# A simulated container filesystem: config paths are mapped through the mounts to temporary directories.
 
 
-def test_k8s_objects_are_complete_and_unique() -> None:
-    docs = _k8s_docs()
+def _walk_strings(node: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            yield from _walk_strings(value, f"{path}.{key}" if path else str(key))
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            yield from _walk_strings(item, f"{path}[{i}]")
+    elif isinstance(node, str):
+        yield path, node
+
+
+def _config_paths(data: dict[str, Any]) -> dict[str, str]:
+    """{dotted setting: absolute container path} for every path-valued setting in a loaded config."""
+    return {key: value for key, value in _walk_strings(data) if value.startswith("/")}
+
+
+def _relocate(data: Any, mounts: dict[str, Path]) -> Any:
+    """A copy of ``data`` with every absolute container path moved under the host dir of its mount."""
+    if isinstance(data, dict):
+        return {k: _relocate(v, mounts) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_relocate(v, mounts) for v in data]
+    if isinstance(data, str) and data.startswith("/"):
+        path = PurePosixPath(data)
+        owners = [t for t in mounts if path.is_relative_to(PurePosixPath(t))]
+        assert owners, f"{data} is not inside any mounted volume"
+        target = max(owners, key=len)  # the innermost mount wins, as in a container
+        return str(mounts[target] / path.relative_to(PurePosixPath(target)))
+    return data
+
+
+def _check_in_container(data: dict[str, Any], mounts: dict[str, Path], env: dict[str, str], tmp_path: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> ProxyConfig:
+    """Run pgproxy's config loader and ``pgproxy check`` on ``data`` as the container would see it."""
+    relocated = _relocate(data, mounts)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    config_file = tmp_path / "pgproxy-under-test.yaml"
+    config_file.write_text(yaml.safe_dump(relocated))
+    result = CliRunner().invoke(main, ["check", "--offline", "-c", str(config_file)])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip().endswith(": OK"), result.output
+    config = parse_config(relocated, tmp_path)
+    for listener in config.listeners:
+        assert listener.tls is not None and not listener.insecure_plaintext, "deployments must use TLS"
+    # Masking rules and key load as the proxy loads them.
+    assert config.masking is not None
+    load_rules(config.masking.rules_dir)
+    assert config.masking.key() is not None, "keyed_hash rules need the key: deployments always set one"
+    return config
+
+
+def _env_references(data: dict[str, Any]) -> set[str]:
+    """Every environment variable a pgproxy config reads (settings named *_env)."""
+    return {value for key, value in _walk_strings(data) if re.search(r"(^|\.)[a-z0-9_]*_env$", key)}
+
+
+# --------------------------------------------------------------------------------------------------
+# Kubernetes: schema
+
+
+@pytest.mark.parametrize("index", range(len(_k8s_docs())))
+def test_k8s_object_validates_against_the_kubernetes_schema(index: int) -> None:
+    doc = _k8s_docs()[index]
+    try:
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    except kubernetes_validate.ValidationError as exc:
+        pytest.fail(f"{doc['kind']} {doc['metadata']['name']}: {exc}")
+
+
+def test_k8s_schema_validation_rejects_a_broken_object() -> None:
+    """The validator is really strict: a misspelt field and a wrong type both fail."""
+    workload = json.loads(json.dumps(_workload()))
+    workload["spec"]["template"]["spec"]["containers"][0]["readinessprobe"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(workload, K8S_VERSION, strict=True)
+    workload = json.loads(json.dumps(_workload()))
+    workload["spec"]["replicas"] = "two"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(workload, K8S_VERSION, strict=True)
+
+
+def test_k8s_objects_are_unique_and_namespaced() -> None:
+    namespaces = {d["metadata"]["name"] for d in _objects("Namespace")}
     seen = set()
-    for doc in docs:
-        assert isinstance(doc.get("apiVersion"), str) and doc["apiVersion"]
-        assert isinstance(doc.get("kind"), str) and doc["kind"]
-        name = (doc.get("metadata") or {}).get("name")
-        assert isinstance(name, str) and re.fullmatch(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", name), name
-        key = (doc["kind"], doc["metadata"].get("namespace"), name)
+    for doc in _k8s_docs():
+        key = (doc["kind"], doc["metadata"].get("namespace"), doc["metadata"]["name"])
         assert key not in seen, f"duplicate object {key}"
         seen.add(key)
-    kinds = {d["kind"] for d in docs}
-    assert {"ConfigMap", "Secret", "Deployment", "Service"} <= kinds
+        if doc["kind"] != "Namespace":
+            assert doc["metadata"].get("namespace") in namespaces, key
+    kinds = [d["kind"] for d in _k8s_docs()]
+    for kind in ("ConfigMap", "Secret", "StatefulSet", "PodDisruptionBudget"):
+        assert kinds.count(kind) == 1, kind
+    assert not _objects("Deployment"), "per-replica audit volumes need a StatefulSet"
 
 
-def test_k8s_namespaced_objects_use_the_declared_namespace() -> None:
-    namespaces = {d["metadata"]["name"] for d in _objects("Namespace")}
-    for doc in _k8s_docs():
-        if doc["kind"] in NAMESPACED_KINDS:
-            ns = doc["metadata"].get("namespace")
-            assert ns is not None, f"{doc['kind']} {doc['metadata']['name']} has no namespace"
-            if namespaces:
-                assert ns in namespaces
+def test_secret_holds_placeholders_only() -> None:
+    for key, value in _secret_items(_named("Secret", "pgproxy-secrets")).items():
+        assert "REPLACE" in value, f"Secret key {key!r} looks like a real value"
 
 
-def test_k8s_api_versions() -> None:
-    expected = {"Namespace": "v1", "ConfigMap": "v1", "Secret": "v1", "Service": "v1",
-                "Deployment": "apps/v1"}
-    for doc in _k8s_docs():
-        assert doc["apiVersion"] == expected[doc["kind"]], doc["kind"]
+# --------------------------------------------------------------------------------------------------
+# Kubernetes: workload
 
 
-def test_deployment_selector_matches_template_labels() -> None:
-    spec = _one("Deployment")["spec"]
-    assert spec["replicas"] == 2
-    selector = spec["selector"]["matchLabels"]
-    labels = spec["template"]["metadata"]["labels"]
-    assert selector
-    assert selector.items() <= labels.items()
+def test_statefulset_has_replicas_selector_and_headless_service() -> None:
+    spec = _workload()["spec"]
+    assert spec["replicas"] >= 2
+    assert spec["selector"]["matchLabels"].items() <= _pod_labels().items()
+    governing = _named("Service", spec["serviceName"])
+    assert governing["spec"]["clusterIP"] == "None"
+    assert governing["spec"]["selector"].items() <= _pod_labels().items()
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {"whenDeleted": "Retain", "whenScaled": "Retain"}
 
 
-def test_service_selects_the_pods_and_targets_the_container_port() -> None:
-    service = _one("Service")
-    assert service["spec"].get("type", "ClusterIP") == "ClusterIP"
-    labels = _one("Deployment")["spec"]["template"]["metadata"]["labels"]
-    assert service["spec"]["selector"]
-    assert service["spec"]["selector"].items() <= labels.items()
-    ports = service["spec"]["ports"]
-    assert [p["port"] for p in ports] == [5432]
-    assert _resolve_container_port(ports[0]["targetPort"], _pgproxy_container()) == 6432
-    assert service["metadata"]["namespace"] == _one("Deployment")["metadata"]["namespace"]
+def test_each_replica_writes_its_signed_audit_log_to_its_own_claim() -> None:
+    audit = _k8s_config_data()["audit"]
+    assert "dir" in audit and "jsonl_path" not in audit, "the k8s config should use the signed log"
+    claims = {t["metadata"]["name"]: t for t in _workload()["spec"]["volumeClaimTemplates"]}
+    pod_volumes = {v["name"] for v in _pod()["volumes"]}
+    owners = [m for m in _container()["volumeMounts"] if m["mountPath"] == audit["dir"]]
+    assert len(owners) == 1 and not owners[0].get("readOnly", False)
+    name = owners[0]["name"]
+    assert name in claims and name not in pod_volumes, "audit.dir must be a per-replica claim"
+    assert claims[name]["spec"]["accessModes"] == ["ReadWriteOnce"]
 
 
-def test_container_ports_match_the_configured_listener(tmp_path: Path,
-                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _check_config_text(_k8s_config_text(), tmp_path, monkeypatch)
-    container_ports = {p["containerPort"] for p in _pgproxy_container()["ports"]}
-    assert {listener.port for listener in config.listeners} == container_ports
-    assert all(listener.host == "0.0.0.0" for listener in config.listeners)
-
-
-def test_probes_are_tcp_checks_of_the_listener() -> None:
-    container = _pgproxy_container()
-    for probe in ("readinessProbe", "livenessProbe"):
-        tcp = container[probe]["tcpSocket"]
-        assert _resolve_container_port(tcp["port"], container) == 6432
-
-
-def test_pod_runs_unprivileged_with_resources() -> None:
-    pod = _one("Deployment")["spec"]["template"]["spec"]
+def test_pod_runs_unprivileged_with_resources_and_spread() -> None:
+    pod = _pod()
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] != 0
+    assert pod["automountServiceAccountToken"] is False
     for container in pod["containers"]:
         ctx = container["securityContext"]
         assert ctx["allowPrivilegeEscalation"] is False
-        assert "ALL" in ctx["capabilities"]["drop"]
-        assert container["resources"]["requests"]["cpu"]
-        assert container["resources"]["requests"]["memory"]
-        assert container["resources"]["limits"]["memory"]
+        assert ctx["readOnlyRootFilesystem"] is True
+        assert ctx["capabilities"]["drop"] == ["ALL"]
+        assert {"cpu", "memory"} <= set(container["resources"]["requests"])
+        assert "memory" in container["resources"]["limits"]
+    terms = pod["affinity"]["podAntiAffinity"]["preferredDuringSchedulingIgnoredDuringExecution"]
+    assert any(t["podAffinityTerm"]["topologyKey"] == "kubernetes.io/hostname"
+               and t["podAffinityTerm"]["labelSelector"]["matchLabels"].items() <= _pod_labels().items()
+               for t in terms)
+    # SIGTERM: 5 s drain, then up to 5 s wind-down; the grace period must cover both.
+    assert pod["terminationGracePeriodSeconds"] >= 15
 
 
-def test_volume_mounts_reference_defined_volumes() -> None:
-    pod = _one("Deployment")["spec"]["template"]["spec"]
+def test_k8s_image_user_matches_dockerfile() -> None:
+    user = next(rest for w, rest in reversed(_final_stage()) if w == "USER")
+    uid, _, gid = user.partition(":")
+    ctx = _pod()["securityContext"]
+    assert str(ctx["runAsUser"]) == uid
+    assert str(ctx["runAsGroup"]) == gid
+
+
+def test_pod_disruption_budget_keeps_a_replica() -> None:
+    pdb = _one("PodDisruptionBudget")["spec"]
+    assert pdb["selector"]["matchLabels"].items() <= _pod_labels().items()
+    assert pdb["selector"]["matchLabels"] == _workload()["spec"]["selector"]["matchLabels"]
+    assert pdb["maxUnavailable"] < _workload()["spec"]["replicas"]
+
+
+def test_probes_check_the_listener() -> None:
+    listener_ports = {listener["port"] for listener in _k8s_config_data()["listeners"]}
+    container = _container()
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert _resolve_port(container[probe]["tcpSocket"]["port"], container) in listener_ports, probe
+
+
+def test_ports_agree_between_config_container_and_services() -> None:
+    data = _k8s_config_data()
+    container = _container()
+    listener_ports = {listener["port"] for listener in data["listeners"]}
+    assert {p["containerPort"] for p in container["ports"]} == listener_ports | {data["admin"]["port"]}
+    assert all(listener["host"] == "0.0.0.0" for listener in data["listeners"])
+    targets = {}
+    for service in _objects("Service"):
+        assert service["spec"]["selector"].items() <= _pod_labels().items(), service["metadata"]["name"]
+        for port in service["spec"]["ports"]:
+            targets[service["metadata"]["name"]] = _resolve_port(port["targetPort"], container)
+    assert targets["pgproxy"] in listener_ports
+    assert _named("Service", "pgproxy")["spec"]["ports"][0]["port"] == 5432
+    assert _named("Service", "pgproxy")["spec"]["sessionAffinity"] == "ClientIP"  # cancel requests
+    assert targets["pgproxy-admin"] == data["admin"]["port"]
+
+
+def test_volumes_mounts_and_references_exist() -> None:
+    pod = _pod()
     volumes = {v["name"]: v for v in pod["volumes"]}
-    assert len(volumes) == len(pod["volumes"]), "duplicate volume names"
+    claims = {t["metadata"]["name"] for t in _workload()["spec"]["volumeClaimTemplates"]}
+    assert len(volumes) == len(pod["volumes"]) and not set(volumes) & claims
     mounted = set()
-    for container in pod["containers"]:
-        paths = [m["mountPath"] for m in container["volumeMounts"]]
-        assert len(paths) == len(set(paths))
-        for mount in container["volumeMounts"]:
-            assert mount["name"] in volumes, f"volumeMount {mount['name']!r} has no volume"
-            mounted.add(mount["name"])
-    assert mounted == set(volumes), f"unused volumes: {set(volumes) - mounted}"
-    assert "emptyDir" in volumes["audit"] or "persistentVolumeClaim" in volumes["audit"]
-
-
-def test_volumes_reference_existing_configmaps_and_secret_keys() -> None:
-    for volume in _one("Deployment")["spec"]["template"]["spec"]["volumes"]:
+    for mount in _container()["volumeMounts"]:
+        assert mount["name"] in volumes or mount["name"] in claims, mount["name"]
+        mounted.add(mount["name"])
+    assert mounted == set(volumes) | claims, "unused volumes"
+    for volume in volumes.values():
         if "configMap" in volume:
-            cm = _named("ConfigMap", volume["configMap"]["name"])
-            for item in volume["configMap"].get("items", []):
-                assert item["key"] in cm["data"], f"ConfigMap key {item['key']!r} missing"
+            data = _named("ConfigMap", volume["configMap"]["name"])["data"]
+            assert all(item["key"] in data for item in volume["configMap"]["items"])
         if "secret" in volume:
-            secret = _named("Secret", volume["secret"]["secretName"])
-            for item in volume["secret"].get("items", []):
-                assert item["key"] in _secret_keys(secret), f"Secret key {item['key']!r} missing"
+            items = _secret_items(_named("Secret", volume["secret"]["secretName"]))
+            assert all(item["key"] in items for item in volume["secret"]["items"])
 
 
-def test_env_secret_refs_exist() -> None:
-    refs = 0
-    for container in _containers():
-        for var in container.get("env", []):
-            source = var.get("valueFrom") or {}
-            if "secretKeyRef" in source:
-                ref = source["secretKeyRef"]
-                assert ref["key"] in _secret_keys(_named("Secret", ref["name"])), ref
-                refs += 1
-            if "configMapKeyRef" in source:
-                ref = source["configMapKeyRef"]
-                assert ref["key"] in _named("ConfigMap", ref["name"])["data"], ref
-    assert refs >= 1
+def test_every_variable_the_config_reads_comes_from_the_secret() -> None:
+    env = {var["name"]: var for var in _container()["env"]}
+    secret = _secret_items(_named("Secret", "pgproxy-secrets"))
+    referenced = _env_references(_k8s_config_data())
+    assert {"PGPROXY_UPSTREAM_PASSWORD", "PGPROXY_APPROVALS_DSN", "PGPROXY_MASKING_KEY"} <= referenced
+    for name in referenced:
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref["name"] == "pgproxy-secrets" and ref["key"] in secret, name
 
 
-def test_k8s_config_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _check_config_text(_k8s_config_text(), tmp_path, monkeypatch)
-    env = {var["name"] for var in _pgproxy_container().get("env", [])}
-    for cred in config.upstream.credentials:
-        assert cred.password_env is None or cred.password_env in env, cred.password_env
-    assert config.audit.jsonl_path is not None
+def test_k8s_approvals_are_shared_in_postgres() -> None:
+    approvals = _k8s_config_data()["approvals"]
+    assert approvals["store"] == "postgres" and approvals["schema"]
 
 
-def test_k8s_command_points_at_the_mounted_config() -> None:
-    container = _pgproxy_container()
-    args = container["args"]
-    assert args[:2] == ["serve", "-c"]
-    config_path = PurePosixPath(args[2])
-    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
-    volume = {v["name"]: v for v in _one("Deployment")["spec"]["template"]["spec"]["volumes"]}
-    owners = [name for name, path in mounts.items() if config_path.parent == PurePosixPath(path)]
-    assert len(owners) == 1, f"{config_path} is not in a mounted directory"
-    cm_volume = volume[owners[0]]["configMap"]
-    projected = {item["path"]: item["key"] for item in cm_volume.get("items", [])} or {
-        k: k for k in _named("ConfigMap", cm_volume["name"])["data"]}
-    assert projected.get(config_path.name) == "pgproxy.yaml"
-
-
-def test_k8s_config_files_are_mounted_from_the_secret() -> None:
-    """Every file the config names is projected into the container by some volume."""
-    container = _pgproxy_container()
-    pod = _one("Deployment")["spec"]["template"]["spec"]
+def _k8s_container_fs(tmp_path: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Host directories for the pod's mounts, filled as Kubernetes would (Secret files with real keys in
+    place of the placeholders), and the container's environment."""
+    pod = _pod()
     volumes = {v["name"]: v for v in pod["volumes"]}
-    mounts = [(m["mountPath"], volumes[m["name"]], m.get("readOnly", False))
-              for m in container["volumeMounts"]]
-    paths = _config_paths(yaml.safe_load(_k8s_config_text()))
-    assert {"cert_file", "key_file", "jsonl_path"} <= set(paths)
-    for key, value in paths.items():
-        path = PurePosixPath(value)
-        owners = [(mp, vol, ro) for mp, vol, ro in mounts if path.is_relative_to(PurePosixPath(mp))]
-        assert len(owners) == 1, f"{key}: {value} is not under exactly one volumeMount"
-        mount_path, vol, read_only = owners[0]
-        relative = str(path.relative_to(PurePosixPath(mount_path)))
-        if key == "jsonl_path":
-            assert ("emptyDir" in vol or "persistentVolumeClaim" in vol) and not read_only
-            continue
-        assert "secret" in vol, f"{key}: {value} should come from the Secret"
-        items = vol["secret"].get("items")
-        names = ({i["path"] for i in items} if items
-                 else _secret_keys(_named("Secret", vol["secret"]["secretName"])))
-        assert relative in names, f"{key}: {relative} is not projected from the Secret"
+    secret = _secret_items(_named("Secret", "pgproxy-secrets"))
+    tls = generate_dev_ca_and_cert(tmp_path / "generated-tls")
+    real_files = {"tls.crt": tls.cert_file.read_bytes(), "tls.key": tls.key_file.read_bytes(),
+                  "upstream-ca.crt": tls.ca_file.read_bytes()}
+    generate_key(tmp_path / "generated-audit" / "key")
+    real_files["audit-signing.key"] = (tmp_path / "generated-audit" / "key").read_bytes()
+    mounts: dict[str, Path] = {}
+    for i, mount in enumerate(_container()["volumeMounts"]):
+        host = tmp_path / "fs" / str(i)
+        host.mkdir(parents=True)
+        mounts[mount["mountPath"]] = host
+        volume = volumes.get(mount["name"], {})
+        if "configMap" in volume:
+            data = _named("ConfigMap", volume["configMap"]["name"])["data"]
+            for item in volume["configMap"]["items"]:
+                (host / item["path"]).write_text(data[item["key"]])
+        if "secret" in volume:
+            for item in volume["secret"]["items"]:
+                assert item["key"] in secret
+                (host / item["path"]).write_bytes(real_files[item["key"]])
+    env = {var["name"]: secret[var["valueFrom"]["secretKeyRef"]["key"]] for var in _container()["env"]}
+    return mounts, env
+
+
+def test_k8s_config_passes_pgproxy_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mounts, env = _k8s_container_fs(tmp_path)
+    args = _container()["args"]
+    assert args[:2] == ["serve", "-c"]
+    config_file = Path(_relocate(args[2], mounts))
+    assert yaml.safe_load(config_file.read_text()) == _k8s_config_data(), "serve -c must point at the ConfigMap"
+    config = _check_in_container(_k8s_config_data(), mounts, env, tmp_path, monkeypatch)
+    assert config.approvals is not None and config.admin is not None and config.policy is not None
+    assert config.audit.dir is not None and config.audit.signing_key_file is not None
+    # Every file setting (certificates, keys, policy, masking rules) is under a read-only mount.
+    read_only = {m["mountPath"] for m in _container()["volumeMounts"] if m.get("readOnly")}
+    for key, value in _config_paths(_k8s_config_data()).items():
+        if key != "audit.dir":
+            assert any(PurePosixPath(value).is_relative_to(PurePosixPath(m)) for m in read_only), key
+    assert config.masking is not None and load_rules(config.masking.rules_dir).rules
+
+
+def test_k8s_policy_is_the_shipped_default(tmp_path: Path) -> None:
+    policy_text = _named("ConfigMap", "pgproxy-config")["data"]["policy.yaml"]
+    assert yaml.safe_load(policy_text) == yaml.safe_load(DEFAULT_POLICY.read_text())
+    (tmp_path / "policy.yaml").write_text(policy_text)
+    assert check_policy(load_policy(tmp_path / "policy.yaml")) == []
 
 
 # --------------------------------------------------------------------------------------------------
-# Docker Compose and the image
+# Docker Compose
 
 
-def test_compose_services_volumes_and_dependencies() -> None:
+def test_compose_file_validates_against_the_compose_specification() -> None:
+    PyCompose.from_json(json.dumps(_compose())).validate()
+
+
+def test_compose_validation_rejects_a_broken_file() -> None:
+    broken = _compose()
+    broken["services"]["pgproxy"]["healthcheck"]["retries"] = "three"
+    with pytest.raises(ValueError):
+        PyCompose.from_json(json.dumps(broken))
+    broken = _compose()
+    broken["services"]["pgproxy"]["stop_grace"] = "15s"
+    with pytest.raises(ValueError):
+        PyCompose.from_json(json.dumps(broken))
+
+
+def test_compose_variables_are_all_documented() -> None:
+    used = set(re.findall(r"\$\{([A-Za-z_][A-Za-z0-9_]*)", COMPOSE_FILE.read_text()))
+    assert used == set(COMPOSE_VARIABLES)
+    readme = (DOCKER / "README.md").read_text()
+    assert all(name in readme for name in used)
+
+
+def test_compose_volumes_and_dependencies_are_consistent() -> None:
     compose = _compose()
     services = compose["services"]
-    assert {"postgres", "pgproxy"} <= set(services)
-    declared_volumes = set(compose.get("volumes") or {})
-    used_named = set()
+    declared = set(compose.get("volumes") or {})
+    used = set()
     for name, service in services.items():
-        assert "image" in service or "build" in service, name
-        for dep in service.get("depends_on") or {}:
-            assert dep in services, f"{name} depends on unknown service {dep}"
-        for source, target in _mounts(service):
+        for source, target, _ in _mounts(service):
             assert PurePosixPath(target).is_absolute(), target
-            if not _is_bind(source):
-                assert source in declared_volumes, f"{name}: volume {source!r} not declared"
-                used_named.add(source)
-    assert used_named == declared_volumes, f"declared but unused volumes: {declared_volumes - used_named}"
+            if _is_bind(source):
+                assert (COMPOSE_FILE.parent / source).exists(), f"{name}: bind source {source} missing"
+            else:
+                assert source in declared, f"{name}: volume {source!r} not declared"
+                used.add(source)
+        for dep, condition in (service.get("depends_on") or {}).items():
+            assert dep in services, f"{name} depends on unknown service {dep}"
+            dependency = services[dep]
+            if condition["condition"] == "service_healthy":
+                assert "test" in dependency.get("healthcheck", {}), f"{dep} has no healthcheck for {name}"
+            if condition["condition"] == "service_completed_successfully":
+                assert dependency.get("restart") == "no", f"{dep} must be a one-shot service"
+    assert used == declared, f"declared but unused volumes: {declared - used}"
+
+    def reaches(start: str, goal: str, seen: frozenset[str] = frozenset()) -> bool:
+        deps = services[start].get("depends_on") or {}
+        return goal in deps or any(reaches(d, goal, seen | {start}) for d in deps if d not in seen)
+
+    assert not any(reaches(name, name) for name in services), "dependency cycle"
+    assert reaches("pgproxy", "postgres") and reaches("pgproxy", "init") and reaches("pgproxy", "jwks")
 
 
-def test_compose_postgres_has_healthcheck_and_password_from_env() -> None:
-    postgres = _compose()["services"]["postgres"]
+def test_compose_postgres_is_15_with_healthcheck() -> None:
+    postgres = _service("postgres")
     assert str(postgres["image"]).startswith("postgres:15")
-    assert re.fullmatch(r"\$\{POSTGRES_PASSWORD[^}]*\}", _env(postgres)["POSTGRES_PASSWORD"])
-    test = postgres["healthcheck"]["test"]
-    assert "pg_isready" in (test if isinstance(test, str) else " ".join(test))
+    assert "pg_isready" in " ".join(postgres["healthcheck"]["test"])
 
 
-def test_compose_pgproxy_waits_for_healthy_postgres() -> None:
-    pgproxy = _compose()["services"]["pgproxy"]
-    assert pgproxy["depends_on"]["postgres"]["condition"] == "service_healthy"
+def test_compose_builds_the_image_from_the_dockerfile() -> None:
+    for name in ("init", "jwks", "pgproxy"):
+        service = _service(name)
+        assert service["image"] == IMAGE
+        context = (COMPOSE_FILE.parent / service["build"]["context"]).resolve()
+        assert context == ROOT and (context / service["build"]["dockerfile"]).resolve() == DOCKERFILE
 
 
-def test_compose_build_uses_the_dockerfile() -> None:
-    build = _compose()["services"]["pgproxy"]["build"]
-    context = (COMPOSE_FILE.parent / build["context"]).resolve()
-    assert context == ROOT
-    assert (context / build["dockerfile"]).resolve() == DOCKERFILE
-    for copied in ("pyproject.toml", "README.md", "pgproxy"):
-        assert (context / copied).exists()
+def test_named_volumes_start_owned_by_the_image_user() -> None:
+    """A new named volume takes the ownership of the image directory it is mounted on: every such mount
+    of the pgproxy image must land on a directory the Dockerfile creates for uid 10001."""
+    run = " ".join(rest for word, rest in _final_stage() if word == "RUN")
+    created = re.search(r"mkdir -p ([^&]*)", run)
+    owned = re.search(r"chown -R pgproxy:pgproxy ([^&]*)", run)
+    assert created and owned
+    for name in ("init", "jwks", "pgproxy"):
+        for source, target, read_only in _mounts(_service(name)):
+            if not _is_bind(source) and not read_only:
+                assert target in created.group(1).split(), f"{name}: {target} is not created in the Dockerfile"
+                assert any(PurePosixPath(target).is_relative_to(PurePosixPath(d)) for d in owned.group(1).split())
 
 
-def test_compose_mounts_cover_the_config(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    pgproxy = _compose()["services"]["pgproxy"]
-    mounts = _mounts(pgproxy)
-    targets = {target: source for source, target in mounts}
-    # The config file mounted where the image's CMD reads it.
-    cmd = next(json.loads(rest) for word, rest in _dockerfile_instructions() if word == "CMD")
-    config_target = cmd[cmd.index("-c") + 1]
-    assert (COMPOSE_FILE.parent / targets[config_target]).resolve() == COMPOSE_CONFIG
-    # Every path in the config is under a mounted directory.
-    for key, value in _config_paths(yaml.safe_load(COMPOSE_CONFIG.read_text())).items():
-        owners = [t for t in targets if t != config_target and _under(value, t)]
-        assert owners, f"{key}: {value} is not under any mounted directory"
-    # The upstream credential's environment variable is set, the host is the postgres service.
-    config = _check_config_text(COMPOSE_CONFIG.read_text(), tmp_path, monkeypatch)
-    env = _env(pgproxy)
-    for cred in config.upstream.credentials:
-        assert cred.password_env is None or cred.password_env in env
+def _compose_container_fs(tmp_path: Path, service: str) -> dict[str, Path]:
+    """Host directories for a service's mounts; the `keys` volume holds what compose_setup creates."""
+    mounts: dict[str, Path] = {}
+    for source, target, _ in _mounts(_service(service)):
+        if _is_bind(source):
+            mounts[target] = (COMPOSE_FILE.parent / source).resolve()
+        else:
+            mounts[target] = tmp_path / "volumes" / source
+            mounts[target].mkdir(parents=True, exist_ok=True)
+    return mounts
+
+
+def test_compose_setup_creates_keys_once(tmp_path: Path) -> None:
+    setup = _load_script("compose_setup")
+    created = setup.ensure_keys(tmp_path)
+    assert {p.relative_to(tmp_path).as_posix() for p in created} == {
+        "identity/dev-signing-key.pem", "identity/jwks.json", "tls/ca.crt", "tls/server.crt", "tls/server.key",
+        "audit/audit-signing.key", "audit/audit-signing.key.pub", "masking.key"}
+    assert not (tmp_path / "tls" / "ca.key").exists()
+    assert len((tmp_path / "masking.key").read_bytes()) >= 32
+    before = {p: p.read_bytes() for p in created}
+    assert setup.ensure_keys(tmp_path) == []
+    assert {p: p.read_bytes() for p in created} == before
+
+
+def test_compose_config_passes_pgproxy_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    setup = _load_script("compose_setup")
+    pgproxy = _service("pgproxy")
+    mounts = _compose_container_fs(tmp_path, "pgproxy")
+    setup.ensure_keys(mounts["/etc/pgproxy/keys"])
+    # The config is mounted where the image's CMD reads it, and PGPROXY_CONFIG agrees.
+    cmd = next(json.loads(rest) for word, rest in _final_stage() if word == "CMD")
+    config_path = cmd[cmd.index("-c") + 1]
+    assert mounts[config_path] == COMPOSE_CONFIG
+    assert pgproxy["environment"]["PGPROXY_CONFIG"] == config_path
+    data = yaml.safe_load(COMPOSE_CONFIG.read_text())
+    env = {k: str(v) for k, v in pgproxy["environment"].items()}
+    assert _env_references(data) <= set(env)
+    config = _check_in_container(data, mounts, env, tmp_path, monkeypatch)
+    assert config.audit.dir is not None and config.approvals is not None and config.approvals.store == "sqlite"
+    assert config.policy is not None and config.policy.file.read_bytes() == DEFAULT_POLICY.read_bytes()
     assert config.upstream.host in _compose()["services"]
-    assert _env(pgproxy).get("PGPROXY_CONFIG") == config_target
+    assert config.identity.jwks_url is not None and config.identity.dev_signing_key_file is not None
+    # The JWKS URL names the jwks service and the port its command serves on.
+    jwks = _service("jwks")
+    assert re.fullmatch(rf"https://jwks:{jwks['command'][3]}/\.well-known/jwks\.json", config.identity.jwks_url)
+    # The JWKS server's files are the ones compose_setup wrote to the same volume.
+    jwks_mounts = _compose_container_fs(tmp_path, "jwks")
+    for path in jwks["command"][:3]:
+        assert Path(_relocate(path, jwks_mounts)).is_file(), path
+    assert Path(_relocate(env["SSL_CERT_FILE"], mounts)).is_file()
 
 
-def test_compose_publishes_the_listener_port() -> None:
-    config = yaml.safe_load(COMPOSE_CONFIG.read_text())
-    listener_ports = {listener.get("port", 6432) for listener in config["listeners"]}
+def test_compose_ports_and_healthchecks_match_the_config() -> None:
+    data = yaml.safe_load(COMPOSE_CONFIG.read_text())
+    expected = {listener["port"] for listener in data["listeners"]} | {data["admin"]["port"]}
     published = set()
-    for entry in _compose()["services"]["pgproxy"]["ports"]:
-        container_port = str(entry).rsplit(":", 1)[-1].split("/")[0] if isinstance(entry, (str, int)) \
-            else str(entry["target"])
+    for entry in _service("pgproxy")["ports"]:
+        host_ip, host_port, container_port = str(entry).split(":")
+        assert host_ip == "127.0.0.1", "publish on loopback only"
+        assert host_port == container_port, "docs use the same port numbers inside and outside"
         published.add(int(container_port))
-    assert listener_ports == published
+    assert published == expected
+    for listener in data["listeners"]:
+        assert f"('127.0.0.1', {listener['port']})" in " ".join(_service("pgproxy")["healthcheck"]["test"])
 
 
-def test_compose_config_parses(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    config = _check_config_text(COMPOSE_CONFIG.read_text(), tmp_path, monkeypatch)
-    assert [listener.port for listener in config.listeners] == [6432]
-    assert config.identity.jwks_file is not None
-    assert config.identity.jwks_file.as_posix().endswith("/etc/pgproxy/jwks/jwks.json")
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+async def test_jwks_server_serves_the_keys_the_proxy_verifies_with(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compose `jwks` service, run as compose runs it, and pgproxy's jwks_url path against it."""
+    setup = _load_script("compose_setup")
+    keys = tmp_path / "keys"
+    setup.ensure_keys(keys)
+    port = _free_port()
+    command = [str(keys / "identity" / "jwks.json"), str(keys / "tls" / "server.crt"),
+               str(keys / "tls" / "server.key"), str(port)]
+    server = subprocess.Popen([sys.executable, str(DOCKER / "jwks_server.py"), *command], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 20
+        while True:  # readiness wait, not a timing assertion
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                assert server.poll() is None and time.monotonic() < deadline, "jwks_server.py did not start"
+                time.sleep(0.05)
+        monkeypatch.setenv("SSL_CERT_FILE", str(keys / "tls" / "ca.crt"))
+        data = yaml.safe_load(COMPOSE_CONFIG.read_text())["identity"]
+        data.update(jwks_url=f"https://localhost:{port}/.well-known/jwks.json", dev_signing_key_file=None)
+        config = parse_config({"listeners": [{"insecure_plaintext": True}], "identity": data,
+                               "upstream": {"credentials": [{"role": "*"}]}}, tmp_path)
+        verifier = TokenVerifier(config.identity)
+        assert await verifier.prefetch_keys() == 1
+        token = mint_token(keys / "identity" / "dev-signing-key.pem", issuer=data["issuer"],
+                           audience=data["audience"], subject="alice")
+        assert (await verifier.verify(token)).subject == "alice"
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+# --------------------------------------------------------------------------------------------------
+# The image
 
 
 def test_dockerfile_shape() -> None:
     instructions = _dockerfile_instructions()
-    words = [w for w, _ in instructions]
-    assert instructions[0] == ("FROM", "python:3.11-slim")
-    assert any(w == "RUN" and "pip install ." in rest for w, rest in instructions)
-    users = [rest for w, rest in instructions if w == "USER"]
+    arg = next(rest for word, rest in instructions if word == "ARG" and rest.startswith("PYTHON_IMAGE="))
+    assert re.fullmatch(r"PYTHON_IMAGE=python:3\.11\.\d+-slim-bookworm@sha256:[0-9a-f]{64}", arg), "pin the base"
+    assert all(rest.startswith("${PYTHON_IMAGE}") for word, rest in instructions if word == "FROM")
+    final = _final_stage()
+    words = [w for w, _ in final]
+    users = [rest for w, rest in final if w == "USER"]
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert words.index("USER") > max(i for i, w in enumerate(words) if w == "RUN"), "USER must follow RUN"
-    entrypoint = [json.loads(rest) for w, rest in instructions if w == "ENTRYPOINT"]
-    cmd = [json.loads(rest) for w, rest in instructions if w == "CMD"]
-    assert entrypoint == [["pgproxy"]]
-    assert cmd == [["serve", "-c", "/etc/pgproxy/pgproxy.yaml"]]
-    assert ("EXPOSE", "6432") in instructions
-
-
-def test_k8s_image_user_matches_dockerfile() -> None:
-    user = next(rest for w, rest in reversed(_dockerfile_instructions()) if w == "USER")
-    uid, _, gid = user.partition(":")
-    ctx = _one("Deployment")["spec"]["template"]["spec"]["securityContext"]
-    assert str(ctx["runAsUser"]) == uid
-    assert not gid or str(ctx["runAsGroup"]) == gid
+    assert [json.loads(rest) for w, rest in final if w == "ENTRYPOINT"] == [["pgproxy"]]
+    assert [json.loads(rest) for w, rest in final if w == "CMD"] == [["serve", "-c", "/etc/pgproxy/pgproxy.yaml"]]
+    assert ("EXPOSE", "6432") in final
+    healthcheck = next(rest for w, rest in final if w == "HEALTHCHECK")
+    assert "('127.0.0.1', 6432)" in healthcheck
+    for copied in ("pyproject.toml", "README.md", "pgproxy"):
+        assert (ROOT / copied).exists()
