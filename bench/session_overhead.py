@@ -20,6 +20,7 @@ from typing import Any
 
 from pgproxy.audit.sink import JsonLinesAuditSink
 from pgproxy.config import parse_config
+from pgproxy.metrics import ProxyMetrics
 from pgproxy.protocol.messages import (
     Bind,
     BindComplete,
@@ -95,13 +96,15 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
         key_file = audit_dir / f"{mode}-{policy is not None}.key"
         generate_key(key_file)
         audit = SignedAuditLog(audit_dir / f"signed-{mode}-{policy is not None}", load_private_key(key_file))
+    metrics = ProxyMetrics()  # as ProxyServer makes it
+    metrics.watch_audit(audit)
     gates: tuple[Any, ...] = ()
     if policy is not None:  # the policy gate, as `policy: {file: ...}` installs it (no approvals needed here)
         from pgproxy.policy.gate import PolicyGate
         from pgproxy.policy.rules import load_policy
 
-        gates = (PolicyGate(load_policy(policy), None),)
-    server = SimpleNamespace(config=config, gates=gates, audit=audit, cancels=None)
+        gates = (PolicyGate(load_policy(policy), None, metrics=metrics),)
+    server = SimpleNamespace(config=config, gates=gates, audit=audit, cancels=None, metrics=metrics)
     client, upstream = Link(), Link()
     client.connection_made(NullTransport())  # type: ignore[arg-type]
     upstream.connection_made(NullTransport())  # type: ignore[arg-type]

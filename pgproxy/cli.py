@@ -50,16 +50,23 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 
 @main.command()
 @config_option
-def serve(config_path: str | None) -> None:
+@click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
+              help="Log lines as text or one JSON object per line (default: logging.format, else text).")
+def serve(config_path: str | None, log_format: str | None) -> None:
     """Run the proxy until SIGTERM or SIGINT (sessions get a short drain period)."""
     config = _load(config_path)
+    from .logsetup import status_line, use_log_format
     from .server.listener import ProxyServer, stop_event_on_signals
+
+    log_format = log_format or config.logging.format
+    use_log_format(log_format)
 
     async def run() -> None:
         server = ProxyServer(config)
         await server.start()
         stop = stop_event_on_signals()
-        click.echo(f"pgproxy listening on ports {', '.join(map(str, server.bound_ports))}", err=True)
+        click.echo(status_line(f"pgproxy listening on ports {', '.join(map(str, server.bound_ports))}",
+                               log_format), err=True)
         await stop.wait()
         await server.close()
 
@@ -72,7 +79,10 @@ def serve(config_path: str | None) -> None:
 
 @main.command()
 @config_option
-def check(config_path: str | None) -> None:
+@click.option("--offline", is_flag=True, help="Do not connect upstream to check masking rules against the schema.")
+@click.option("--role", default=None, help="Database role to read the schema as (default: the first credential's).")
+@click.option("--database", default=None, help="Database whose schema the masking rules are checked against.")
+def check(config_path: str | None, offline: bool, role: str | None, database: str | None) -> None:
     """Validate the config: keys, certificates and upstream credentials must all load."""
     config = _load(config_path)
     from .identity import TokenVerifier
@@ -95,6 +105,12 @@ def check(config_path: str | None) -> None:
         except ConfigError as exc:
             problems.append(str(exc))
     problems += _check_audit_and_approvals(config)
+    if config.http is not None:  # the HTTP proxy's credentials and TLS files
+        from .http.config import check_http
+
+        problems += check_http(config.http)
+    if config.masking is not None:  # the rules, the key and (unless --offline) the live schema
+        problems += _check_masking(config, offline, role, database)
     if config.policy is not None:  # the statement policy: errors fail the check, shadowed rules warn
         from .policy.rules import check_policy, load_policy
 
@@ -108,6 +124,19 @@ def check(config_path: str | None) -> None:
             click.echo(f"error: {p}", err=True)
         sys.exit(1)
     click.echo(f"{config.source}: OK")
+
+
+def _check_masking(config: ProxyConfig, offline: bool, role: str | None, database: str | None) -> list[str]:
+    from .masking.check import check_live, check_rules
+
+    rules, problems = check_rules(config)
+    if rules is None or offline:
+        return problems
+    role = role or next((c.role for c in config.upstream.credentials if c.role != "*"), None)
+    if role is None:
+        return [*problems, "masking: pass --role (the credentials only have '*') or --offline"]
+    database = database or config.upstream.database or role
+    return problems + asyncio.run(check_live(config, rules, role, database))
 
 
 def _check_audit_and_approvals(config: ProxyConfig) -> list[str]:
@@ -127,6 +156,11 @@ def _check_audit_and_approvals(config: ProxyConfig) -> list[str]:
     if config.approvals is not None and config.approvals.store == "postgres":
         try:
             config.approvals.dsn()
+        except ConfigError as exc:
+            problems.append(str(exc))
+    if config.admin is not None:
+        try:
+            config.admin.metrics_token()
         except ConfigError as exc:
             problems.append(str(exc))
     if config.admin is not None and config.admin.tls is not None:
@@ -320,6 +354,36 @@ def audit_replay(bundle: str, target: str, commit: bool, pubkeys: Sequence[str])
         raise click.ClickException(str(exc)) from None
     click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped; "
                + ("committed" if report.committed else "rolled back"))
+    if not report.ok:
+        sys.exit(1)
+
+
+@audit.command("replay-http")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--base-url", required=True, help="Sandbox base URL the recorded paths are appended to.")
+@click.option("--header", "headers", multiple=True, help="'Name: value' sent with every request (repeatable).")
+@_pubkey_option
+def audit_replay_http(bundle: str, base_url: str, headers: Sequence[str], pubkeys: Sequence[str]) -> None:
+    """Re-send a bundle's HTTP exchanges to a sandbox and compare status and body digests. Exit 1 on a difference."""
+    from .audit.replay import ReplayError, ReplayOutcome
+    from .http.replay import run_http_replay
+
+    def progress(o: ReplayOutcome, n: int, total: int) -> None:
+        click.echo(f"[{n}/{total}] #{o.index} {o.status.upper()}: {o.sql[:80]}"
+                   + (f" ({o.detail})" if o.detail else ""))
+
+    parsed = {}
+    for h in headers:
+        name, sep, value = h.partition(":")
+        if not sep or not name.strip():
+            raise click.ClickException(f"--header {h!r}: expected 'Name: value'")
+        parsed[name.strip()] = value.strip()
+    try:
+        report = run_http_replay(Path(bundle), base_url, headers=parsed, pubkeys=tuple(Path(p) for p in pubkeys),
+                                 progress=progress)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped")
     if not report.ok:
         sys.exit(1)
 

@@ -13,10 +13,13 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 import yaml
+
+if TYPE_CHECKING:
+    from .http.config import HttpConfig
 
 CONFIG_ENV_VAR = "PGPROXY_CONFIG"
 
@@ -85,19 +88,25 @@ class UpstreamCredential:
     password_file: Path | None = None
 
     def password(self) -> str | None:
-        if self.password_env is not None:
-            value = os.environ.get(self.password_env)
-            if value is None:
-                raise ConfigError(f"upstream.credentials[{self.role}]: environment variable "
-                                  f"{self.password_env} is not set")
-            return value
-        if self.password_file is not None:
-            try:
-                return self.password_file.read_text().rstrip("\r\n")
-            except OSError as exc:
-                raise ConfigError(f"upstream.credentials[{self.role}]: cannot read password file: "
-                                  f"{exc.strerror}") from None
-        return None
+        return read_secret(f"upstream.credentials[{self.role}]", self.password_env, self.password_file)
+
+
+def read_secret(where: str, env: str | None, file: Path | None) -> str | None:
+    """The secret in environment variable ``env`` or in ``file`` (trailing newline dropped); None if neither.
+
+    Read when needed, never at parse time, so that the config itself holds no secret.
+    """
+    if env is not None:
+        value = os.environ.get(env)
+        if value is None:
+            raise ConfigError(f"{where}: environment variable {env} is not set")
+        return value
+    if file is not None:
+        try:
+            return file.read_text().rstrip("\r\n")
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot read {file}: {exc.strerror}") from None
+    return None
 
 
 @dataclass(frozen=True)
@@ -178,12 +187,64 @@ class PolicyConfig:
 
 
 @dataclass(frozen=True)
+class MaskingConfig:
+    """Column masking (pgproxy/masking/); without this section nothing is masked."""
+
+    rules_dir: Path
+    key_env: str | None = None
+    key_file: Path | None = None
+    catalog_refresh_seconds: float = 60.0
+    # NOTIFY channels whose payloads reach masked identities unchanged; other payloads are emptied.
+    notification_channels: tuple[str, ...] = ()
+
+    def key(self) -> bytes | None:
+        """The keyed-hash secret, or None when none is configured."""
+        if self.key_env is not None:
+            value = os.environ.get(self.key_env)
+            if value is None:
+                raise ConfigError(f"masking.key_env: environment variable {self.key_env} is not set")
+            secret = value.encode()
+        elif self.key_file is not None:
+            try:
+                secret = self.key_file.read_bytes().rstrip(b"\r\n")
+            except OSError as exc:
+                raise ConfigError(f"masking.key_file: cannot read {self.key_file}: {exc.strerror}") from None
+        else:
+            return None
+        if len(secret) < 32:
+            raise ConfigError("masking: the keyed-hash key must be at least 32 bytes")
+        return secret
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin HTTP listener (approvals API)."""
 
     host: str = "127.0.0.1"
     port: int = 8080
     tls: TLSConfig | None = None
+    ui: bool = True  # the web UI under /ui/ (docs/admin-ui.md)
+    analyst_groups: tuple[str, ...] | None = None  # may view sessions in the UI; None: the policy's approver groups
+    metrics_token_env: str | None = None  # /metrics needs this bearer token when set (docs/operations.md)
+
+    def metrics_token(self) -> str | None:
+        """The bearer token /metrics requires (None: open); fails closed when the variable is unset."""
+        if self.metrics_token_env is None:
+            return None
+        value = os.environ.get(self.metrics_token_env)
+        if not value:
+            raise ConfigError(f"admin.metrics_token_env: environment variable {self.metrics_token_env} is not set")
+        return value
+
+
+LOG_FORMATS = ("text", "json")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """How `pgproxy serve` writes its own log to stderr (docs/operations.md#logs)."""
+
+    format: str = "text"  # text | json (one JSON object per line)
 
 
 @dataclass(frozen=True)
@@ -197,6 +258,9 @@ class ProxyConfig:
     approvals: ApprovalsConfig | None = None
     admin: AdminConfig | None = None
     policy: PolicyConfig | None = None
+    masking: MaskingConfig | None = None
+    http: HttpConfig | None = None  # the HTTP companion proxy (pgproxy/http/, docs/http.md)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -491,8 +555,13 @@ def _admin(s: _Section) -> AdminConfig:
             raise ConfigError(f"{t.path}: cert_file and key_file are both required")
         t.done()
         tls = TLSConfig(cert, key)
+    analysts = s.items("analyst_groups") if s.raw("analyst_groups") is not None else None
+    if analysts is not None and not all(isinstance(g, str) and g for g in analysts):
+        raise ConfigError(f"{s._p('analyst_groups')}: expected a list of group names")
     admin = AdminConfig(host=s.string("host", "127.0.0.1") or "127.0.0.1",
-                        port=s.integer("port", 8080, maximum=65535), tls=tls)
+                        port=s.integer("port", 8080, maximum=65535), tls=tls, ui=s.boolean("ui", True),
+                        analyst_groups=tuple(analysts) if analysts is not None else None,
+                        metrics_token_env=s.string("metrics_token_env"))
     s.done()
     if admin.tls is None and not is_loopback_host(admin.host):
         raise ConfigError(f"{s._p('tls')}: required unless host is loopback (approver tokens would cross the "
@@ -544,9 +613,37 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
             raise ConfigError("policy.file: required (the YAML policy, e.g. pgproxy/policy/default_policy.yaml)")
         policy = PolicyConfig(file=policy_file, audit_allowed=pol.boolean("audit_allowed", False))
         pol.done()
+    masking = _masking(root.section("masking")) if root.raw("masking") is not None else None
+    http = None
+    if root.raw("http") is not None:
+        from .http.config import parse_http
+
+        http = parse_http(root.section("http"))
+    log_section = root.section("logging")
+    log_format = log_section.string("format", "text") or "text"
+    if log_format not in LOG_FORMATS:
+        raise ConfigError(f"logging.format: must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
+    log_section.done()
     root.done()
     return ProxyConfig(listeners=tuple(listeners), identity=identity, upstream=upstream, limits=limits,
-                       audit=audit, source=source, approvals=approvals, admin=admin, policy=policy)
+                       audit=audit, source=source, approvals=approvals, admin=admin, policy=policy,
+                       masking=masking, http=http, logging=LoggingConfig(log_format))
+
+
+def _masking(s: _Section) -> MaskingConfig:
+    rules_dir = s.path_("rules_dir")
+    if rules_dir is None:
+        raise ConfigError(f"{s._p('rules_dir')}: required (the directory of masking rule files)")
+    channels = s.items("notification_channels")
+    if not all(isinstance(c, str) and c for c in channels):
+        raise ConfigError(f"{s._p('notification_channels')}: expected a list of channel names")
+    masking = MaskingConfig(rules_dir=rules_dir, key_env=s.string("key_env"), key_file=s.path_("key_file"),
+                            catalog_refresh_seconds=s.number("catalog_refresh_seconds", 60.0, minimum=1.0),
+                            notification_channels=tuple(channels))
+    s.done()
+    if masking.key_env and masking.key_file:
+        raise ConfigError(f"{s.path}: set key_env or key_file, not both")
+    return masking
 
 
 def load_config(path: str | os.PathLike[str] | None) -> ProxyConfig:

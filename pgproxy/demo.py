@@ -33,6 +33,8 @@ DEMO_ROLES = ("agent_reader", "agent_writer")
 DEFAULT_PORT = 6432
 DEFAULT_ADMIN_PORT = 6480
 DEFAULT_POLICY = Path(__file__).parent / "policy" / "default_policy.yaml"
+# The shipped example rules (masking_rules/ at the top of the source tree): masks shop.customers for agents.
+DEMO_MASKING_RULES = Path(__file__).resolve().parent.parent / "masking_rules"
 
 
 def _pick_port(preferred: int) -> int:
@@ -95,6 +97,8 @@ def write_demo_config(workdir: Path, database: Database, port: int) -> tuple[Pat
         "approvals": {"store": "sqlite", "path": str(workdir / "approvals.sqlite")},
         "admin": {"host": "127.0.0.1", "port": _pick_port(DEFAULT_ADMIN_PORT)},
     }
+    if (DEMO_MASKING_RULES / "shop.yaml").is_file():
+        config["masking"] = {"rules_dir": str(DEMO_MASKING_RULES)}
     config_file = workdir / "pgproxy.yaml"
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     return config_file, tls.ca_file
@@ -146,7 +150,7 @@ async def _serve(env: DemoEnvironment, env_file: Path | None,
     variables = env.connection_env()
     if env_file is not None:
         env_file.write_text("".join(f"export {k}={shlex.quote(v)}\n" for k, v in variables.items()))
-    _print_banner(env, variables)
+    _print_banner(env, variables, server.admin.port if server.admin is not None else 0)
     if on_ready is not None:
         on_ready(env)
     try:
@@ -156,7 +160,7 @@ async def _serve(env: DemoEnvironment, env_file: Path | None,
         await server.close(drain_seconds=2.0)
 
 
-def _print_banner(env: DemoEnvironment, variables: dict[str, str]) -> None:
+def _print_banner(env: DemoEnvironment, variables: dict[str, str], admin_port: int) -> None:
     conninfo = (f"host=127.0.0.1 port={env.port} user={DEMO_ROLES[0]} dbname={env.database.database} "
                 f"sslmode=verify-full sslrootcert={env.ca_file}")
     click.echo(f"""
@@ -166,13 +170,15 @@ pgproxy demo is running.
   upstream  {env.database.host}:{env.database.port} (the proxy logs in with its own credential)
   config    {env.config_file}
   audit     {env.workdir / 'audit'} (signed; pgproxy audit verify/sessions/show)
+  admin UI  http://127.0.0.1:{admin_port}/ui/ (paste $PGPROXY_APPROVER_TOKEN from below: approvals, sessions)
 
 Connect through the proxy (the password is a JWT for subject "{DEMO_SUBJECT}", roles {', '.join(DEMO_ROLES)}):
 
   PGPASSWORD={shlex.quote(env.token)} \\
     psql {shlex.quote(conninfo)}
 
-Try:  SELECT full_name, email, ssn FROM shop.customers LIMIT 5;
+Try:  SELECT full_name, email, ssn, card_number, salary FROM shop.customers LIMIT 5;   -- masked for agents
+      SELECT count(*) FROM shop.customers WHERE email LIKE '%@example.com';      -- predicates see masks too
       \\c - agent_writer
       DELETE FROM shop.orders WHERE status = 'cancelled';   -- fine
       DELETE FROM shop.orders;   -- refused: needs a DBA's approval (its id is in the error)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -35,6 +35,9 @@ from pgproxy.policy.approvals import (
     ApprovalStoreUnavailable,
 )
 from pgproxy.tlsutil import server_context
+
+if TYPE_CHECKING:
+    from .ui import AdminUI
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ class AdminServer:
     """The admin listener. ``app`` can also be served by aiohttp's test client."""
 
     def __init__(self, config: AdminConfig, store: ApprovalStore, verifier: TokenVerifier, *,
-                 owns_store: bool = False) -> None:
+                 owns_store: bool = False, ui: AdminUI | None = None) -> None:
         self.config = config
         self.store = store
         self.service = ApproverService(store, verifier)
@@ -95,6 +98,8 @@ class AdminServer:
         self.app.router.add_get("/api/approvals/{id}", self._show)
         self.app.router.add_post("/api/approvals/{id}/approve", self._approve)
         self.app.router.add_post("/api/approvals/{id}/deny", self._deny)
+        if ui is not None:  # the web UI under /ui/ (pgproxy/admin/ui.py)
+            ui.install(self.app, self.service)
 
     @classmethod
     def from_config(cls, config: ProxyConfig, *, store: ApprovalStore | None = None,
@@ -106,7 +111,10 @@ class AdminServer:
             from pgproxy.policy.approval_factory import build_approval_store
 
             store = build_approval_store(config, audit=audit)
-        return cls(config.admin, store, verifier or TokenVerifier(config.identity), owns_store=owns)
+        from .ui import AdminUI
+
+        ui = AdminUI(config) if config.admin.ui else None
+        return cls(config.admin, store, verifier or TokenVerifier(config.identity), owns_store=owns, ui=ui)
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ class SignedAuditLog:
         self._offset = 0
         self._checkpoint_due = False
         self._closed = False
+        self.on_write: Callable[[float], None] | None = None  # told each batch's write+fsync time (metrics)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         (directory / KEYS_DIR).mkdir(exist_ok=True)
         pub = directory / KEYS_DIR / f"{key_id(signing_key.public_key())}.pub"
@@ -198,6 +200,7 @@ class SignedAuditLog:
         if not pending:
             return
         data = b"\n".join(pending) + b"\n"
+        started = time.perf_counter()
         try:
             if self._fd is None:
                 if self._segment is None:
@@ -220,6 +223,8 @@ class SignedAuditLog:
         self._offset += len(data)
         self._written += len(pending)
         pending.clear()
+        if self.on_write is not None:
+            self.on_write(time.perf_counter() - started)
         if self._broken is not None:
             log.warning("audit log %s is writable again", self.directory)
             self._broken = None
@@ -247,6 +252,11 @@ class SignedAuditLog:
     @property
     def size(self) -> int:
         return self._tree.size
+
+    @property
+    def pending_records(self) -> int:
+        """Records in the chain but not written to a segment yet (the audit lag)."""
+        return len(self._pending)
 
     def last_checkpoint_size(self) -> int:
         return self._cp_size

@@ -9,6 +9,8 @@ the caller can refuse to run statements it could not record (fail closed).
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -59,6 +61,12 @@ class JsonLinesAuditSink:
         self._lines: list[bytes] = []
         self._batch_size = batch_size
         self._broken: str | None = None
+        self.on_write: Callable[[float], None] | None = None  # told each batch's write time (metrics)
+
+    @property
+    def pending_records(self) -> int:
+        """Events accepted but not written yet."""
+        return len(self._lines)
 
     def emit(self, event: dict[str, Any]) -> None:
         if self._broken is not None:
@@ -72,12 +80,15 @@ class JsonLinesAuditSink:
         lines, self._lines = self._lines, []
         if not lines:
             return
+        started = time.perf_counter()
         try:
             self._file.write(b"\n".join(lines) + b"\n")
             self._file.flush()
         except OSError as exc:
             self._broken = f"audit log {self.path} is not writable: {exc.strerror}"
             raise AuditUnavailable(self._broken) from None
+        if self.on_write is not None:
+            self.on_write(time.perf_counter() - started)
 
     def close(self) -> None:
         try:

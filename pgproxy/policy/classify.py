@@ -137,7 +137,7 @@ def _uniq(items: list[str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(items))
 
 
-def _name(parts: Any) -> str:
+def dotted_name(parts: Any) -> str:
     out: list[str] = []
     for p in parts or ():
         if isinstance(p, ast.String):
@@ -165,7 +165,7 @@ def _always_true(where: Any) -> bool:
         return isinstance(where.val, ast.Boolean) and bool(where.val.boolval)
     if isinstance(where, ast.TypeCast):
         return _always_true(where.arg)
-    if isinstance(where, ast.A_Expr) and _name(where.name) == "=":
+    if isinstance(where, ast.A_Expr) and dotted_name(where.name) == "=":
         left, right = where.lexpr, where.rexpr
         if isinstance(left, ast.A_Const) and isinstance(right, ast.A_Const):
             return repr(left.val) == repr(right.val)
@@ -175,7 +175,7 @@ def _always_true(where: Any) -> bool:
 _SLOTS: dict[type, tuple[str, ...]] = {}
 
 
-def _slots(cls: type) -> tuple[str, ...]:
+def node_fields(cls: type) -> tuple[str, ...]:
     """A node class's fields, reversed so that the walk's stack pops them in source order."""
     slots = _SLOTS.get(cls)
     if slots is None:
@@ -210,7 +210,7 @@ class _Walker:
             if not isinstance(node, ast.Node):
                 continue
             self.visit(node, effects)
-            for attr in _slots(type(node)):
+            for attr in node_fields(type(node)):
                 value = getattr(node, attr, None)
                 if isinstance(value, (ast.Node, tuple, list)):
                     stack.append(value)
@@ -219,9 +219,9 @@ class _Walker:
         if isinstance(node, ast.RangeVar):
             self.tables.append(_relname(node))
         elif isinstance(node, ast.ColumnRef):
-            self.columns.append(_name(node.fields))
+            self.columns.append(dotted_name(node.fields))
         elif isinstance(node, ast.FuncCall):
-            fname = _name(node.funcname)
+            fname = dotted_name(node.funcname)
             self.functions.append(fname)
             if effects and is_dangerous_function(fname):
                 self.add("dangerous_function", f"calls {fname}()")
@@ -306,12 +306,13 @@ class _Walker:
             self.add("ddl")
             self.add("destructive", _drop_what(stmt))
             if isinstance(stmt, ast.DropStmt) and str(getattr(stmt.removeType, "name", "")) in _RELATION_OBJECTS:
-                self.tables.extend(_name(o) for o in stmt.objects or () if isinstance(o, (tuple, list)))
+                self.tables.extend(dotted_name(o) for o in stmt.objects or () if isinstance(o, (tuple, list)))
             if kind == "DropOwnedStmt":
                 self.add("dcl")
         elif isinstance(stmt, ast.CreateFunctionStmt):
             self.add("ddl")
-            self.add("procedural", f"CREATE {'PROCEDURE' if stmt.is_procedure else 'FUNCTION'} {_name(stmt.funcname)}")
+            what = "PROCEDURE" if stmt.is_procedure else "FUNCTION"
+            self.add("procedural", f"CREATE {what} {dotted_name(stmt.funcname)}")
         elif kind in _PROCEDURAL_NODES:
             self.add("procedural", {"DoStmt": "DO block runs procedural code", "CallStmt": "CALL of a procedure",
                                     "CreatePLangStmt": "CREATE LANGUAGE", "LoadStmt": "LOAD of a shared library"}
@@ -377,11 +378,11 @@ def _drop_what(stmt: Any) -> str:
         names: list[str] = []
         for obj in stmt.objects or ():
             if isinstance(obj, (tuple, list)):
-                names.append(_name(obj))
+                names.append(dotted_name(obj))
             elif isinstance(obj, ast.String):
                 names.append(obj.sval or "")
             elif isinstance(obj, ast.TypeName):
-                names.append(_name(obj.names))
+                names.append(dotted_name(obj.names))
         return f"DROP {kind} {', '.join(n for n in names if n)}".rstrip()
     if isinstance(stmt, ast.DropdbStmt):
         return f"DROP DATABASE {stmt.dbname}"

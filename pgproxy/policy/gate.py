@@ -39,6 +39,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
 from ..server.gates import Hold, Refuse, Request, Verdict
@@ -92,8 +93,10 @@ def params_as_text(request: Request) -> list[str | None]:
 class PolicyGate:
     """A FrontendGate that enforces ``policy``, filing approval requests in ``store``."""
 
-    def __init__(self, policy: Policy, store: ApprovalStore | None = None, *, audit_allowed: bool = False) -> None:
+    def __init__(self, policy: Policy, store: ApprovalStore | None = None, *, audit_allowed: bool = False,
+                 metrics: ProxyMetrics | None = None) -> None:
         self.policy = policy
+        self.metrics = metrics if metrics is not None else ProxyMetrics()  # statements by class and decision
         self.store = store
         self.audit_allowed = audit_allowed
         self._decisions: weakref.WeakKeyDictionary[Session, dict[str, tuple[Decision, Classification]]] = \
@@ -126,6 +129,7 @@ class PolicyGate:
                 classification = (function_call_classification(sql) if request.msg_type == _KIND_FUNCTION
                                   else classify(sql))
             except SqlSyntaxError as exc:
+                self.metrics.statement(SYNTAX_ERROR_CLASSES, "refused")
                 self._emit(session, request, None, "refuse", "syntax", None, error=exc.message)
                 return Refuse(syntax_error(exc))
             identity = session.identity
@@ -137,6 +141,7 @@ class PolicyGate:
             cached = cache[sql] = (decision, classification)
         decision, classification = cached
         action = decision.action
+        self.metrics.statement(classification.classes, action)
         if action == "allow":
             if self.audit_allowed:
                 self._emit(session, request, classification, "allow", decision.rule, None)
@@ -217,7 +222,8 @@ class PolicyGate:
             stored = await store.create(pending)
             self._estimate_impact(session, stored)
             self._emit_approval(session, stored, "waiting")
-            result = stored if stored.status != "pending" else await store.wait(stored.id, requirement.timeout)
+            result = (stored if stored.status != "pending"
+                      else await self.metrics.approval_wait(store.wait(stored.id, requirement.timeout)))
             if result.status == "approved":
                 if await self._use_approval(session, pending.fingerprint):
                     return None

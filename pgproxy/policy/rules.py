@@ -150,7 +150,7 @@ def function_matches(function: str, pattern: str) -> bool:
 # Loading
 
 
-def _string_list(s: _Section, key: str, *, allowed: Iterable[str] | None = None) -> list[str] | None:
+def string_list(s: _Section, key: str, *, allowed: Iterable[str] | None = None) -> list[str] | None:
     if s.raw(key) is None:
         return None
     values = s.items(key)
@@ -168,7 +168,7 @@ def _string_list(s: _Section, key: str, *, allowed: Iterable[str] | None = None)
 def _match(s: _Section) -> Match:
     kwargs: dict[str, Any] = {}
     for key in MATCH_KEYS:
-        values = _string_list(s, key, allowed=CLASSES if key == "classes" else None)
+        values = string_list(s, key, allowed=CLASSES if key == "classes" else None)
         if values is not None:
             kwargs[key] = tuple(values) if key in _GLOB_KEYS else frozenset(values)
     s.done()
@@ -189,7 +189,7 @@ def _rule(s: _Section, names: set[str]) -> Rule:
     approval = None
     approve_keys = ("approvers", "approvals", "expires", "mode", "timeout")
     if action == "approve":
-        approvers = _string_list(s, "approvers")
+        approvers = string_list(s, "approvers")
         if not approvers:
             raise ConfigError(f"{s._p('approvers')}: required for action approve (groups that may approve)")
         mode = s.string("mode", "refuse") or "refuse"

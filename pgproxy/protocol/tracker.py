@@ -181,6 +181,8 @@ class ExchangeTracker:
         self.desyncs = 0
         # The entry the last frontend message created (None when it created none).
         self.last_request: Pending | None = None
+        # The statement whose Describe the last RowDescription/NoData answered (None: a portal or none).
+        self.last_described: str | None = None
         self.codec: str | None = "utf-8"  # Python codec of the session's client_encoding (None: unsupported)
         self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
@@ -336,7 +338,13 @@ class ExchangeTracker:
     def _describe(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x44):
             return
-        self._push(Pending(Kind.DESCRIBE))
+        raw = bytes(body)
+        if raw[:1] == b"S":
+            statement: str | None = _cstring(raw, 1, self.codec)[0]
+        else:
+            portal = self.portals.get(_cstring(raw, 1, self.codec)[0]) if raw[:1] == b"P" else None
+            statement = portal.statement_name if portal is not None else None
+        self._push(Pending(Kind.DESCRIBE, statement_name=statement))
 
     def _query(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x51):
@@ -393,7 +401,7 @@ class ExchangeTracker:
         """Ends a Describe; for a Query or Execute it only announces the rows."""
         queue = self.queue
         if queue and queue[0].kind is Kind.DESCRIBE:
-            queue.popleft()
+            self.last_described = queue.popleft().statement_name
 
     def _no_data(self, body: memoryview) -> None:
         self._pop_expected((Kind.DESCRIBE,))

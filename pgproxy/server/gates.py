@@ -8,6 +8,9 @@ exactly that point (see ``substitute_for_refusal``), and the server's error is t
 gate's. So ordering, pipelining, "skip until Sync" and the transaction's aborted state all stay exactly
 as PostgreSQL would have them.
 
+A rewritten request (``Rewrite``, e.g. a statement of a masked identity) is forwarded as the gate's
+replacement message; the session tracks and audits the original.
+
 A held request (e.g. waiting for a human approval) stops the client's stream at that message: nothing
 after it is forwarded and the client socket is not read until ``Hold.decision`` resolves to None
 (go on) or a ``Refuse``. Responses to earlier requests keep flowing meanwhile.
@@ -41,16 +44,23 @@ class Refuse:
 
 @dataclass(frozen=True, slots=True)
 class Hold:
-    """Suspend this request until ``decision`` gives None (forward it) or a Refuse.
+    """Suspend this request until ``decision`` gives None (forward it), a Refuse or a Rewrite.
 
     ``notice`` (e.g. "waiting for approval 42") is sent to the client at once.
     """
 
-    decision: Awaitable[Refuse | None]
+    decision: Awaitable[Refuse | Rewrite | None]
     notice: NoticeResponse | None = None
 
 
-Verdict = Refuse | Hold | None
+@dataclass(frozen=True, slots=True)
+class Rewrite:
+    """Forward the request (a Query or Parse) with ``sql`` as its statement text."""
+
+    sql: str
+
+
+Verdict = Refuse | Hold | Rewrite | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +86,21 @@ class Request:
 class FrontendGate(Protocol):
     def inspect(self, session: Session, request: Request) -> Verdict:
         """None lets the request through; Refuse fails it in place; Hold suspends the stream."""
+
+
+def rewritten_message(msg_type: int, body: memoryview, sql: str, codec: str) -> bytes:
+    """The Query or Parse in ``body`` with its text replaced, encoded in the client's encoding."""
+    text = sql.encode(codec) + b"\x00"
+    if msg_type == 0x51:
+        payload = text
+    elif msg_type == 0x50:
+        raw = bytes(body)
+        name_end = raw.index(b"\x00") + 1
+        query_end = raw.index(b"\x00", name_end) + 1
+        payload = raw[:name_end] + text + raw[query_end:]  # the name and parameter types as sent
+    else:
+        raise ValueError(f"message type {chr(msg_type)!r} cannot be rewritten")
+    return bytes([msg_type]) + (len(payload) + 4).to_bytes(4, "big") + payload
 
 
 def substitute_for_refusal(msg_type: int, body: memoryview) -> tuple[bytes, str]:

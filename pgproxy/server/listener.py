@@ -15,12 +15,17 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
+from ..admin.metrics import add_metrics_route
 from ..admin.server import AdminServer
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
 from ..config import ListenerConfig, ProxyConfig
+from ..http.proxy import HttpProxy
 from ..identity import TokenVerifier
+from ..logsetup import session_context
+from ..metrics import ProxyMetrics
 from ..policy.approvals import ApprovalStore
 from ..protocol import errors
 from ..tlsutil import server_context
@@ -28,6 +33,9 @@ from .cancel import CancelRegistry
 from .gates import FrontendGate
 from .link import Link
 from .session import Session
+
+if TYPE_CHECKING:
+    from ..masking.engine import Masking
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,8 @@ class ProxyServer:
         if audit is None:
             audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
         self.audit: AuditSink = audit
+        self.metrics = ProxyMetrics()  # served at /metrics on the admin listener (docs/operations.md)
+        self.metrics.watch_audit(audit)
         # The policy gate (config `policy:`) runs first; its approvals go to ``approval_store``, else to
         # the store of the `approvals:` section, else every approval is refused (fail closed).
         self.approval_store = approval_store
@@ -67,8 +77,20 @@ class ProxyServer:
                 self.approval_store = build_approval_store(config, audit=audit)
                 self._owns_approval_store = True
             gate = PolicyGate(load_policy(config.policy.file), self.approval_store,
-                              audit_allowed=config.policy.audit_allowed)
+                              audit_allowed=config.policy.audit_allowed, metrics=self.metrics)
             self.gates = (gate, *self.gates)
+        # Column masking (config `masking:`) judges last, so it rewrites exactly what policy let through.
+        self.masking: Masking | None = None
+        if config.masking is not None:
+            from ..masking.engine import Masking
+
+            self.masking = Masking(config.masking, config.upstream)
+            self.gates = (*self.gates, self.masking)
+        if config.http is not None and self.approval_store is None and config.approvals is not None:
+            from ..policy.approval_factory import build_approval_store
+
+            self.approval_store = build_approval_store(config, audit=audit)  # HTTP approvals use it too
+            self._owns_approval_store = True
         self.verifier = verifier or TokenVerifier(config.identity)
         self.cancels = CancelRegistry()
         self.sessions: set[Session] = set()
@@ -78,6 +100,7 @@ class ProxyServer:
         self._flusher: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self.admin: AdminServer | None = None  # the approvals HTTP API (config `admin:`), started by start()
+        self.http: HttpProxy | None = None  # the HTTP companion proxy (config `http:`), started by start()
 
     def tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
         if listener.tls is None:
@@ -97,6 +120,7 @@ class ProxyServer:
             server = await loop.create_server(functools.partial(Link, self._accepted(listener)),
                                               listener.host, listener.port, reuse_address=True)
             self._servers.append(server)
+            self.metrics.listener_bound(listener, f"{listener.host}:{server.sockets[0].getsockname()[1]}")
             log.info("listening on %s:%d (%s)", listener.host, server.sockets[0].getsockname()[1],
                      "tls" if listener.tls else "plaintext")
         self._flusher = asyncio.create_task(self._flush_audit_periodically())
@@ -106,24 +130,32 @@ class ProxyServer:
         if self.config.admin is not None:
             self.admin = AdminServer.from_config(self.config, store=self.approval_store, verifier=self.verifier,
                                                  audit=self.audit)
+            add_metrics_route(self.admin.app, self.metrics, self.config.admin)
             await self.admin.start()
+        if self.config.http is not None:  # same verifier, audit log and approval store as the SQL side
+            self.http = HttpProxy(self.config.http, verifier=self.verifier, audit=self.audit,
+                                  approval_store=self.approval_store)
+            await self.http.start()
 
     def _accepted(self, listener: ListenerConfig) -> Callable[[Link], None]:
         def on_made(link: Link) -> None:
             session = Session(self, link, listener)
             self.sessions.add(session)
+            self.metrics.connection_opened(listener)
             task = asyncio.get_running_loop().create_task(self._run(session))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
         return on_made
 
     async def _run(self, session: Session) -> None:
+        session_context.set(session)  # JSON log lines from this task name the session and subject
         try:
             await session.run()
         except Exception:
             log.exception("session %s failed", session.id)
         finally:
             self.sessions.discard(session)
+            self.metrics.connection_closed(session.listener)
 
     def over_connection_limit(self) -> bool:
         """True when one more started session would exceed ``limits.max_connections``.
@@ -171,6 +203,8 @@ class ProxyServer:
             server.close()
         if self.admin is not None:
             await self.admin.close()
+        if self.http is not None:
+            await self.http.close()
         if self.sessions and drain_seconds > 0:
             deadline = asyncio.get_running_loop().time() + drain_seconds
             while self.sessions and asyncio.get_running_loop().time() < deadline:

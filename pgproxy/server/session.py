@@ -46,11 +46,12 @@ from ..protocol.tracker import (
     Pending,
     StatementResult,
 )
-from .gates import FrontendGate, Hold, Refuse, Request, Verdict, substitute_for_refusal
+from .gates import FrontendGate, Hold, Refuse, Request, Rewrite, Verdict, rewritten_message, substitute_for_refusal
 from .link import Link, LinkClosed
 from .upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 
 if TYPE_CHECKING:
+    from ..masking.engine import SessionMasking
     from .listener import ProxyServer
 
 log = logging.getLogger(__name__)
@@ -100,6 +101,7 @@ class Session:
         self.statements = 0
         self.expired = False
         self.started = False  # sent its startup packet: counts against limits.max_connections
+        self.auth_failed = False  # its token, or the role it asked for, was refused (for the metrics)
         self.last_activity = time.monotonic()  # last client bytes, or last answer that left it idle
         self._deadline = 0.0  # epoch seconds after which no statement may start
         self.end_reason = "client disconnected"
@@ -110,9 +112,12 @@ class Session:
         self._expiry_timer: asyncio.TimerHandle | None = None
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.gates: list[FrontendGate] = list(server.gates)
-        self._backend_hooks: dict[int, MessageHandler] = {}
+        # Backend rewrite hooks per message type, run in order (masking before result capture).
+        self._backend_hooks: dict[int, list[MessageHandler]] = {}
+        self.masking: SessionMasking | None = None  # set at login when masking rules apply to the identity
         self._capturing = False  # result capture for the signed audit log (pgproxy.audit.capture)
         self._decided: Verdict | object = _UNDECIDED
+        self._held_gate = 0  # index of the gate that held the current request
         self._hold_task: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------------------------------ driver
@@ -133,11 +138,14 @@ class Session:
             self._check_identity_limit(identity)
             await self._connect_upstream(startup, identity)
             self._start_pumping()
+            self.server.metrics.connection_outcome("accepted")
             await self._closed
         except SessionRefused as exc:
+            self.server.metrics.connection_outcome("auth_failed" if self.auth_failed else "refused")
             self.end_reason = exc.message
             self.client.write(exc.raw or errors.fatal(exc.sqlstate, exc.message, detail=exc.detail, hint=exc.hint))
         except ProtocolViolation as exc:
+            self.server.metrics.connection_outcome("refused")
             self.end_reason = f"protocol violation: {exc}"
             self.client.write(errors.fatal(exc.sqlstate, str(exc)))
         except LinkClosed:
@@ -232,6 +240,7 @@ class Session:
         try:
             identity = await self.server.verifier.verify(token)
         except TokenError as exc:
+            self.auth_failed = True
             self._audit({"event": "auth_failed", "user": user, "reason": exc.reason, "client": self.client.peer(),
                          "token": token_fingerprint(token)})
             raise SessionRefused(errors.INVALID_PASSWORD,
@@ -249,6 +258,7 @@ class Session:
         user = startup.params.get("user", "")
         role = identity.role_for(user)
         if role is None:
+            self.auth_failed = True
             raise self._refuse_login(identity, user, "role not allowed by token", errors.INVALID_AUTHORIZATION,
                                      f'token for "{identity.subject}" does not allow database role "{user}"',
                                      hint=f"Connect as one of: {', '.join(identity.db_roles)}")
@@ -276,16 +286,20 @@ class Session:
         try:
             self.upstream, notices = await connect_upstream(upstream_cfg, params, password)
         except UpstreamUnavailable as exc:
+            self.server.metrics.upstream_error("connect_failed")
             log.warning("session %s: %s", self.id, exc)
             raise SessionRefused(errors.UNABLE_TO_CONNECT, str(exc)) from None
         except UpstreamRefused as exc:
             if exc.error.sqlstate in (errors.INVALID_PASSWORD, errors.INVALID_AUTHORIZATION):
+                self.server.metrics.upstream_error("login_refused")
                 log.error("session %s: upstream refused the proxy's login as %r: %s", self.id, role, exc.error.message)
                 raise SessionRefused(errors.INVALID_AUTHORIZATION,
                                      f'the proxy could not log in upstream as role "{role}"',
                                      hint="Ask the operator to check the upstream credential.") from None
             raise SessionRefused(exc.error.sqlstate or errors.CONNECTION_FAILURE, exc.error.message or "",
                                  raw=self._scrub(exc.error.encode())) from None
+        if self.server.masking is not None:
+            self.masking = self.server.masking.attach(self)
         self.client.write(AuthenticationOk().encode())
         for notice in notices:
             self.client.write(self._scrub(notice))
@@ -304,7 +318,7 @@ class Session:
             capture = ResultCapture(self.tracker, getattr(self.server.audit, "max_result_rows", 20))
             for msg_type, hook in ((0x54, capture.on_row_description), (0x44, capture.on_data_row),
                                    (0x4E, capture.on_notice), (0x64, capture.on_copy_data)):
-                self._backend_hooks.setdefault(msg_type, hook)
+                self._backend_hooks.setdefault(msg_type, []).append(hook)
             self._capturing = True
         self._front = MessageRelay(max_size, self._frontend_handlers())
         self._back = MessageRelay(max_size, self._backend_handlers())
@@ -361,19 +375,24 @@ class Session:
             self._expire()
             raise _Ended()
         verdict: Verdict = None
-        if self._decided is not _UNDECIDED:  # the held request, now decided
+        first_gate = 0
+        if self._decided is not _UNDECIDED:  # the held request, now decided: later gates still judge it
             verdict, self._decided = self._decided, _UNDECIDED  # type: ignore[assignment]
-        elif self.gates:
+            first_gate = self._held_gate + 1
+        if verdict is None and first_gate < len(self.gates):
             sql, statement_name, bind_body = self.tracker.peek(msg_type, body)
             request = Request(msg_type, sql, statement_name, bind_body)
-            for gate in self.gates:
-                verdict = gate.inspect(self, request)
+            for index in range(first_gate, len(self.gates)):
+                verdict = self.gates[index].inspect(self, request)
                 if verdict is not None:
+                    self._held_gate = index
                     break
             if isinstance(verdict, Hold):
                 self._hold(verdict)
                 return HOLD
         track(body)
+        if isinstance(verdict, Rewrite):
+            return rewritten_message(msg_type, body, verdict.sql, self.tracker.codec or "utf-8")
         pending = self.tracker.last_request
         if isinstance(verdict, Refuse) and pending is not None:
             substitute, expected = substitute_for_refusal(msg_type, body)
@@ -406,11 +425,18 @@ class Session:
     def _on_terminate(self, body: memoryview) -> None:
         self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we
 
-    def add_backend_hook(self, msg_type: int, hook: MessageHandler) -> None:
-        """Let ``hook`` rewrite every backend message of ``msg_type`` (return None to keep it)."""
-        self._backend_hooks[msg_type] = hook
+    def add_backend_hook(self, msg_type: int, hook: MessageHandler, *, first: bool = False) -> None:
+        """Let ``hook`` rewrite every backend message of ``msg_type`` (return None to keep it).
+
+        Hooks run in the order added (``first``: before the others), each on the message as the previous
+        ones left it. Takes effect from the next message, also within the chunk being relayed.
+        """
+        hooks = self._backend_hooks.setdefault(msg_type, [])
+        hooks.insert(0, hook) if first else hooks.append(hook)
         if hasattr(self, "_back"):
-            self._back.handlers = self._backend_handlers()
+            handlers = self._back.handlers  # the relay holds this dict while it relays a chunk: update it
+            handlers.clear()
+            handlers.update(self._backend_handlers())
 
     def _on_upstream_data(self, data: bytes) -> None:
         try:
@@ -447,9 +473,10 @@ class Session:
             tracked = handlers.get(msg_type)
             handlers[msg_type] = scrub if tracked is None else functools.partial(_chain, tracked, scrub)
         handlers[0x4B] = self._on_backend_key_data
-        for msg_type, hook in self._backend_hooks.items():
-            first = handlers.get(msg_type)
-            handlers[msg_type] = hook if first is None else functools.partial(_chain, first, hook)
+        for msg_type, hooks in self._backend_hooks.items():
+            for hook in hooks:
+                first = handlers.get(msg_type)
+                handlers[msg_type] = hook if first is None else functools.partial(_chain, first, hook)
         return handlers
 
     def _on_error_response(self, body: memoryview) -> bytes | None:
@@ -516,8 +543,10 @@ class Session:
 
     def _on_upstream_lost(self) -> None:
         if self._upstream_fatal and not self._ended:
+            self.server.metrics.upstream_error("lost")
             self.end_reason = "upstream ended the session with FATAL"
         if not self._ended and not self._upstream_fatal and not self.client.closed:
+            self.server.metrics.upstream_error("lost")
             self.end_reason = "upstream closed the connection"
             self.client.write(errors.fatal(errors.CONNECTION_FAILURE,
                                            "the upstream database closed the connection unexpectedly"))
@@ -530,12 +559,15 @@ class Session:
     def _emit_finished(self) -> None:
         for result in self.tracker.drain():
             self.statements += 1
+            self.server.metrics.statement_seconds.observe(result.duration_ms / 1000.0)
             self._audit(self._statement_event(result))
 
     def _statement_event(self, r: StatementResult) -> dict[str, Any]:
         event: dict[str, Any] = {"event": "statement", "protocol": r.protocol, "sql": r.sql,
                                  "started_at": r.started_at, "duration_ms": r.duration_ms,
                                  "tags": r.tags, "rows": r.rows}
+        if self.masking is not None:
+            self.masking.annotate(event, r.sql)
         bind = r.bind if r.bind_body is not None else None
         if bind is not None and bind.params:
             event["params"] = [audit_value(v, bind.param_format(i)) for i, v in enumerate(bind.params)]
@@ -565,8 +597,9 @@ class Session:
 
 
 def _chain(first: MessageHandler, second: MessageHandler, body: memoryview) -> bytes | None:
-    """Run ``first`` (e.g. tracking) and then ``second`` (a hook) on the same message."""
+    """Run ``first`` (e.g. tracking) and then ``second`` (a hook) on the message ``first`` left."""
     replaced = first(body)
-    if replaced is not None:
-        return replaced
-    return second(body)
+    if replaced is None:
+        return second(body)
+    again = second(memoryview(replaced)[5:])
+    return replaced if again is None else again

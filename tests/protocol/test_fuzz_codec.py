@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
+from pgproxy.metrics import ProxyMetrics
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.codec import ProtocolViolation
 from pgproxy.protocol.framing import MessageRelay, startup_packet_length
@@ -408,7 +409,8 @@ def _fatal_codes(data: bytes) -> list[str]:
 
 
 async def _run_session(client_chunks: list[bytes], server_chunks: list[bytes]) -> tuple[bytes, bool]:
-    server = SimpleNamespace(config=_CONFIG, gates=(), audit=MemoryAuditSink(), cancels=CancelRegistry())
+    server = SimpleNamespace(config=_CONFIG, gates=(), audit=MemoryAuditSink(), cancels=CancelRegistry(),
+                             metrics=ProxyMetrics())
     client, upstream = Link(), Link()
     client_t, upstream_t = RecordingTransport(), RecordingTransport()
     client.connection_made(client_t)  # type: ignore[arg-type]
