@@ -267,7 +267,7 @@ class ProxyConfig:
 # Parsing
 
 
-class _Section:
+class Section:
     """A mapping under a dotted path that reports unknown keys and wrong types precisely."""
 
     def __init__(self, data: Any, path: str, base_dir: Path) -> None:
@@ -280,7 +280,7 @@ class _Section:
         self.base_dir = base_dir
         self.used: set[str] = set()
 
-    def _p(self, key: str) -> str:
+    def at(self, key: str) -> str:
         return f"{self.path}.{key}" if self.path else key
 
     def raw(self, key: str) -> Any:
@@ -291,10 +291,10 @@ class _Section:
         value = self.raw(key)
         if value is None:
             if required:
-                raise ConfigError(f"{self._p(key)}: required")
+                raise ConfigError(f"{self.at(key)}: required")
             return default
         if not isinstance(value, str) or not value:
-            raise ConfigError(f"{self._p(key)}: expected a non-empty string")
+            raise ConfigError(f"{self.at(key)}: expected a non-empty string")
         return value
 
     def req_str(self, key: str) -> str:
@@ -307,10 +307,10 @@ class _Section:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{self._p(key)}: expected an integer")
+            raise ConfigError(f"{self.at(key)}: expected an integer")
         if value < minimum or (maximum is not None and value > maximum):
             bound = f"between {minimum} and {maximum}" if maximum is not None else f">= {minimum}"
-            raise ConfigError(f"{self._p(key)}: must be {bound}, got {value}")
+            raise ConfigError(f"{self.at(key)}: must be {bound}, got {value}")
         return value
 
     def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
@@ -318,9 +318,9 @@ class _Section:
         if value is None:
             return default
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{self._p(key)}: expected a number")
+            raise ConfigError(f"{self.at(key)}: expected a number")
         if value < minimum:
-            raise ConfigError(f"{self._p(key)}: must be >= {minimum}, got {value}")
+            raise ConfigError(f"{self.at(key)}: must be >= {minimum}, got {value}")
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -328,7 +328,7 @@ class _Section:
         if value is None:
             return default
         if not isinstance(value, bool):
-            raise ConfigError(f"{self._p(key)}: expected true or false")
+            raise ConfigError(f"{self.at(key)}: expected true or false")
         return value
 
     def path_(self, key: str, *, must_exist: bool = True) -> Path | None:
@@ -339,31 +339,31 @@ class _Section:
         if not p.is_absolute():
             p = self.base_dir / p
         if must_exist and not p.exists():
-            raise ConfigError(f"{self._p(key)}: file not found: {p}")
+            raise ConfigError(f"{self.at(key)}: file not found: {p}")
         return p
 
-    def section(self, key: str) -> _Section:
-        return _Section(self.raw(key), self._p(key), self.base_dir)
+    def section(self, key: str) -> Section:
+        return Section(self.raw(key), self.at(key), self.base_dir)
 
     def items(self, key: str) -> list[Any]:
         value = self.raw(key)
         if value is None:
             return []
         if not isinstance(value, list):
-            raise ConfigError(f"{self._p(key)}: expected a list")
+            raise ConfigError(f"{self.at(key)}: expected a list")
         return value
 
     def done(self) -> None:
         unknown = sorted(set(self.data) - self.used)
         if unknown:
-            raise ConfigError(f"{self._p(unknown[0])}: unknown setting")
+            raise ConfigError(f"{self.at(unknown[0])}: unknown setting")
 
 
-def _listener(s: _Section) -> ListenerConfig:
+def parse_listener(s: Section) -> ListenerConfig:
     tls_section = s.raw("tls")
     tls = None
     if tls_section is not None:
-        t = _Section(tls_section, s._p("tls"), s.base_dir)
+        t = Section(tls_section, s.at("tls"), s.base_dir)
         cert, key = t.path_("cert_file"), t.path_("key_file")
         if cert is None or key is None:
             raise ConfigError(f"{t.path}: cert_file and key_file are both required")
@@ -377,7 +377,7 @@ def _listener(s: _Section) -> ListenerConfig:
     )
     s.done()
     if listener.insecure_plaintext and not is_loopback_host(listener.host):
-        raise ConfigError(f"{s._p('insecure_plaintext')}: only allowed on a loopback host (127.0.0.1, ::1, "
+        raise ConfigError(f"{s.at('insecure_plaintext')}: only allowed on a loopback host (127.0.0.1, ::1, "
                           f"localhost), not {listener.host!r}: tokens would cross the network in clear text")
     if listener.tls is None and not listener.insecure_plaintext:
         raise ConfigError(f"{s.path}: a listener needs tls (cert_file, key_file) because the token is sent as "
@@ -395,7 +395,7 @@ def is_loopback_host(host: str) -> bool:
         return False
 
 
-def _secure_url(url: str) -> bool:
+def secure_url(url: str) -> bool:
     """https, or plain http to a loopback host (keys fetched in clear text could be swapped)."""
     parts = urlsplit(url)
     if parts.scheme == "https" and parts.hostname:
@@ -405,13 +405,13 @@ def _secure_url(url: str) -> bool:
     return is_loopback_host(parts.hostname)
 
 
-def _identity(s: _Section) -> IdentityConfig:
+def _identity(s: Section) -> IdentityConfig:
     algorithms = s.items("algorithms")
     if not algorithms:
-        raise ConfigError(f"{s._p('algorithms')}: required (an explicit allowlist, e.g. [RS256, ES256])")
+        raise ConfigError(f"{s.at('algorithms')}: required (an explicit allowlist, e.g. [RS256, ES256])")
     for alg in algorithms:
         if not isinstance(alg, str) or alg not in ASYMMETRIC_ALGORITHMS | SYMMETRIC_ALGORITHMS:
-            raise ConfigError(f"{s._p('algorithms')}: unsupported algorithm {alg!r} "
+            raise ConfigError(f"{s.at('algorithms')}: unsupported algorithm {alg!r} "
                               f"(allowed: {', '.join(sorted(ASYMMETRIC_ALGORITHMS | SYMMETRIC_ALGORITHMS))})")
     jwks_file = s.path_("jwks_file")
     jwks_url = s.string("jwks_url")
@@ -419,13 +419,13 @@ def _identity(s: _Section) -> IdentityConfig:
     sources = [x for x in (jwks_file, jwks_url, secret_env) if x is not None]
     if len(sources) != 1:
         raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url or hs256_secret_env")
-    if jwks_url is not None and not _secure_url(jwks_url):
-        raise ConfigError(f"{s._p('jwks_url')}: must be an https URL (plain http only for loopback)")
+    if jwks_url is not None and not secure_url(jwks_url):
+        raise ConfigError(f"{s.at('jwks_url')}: must be an https URL (plain http only for loopback)")
     symmetric = [a for a in algorithms if a in SYMMETRIC_ALGORITHMS]
     if secret_env is not None and len(symmetric) != len(algorithms):
-        raise ConfigError(f"{s._p('algorithms')}: an HS256 secret only verifies HS* algorithms")
+        raise ConfigError(f"{s.at('algorithms')}: an HS256 secret only verifies HS* algorithms")
     if secret_env is None and symmetric:
-        raise ConfigError(f"{s._p('algorithms')}: HS* algorithms need hs256_secret_env; never mix them with "
+        raise ConfigError(f"{s.at('algorithms')}: HS* algorithms need hs256_secret_env; never mix them with "
                           "public keys (algorithm confusion)")
     c = s.section("claims")
     claims = ClaimNames(**{name: c.string(name, default) or default
@@ -450,10 +450,10 @@ def _identity(s: _Section) -> IdentityConfig:
     return ident
 
 
-def _upstream(s: _Section) -> UpstreamConfig:
+def _upstream(s: Section) -> UpstreamConfig:
     creds = []
     for i, item in enumerate(s.items("credentials")):
-        c = _Section(item, f"{s._p('credentials')}[{i}]", s.base_dir)
+        c = Section(item, f"{s.at('credentials')}[{i}]", s.base_dir)
         cred = UpstreamCredential(role=c.req_str("role"), password_env=c.string("password_env"),
                                   password_file=c.path_("password_file"))
         c.done()
@@ -461,11 +461,11 @@ def _upstream(s: _Section) -> UpstreamConfig:
             raise ConfigError(f"{c.path}: set password_env or password_file, not both")
         creds.append(cred)
     if not creds:
-        raise ConfigError(f"{s._p('credentials')}: at least one upstream credential is required "
+        raise ConfigError(f"{s.at('credentials')}: at least one upstream credential is required "
                           "(role: '*' matches any mapped role)")
     sslmode = s.string("sslmode", "disable") or "disable"
     if sslmode not in SSLMODES:
-        raise ConfigError(f"{s._p('sslmode')}: must be one of {', '.join(SSLMODES)}")
+        raise ConfigError(f"{s.at('sslmode')}: must be one of {', '.join(SSLMODES)}")
     up = UpstreamConfig(
         host=s.string("host", "127.0.0.1") or "127.0.0.1",
         port=s.integer("port", 5432, maximum=65535),
@@ -477,14 +477,14 @@ def _upstream(s: _Section) -> UpstreamConfig:
     )
     s.done()
     if sslmode in ("verify-ca", "verify-full") and up.sslrootcert is None:
-        raise ConfigError(f"{s._p('sslrootcert')}: required with sslmode {sslmode}")
+        raise ConfigError(f"{s.at('sslrootcert')}: required with sslmode {sslmode}")
     return up
 
 
-def _audit(s: _Section) -> AuditConfig:
+def _audit(s: Section) -> AuditConfig:
     fsync = s.string("fsync", "interval") or "interval"
     if fsync not in ("always", "interval", "never"):
-        raise ConfigError(f"{s._p('fsync')}: must be one of always, interval, never")
+        raise ConfigError(f"{s.at('fsync')}: must be one of always, interval, never")
     audit = AuditConfig(
         jsonl_path=s.path_("jsonl_path", must_exist=False),
         dir=s.path_("dir", must_exist=False),
@@ -501,20 +501,20 @@ def _audit(s: _Section) -> AuditConfig:
     if audit.jsonl_path is not None and audit.dir is not None:
         raise ConfigError(f"{s.path}: set exactly one of jsonl_path or dir, not both")
     if audit.dir is not None and audit.signing_key_file is None:
-        raise ConfigError(f"{s._p('signing_key_file')}: required with dir (create one with `pgproxy audit keygen`)")
+        raise ConfigError(f"{s.at('signing_key_file')}: required with dir (create one with `pgproxy audit keygen`)")
     if audit.dir is None:
         for key in ("signing_key_file", "witness_dir", "witness_dsn"):
             if getattr(audit, key) is not None:
-                raise ConfigError(f"{s._p(key)}: only used with dir (the signed audit log)")
+                raise ConfigError(f"{s.at(key)}: only used with dir (the signed audit log)")
     if audit.witness_dir is not None and audit.witness_dsn is not None:
         raise ConfigError(f"{s.path}: set witness_dir or witness_dsn, not both")
     return audit
 
 
-def _approvals(s: _Section) -> ApprovalsConfig:
+def _approvals(s: Section) -> ApprovalsConfig:
     store = s.string("store", "sqlite") or "sqlite"
     if store not in APPROVAL_STORES:
-        raise ConfigError(f"{s._p('store')}: must be one of {', '.join(APPROVAL_STORES)}, got {store!r}")
+        raise ConfigError(f"{s.at('store')}: must be one of {', '.join(APPROVAL_STORES)}, got {store!r}")
     schema = s.string("schema", "pgproxy") or "pgproxy"
     approvals = ApprovalsConfig(
         store=store,
@@ -526,27 +526,27 @@ def _approvals(s: _Section) -> ApprovalsConfig:
     s.done()
     if store == "sqlite":
         if approvals.path is None:
-            raise ConfigError(f"{s._p('path')}: required with store sqlite (the approvals database file)")
+            raise ConfigError(f"{s.at('path')}: required with store sqlite (the approvals database file)")
         for key in ("dsn_env",):
             if getattr(approvals, key) is not None:
-                raise ConfigError(f"{s._p(key)}: only used with store postgres")
+                raise ConfigError(f"{s.at(key)}: only used with store postgres")
         if "schema" in s.data and s.data["schema"] is not None:
-            raise ConfigError(f"{s._p('schema')}: only used with store postgres")
+            raise ConfigError(f"{s.at('schema')}: only used with store postgres")
     else:
         if approvals.dsn_env is None:
-            raise ConfigError(f"{s._p('dsn_env')}: required with store postgres (the environment variable "
+            raise ConfigError(f"{s.at('dsn_env')}: required with store postgres (the environment variable "
                               "holding the DSN)")
         if approvals.path is not None:
-            raise ConfigError(f"{s._p('path')}: only used with store sqlite")
+            raise ConfigError(f"{s.at('path')}: only used with store sqlite")
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", schema):
-            raise ConfigError(f"{s._p('schema')}: must be a plain identifier (letters, digits, _; at most 63), "
+            raise ConfigError(f"{s.at('schema')}: must be a plain identifier (letters, digits, _; at most 63), "
                               f"got {schema!r}")
-    if approvals.webhook_url is not None and not _secure_url(approvals.webhook_url):
-        raise ConfigError(f"{s._p('webhook_url')}: must be an https URL (plain http only for loopback)")
+    if approvals.webhook_url is not None and not secure_url(approvals.webhook_url):
+        raise ConfigError(f"{s.at('webhook_url')}: must be an https URL (plain http only for loopback)")
     return approvals
 
 
-def _admin(s: _Section) -> AdminConfig:
+def _admin(s: Section) -> AdminConfig:
     tls = None
     if s.raw("tls") is not None:
         t = s.section("tls")
@@ -557,22 +557,22 @@ def _admin(s: _Section) -> AdminConfig:
         tls = TLSConfig(cert, key)
     analysts = s.items("analyst_groups") if s.raw("analyst_groups") is not None else None
     if analysts is not None and not all(isinstance(g, str) and g for g in analysts):
-        raise ConfigError(f"{s._p('analyst_groups')}: expected a list of group names")
+        raise ConfigError(f"{s.at('analyst_groups')}: expected a list of group names")
     admin = AdminConfig(host=s.string("host", "127.0.0.1") or "127.0.0.1",
                         port=s.integer("port", 8080, maximum=65535), tls=tls, ui=s.boolean("ui", True),
                         analyst_groups=tuple(analysts) if analysts is not None else None,
                         metrics_token_env=s.string("metrics_token_env"))
     s.done()
     if admin.tls is None and not is_loopback_host(admin.host):
-        raise ConfigError(f"{s._p('tls')}: required unless host is loopback (approver tokens would cross the "
+        raise ConfigError(f"{s.at('tls')}: required unless host is loopback (approver tokens would cross the "
                           f"network in clear text), host is {admin.host!r}")
     return admin
 
 
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> ProxyConfig:
     """Build a validated ProxyConfig from already-loaded YAML data."""
-    root = _Section(data, "", base_dir)
-    listeners = [_listener(_Section(item, f"listeners[{i}]", base_dir))
+    root = Section(data, "", base_dir)
+    listeners = [parse_listener(Section(item, f"listeners[{i}]", base_dir))
                  for i, item in enumerate(root.items("listeners"))]
     if not listeners:
         raise ConfigError("listeners: at least one listener is required")
@@ -630,13 +630,13 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
                        masking=masking, http=http, logging=LoggingConfig(log_format))
 
 
-def _masking(s: _Section) -> MaskingConfig:
+def _masking(s: Section) -> MaskingConfig:
     rules_dir = s.path_("rules_dir")
     if rules_dir is None:
-        raise ConfigError(f"{s._p('rules_dir')}: required (the directory of masking rule files)")
+        raise ConfigError(f"{s.at('rules_dir')}: required (the directory of masking rule files)")
     channels = s.items("notification_channels")
     if not all(isinstance(c, str) and c for c in channels):
-        raise ConfigError(f"{s._p('notification_channels')}: expected a list of channel names")
+        raise ConfigError(f"{s.at('notification_channels')}: expected a list of channel names")
     masking = MaskingConfig(rules_dir=rules_dir, key_env=s.string("key_env"), key_file=s.path_("key_file"),
                             catalog_refresh_seconds=s.number("catalog_refresh_seconds", 60.0, minimum=1.0),
                             notification_channels=tuple(channels))

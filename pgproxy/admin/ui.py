@@ -25,7 +25,7 @@ import jinja2
 from aiohttp import web
 
 from pgproxy.admin.audit_view import AuditLogView
-from pgproxy.audit.timeline import _when
+from pgproxy.audit.timeline import format_when
 from pgproxy.config import ProxyConfig
 from pgproxy.identity import Identity, TokenError
 from pgproxy.policy.approval_service import ApproverService, approver_view, can_view
@@ -168,7 +168,7 @@ class AdminUI:
         self.jsonl_path = audit.jsonl_path
         self.sessions = UiSessions()
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
-        self.env.filters["utc"] = _when
+        self.env.filters["utc"] = format_when
         self.env.filters["age"] = age
         self._service: ApproverService | None = None
 

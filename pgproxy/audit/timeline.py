@@ -18,7 +18,7 @@ from .logformat import iter_records
 _BASE_KEYS = {"event", "ts", "session"}
 
 
-def _when(ts: Any) -> str:
+def format_when(ts: Any) -> str:
     if not isinstance(ts, (int, float)):
         return "?"
     return datetime.datetime.fromtimestamp(ts, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3] + "Z"
@@ -61,8 +61,8 @@ def list_sessions(directory: Path) -> list[dict[str, Any]]:
 def format_sessions(sessions: Iterable[dict[str, Any]]) -> list[str]:
     lines = [f"{'SESSION':16}  {'STARTED (UTC)':23}  {'SUBJECT':20}  {'ROLE':14}  {'STMTS':>5}  END"]
     for s in sessions:
-        lines.append(f"{s['session']:16}  {_when(s['start']):23}  {s['subject'] or '-':20}  {s['role'] or '-':14}  "
-                     f"{s['statements']:>5}  {s['reason'] or '(open)'}")
+        lines.append(f"{s['session']:16}  {format_when(s['start']):23}  {s['subject'] or '-':20}  "
+                     f"{s['role'] or '-':14}  {s['statements']:>5}  {s['reason'] or '(open)'}")
     return lines
 
 
@@ -73,7 +73,7 @@ def _short(value: Any, limit: int = 200) -> str:
 
 def format_event(seq: int, event: dict[str, Any]) -> list[str]:
     kind = event.get("event")
-    head = f"#{seq:<6} {_when(event.get('ts'))}  {kind}"
+    head = f"#{seq:<6} {format_when(event.get('ts'))}  {kind}"
     out: list[str] = []
     if kind == "session_start":
         ident = event.get("identity") or {}

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
-from ..config import ConfigError, ListenerConfig, _listener, _Section, _secure_url, read_secret
+from ..config import ConfigError, ListenerConfig, Section, parse_listener, read_secret, secure_url
 from .jsonmask import JsonPath, parse_path
 
 if TYPE_CHECKING:
@@ -99,10 +99,10 @@ class HttpConfig:
         return None
 
 
-def _credential(s: _Section) -> CredentialConfig:
+def _credential(s: Section) -> CredentialConfig:
     kind = s.req_str("kind")
     if kind not in CREDENTIAL_KINDS:
-        raise ConfigError(f"{s._p('kind')}: must be one of {', '.join(CREDENTIAL_KINDS)}, got {kind!r}")
+        raise ConfigError(f"{s.at('kind')}: must be one of {', '.join(CREDENTIAL_KINDS)}, got {kind!r}")
     cred = CredentialConfig(kind=kind, where=s.path, header=s.string("header", "Authorization") or "Authorization",
                             username=s.string("username"), value_env=s.string("value_env"),
                             value_file=s.path_("value_file"))
@@ -110,57 +110,57 @@ def _credential(s: _Section) -> CredentialConfig:
     if (cred.value_env is None) == (cred.value_file is None):
         raise ConfigError(f"{s.path}: set exactly one of value_env or value_file")
     if kind == "basic" and cred.username is None:
-        raise ConfigError(f"{s._p('username')}: required with kind basic")
+        raise ConfigError(f"{s.at('username')}: required with kind basic")
     if kind != "basic" and cred.username is not None:
-        raise ConfigError(f"{s._p('username')}: only used with kind basic")
+        raise ConfigError(f"{s.at('username')}: only used with kind basic")
     if kind != "header" and "header" in s.data:
-        raise ConfigError(f"{s._p('header')}: only used with kind header ({kind} uses Authorization)")
+        raise ConfigError(f"{s.at('header')}: only used with kind header ({kind} uses Authorization)")
     if not _HEADER_NAME.fullmatch(cred.header):
-        raise ConfigError(f"{s._p('header')}: not a valid header name: {cred.header!r}")
+        raise ConfigError(f"{s.at('header')}: not a valid header name: {cred.header!r}")
     return cred
 
 
-def _mask(s: _Section) -> MaskRule:
+def _mask(s: Section) -> MaskRule:
     paths = []
     for i, text in enumerate(s.items("paths")):
         if not isinstance(text, str):
-            raise ConfigError(f"{s._p('paths')}[{i}]: expected a string such as $.customer.email")
+            raise ConfigError(f"{s.at('paths')}[{i}]: expected a string such as $.customer.email")
         try:
             paths.append(parse_path(text))
         except ValueError as exc:
-            raise ConfigError(f"{s._p('paths')}[{i}]: {exc}") from None
+            raise ConfigError(f"{s.at('paths')}[{i}]: {exc}") from None
     if not paths:
-        raise ConfigError(f"{s._p('paths')}: required (JSON field paths, e.g. $.customer.email, items[*].ssn)")
+        raise ConfigError(f"{s.at('paths')}: required (JSON field paths, e.g. $.customer.email, items[*].ssn)")
     directions = s.items("in") or list(MASK_DIRECTIONS)
     for d in directions:
         if d not in MASK_DIRECTIONS:
-            raise ConfigError(f"{s._p('in')}: must list request and/or response, got {d!r}")
+            raise ConfigError(f"{s.at('in')}: must list request and/or response, got {d!r}")
     rule = MaskRule(tuple(paths), request="request" in directions, response="response" in directions,
                     caller=s.boolean("caller", False))
     s.done()
     if rule.caller and not rule.response:
-        raise ConfigError(f"{s._p('caller')}: only applies to responses (add response to `in`)")
+        raise ConfigError(f"{s.at('caller')}: only applies to responses (add response to `in`)")
     return rule
 
 
-def _target(s: _Section, names: set[str]) -> TargetConfig:
+def _target(s: Section, names: set[str]) -> TargetConfig:
     name = s.req_str("name")
     if not _TARGET_NAME.fullmatch(name):
-        raise ConfigError(f"{s._p('name')}: letters, digits, '.', '_' and '-' only (it is a URL path segment)")
+        raise ConfigError(f"{s.at('name')}: letters, digits, '.', '_' and '-' only (it is a URL path segment)")
     if name in names:
-        raise ConfigError(f"{s._p('name')}: duplicate target name {name!r}")
+        raise ConfigError(f"{s.at('name')}: duplicate target name {name!r}")
     names.add(name)
     upstream = s.req_str("upstream").rstrip("/")
     parts = urlsplit(upstream)
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"{s._p('upstream')}: expected a base URL such as https://api.example.com/v1")
+        raise ConfigError(f"{s.at('upstream')}: expected a base URL such as https://api.example.com/v1")
     if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{s._p('upstream')}: no credentials in the URL (use credential: with value_env)")
+        raise ConfigError(f"{s.at('upstream')}: no credentials in the URL (use credential: with value_env)")
     credential = _credential(s.section("credential")) if s.raw("credential") is not None else None
-    if credential is not None and not _secure_url(upstream):
-        raise ConfigError(f"{s._p('upstream')}: must be https when a credential is injected (plain http only "
+    if credential is not None and not secure_url(upstream):
+        raise ConfigError(f"{s.at('upstream')}: must be https when a credential is injected (plain http only "
                           "for loopback)")
-    masks = tuple(_mask(_Section(item, f"{s._p('masks')}[{i}]", s.base_dir))
+    masks = tuple(_mask(Section(item, f"{s.at('masks')}[{i}]", s.base_dir))
                   for i, item in enumerate(s.items("masks")))
     target = TargetConfig(
         name=name, upstream=upstream, credential=credential,
@@ -172,23 +172,23 @@ def _target(s: _Section, names: set[str]) -> TargetConfig:
         masks=masks, sslrootcert=s.path_("sslrootcert"))
     s.done()
     if target.sslrootcert is not None and parts.scheme != "https":
-        raise ConfigError(f"{s._p('sslrootcert')}: only used with an https upstream")
+        raise ConfigError(f"{s.at('sslrootcert')}: only used with an https upstream")
     return target
 
 
-def parse_http(s: _Section) -> HttpConfig:
+def parse_http(s: Section) -> HttpConfig:
     """The validated ``http`` section (``s`` is the section at path ``http``)."""
     from .policy import parse_http_policy
 
     listen_section = s.section("listen")
     if listen_section.raw("port") is None:
-        raise ConfigError(f"{listen_section._p('port')}: required (the HTTP proxy's port; 0 picks a free one)")
-    listen = _listener(listen_section)
+        raise ConfigError(f"{listen_section.at('port')}: required (the HTTP proxy's port; 0 picks a free one)")
+    listen = parse_listener(listen_section)
     names: set[str] = set()
-    targets = tuple(_target(_Section(item, f"{s._p('targets')}[{i}]", s.base_dir), names)
+    targets = tuple(_target(Section(item, f"{s.at('targets')}[{i}]", s.base_dir), names)
                     for i, item in enumerate(s.items("targets")))
     if not targets:
-        raise ConfigError(f"{s._p('targets')}: at least one target is required")
+        raise ConfigError(f"{s.at('targets')}: at least one target is required")
     policy = parse_http_policy(s, names)
     http = HttpConfig(listen=listen, targets=targets, policy=policy,
                       audit_body_bytes=s.integer("audit_body_bytes", 64 * 1024, maximum=16 * 1024 * 1024),

@@ -22,9 +22,9 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from ..config import ConfigError, _Section
+from ..config import ConfigError, Section
 from ..identity import Identity
-from ..policy.rules import Decision, Rule, _rule
+from ..policy.rules import Decision, Rule, parse_rule
 
 MATCH_KEYS = ("targets", "methods", "paths", "subjects", "groups", "agent_ids")
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
@@ -68,26 +68,26 @@ class HttpPolicy:
         return Decision(self.default, "default", message, None, ())
 
 
-def _match(s: _Section, target_names: set[str]) -> HttpMatch:
+def _match(s: Section, target_names: set[str]) -> HttpMatch:
     values: dict[str, list[str]] = {}
     for key in MATCH_KEYS:
         if s.raw(key) is None:
             continue
         items = s.items(key)
         if not items or not all(isinstance(v, str) and v for v in items):
-            raise ConfigError(f"{s._p(key)}: expected a non-empty list of strings (omit the key to match anything)")
+            raise ConfigError(f"{s.at(key)}: expected a non-empty list of strings (omit the key to match anything)")
         values[key] = items
     s.done()
     for t in values.get("targets", []):
         if t not in target_names:
-            raise ConfigError(f"{s._p('targets')}: unknown target {t!r} (known: {', '.join(sorted(target_names))})")
+            raise ConfigError(f"{s.at('targets')}: unknown target {t!r} (known: {', '.join(sorted(target_names))})")
     methods = [m.upper() for m in values.get("methods", [])]
     for m in methods:
         if m not in METHODS:
-            raise ConfigError(f"{s._p('methods')}: unknown method {m!r} (known: {', '.join(sorted(METHODS))})")
+            raise ConfigError(f"{s.at('methods')}: unknown method {m!r} (known: {', '.join(sorted(METHODS))})")
     for p in values.get("paths", []):
         if not p.startswith(("/", "*")):
-            raise ConfigError(f"{s._p('paths')}: {p!r} must start with / (the path below the target)")
+            raise ConfigError(f"{s.at('paths')}: {p!r} must start with / (the path below the target)")
 
     def opt(key: str, items: list[str] | None = None) -> frozenset[str] | None:
         chosen = items if items is not None else values.get(key)
@@ -98,20 +98,20 @@ def _match(s: _Section, target_names: set[str]) -> HttpMatch:
                      groups=opt("groups"), agent_ids=opt("agent_ids"))
 
 
-def parse_http_policy(http: _Section, target_names: set[str]) -> HttpPolicy:
+def parse_http_policy(http: Section, target_names: set[str]) -> HttpPolicy:
     """Read ``rules`` and ``default`` of the ``http`` section."""
     rules: list[HttpRule] = []
     names: set[str] = set()
     for i, item in enumerate(http.items("rules")):
-        s = _Section(item, f"{http._p('rules')}[{i}]", http.base_dir)
+        s = Section(item, f"{http.at('rules')}[{i}]", http.base_dir)
         if s.raw("match") is None:
-            raise ConfigError(f"{s._p('match')}: required (use `match: {{}}` to match every request)")
+            raise ConfigError(f"{s.at('match')}: required (use `match: {{}}` to match every request)")
         match = _match(s.section("match"), target_names)
         # The action part goes through the SQL rule parser (with an empty SQL match).
-        action_part = _Section({**{k: v for k, v in s.data.items() if k != "match"}, "match": {}}, s.path,
+        action_part = Section({**{k: v for k, v in s.data.items() if k != "match"}, "match": {}}, s.path,
                                s.base_dir)
-        rules.append(HttpRule(match, _rule(action_part, names)))
+        rules.append(HttpRule(match, parse_rule(action_part, names)))
     default = http.string("default", "deny")
     if default not in ("allow", "deny"):
-        raise ConfigError(f"{http._p('default')}: must be allow or deny, got {default!r}")
+        raise ConfigError(f"{http.at('default')}: must be allow or deny, got {default!r}")
     return HttpPolicy(tuple(rules), "allow" if default == "allow" else "deny")

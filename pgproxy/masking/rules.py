@@ -22,7 +22,7 @@ from typing import Any
 from pglast import parse_sql
 from pglast.parser import ParseError
 
-from ..config import ConfigError, _Section, load_yaml
+from ..config import ConfigError, Section, load_yaml
 from ..identity import Identity
 from ..policy.rules import string_list
 from .masks import Mask, MaskError, build_mask
@@ -88,7 +88,7 @@ class MaskingRules:
         return any(r.mask.needs_key for r in self.rules)
 
 
-def _audience(s: _Section, key: str, default: Audience) -> Audience:
+def _audience(s: Section, key: str, default: Audience) -> Audience:
     if s.raw(key) is None:
         return default
     sub = s.section(key)
@@ -117,7 +117,7 @@ def _check_sql_expression(mask: Mask, path: str) -> None:
 
 def parse_rules(data: Any, source: Path) -> tuple[ColumnRule, ...]:
     """The column rules in one file's YAML document."""
-    root = _Section(data, "", source.parent)
+    root = Section(data, "", source.parent)
     tables = root.raw("tables")
     root.done()
     if tables is None:
@@ -128,7 +128,7 @@ def parse_rules(data: Any, source: Path) -> tuple[ColumnRule, ...]:
     for table_name, table_data in tables.items():
         tpath = f"tables.{table_name}"
         schema, table = _split_table(str(table_name), f"{source}: {tpath}")
-        t = _Section(table_data, tpath, source.parent)
+        t = Section(table_data, tpath, source.parent)
         applies_to = _audience(t, "applies_to", Audience())
         exempt = _audience(t, "exempt", NOBODY)
         columns = t.raw("columns")
@@ -143,7 +143,7 @@ def parse_rules(data: Any, source: Path) -> tuple[ColumnRule, ...]:
                 raise ConfigError(f"{source}: {cpath}: {exc}") from None
             col_applies, col_exempt = applies_to, exempt
             if isinstance(spec, Mapping):
-                c = _Section({k: v for k, v in spec.items() if k in ("applies_to", "exempt")}, cpath, source.parent)
+                c = Section({k: v for k, v in spec.items() if k in ("applies_to", "exempt")}, cpath, source.parent)
                 col_applies = _audience(c, "applies_to", applies_to)
                 col_exempt = _audience(c, "exempt", exempt)
             _check_sql_expression(mask, f"{source}: {cpath}")

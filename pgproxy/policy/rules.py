@@ -32,7 +32,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, _Section, load_yaml
+from ..config import ConfigError, Section, load_yaml
 from ..identity import Identity
 from .classify import CLASSES, Classification, StatementInfo
 
@@ -150,22 +150,22 @@ def function_matches(function: str, pattern: str) -> bool:
 # Loading
 
 
-def string_list(s: _Section, key: str, *, allowed: Iterable[str] | None = None) -> list[str] | None:
+def string_list(s: Section, key: str, *, allowed: Iterable[str] | None = None) -> list[str] | None:
     if s.raw(key) is None:
         return None
     values = s.items(key)
     if not values:
-        raise ConfigError(f"{s._p(key)}: expected a non-empty list (omit the key to match anything)")
+        raise ConfigError(f"{s.at(key)}: expected a non-empty list (omit the key to match anything)")
     allowed_set = frozenset(allowed) if allowed is not None else None
     for i, v in enumerate(values):
         if not isinstance(v, str) or not v:
-            raise ConfigError(f"{s._p(key)}[{i}]: expected a non-empty string")
+            raise ConfigError(f"{s.at(key)}[{i}]: expected a non-empty string")
         if allowed_set is not None and v not in allowed_set:
-            raise ConfigError(f"{s._p(key)}[{i}]: unknown class {v!r} (known: {', '.join(sorted(allowed_set))})")
+            raise ConfigError(f"{s.at(key)}[{i}]: unknown class {v!r} (known: {', '.join(sorted(allowed_set))})")
     return list(values)
 
 
-def _match(s: _Section) -> Match:
+def _match(s: Section) -> Match:
     kwargs: dict[str, Any] = {}
     for key in MATCH_KEYS:
         values = string_list(s, key, allowed=CLASSES if key == "classes" else None)
@@ -175,26 +175,26 @@ def _match(s: _Section) -> Match:
     return Match(**kwargs)
 
 
-def _rule(s: _Section, names: set[str]) -> Rule:
+def parse_rule(s: Section, names: set[str]) -> Rule:
     name = s.req_str("name")
     if name in names:
-        raise ConfigError(f"{s._p('name')}: duplicate rule name {name!r}")
+        raise ConfigError(f"{s.at('name')}: duplicate rule name {name!r}")
     if s.raw("match") is None:
-        raise ConfigError(f"{s._p('match')}: required (use `match: {{}}` to match every statement)")
+        raise ConfigError(f"{s.at('match')}: required (use `match: {{}}` to match every statement)")
     match = _match(s.section("match"))
     action = s.req_str("action")
     if action not in ACTIONS:
-        raise ConfigError(f"{s._p('action')}: must be one of {', '.join(ACTIONS)}, got {action!r}")
+        raise ConfigError(f"{s.at('action')}: must be one of {', '.join(ACTIONS)}, got {action!r}")
     message = s.string("message")
     approval = None
     approve_keys = ("approvers", "approvals", "expires", "mode", "timeout")
     if action == "approve":
         approvers = string_list(s, "approvers")
         if not approvers:
-            raise ConfigError(f"{s._p('approvers')}: required for action approve (groups that may approve)")
+            raise ConfigError(f"{s.at('approvers')}: required for action approve (groups that may approve)")
         mode = s.string("mode", "refuse") or "refuse"
         if mode not in ("refuse", "hold"):
-            raise ConfigError(f"{s._p('mode')}: must be refuse or hold, got {mode!r}")
+            raise ConfigError(f"{s.at('mode')}: must be refuse or hold, got {mode!r}")
         approval = ApprovalRequirement(
             approvers=tuple(approvers),
             approvals=s.integer("approvals", 1, minimum=1, maximum=10),
@@ -205,7 +205,7 @@ def _rule(s: _Section, names: set[str]) -> Rule:
     else:
         for key in approve_keys:
             if s.raw(key) is not None:
-                raise ConfigError(f"{s._p(key)}: only valid with action approve")
+                raise ConfigError(f"{s.at(key)}: only valid with action approve")
     if action == "deny" and message is None:
         message = "statement not allowed"
     s.done()
@@ -218,13 +218,13 @@ def parse_policy(data: Any, source: Path | None = None, path: str = "") -> Polic
     """Build a validated Policy from loaded YAML; errors name the offending field (policy.rules[2].action)."""
     if data is None:
         raise ConfigError(f"{path or 'policy'}: empty policy (expected rules: and default:)")
-    root = _Section(data, path, source.parent if source else Path.cwd())
+    root = Section(data, path, source.parent if source else Path.cwd())
     names: set[str] = set()
-    rules = tuple(_rule(_Section(item, f"{root._p('rules')}[{i}]", root.base_dir), names)
+    rules = tuple(parse_rule(Section(item, f"{root.at('rules')}[{i}]", root.base_dir), names)
                   for i, item in enumerate(root.items("rules")))
     default = root.string("default", "deny")
     if default not in ("allow", "deny"):
-        raise ConfigError(f"{root._p('default')}: must be allow or deny, got {default!r}")
+        raise ConfigError(f"{root.at('default')}: must be allow or deny, got {default!r}")
     root.done()
     return Policy(rules, "allow" if default == "allow" else "deny", source)
 

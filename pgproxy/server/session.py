@@ -441,10 +441,10 @@ class Session:
     def _on_upstream_data(self, data: bytes) -> None:
         try:
             out = self._back.feed(data)
-            if out:
-                self.client.write(out)
-            if self.tracker.finished:
+            if self.tracker.finished:  # recorded before the client sees the answers (fsync: always holds)
                 self._emit_finished()
+            if out and not self._ended:
+                self.client.write(out)
         except ProtocolViolation as exc:
             log.error("session %s: invalid message from upstream: %s", self.id, exc)
             if exc.sqlstate == errors.PROGRAM_LIMIT_EXCEEDED:  # a legitimate but oversized result

@@ -7,7 +7,7 @@ Everything runs on the test's event loop: the upstream (``web.AppRunner`` on a f
 from __future__ import annotations
 
 import copy
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ import aiohttp
 import pytest
 import yaml
 from aiohttp import web
-from http_helpers import CREDENTIAL, CREDENTIAL_ENV, config_data, upstream_app
+from http_helpers import CREDENTIAL, CREDENTIAL_ENV, StartProxy, config_data, upstream_app
 
 from pgproxy.audit.sink import AuditSink, MemoryAuditSink
 from pgproxy.config import load_config
@@ -33,7 +33,6 @@ async def upstream_url() -> AsyncIterator[str]:
     await runner.cleanup()
 
 
-StartProxy = Callable[..., Awaitable[ProxyServer]]
 
 
 @pytest.fixture

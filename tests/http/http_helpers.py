@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,9 @@ from aiohttp import web
 from pgproxy.audit.sink import AuditSink, MemoryAuditSink
 from pgproxy.identity import DevKeys, mint_token
 from pgproxy.server.listener import ProxyServer
+
+# The `start_proxy` fixture's type (tests/http/conftest.py): start a ProxyServer with a changed config.
+StartProxy = Callable[..., Awaitable[ProxyServer]]
 
 ISSUER = "https://issuer.test"
 AUDIENCE = "pgproxy-test"

@@ -10,8 +10,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from conftest import StartProxy
-from http_helpers import CREDENTIAL, CUSTOMER, base, bearer, exchanges, pattern, token
+from http_helpers import CREDENTIAL, CUSTOMER, StartProxy, base, bearer, exchanges, pattern, token
 
 from pgproxy.identity import DevKeys
 from pgproxy.server.listener import ProxyServer

@@ -18,9 +18,8 @@ from typing import Any
 import aiohttp
 import pytest
 from click.testing import CliRunner
-from conftest import StartProxy
 from cryptography.hazmat.primitives import serialization
-from http_helpers import AUDIENCE, ISSUER, base, bearer, exchanges, token
+from http_helpers import AUDIENCE, ISSUER, StartProxy, base, bearer, exchanges, token
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.cli import main

@@ -193,3 +193,30 @@ def test_wire_backstop_masks_raw_columns_the_rewrite_missed(masked_proxy: ProxyU
 
     got = asyncio.run(binary())
     assert got[0][0] == 1 and "canary" not in repr(got) and "123456" not in repr(got)
+
+
+def test_signed_log_records_only_masked_results(masked_proxy: ProxyUnderTest, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Result capture (sample rows, row digests) sees rows after masking, also those the wire backstop masked."""
+    from pgproxy.audit.keys import generate_key
+    from pgproxy.audit.logformat import iter_records
+    from pgproxy.masking.engine import Masking
+    from pgproxy.masking.rewrite import Rewritten
+
+    key = tmp_path / "audit.key"
+    generate_key(key)
+    data = copy.deepcopy(masked_proxy.config_data)
+    data["audit"] = {"dir": str(tmp_path / "log"), "signing_key_file": str(key), "fsync": "always"}
+    running = RunningProxy(parse_config(data, Path.cwd())).start()
+    try:
+        signed = ProxyUnderTest(running, masked_proxy.audit, masked_proxy.keys, masked_proxy.tls,
+                                masked_proxy.database, data)
+        assert _rows(signed, "SELECT email, ssn FROM mcore.people ORDER BY id")[0] == ("****@example.com",
+                                                                                        "*******6789")
+        monkeypatch.setattr(Masking, "rewrite", lambda self, schema, rules_key, sql: Rewritten(None))
+        assert _rows(signed, "SELECT email FROM mcore.people WHERE id = 1") == [("****@example.com",)]
+    finally:
+        running.stop()
+    text = "\n".join(repr(record) for _, record in iter_records(tmp_path / "log"))
+    assert "****@example.com" in text  # the sample rows as the client got them
+    assert "canary" not in text and "123-45" not in text
