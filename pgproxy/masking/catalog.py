@@ -285,18 +285,26 @@ class CatalogCache:
         self._snapshots: dict[str, tuple[CatalogSnapshot, float]] = {}
         self._loading: dict[str, asyncio.Future[CatalogSnapshot]] = {}
 
-    def current(self, database: str) -> CatalogSnapshot | None:
-        """The cached snapshot if it is fresh enough to use without waiting."""
+    def current(self, database: str, connect: Callable[[], Awaitable[Any]] | None = None) -> CatalogSnapshot | None:
+        """The cached snapshot, None when there is none (or it was invalidated by DDL).
+
+        A snapshot older than ``refresh_seconds`` is still returned while a fresh one is read in the
+        background (with ``connect``), so the interval refresh never makes a statement wait.
+        """
         entry = self._snapshots.get(database)
-        if entry is None or time.monotonic() - entry[1] > self.refresh_seconds:
+        if entry is None:
             return None
+        if (connect is not None and time.monotonic() - entry[1] > self.refresh_seconds
+                and database not in self._loading):
+            self._loading[database] = asyncio.ensure_future(self._load(database, connect))
+            self._loading[database].add_done_callback(_log_failure)
         return entry[0]
 
     def invalidate(self, database: str) -> None:
         self._snapshots.pop(database, None)
 
     async def get(self, database: str, connect: Callable[[], Awaitable[Any]]) -> CatalogSnapshot:
-        snapshot = self.current(database)
+        snapshot = self.current(database, connect)
         if snapshot is not None:
             return snapshot
         loading = self._loading.get(database)
@@ -315,3 +323,9 @@ class CatalogCache:
             return snapshot
         finally:
             self._loading.pop(database, None)
+
+
+def _log_failure(future: asyncio.Future[CatalogSnapshot]) -> None:
+    if not future.cancelled() and future.exception() is not None:
+        log.warning("reading the catalog for masking failed (the previous snapshot stays in use): %s",
+                    future.exception())

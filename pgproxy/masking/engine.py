@@ -127,7 +127,7 @@ class SessionMasking:
 
     def current_schema(self) -> MaskedSchema | None:
         """The masked schema for the current catalog (the last known one while a reload is pending)."""
-        catalog = self.engine.catalogs.current(self.session.database)
+        catalog = self.engine.catalogs.current(self.session.database, self._connect)
         if catalog is not None and (self._schema is None or self._schema.catalog is not catalog):
             self._schema = self.engine.schema_for(catalog, self.rules)
         return self._schema
@@ -173,10 +173,9 @@ class SessionMasking:
                 self.ddl_pending = True
         except SqlSyntaxError:
             return None  # the server refuses it too, and nothing runs
-        if self.engine.catalogs.current(self.session.database) is None:
-            return Hold(self._decide_later(request.sql))
         schema = self.current_schema()
-        assert schema is not None
+        if schema is None or self.engine.catalogs.current(self.session.database) is None:
+            return Hold(self._decide_later(request.sql))  # no catalog yet, or DDL invalidated it
         return self._verdict(schema, request.sql)
 
     async def _decide_later(self, sql: str) -> Refuse | Rewrite | None:

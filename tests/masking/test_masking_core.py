@@ -30,6 +30,7 @@ INSERT INTO mcore.people VALUES
   (2, 'Bob', 'bob@example.org', '987-65-4321', 55000.00, '1991-02-03', NULL);
 CREATE VIEW mcore.people_view AS SELECT id, email, upper(email) AS shout, name FROM mcore.people;
 GRANT USAGE ON SCHEMA mcore TO agent_reader, agent_writer;
+GRANT CREATE ON SCHEMA mcore TO agent_writer;
 GRANT SELECT ON ALL TABLES IN SCHEMA mcore TO agent_reader;
 GRANT ALL ON ALL TABLES IN SCHEMA mcore TO agent_writer;
 """
@@ -43,6 +44,9 @@ tables:
       salary: {mask: numeric, mode: bucket, step: 10000}
       born: date
       nick: keyed_hash
+  mcore.later:                      # created by a test through the proxy
+    columns:
+      secret: redact
 """
 KEY_ENV = "PGPROXY_TEST_MASKING_KEY"
 
@@ -220,3 +224,13 @@ def test_signed_log_records_only_masked_results(masked_proxy: ProxyUnderTest, tm
     text = "\n".join(repr(record) for _, record in iter_records(tmp_path / "log"))
     assert "****@example.com" in text  # the sample rows as the client got them
     assert "canary" not in text and "123-45" not in text
+
+
+def test_catalog_is_reread_after_ddl_through_the_proxy(masked_proxy: ProxyUnderTest) -> None:
+    token = masked_proxy.token(roles=("agent_writer",), groups=("agents",))
+    with psycopg.connect(**masked_proxy.conninfo(user="agent_writer", token=token), autocommit=True) as conn:
+        conn.execute("SELECT count(*) FROM mcore.people").fetchone()  # the catalog is read now, without mcore.later
+        conn.execute("CREATE TABLE mcore.later (id int, secret text)")
+        conn.execute("INSERT INTO mcore.later VALUES (1, 'later-canary')")
+        assert conn.execute("SELECT secret FROM mcore.later").fetchall() == [("****",)]
+        assert conn.execute("SELECT count(*) FROM mcore.later WHERE secret = 'later-canary'").fetchone() == (0,)
