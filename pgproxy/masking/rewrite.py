@@ -36,7 +36,8 @@ REFUSED_FUNCTIONS = frozenset({
     "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "table_to_xml", "table_to_xmlschema",
     "table_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema", "database_to_xml",
     "database_to_xmlschema", "database_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xmlschema",
-    "schema_to_xml_and_xmlschema", "ts_stat",
+    "schema_to_xml_and_xmlschema", "ts_stat", "xpath_table", "crosstab", "crosstab2", "crosstab3", "crosstab4",
+    "connectby",
     # statement text (rewritten statements carry mask expressions)
     "current_query", "pg_stat_get_activity", "pg_stat_statements",
     # raw storage
