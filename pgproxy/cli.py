@@ -339,9 +339,20 @@ def audit_verify_bundle(bundle: str, pubkeys: Sequence[str]) -> None:
 @click.option("--target", required=True, help="DSN of a sandbox database to replay against.")
 @click.option("--commit", is_flag=True, help="Commit the replay's transaction (default: roll back).")
 @_pubkey_option
-def audit_replay(bundle: str, target: str, commit: bool, pubkeys: Sequence[str]) -> None:
+@click.option("--config", "-c", "config_path", default=None, type=click.Path(exists=True, dir_okay=False),
+              help="The proxy's config: replay a masked identity's statements with its masking rules and key.")
+def audit_replay(bundle: str, target: str, commit: bool, pubkeys: Sequence[str], config_path: str | None) -> None:
     """Re-run a bundle's statements and compare result digests with the recorded ones. Exit 1 on a difference."""
     from .audit.replay import ReplayError, ReplayOutcome, run_replay
+
+    masking = None
+    if config_path is not None:
+        from .masking.replay import ReplayMasking
+
+        try:
+            masking = ReplayMasking.from_config(_load(config_path))
+        except ConfigError as exc:
+            raise click.ClickException(str(exc)) from None
 
     def progress(o: ReplayOutcome, n: int, total: int) -> None:
         click.echo(f"[{n}/{total}] #{o.index} {o.status.upper()}: {o.sql[:80]}"
@@ -349,7 +360,7 @@ def audit_replay(bundle: str, target: str, commit: bool, pubkeys: Sequence[str])
 
     try:
         report = run_replay(Path(bundle), target, commit=commit, pubkeys=tuple(Path(p) for p in pubkeys),
-                            progress=progress)
+                            progress=progress, masking=masking)
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped; "

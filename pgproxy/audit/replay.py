@@ -4,7 +4,9 @@ Runs on pgproxy's own wire protocol layer (``connect_upstream`` + the message cl
 bytes hashed here are exactly what PostgreSQL sends, as they were when recorded. Everything runs in
 one transaction (each statement inside a savepoint, so an error does not end the replay) that is
 rolled back unless ``commit``. Statements that cannot be replayed faithfully are skipped and say why:
-transaction control, redacted or truncated text/parameters, refused statements, function calls.
+transaction control, redacted or truncated text/parameters, refused statements, function calls, and
+statements that read masked relations when no masking config is given (``masking``: the proxy's rules
+rewrite every statement of a masked identity again, as the proxy did).
 """
 
 from __future__ import annotations
@@ -15,13 +17,21 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import asyncpg
 
 from ..config import UpstreamConfig
+from ..masking.rewrite import Rewritten
 from ..protocol.messages import Bind, ErrorResponse, Execute, Parse, Query, Sync, Terminate
 from ..server.link import Link
 from ..server.upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 from .bundle import BundleError, verify_bundle
+
+if TYPE_CHECKING:
+    from ..masking.replay import ReplayMasking
+
+Rewrite = Callable[[str], Rewritten]
 
 MESSAGE_LIMIT = 1 << 30
 _TXN_CONTROL = re.compile(r"^\s*(begin|commit|rollback|end|abort|start\s+transaction|savepoint|release|"
@@ -137,11 +147,13 @@ def _target(dsn: str) -> tuple[UpstreamConfig, dict[str, str], str | None]:
 
 
 async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
-                        progress: Callable[[ReplayOutcome, int, int], None] | None = None) -> ReplayReport:
+                        progress: Callable[[ReplayOutcome, int, int], None] | None = None,
+                        masking: ReplayMasking | None = None) -> ReplayReport:
     checked = verify_bundle(path, pubkeys=pubkeys)
     if not checked.ok:
         raise ReplayError(f"the bundle does not verify: {checked.problems[0]}")
     statements = [e for e in checked.events if e.get("event") == "statement"]
+    rewrite = await _masking_rewrite(masking, checked.events, dsn) if masking is not None else None
     cfg, params, password = _target(dsn)
     try:
         link, _ = await connect_upstream(cfg, params, password)
@@ -155,7 +167,7 @@ async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: 
         if err is not None:
             raise ReplayError(f"cannot start the replay transaction: {err.message}")
         for n, event in enumerate(statements, 1):
-            outcome = await _replay_one(conn, event)
+            outcome = await _replay_one(conn, event, rewrite, masking is not None)
             report.outcomes.append(outcome)
             if progress is not None:
                 progress(outcome, n, len(statements))
@@ -167,18 +179,40 @@ async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: 
     return report
 
 
-async def _replay_one(conn: _Conn, event: dict[str, Any]) -> ReplayOutcome:
+async def _masking_rewrite(masking: ReplayMasking, events: list[dict[str, Any]], dsn: str) -> Rewrite | None:
+    from ..masking.replay import RecordedIdentity
+
+    start = next((e for e in events if e.get("event") == "session_start"), None)
+    if start is None:
+        raise ReplayError("the bundle has no session_start event: the masked identity is unknown")
+    identity = RecordedIdentity.from_event(start.get("identity") or {})
+    try:
+        return await masking.for_session(dsn, identity, str(start.get("upstream_role") or ""))
+    except (OSError, asyncpg.PostgresError) as exc:
+        raise ReplayError(f"cannot read the target's catalog for masking: {exc}") from None
+
+
+async def _replay_one(conn: _Conn, event: dict[str, Any], rewrite: Rewrite | None = None,
+                      masking: bool = False) -> ReplayOutcome:
     index, sql = int(event["index"]), str(event.get("sql"))
     reason = _skip_reason(event)
+    if reason is None and event.get("masked_relations") and not masking:
+        reason = "read masked relations: replay with the proxy's config (--config) to apply its masks"
     if reason is not None:
         return ReplayOutcome(index, sql, "skipped", reason)
+    run_sql = sql  # what the target runs; the report always shows the recorded text
+    if rewrite is not None:
+        rewritten = rewrite(sql)
+        if rewritten.refusal is not None:
+            return ReplayOutcome(index, sql, "differ", f"masking refuses it against the target: {rewritten.refusal}")
+        run_sql = rewritten.sql or sql
     await conn.simple("SAVEPOINT pgproxy_replay")
     if event.get("protocol") == "extended":
         values, formats = _params(event)
-        digest, rows, error = await conn.extended(sql, values, formats, list(event.get("result_formats") or []),
+        digest, rows, error = await conn.extended(run_sql, values, formats, list(event.get("result_formats") or []),
                                                   [int(t) for t in event.get("param_types") or []])
     else:
-        digest, rows, error = await conn.simple(sql)
+        digest, rows, error = await conn.simple(run_sql)
     await conn.simple(("ROLLBACK TO" if error is not None else "RELEASE") + " SAVEPOINT pgproxy_replay")
     recorded = event.get("result") or {}
     recorded_error = (event.get("error") or {}).get("sqlstate")
@@ -196,8 +230,10 @@ async def _replay_one(conn: _Conn, event: dict[str, Any]) -> ReplayOutcome:
 
 
 def run_replay(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
-               progress: Callable[[ReplayOutcome, int, int], None] | None = None) -> ReplayReport:
+               progress: Callable[[ReplayOutcome, int, int], None] | None = None,
+               masking: ReplayMasking | None = None) -> ReplayReport:
     try:
-        return asyncio.run(replay_bundle(path, dsn, commit=commit, pubkeys=pubkeys, progress=progress))
+        return asyncio.run(replay_bundle(path, dsn, commit=commit, pubkeys=pubkeys, progress=progress,
+                                         masking=masking))
     except BundleError as exc:
         raise ReplayError(str(exc)) from None

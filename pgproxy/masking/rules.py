@@ -14,20 +14,30 @@ name order; the same column defined twice is an error. Errors name the file and 
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from pglast import parse_sql
 from pglast.parser import ParseError
 
 from ..config import ConfigError, Section, load_yaml
-from ..identity import Identity
 from ..policy.rules import string_list
 from .masks import Mask, MaskError, build_mask
 
 AUDIENCE_KEYS = ("subjects", "groups", "roles", "agent_ids")
+
+
+class Person(Protocol):
+    """What a rule looks at: a live session's Identity, or one recorded in the audit log (replay)."""
+
+    @property
+    def subject(self) -> str: ...
+    @property
+    def groups(self) -> Sequence[str]: ...
+    @property
+    def agent_id(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -39,7 +49,7 @@ class Audience:
     roles: frozenset[str] | None = None
     agent_ids: frozenset[str] | None = None
 
-    def contains(self, identity: Identity, role: str) -> bool:
+    def contains(self, identity: Person, role: str) -> bool:
         """Any listed key matching is enough (a rule for "group dba or subject alice")."""
         if self.subjects is None and self.groups is None and self.roles is None and self.agent_ids is None:
             return True
@@ -69,7 +79,7 @@ class ColumnRule:
     def qualified_table(self) -> str:
         return f"{self.schema}.{self.table}"
 
-    def applies(self, identity: Identity, role: str) -> bool:
+    def applies(self, identity: Person, role: str) -> bool:
         return self.applies_to.contains(identity, role) and not (self.exempt is not NOBODY
                                                                   and self.exempt.contains(identity, role))
 
@@ -79,7 +89,7 @@ class MaskingRules:
     rules: tuple[ColumnRule, ...]
     sources: tuple[Path, ...] = ()
 
-    def for_identity(self, identity: Identity, role: str) -> tuple[ColumnRule, ...]:
+    def for_identity(self, identity: Person, role: str) -> tuple[ColumnRule, ...]:
         """The column rules that apply to this identity logged in as ``role``."""
         return tuple(r for r in self.rules if r.applies(identity, role))
 

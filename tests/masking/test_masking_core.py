@@ -234,3 +234,43 @@ def test_catalog_is_reread_after_ddl_through_the_proxy(masked_proxy: ProxyUnderT
         conn.execute("INSERT INTO mcore.later VALUES (1, 'later-canary')")
         assert conn.execute("SELECT secret FROM mcore.later").fetchall() == [("****",)]
         assert conn.execute("SELECT count(*) FROM mcore.later WHERE secret = 'later-canary'").fetchone() == (0,)
+
+
+def test_replay_applies_the_proxys_masks(masked_proxy: ProxyUnderTest, tmp_path: Path) -> None:
+    """A masked session replays to the recorded digests only with the proxy's masking config."""
+    import yaml
+    from click.testing import CliRunner
+
+    from pgproxy.audit.keys import generate_key
+    from pgproxy.cli import main
+
+    key = tmp_path / "audit.key"
+    generate_key(key)
+    data = copy.deepcopy(masked_proxy.config_data)
+    data["audit"] = {"dir": str(tmp_path / "log"), "signing_key_file": str(key), "fsync": "always"}
+    config_file = tmp_path / "pgproxy.yaml"
+    config_file.write_text(yaml.safe_dump(data))
+    running = RunningProxy(parse_config(data, Path.cwd())).start()
+    try:
+        signed = ProxyUnderTest(running, masked_proxy.audit, masked_proxy.keys, masked_proxy.tls,
+                                masked_proxy.database, data)
+        token = signed.token(roles=("agent_reader",), groups=("agents",))
+        with psycopg.connect(**signed.conninfo(token=token), autocommit=True) as conn:
+            conn.execute("SELECT id, email, ssn, salary, nick FROM mcore.people ORDER BY id").fetchall()
+            conn.execute("SELECT 41 + 1").fetchall()
+    finally:
+        running.stop()
+    runner = CliRunner()
+    sessions = runner.invoke(main, ["audit", "sessions", str(tmp_path / "log")])
+    session = next(line.split()[0] for line in sessions.output.splitlines()[1:] if line.strip())
+    bundle = tmp_path / "bundle.json"
+    assert runner.invoke(main, ["audit", "export", str(tmp_path / "log"), "--session", session,
+                                "-o", str(bundle)]).exit_code == 0
+    plain = runner.invoke(main, ["audit", "replay", str(bundle), "--target", masked_proxy.database.dsn()])
+    assert plain.exit_code == 0, plain.output
+    assert "1 matched, 0 differ, 1 skipped" in plain.output and "read masked relations" in plain.output
+    masked = runner.invoke(main, ["audit", "replay", str(bundle), "--target", masked_proxy.database.dsn(),
+                                  "--config", str(config_file)])
+    assert masked.exit_code == 0, masked.output
+    assert "2 matched, 0 differ, 0 skipped" in masked.output
+    assert "\\x" not in masked.output  # never the rewritten text (it carries the keyed-hash pads)
