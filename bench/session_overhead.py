@@ -5,7 +5,9 @@ Feeds the exact bytes pgbench exchanges per transaction (simple, extended, prepa
 proxy's own per-message work (framing, request tracking, audit records) from syscalls and scheduling,
 so it is stable enough to compare changes on a noisy 2-core machine. Run:
 
-    .venv/bin/python bench/session_overhead.py [--transactions 50000]
+    .venv/bin/python bench/session_overhead.py [--transactions 50000] [--repeat 5] [--signed] [--policy FILE]
+
+Each figure is the best of ``--repeat`` runs (the least disturbed by other processes on the machine).
 """
 
 from __future__ import annotations
@@ -88,14 +90,15 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
         "identity": {"issuer": "i", "audience": "a", "algorithms": ["HS256"], "hs256_secret_env": "UNUSED"},
         "upstream": {"credentials": [{"role": "*"}]},
     }, audit_dir)
+    audit_dir = Path(tempfile.mkdtemp(dir=audit_dir))  # a fresh log per run
     audit: Any = JsonLinesAuditSink(audit_dir / f"{mode}.jsonl")
     if signed:  # the signed, hash-chained log with result capture, as `audit: {dir: ...}` installs it
         from pgproxy.audit.keys import generate_key, load_private_key
         from pgproxy.audit.signed import SignedAuditLog
 
-        key_file = audit_dir / f"{mode}-{policy is not None}.key"
+        key_file = audit_dir / "signing.key"
         generate_key(key_file)
-        audit = SignedAuditLog(audit_dir / f"signed-{mode}-{policy is not None}", load_private_key(key_file))
+        audit = SignedAuditLog(audit_dir / "signed", load_private_key(key_file))
     metrics = ProxyMetrics()  # as ProxyServer makes it
     metrics.watch_audit(audit)
     gates: tuple[Any, ...] = ()
@@ -130,6 +133,7 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--transactions", type=int, default=50_000)
+    parser.add_argument("--repeat", type=int, default=3, help="Runs per figure; the best is shown.")
     parser.add_argument("--signed", action="store_true", help="Use the signed audit log (with result capture).")
     parser.add_argument("--policy", type=Path, default=None,
                         help="Also run each mode with a PolicyGate enforcing this policy file "
@@ -137,10 +141,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         for mode in PATTERNS:
-            us = asyncio.run(measure(mode, args.transactions, Path(tmp), signed=args.signed))
+            us = min(asyncio.run(measure(mode, args.transactions, Path(tmp), signed=args.signed))
+                     for _ in range(args.repeat))
             print(f"{mode:9s} {us:6.2f} us of proxy CPU per transaction (framing + tracking + audit)")
             if args.policy is not None:
-                gated = asyncio.run(measure(mode, args.transactions, Path(tmp), args.policy, args.signed))
+                gated = min(asyncio.run(measure(mode, args.transactions, Path(tmp), args.policy, args.signed))
+                            for _ in range(args.repeat))
                 print(f"{mode:9s} {gated:6.2f} us with the policy gate ({gated - us:+.2f} us)")
 
 

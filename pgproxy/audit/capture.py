@@ -17,7 +17,7 @@ import struct
 from typing import Any
 
 from ..protocol.codec import ProtocolViolation
-from ..protocol.messages import Bind, DataRow, NoticeResponse, RowDescription
+from ..protocol.messages import BindFields, DataRow, NoticeResponse, RowDescription, param_formats
 from ..protocol.tracker import ExchangeTracker, Kind, StatementResult
 
 MAX_VALUE_BYTES = 4096
@@ -100,24 +100,27 @@ def audit_value(value: bytes | None, fmt: int) -> str | None:
     """A parameter or cell as recorded: text as text, binary as hex, both capped in size."""
     if value is None:
         return None
+    if len(value) <= MAX_VALUE_BYTES:  # the usual case: no clipping
+        return value.decode("utf-8", "replace") if fmt == 0 else "\\x" + value.hex()
     clipped = value[:MAX_VALUE_BYTES]
-    suffix = f"...({len(value)} bytes)" if len(value) > MAX_VALUE_BYTES else ""
+    suffix = f"...({len(value)} bytes)"
     if fmt == 0:
         return clipped.decode("utf-8", "replace") + suffix
     return "\\x" + clipped.hex() + suffix
 
 
-def result_fields(r: StatementResult, bind: Bind | None, *, capturing: bool = True) -> dict[str, Any]:
+def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: bool = True) -> dict[str, Any]:
     """The signed log's extra statement fields: ``result``, ``notices``, formats for replay.
 
-    ``bind`` is the statement's decoded Bind (decoded once by the caller), if any.
+    ``bind`` is the statement's decoded Bind (``bind_fields``, decoded once by the caller), if any.
     """
     out: dict[str, Any] = {}
     if bind is not None:
-        if bind.param_formats:
-            out["param_formats"] = [bind.param_format(i) for i in range(len(bind.params))]
-        if bind.result_formats:
-            out["result_formats"] = list(bind.result_formats)
+        _, _, formats, params, result_formats = bind
+        if formats:
+            out["param_formats"] = list(param_formats(formats, len(params)))
+        if result_formats:
+            out["result_formats"] = list(result_formats)
     if r.param_types and any(r.param_types):
         out["param_types"] = list(r.param_types)
     if not capturing:

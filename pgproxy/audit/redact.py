@@ -35,11 +35,23 @@ def redact_text(text: str) -> str:
     return text
 
 
+_SQL_CACHE: dict[str, str] = {}  # statement text -> redacted text: the same statements recur
+_SQL_CACHE_LIMIT = 1024
+_SQL_CACHE_MAX_CHARS = 4096
+
+
 def redact_event(event: dict[str, Any]) -> dict[str, Any]:
     """Redact ``sql`` and ``params`` of a statement event in place (other events pass through)."""
     sql = event.get("sql")
     if isinstance(sql, str):
-        event["sql"] = redact_text(sql)
+        redacted = _SQL_CACHE.get(sql)
+        if redacted is None:
+            redacted = redact_text(sql)
+            if len(sql) <= _SQL_CACHE_MAX_CHARS:
+                if len(_SQL_CACHE) >= _SQL_CACHE_LIMIT:
+                    _SQL_CACHE.clear()
+                _SQL_CACHE[sql] = redacted
+        event["sql"] = redacted
     params = event.get("params")
     if isinstance(params, list):
         event["params"] = [redact_text(p) if isinstance(p, str) else p for p in params]

@@ -81,8 +81,10 @@ __all__ = [
     "SASLResponse",
     "Sync",
     "Terminate",
+    "bind_fields",
     "decode_backend",
     "decode_frontend",
+    "param_formats",
 ]
 
 _EMPTY_LENGTH: Final = b"\x00\x00\x00\x04"
@@ -91,6 +93,9 @@ _EMPTY_LENGTH: Final = b"\x00\x00\x00\x04"
 _FIELD: Final = struct.Struct(">IhIhih")
 _FIELD_SIZE: Final = _FIELD.size
 _NULL_BYTE: Final = b"\x00"
+_U16_UNPACK_FROM: Final = UINT16.unpack_from
+_I32_UNPACK_FROM: Final = INT32.unpack_from
+_INT16_ARRAYS: dict[int, struct.Struct] = {}  # by count (bounded: counts are uint16)
 
 
 def _int16s(values: tuple[int, ...]) -> bytes:
@@ -183,6 +188,78 @@ class Parse:
         return cls(name, query, types)
 
 
+BindFields = tuple[str, str, tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]]
+
+
+def bind_fields(body: Buffer) -> BindFields:
+    """(portal, statement, parameter formats, parameters, result formats) of a Bind body.
+
+    The audit log reads every Bind: this skips building the frozen dataclass (which costs more than the
+    parsing) and takes a straight path over well-formed bodies; anything unusual is re-read by the
+    bounds-checked ``Reader``, which raises the precise ``ProtocolViolation``.
+    """
+    raw = as_bytes(body)
+    try:
+        fields = _bind_fields_fast(raw)
+    except (struct.error, UnicodeDecodeError):
+        fields = None
+    return fields if fields is not None else _bind_fields_checked(raw)
+
+
+def _bind_fields_fast(raw: bytes) -> BindFields | None:
+    """The common case; None (or struct.error/UnicodeDecodeError) when the body needs the careful path."""
+    p = raw.find(0)
+    s = raw.find(0, p + 1)
+    if p < 0 or s < 0:
+        return None
+    pos = s + 1
+    n = _U16_UNPACK_FROM(raw, pos)[0]
+    pos += 2
+    formats: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
+    pos += 2 * n
+    count = _U16_UNPACK_FROM(raw, pos)[0]
+    pos += 2
+    if n > 1 and n != count:
+        return None
+    params: list[bytes | None] = []
+    append = params.append
+    for _ in range(count):
+        length = _I32_UNPACK_FROM(raw, pos)[0]
+        pos += 4
+        if length >= 0:
+            append(raw[pos:pos + length])
+            pos += length
+        elif length == -1:
+            append(None)
+        else:
+            return None
+    n = _U16_UNPACK_FROM(raw, pos)[0]
+    pos += 2
+    results: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
+    if pos + 2 * n != len(raw):
+        return None
+    return (raw[:p].decode() if p else "", raw[p + 1:s].decode(), formats, tuple(params), results)
+
+
+def _bind_fields_checked(raw: bytes) -> BindFields:
+    r = Reader(raw, "Bind")
+    portal = r.cstring()
+    statement = r.cstring()
+    formats = r.int16_array(r.uint16())
+    params = r.nullable_array(r.uint16())
+    results = r.int16_array(r.uint16())
+    r.done()
+    _check_format_count("bind", len(formats), len(params), "parameter")
+    return portal, statement, formats, params, results
+
+
+def _int16_array(count: int) -> struct.Struct:
+    st = _INT16_ARRAYS.get(count)
+    if st is None:
+        st = _INT16_ARRAYS[count] = struct.Struct(f">{count}h")
+    return st
+
+
 @dataclass(frozen=True, slots=True)
 class Bind:
     """Extended-protocol Bind ('B'); ``params`` entries are raw values, ``None`` for NULL."""
@@ -208,15 +285,7 @@ class Bind:
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "Bind")
-        portal = r.cstring()
-        statement = r.cstring()
-        formats = r.int16_array(r.uint16())
-        params = r.nullable_array(r.uint16())
-        results = r.int16_array(r.uint16())
-        r.done()
-        _check_format_count("bind", len(formats), len(params), "parameter")
-        return cls(portal, statement, formats, params, results)
+        return cls(*bind_fields(body))
 
     def param_format(self, index: int) -> int:
         """Format code (0 text, 1 binary) of parameter ``index`` per the 0/1/N format-code rule."""
@@ -224,6 +293,13 @@ class Bind:
         if not formats:
             return 0
         return formats[0] if len(formats) == 1 else formats[index]
+
+
+def param_formats(formats: tuple[int, ...], count: int) -> tuple[int, ...]:
+    """The format code of each of ``count`` parameters, from a Bind's 0, 1 or N format codes."""
+    if len(formats) == count:
+        return formats
+    return (formats[0] if formats else 0,) * count
 
 
 @dataclass(frozen=True, slots=True)

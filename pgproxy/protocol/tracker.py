@@ -20,7 +20,7 @@ from enum import Enum
 from typing import Any
 
 from .codec import ProtocolViolation, invalid_utf8
-from .messages import Bind, ErrorResponse, FunctionCall, Parse, Query, tag_rows
+from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
 
 
 class Kind(Enum):
@@ -34,8 +34,13 @@ class Kind(Enum):
     FUNCTION = "F"
 
 
+# Members as module constants: looking one up on the Enum class costs several times more, per message.
+_QUERY, _PARSE, _BIND, _DESCRIBE = Kind.QUERY, Kind.PARSE, Kind.BIND, Kind.DESCRIBE
+_EXECUTE, _CLOSE, _SYNC, _FUNCTION = Kind.EXECUTE, Kind.CLOSE, Kind.SYNC, Kind.FUNCTION
+
 # Requests that end with ReadyForQuery.
-_SYNC_POINTS = (Kind.QUERY, Kind.SYNC, Kind.FUNCTION)
+_SYNC_POINTS = (_QUERY, _SYNC, _FUNCTION)  # tuples, not sets: membership by identity, no Enum.__hash__
+_PARSE_OR_BIND = (_PARSE, _BIND)
 
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
@@ -79,7 +84,10 @@ class StatementResult:
     @property
     def rows(self) -> int | None:
         """Rows reported by the command tags (summed over a multi-statement query), None if none did."""
-        counts = [n for n in map(tag_rows, self.tags) if n is not None]
+        tags = self.tags
+        if len(tags) == 1:  # nearly every statement
+            return tag_rows(tags[0])
+        counts = [n for n in map(tag_rows, tags) if n is not None]
         return sum(counts) if counts else None
 
     @property
@@ -127,10 +135,16 @@ class _Portal:
 
 def decode_bind_leniently(body: bytes | None) -> Bind | None:
     """A recorded Bind body decoded for display; None when absent or malformed."""
+    fields = bind_fields_leniently(body)
+    return Bind(*fields) if fields is not None else None
+
+
+def bind_fields_leniently(body: bytes | None) -> BindFields | None:
+    """``bind_fields`` of a recorded Bind body (what the audit log reads); None when absent or malformed."""
     if body is None:
         return None
     try:
-        return Bind.decode(body)
+        return bind_fields(body)
     except ProtocolViolation:
         return None
 
@@ -152,7 +166,9 @@ CLIENT_ENCODINGS = {
 
 def _cstring(raw: bytes, pos: int, codec: str | None = "utf-8") -> tuple[str, int]:
     """The NUL-terminated string at ``pos`` in the client's encoding, and the offset after it."""
-    end = raw.find(b"\0", pos)
+    end = raw.find(0, pos)
+    if end == pos and codec is not None:  # unnamed statements and portals: most of them
+        return "", end + 1
     if end < 0:
         raise ProtocolViolation("missing string terminator in message")
     if codec is None:
@@ -279,20 +295,20 @@ class ExchangeTracker:
         sql = self._inflight.get(statement)
         portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
         self.portals[portal_name] = portal
-        self._push(Pending(Kind.BIND, None, time.perf_counter(), portal=portal))
+        self._push(Pending(_BIND, None, time.perf_counter(), portal=portal))
 
     def _execute(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x45):
             return
-        portal_name, _ = _cstring(bytes(body), 0, self.codec)
-        found = self.portals.get(portal_name)
+        unnamed = body and body[0] == 0 and self.codec is not None  # skips copying the body
+        found = self.portals.get("" if unnamed else _cstring(bytes(body), 0, self.codec)[0])
         if found is None:
             result = StatementResult("extended", "", time.time())
         else:
             result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
                                      statement_name=found.statement_name,
                                      param_types=self._param_types.get(found.statement_name, ()))
-        self._push(Pending(Kind.EXECUTE, result, time.perf_counter()))
+        self._push(Pending(_EXECUTE, result, time.perf_counter()))
 
     def _parse_request(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x50):
@@ -301,7 +317,7 @@ class ExchangeTracker:
         self._inflight[name] = query
         if types or name in self._param_types:
             self._param_types[name] = types
-        self._push(Pending(Kind.PARSE, None, time.perf_counter(), sql=query, statement_name=name))
+        self._push(Pending(_PARSE, None, time.perf_counter(), sql=query, statement_name=name))
 
     def _query_text(self, body: memoryview) -> str:
         if self.codec == "utf-8":
@@ -333,7 +349,7 @@ class ExchangeTracker:
     def _sync(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x53):
             return
-        self._push(Pending(Kind.SYNC))
+        self._push(Pending(_SYNC))
 
     def _describe(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x44):
@@ -344,13 +360,13 @@ class ExchangeTracker:
         else:
             portal = self.portals.get(_cstring(raw, 1, self.codec)[0]) if raw[:1] == b"P" else None
             statement = portal.statement_name if portal is not None else None
-        self._push(Pending(Kind.DESCRIBE, statement_name=statement))
+        self._push(Pending(_DESCRIBE, statement_name=statement))
 
     def _query(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x51):
             return
         sql = self._query_text(body)
-        self._push(Pending(Kind.QUERY, StatementResult("simple", sql, time.time()), time.perf_counter()))
+        self._push(Pending(_QUERY, StatementResult("simple", sql, time.time()), time.perf_counter()))
 
     def _close(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x43):
@@ -363,13 +379,13 @@ class ExchangeTracker:
             self.statements.pop(name, None)
         else:
             self.portals.pop(name, None)
-        self._push(Pending(Kind.CLOSE))
+        self._push(Pending(_CLOSE))
 
     def _function_call(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x46):
             return
         oid = FunctionCall.decode(body).function_oid
-        self._push(Pending(Kind.FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
+        self._push(Pending(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
                            time.perf_counter()))
 
     def _copy_end(self, body: memoryview) -> None:  # CopyDone / CopyFail
@@ -388,23 +404,23 @@ class ExchangeTracker:
 
     def _parse_complete(self, body: memoryview) -> None:
         queue = self.queue
-        if queue and queue[0].kind is Kind.PARSE:
+        if queue and queue[0].kind is _PARSE:
             head = queue[0]
             self.statements[head.statement_name or ""] = head.sql or ""
             self._forget_inflight(head)
-        self._pop_expected((Kind.PARSE,))
+        self._pop_expected((_PARSE,))
 
     def _bind_or_close_complete(self, body: memoryview) -> None:
-        self._pop_expected((Kind.BIND, Kind.CLOSE))
+        self._pop_expected((_BIND, _CLOSE))
 
     def _row_description(self, body: memoryview) -> None:
         """Ends a Describe; for a Query or Execute it only announces the rows."""
         queue = self.queue
-        if queue and queue[0].kind is Kind.DESCRIBE:
+        if queue and queue[0].kind is _DESCRIBE:
             self.last_described = queue.popleft().statement_name
 
     def _no_data(self, body: memoryview) -> None:
-        self._pop_expected((Kind.DESCRIBE,))
+        self._pop_expected((_DESCRIBE,))
 
     def _command_complete(self, body: memoryview) -> None:
         queue = self.queue
@@ -416,17 +432,16 @@ class ExchangeTracker:
         if result is None:
             self.desyncs += 1
             return
-        tag = bytes(body[:-1])
         try:
-            result.tags.append(tag.decode())
+            result.tags.append(str(body[:-1], "utf-8"))
         except UnicodeDecodeError as exc:
             raise invalid_utf8(exc) from None
-        if head.kind is Kind.EXECUTE:
+        if head.kind is _EXECUTE:
             self._finish(queue.popleft())
 
     def _execute_done(self, body: memoryview) -> None:  # EmptyQueryResponse, PortalSuspended
         queue = self.queue
-        if queue and queue[0].kind is Kind.EXECUTE:
+        if queue and queue[0].kind is _EXECUTE:
             self._finish(queue.popleft())
 
     def _ready_for_query(self, body: memoryview) -> None:
@@ -453,7 +468,7 @@ class ExchangeTracker:
         head = self.queue[0]
         already_ended = self._copy_end_seq > head.seq
         limit = self._copy_end_seq if already_ended else self._seq
-        kept = [p for p in self.queue if not (p.kind is Kind.SYNC and head.seq < p.seq < limit)]
+        kept = [p for p in self.queue if not (p.kind is _SYNC and head.seq < p.seq < limit)]
         if len(kept) != len(self.queue):
             self.queue = deque(kept)
         if not already_ended:
@@ -469,7 +484,7 @@ class ExchangeTracker:
         if not self.queue:
             return None  # an asynchronous error, e.g. FATAL on termination
         head = self.queue[0]
-        if head.result is None and head.kind in (Kind.PARSE, Kind.BIND):
+        if head.result is None and head.kind in _PARSE_OR_BIND:
             head.result = self._request_result(head)
         replacement = None
         if head.refusal is not None and error.sqlstate == head.refusal_expected_sqlstate:
@@ -484,13 +499,13 @@ class ExchangeTracker:
         # Extended protocol: the server now skips everything up to the next Sync.
         self._client_in_copy = False
         failed = self.queue.popleft()
-        if failed.kind is Kind.PARSE:
+        if failed.kind is _PARSE:
             self._forget_inflight(failed)
         if failed.result is not None:
             self._finish(failed)
-        while self.queue and self.queue[0].kind is not Kind.SYNC:
+        while self.queue and self.queue[0].kind is not _SYNC:
             skipped = self.queue.popleft()
-            if skipped.kind is Kind.PARSE:
+            if skipped.kind is _PARSE:
                 self._forget_inflight(skipped)
         if not self.queue:
             self._skipping = True  # the client has not sent its Sync yet
@@ -508,7 +523,7 @@ class ExchangeTracker:
         result = pending.result
         if result is None:
             return
-        if pending.kind in (Kind.PARSE, Kind.BIND) and result.error is None and not result.refused:
+        if pending.kind in _PARSE_OR_BIND and result.error is None and not result.refused:
             return  # a successful Parse/Bind is not a statement; its Execute is
         result.duration_ms = (time.perf_counter() - pending.started) * 1000.0
         self.finished.append(result)

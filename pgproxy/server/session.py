@@ -31,6 +31,7 @@ from ..protocol.messages import (
     BackendKeyData,
     NegotiateProtocolVersion,
     Terminate,
+    param_formats,
 )
 from ..protocol.startup import (
     PROTOCOL_3_0,
@@ -45,6 +46,7 @@ from ..protocol.tracker import (
     Kind,
     Pending,
     StatementResult,
+    bind_fields_leniently,
 )
 from .gates import FrontendGate, Hold, Refuse, Request, Rewrite, Verdict, rewritten_message, substitute_for_refusal
 from .link import Link, LinkClosed
@@ -391,6 +393,8 @@ class Session:
                 self._hold(verdict)
                 return HOLD
         track(body)
+        if verdict is None:
+            return None
         if isinstance(verdict, Rewrite):
             return rewritten_message(msg_type, body, verdict.sql, self.tracker.codec or "utf-8")
         pending = self.tracker.last_request
@@ -457,9 +461,10 @@ class Session:
             log.exception("session %s: internal error on upstream data", self.id)
             self.terminate(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed")
             return
-        if len(self.tracker.queue) < MAX_OUTSTANDING_REQUESTS // 2:
+        queue = self.tracker.queue
+        if len(queue) < MAX_OUTSTANDING_REQUESTS // 2:
             self.client.resume_reading("backlog")
-        if self.tracker.idle:
+        if not queue:  # idle
             self.last_activity = time.monotonic()
             if self.expired and not self._ended:
                 self._expire()
@@ -568,9 +573,10 @@ class Session:
                                  "tags": r.tags, "rows": r.rows}
         if self.masking is not None:
             self.masking.annotate(event, r.sql)
-        bind = r.bind if r.bind_body is not None else None
-        if bind is not None and bind.params:
-            event["params"] = [audit_value(v, bind.param_format(i)) for i, v in enumerate(bind.params)]
+        bind = bind_fields_leniently(r.bind_body) if r.bind_body is not None else None
+        if bind is not None and bind[3]:
+            params = bind[3]
+            event["params"] = list(map(audit_value, params, param_formats(bind[2], len(params))))
         if r.statement_name:
             event["statement_name"] = r.statement_name
         if r.error is not None:
