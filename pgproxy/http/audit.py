@@ -32,7 +32,7 @@ class BodyTap:
         self._digest = hashlib.sha256()
         self._head = bytearray()
 
-    def feed(self, chunk: bytes) -> None:
+    def feed(self, chunk: bytes | memoryview) -> None:
         self.size += len(chunk)
         self._digest.update(chunk)
         room = self.cap - len(self._head)

@@ -4,8 +4,10 @@
 ``Authorization: Bearer <JWT>`` (the Postgres side's TokenVerifier and claim mapping); the proxy
 replaces it with the target's own credential, which the caller never sees (it is starred out of
 response headers and bodies that echo it). Bodies stream in both directions: only the audit excerpt
-(``audit_body_bytes``) is kept, digests are computed as the bytes pass. Requests that need an approval
-are spooled (to disk past 1 MiB) so that their digest is known before anything is sent upstream.
+(``audit_body_bytes``) is kept, digests are computed as the bytes pass; small bodies of known length
+go out in one write with their headers. Requests that need an approval are spooled (to disk past
+1 MiB) so that their digest is known before anything is sent upstream. What every request of a target
+reuses (header sets, mask paths, timeouts, the scrubber's secrets) is prepared once at start.
 
 Errors are JSON ``{"error": ..., "status": ...}``: 401 token, 403 policy or denied approval, 404 unknown
 target, 413 request too large, 428 approval required, 502 upstream unreachable or broken, 503 approval
@@ -28,6 +30,7 @@ from typing import IO, Any
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from ..audit.redact import redact_text
@@ -40,12 +43,15 @@ from ..tlsutil import server_context
 from .audit import BodyTap, body_record, headers_record
 from .config import MIN_SCRUB_CHARS, HttpConfig, TargetConfig
 from .gate import HttpApprovals, approval_request
-from .jsonmask import mask_json
+from .jsonmask import JsonPath, mask_json
 from .scrub import Scrubber
 
 log = logging.getLogger(__name__)
 
 CHUNK = 64 * 1024
+# Responses up to this size (declared, not re-encoded) are read whole and sent in one write with their
+# headers: a streamed answer costs three writes (headers, body, held-back scrub tail) per exchange.
+SMALL_BODY = 64 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024
 TOKEN_REUSE_SECONDS = 30.0
 MAX_CACHED_TOKENS = 4096
@@ -82,14 +88,21 @@ def http_session_id(identity: Identity) -> str:
     return "http-" + hashlib.sha256(identity.token_id.encode()).hexdigest()[:12]
 
 
-@dataclass
+@dataclass(frozen=True)
 class _Upstream:
-    """A target with its resolved credential and its connection pool."""
+    """A target with its resolved credential, its connection pool and what every request reuses."""
 
     config: TargetConfig
     session: aiohttp.ClientSession
     credential: tuple[str, str] | None  # header name, value
     scrub: tuple[str, ...]  # strings the caller and the log must never see
+    scrubber: Scrubber  # for scrub; each response gets a fresh() copy
+    dropped: frozenset[str]  # request headers (lower case) never forwarded
+    secret_headers: tuple[str, ...]  # recorded as [redacted] on top of audit.SECRET_HEADERS
+    request_masks: tuple[JsonPath, ...]
+    response_masks: tuple[JsonPath, ...]
+    caller_masks: tuple[JsonPath, ...]  # also applied to the body the caller receives
+    timeout: aiohttp.ClientTimeout
 
 
 @dataclass
@@ -141,9 +154,18 @@ class HttpProxy:
         ssl_ctx: ssl.SSLContext | bool = True
         if target.sslrootcert is not None:
             ssl_ctx = ssl.create_default_context(cafile=str(target.sslrootcert))
+        # One session serves every caller: it must never keep an upstream's cookies for the next request.
         session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ssl_ctx, limit=256), trust_env=False,
-                                        auto_decompress=True, skip_auto_headers=("User-Agent",))
-        return _Upstream(target, session, credential, scrub)
+                                        auto_decompress=True, skip_auto_headers=("User-Agent",),
+                                        cookie_jar=aiohttp.DummyCookieJar())
+        secret_headers = (credential[0],) if credential is not None else ()
+        return _Upstream(
+            target, session, credential, scrub, Scrubber(scrub),
+            dropped=_NOT_FORWARDED | {h.lower() for h in secret_headers}, secret_headers=secret_headers,
+            request_masks=target.mask_paths("request"), response_masks=target.mask_paths("response"),
+            caller_masks=target.mask_paths("response", caller=True),
+            timeout=aiohttp.ClientTimeout(total=target.total_timeout_seconds, connect=target.connect_timeout_seconds,
+                                          sock_read=target.read_timeout_seconds))
 
     async def start(self) -> None:
         """Read the credentials (ConfigError if one is missing) and listen."""
@@ -225,7 +247,7 @@ class HttpProxy:
         if upstream is None:
             raise _Refused(404, f"unknown target {ex.target!r}")
         target = upstream.config
-        ex.request_headers = headers_record(request.headers.items(), _secret_headers(upstream))
+        ex.request_headers = headers_record(request.headers.items(), upstream.secret_headers)
         decision = self.config.policy.decide(ex.identity, target.name, request.method, path)
         ex.decision = {"action": decision.action, "rule": decision.rule}
         if decision.action == "deny":
@@ -239,10 +261,10 @@ class HttpProxy:
         try:
             if decision.action == "approve":
                 spool = await self._spool(request, target, tap)
-                await self._approve(ex, decision, tap, content_type, target)
+                await self._approve(ex, decision, tap, content_type, upstream)
             return await self._forward(request, upstream, ex, tap, spool)
         finally:
-            ex.request_body = body_record(tap, content_type, target.mask_paths("request"), upstream.scrub)
+            ex.request_body = body_record(tap, content_type, upstream.request_masks, upstream.scrub)
             if spool is not None:
                 spool.close()
 
@@ -291,10 +313,10 @@ class HttpProxy:
         return spool
 
     async def _approve(self, ex: _Exchange, decision: Decision, tap: BodyTap, content_type: str,
-                       target: TargetConfig) -> None:
+                       upstream: _Upstream) -> None:
         assert ex.identity is not None and decision.approval is not None
-        preview = body_record(tap, content_type, target.mask_paths("request"))
-        pending = approval_request(ex.identity, target.name, ex.method, ex.path_qs, tap.sha256, decision,
+        preview = body_record(tap, content_type, upstream.request_masks)
+        pending = approval_request(ex.identity, upstream.config.name, ex.method, ex.path_qs, tap.sha256, decision,
                                    decision.approval.mode, preview)
         verdict = await self.approvals.check(http_session_id(ex.identity), ex.id, pending, decision)
         ex.decision["approval_id"] = verdict.approval_id
@@ -308,25 +330,30 @@ class HttpProxy:
         target = upstream.config
         url = target.upstream + ex.path_qs
         ex.url = redact_text(url)
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in _NOT_FORWARDED
-                   and (upstream.credential is None or k.lower() != upstream.credential[0].lower())]
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in upstream.dropped]
         headers.append(("Accept-Encoding", "identity"))
         if upstream.credential is not None:
             headers.append(upstream.credential)
-        data: AsyncIterator[bytes] | None = None
+        data: bytes | AsyncIterator[bytes] | None = None
         overflow: list[bool] = []
+        declared = request.content_length
         if spool is not None:
             headers.append(("Content-Length", str(tap.size)))
-            data = _read_spool(spool)
+            data = spool.read() if tap.size <= SMALL_BODY else _read_spool(spool)
+        elif declared is not None and declared <= SMALL_BODY and request.content.is_eof():
+            # A small body that has fully arrived (reading it cannot wait): sent in one write with the headers.
+            data = await request.content.read()
+            tap.feed(data)
+            if tap.size > target.max_request_bytes:
+                raise _Refused(413, f"request body is over the limit of {target.max_request_bytes} bytes")
+            headers.append(("Content-Length", str(tap.size)))
         elif request.body_exists:
-            if request.content_length is not None:
-                headers.append(("Content-Length", str(request.content_length)))
+            if declared is not None:
+                headers.append(("Content-Length", str(declared)))
             data = _stream(request, target.max_request_bytes, tap, overflow)
-        timeout = aiohttp.ClientTimeout(total=target.total_timeout_seconds, connect=target.connect_timeout_seconds,
-                                        sock_read=target.read_timeout_seconds)
         try:
             async with upstream.session.request(request.method, URL(url, encoded=True), headers=headers, data=data,
-                                                allow_redirects=False, timeout=timeout) as answer:
+                                                allow_redirects=False, timeout=upstream.timeout) as answer:
                 ex.upstream_ms = round((time.monotonic() - ex.t0) * 1000, 3)
                 return await self._relay(request, answer, upstream, ex)
         except _Refused:
@@ -344,7 +371,7 @@ class HttpProxy:
     async def _relay(self, request: web.Request, answer: aiohttp.ClientResponse, upstream: _Upstream,
                      ex: _Exchange) -> web.StreamResponse:
         target = upstream.config
-        scrubber = Scrubber(upstream.scrub)
+        scrubber = upstream.scrubber.fresh()
         limit = target.max_response_bytes
         if answer.content_length is not None and answer.content_length > limit:
             raise _Refused(502, f"upstream response of {answer.content_length} bytes is over the limit of {limit}")
@@ -355,10 +382,11 @@ class HttpProxy:
                                                                                         "content-encoding"))]
         sent = BodyTap(self.config.audit_body_bytes)
         upstream_sha256 = None  # when the caller gets a masked body: the digest of what the upstream sent
-        caller_paths = target.mask_paths("response", caller=True)
+        caller_paths = upstream.caller_masks
         masked_hits: list[str] = []
-        if caller_paths and "json" in content_type.lower():
-            body = await _read_limited(answer, min(limit, self.config.mask_max_bytes))
+        bodiless = request.method == "HEAD" or answer.status < 200 or answer.status in (204, 304)
+        if caller_paths and "json" in content_type.lower() and not bodiless:
+            body = await _read_limited(answer, min(limit, self.config.mask_max_bytes), "can be masked")
             upstream_sha256 = hashlib.sha256(body).hexdigest()
             try:
                 document = orjson.loads(body) if body else None
@@ -367,7 +395,7 @@ class HttpProxy:
             if body:
                 masked, masked_hits = mask_json(document, caller_paths)
                 body = orjson.dumps(masked)
-            body = scrubber.feed(body) + scrubber.finish()
+            body = scrubber.whole(body)
             sent.feed(body)
             response: web.StreamResponse = web.Response(status=answer.status, reason=answer.reason, body=body)
             for k, v in out_headers:
@@ -376,6 +404,12 @@ class HttpProxy:
             response.content_type = answer.content_type
             if answer.charset:
                 response.charset = answer.charset
+        elif not bodiless and not recoded and answer.content_length is not None \
+                and answer.content_length <= SMALL_BODY:  # one write, headers and body together
+            body = scrubber.whole(await _read_limited(answer, answer.content_length, "its Content-Length declared"))
+            sent.feed(body)
+            kept = CIMultiDict((k, v) for k, v in out_headers if k.lower() != "content-length")
+            response = web.Response(status=answer.status, reason=answer.reason, body=body, headers=kept)
         else:
             response = web.StreamResponse(status=answer.status, reason=answer.reason)
             for k, v in out_headers:
@@ -384,17 +418,16 @@ class HttpProxy:
             await response.prepare(request)
             complete, received = False, 0
             try:
-                async for chunk in answer.content.iter_chunked(CHUNK):
+                async for chunk in answer.content.iter_any():  # whatever arrived: fewer, larger writes
                     received += len(chunk)
                     if received > limit:
                         raise _TooLarge(f"upstream response is over the limit of {limit} bytes")
                     out = scrubber.feed(chunk)
                     sent.feed(out)
                     await response.write(out)
-                out = scrubber.finish()
-                sent.feed(out)
-                await response.write(out)
-                await response.write_eof()
+                tail = scrubber.finish()
+                sent.feed(tail)
+                await response.write_eof(tail)
                 complete = True
             except (aiohttp.ClientError, OSError, TimeoutError, _TooLarge) as exc:
                 ex.error = {"status": 502, "message": f"response cut short: {type(exc).__name__}: {exc}"}
@@ -402,9 +435,8 @@ class HttpProxy:
                 if not complete and request.transport is not None:
                     request.transport.abort()  # never let a cut-short body look complete
         record: dict[str, Any] = {"status": answer.status,
-                                  "headers": headers_record(out_headers, _secret_headers(upstream)),
-                                  "body": body_record(sent, content_type, target.mask_paths("response"),
-                                                      upstream.scrub)}
+                                  "headers": headers_record(out_headers, upstream.secret_headers),
+                                  "body": body_record(sent, content_type, upstream.response_masks, upstream.scrub)}
         if upstream_sha256 is not None and upstream_sha256 != sent.sha256:  # for replay
             record["body"]["upstream_sha256"] = upstream_sha256
         if scrubber.replaced:
@@ -455,17 +487,13 @@ def ambiguous_path(decoded: str, raw: str) -> str | None:
     return None
 
 
-def _secret_headers(upstream: _Upstream) -> tuple[str, ...]:
-    return (upstream.credential[0],) if upstream.credential is not None else ()
-
-
 async def _read_spool(spool: IO[bytes]) -> AsyncIterator[bytes]:
     while chunk := spool.read(CHUNK):
         yield chunk
 
 
 async def _stream(request: web.Request, limit: int, tap: BodyTap, overflow: list[bool]) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(CHUNK):
+    async for chunk in request.content.iter_any():
         tap.feed(chunk)
         if tap.size > limit:
             overflow.append(True)
@@ -473,10 +501,11 @@ async def _stream(request: web.Request, limit: int, tap: BodyTap, overflow: list
         yield chunk
 
 
-async def _read_limited(answer: aiohttp.ClientResponse, limit: int) -> bytes:
+async def _read_limited(answer: aiohttp.ClientResponse, limit: int, what: str) -> bytes:
+    """The whole body, refused (502) past ``limit`` bytes (the ``limit`` bytes that ``what``)."""
     body = bytearray()
-    async for chunk in answer.content.iter_chunked(CHUNK):
+    async for chunk in answer.content.iter_any():
         body += chunk
         if len(body) > limit:
-            raise _Refused(502, f"upstream response is over the {limit} bytes that can be masked")
+            raise _Refused(502, f"upstream response is over the {limit} bytes that {what}")
     return bytes(body)

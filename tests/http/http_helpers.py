@@ -65,6 +65,11 @@ def upstream_app() -> web.Application:
             size += len(chunk)
         return web.json_response({"bytes": size, "sha256": digest.hexdigest()})
 
+    async def cookie(request: web.Request) -> web.Response:
+        response = web.json_response({"set": True})
+        response.set_cookie("upstream_session", "caller-one-session", path="/")
+        return response
+
     async def slow(request: web.Request) -> web.Response:
         await asyncio.sleep(3)
         return web.json_response({"late": True})
@@ -75,6 +80,7 @@ def upstream_app() -> web.Application:
     app.router.add_get("/big", big)
     app.router.add_post("/sink", sink)
     app.router.add_get("/slow", slow)
+    app.router.add_get("/cookie", cookie)
     return app
 
 

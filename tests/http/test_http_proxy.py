@@ -39,6 +39,30 @@ async def test_credential_is_injected_and_never_reaches_the_caller(
     assert CREDENTIAL not in record and jwt not in record
 
 
+async def test_small_answers_are_sent_whole_and_head_keeps_the_upstream_length(
+        start_proxy: StartProxy, client: aiohttp.ClientSession, dev_keys: DevKeys) -> None:
+    def audit_masks_only(data: dict[str, Any]) -> None:  # no caller mask: answers are relayed as they are
+        data["http"]["targets"][0]["masks"] = data["http"]["targets"][0]["masks"][:1]
+
+    proxy = await start_proxy(audit_masks_only)
+    headers = bearer(token(dev_keys))
+    async with client.get(f"{base(proxy)}/api/echo/size", headers=headers) as r:
+        body = await r.read()
+        assert r.status == 200 and int(r.headers["Content-Length"]) == len(body)
+        assert r.headers["Content-Type"].startswith("application/json") and r.headers["X-Pgproxy-Exchange"]
+        assert r.headers["X-Echo-Auth"] == "Bearer " + "*" * len(CREDENTIAL)
+    echoed = json.loads(body)
+    assert echoed["method"] == "GET" and echoed["headers"]["Authorization"] == "Bearer " + "*" * len(CREDENTIAL)
+    record = exchanges(proxy.audit)[-1]
+    assert record["response"]["body"]["bytes"] == len(body) and record["response"]["body"]["credential_scrubbed"] == 2
+    assert record["response"]["body"]["sha256"] == hashlib.sha256(body).hexdigest()
+    async with client.head(f"{base(proxy)}/api/echo/size", headers=headers) as r:
+        assert r.status == 200 and await r.read() == b""
+        assert int(r.headers["Content-Length"]) == len(body) + 1  # "HEAD" where the GET said "GET"
+    record = exchanges(proxy.audit)[-1]
+    assert record["method"] == "HEAD" and record["response"]["body"]["bytes"] == 0
+
+
 async def test_caller_cannot_override_the_credential(start_proxy: StartProxy, client: aiohttp.ClientSession,
                                                      dev_keys: DevKeys) -> None:
     def api_key(data: dict[str, Any]) -> None:
@@ -73,6 +97,9 @@ async def test_masking_in_the_audit_log_and_for_the_caller(proxy: ProxyServer, c
     assert body["upstream_sha256"] != body["sha256"]
     assert body["masked_for_caller"] == ["$.customer.email"]
     assert "ann@example.com" not in json.dumps(record) and "111-22-3333" not in json.dumps(record)
+    async with client.head(f"{base(proxy)}/api/customer", headers=bearer(token(dev_keys))) as r:
+        # No body to mask: the upstream's headers pass as they are (the length of the unmasked body).
+        assert r.status == 200 and await r.read() == b"" and int(r.headers["Content-Length"]) > 0
 
     # Request bodies are masked in the log too, and secrets in them are redacted.
     payload = {"customer": {"email": "bob@example.com"}, "note": "password 'hunter2' AKIAABCDEFGHIJKLMNOP"}

@@ -166,3 +166,19 @@ async def test_paths_that_could_dodge_the_policy_are_refused(proxy: ProxyServer,
     assert head.startswith(b"HTTP/1.1 400 "), head
     assert json.loads(body)["error"].startswith("refused path: ")
     assert not exchanges(proxy.audit)[-1].get("response")
+
+
+async def test_upstream_cookies_are_not_kept_for_other_callers(start_proxy: StartProxy,
+                                                                client: aiohttp.ClientSession,
+                                                                dev_keys: DevKeys) -> None:
+    def by_name(data: dict[str, Any]) -> None:  # cookies are only stored for host names, not IP addresses
+        data["http"]["targets"][0]["upstream"] = data["http"]["targets"][0]["upstream"].replace("127.0.0.1",
+                                                                                                "localhost")
+
+    proxy = await start_proxy(by_name)
+    async with client.get(f"{base(proxy)}/api/cookie", headers=bearer(token(dev_keys, sub="one"))) as r:
+        assert r.status == 200 and "caller-one-session" in r.headers["Set-Cookie"]  # the caller gets it
+    assert len(client.cookie_jar) == 0  # the test client keeps no cookie for 127.0.0.1 either
+    async with client.get(f"{base(proxy)}/api/echo/next", headers=bearer(token(dev_keys, sub="two"))) as r:
+        echoed = await r.json()
+    assert "caller-one-session" not in json.dumps(echoed["headers"])  # the proxy sent nobody's cookie on

@@ -132,6 +132,8 @@ def test_scrubber_catches_secrets_split_across_chunks() -> None:
         assert len(out) == len(data) and secret.encode() not in out and b"xy" not in out
         assert out.startswith(b"before ************ middle")
     assert Scrubber([]).feed(b"abc") == b"abc"
+    fresh = scrub.fresh()  # the same secrets, none of the state
+    assert fresh.replaced == 0 and fresh.whole(data) == out and fresh.replaced == 3
     assert scrub.text(f"Bearer {secret}") == "Bearer ************"
 
 
