@@ -27,7 +27,7 @@ from pglast.enums.parsenodes import ObjectType
 from pglast.parser import ParseError
 from pglast.stream import RawStream
 
-from ..policy.classify import dotted_name, node_fields
+from ..policy.classify import dotted_name, iter_nodes, node_fields
 from .catalog import MaskedRelation, MaskedSchema
 from .masks import Mask
 
@@ -133,18 +133,12 @@ class _Rewriter:
 
     def _check_definition_change(self, stmt: Any) -> None:
         own = stmt.relation if isinstance(stmt, ast.CreateStmt) else None  # the table being created
-        stack: list[object] = [stmt]
-        while stack:
-            n = stack.pop()
-            if isinstance(n, (tuple, list)):
-                stack.extend(n)
-            elif isinstance(n, ast.Node):
-                if isinstance(n, ast.RangeVar) and n is not own:
-                    masked = self.lookup(n, frozenset())
-                    if masked is not None:
-                        raise Refused(f"changing the definition of, or linking to, the masked relation "
-                                      f"{masked.relation.schema}.{masked.relation.name} is not allowed")
-                stack.extend(getattr(n, a, None) for a in node_fields(type(n)))
+        for n in iter_nodes(stmt):
+            if isinstance(n, ast.RangeVar) and n is not own:
+                masked = self.lookup(n, frozenset())
+                if masked is not None:
+                    raise Refused(f"changing the definition of, or linking to, the masked relation "
+                                  f"{masked.relation.schema}.{masked.relation.name} is not allowed")
 
     def _copy_to_query(self, stmt: ast.CopyStmt) -> None:
         rv: Any = stmt.relation
@@ -254,14 +248,7 @@ class _Rewriter:
         return node
 
     def _mark(self, node: ast.Node) -> None:
-        stack: list[object] = [node]
-        while stack:
-            n = stack.pop()
-            if isinstance(n, (tuple, list)):
-                stack.extend(n)
-            elif isinstance(n, ast.Node):
-                self._inserted.add(id(n))
-                stack.extend(getattr(n, a, None) for a in node_fields(type(n)))
+        self._inserted.update(id(n) for n in iter_nodes(node))
 
     def _check_function(self, call: ast.FuncCall) -> None:
         name = dotted_name(call.funcname).lower()
@@ -304,32 +291,20 @@ class _Rewriter:
 
     def _check_system_columns(self, stmt: ast.Node) -> None:
         """A masked relation became a subquery, which has no system columns: say so clearly."""
-        stack: list[object] = [stmt]
-        while stack:
-            n = stack.pop()
-            if isinstance(n, (tuple, list)):
-                stack.extend(n)
-            elif isinstance(n, ast.Node):
-                if isinstance(n, ast.ColumnRef) and n.fields and id(n) not in self._inserted:
-                    name = getattr(n.fields[-1], "sval", None)
-                    if name in SYSTEM_COLUMNS:
-                        raise Refused(f"the system column {name} of a masked relation is not available")
-                stack.extend(getattr(n, a, None) for a in node_fields(type(n)))
+        for n in iter_nodes(stmt):
+            if isinstance(n, ast.ColumnRef) and n.fields and id(n) not in self._inserted:
+                name = getattr(n.fields[-1], "sval", None)
+                if name in SYSTEM_COLUMNS:
+                    raise Refused(f"the system column {name} of a masked relation is not available")
 
     def _unqualify_columns(self, stmt: ast.Node) -> None:
         """``schema.table.column`` cannot name a column of the subquery that replaced the table."""
-        stack: list[object] = [stmt]
-        while stack:
-            n = stack.pop()
-            if isinstance(n, (tuple, list)):
-                stack.extend(n)
-            elif isinstance(n, ast.Node):
-                fields = n.fields or () if isinstance(n, ast.ColumnRef) else ()
-                if len(fields) in (3, 4):
-                    schema, table = (getattr(f, "sval", None) for f in fields[-3:-1])
-                    if (schema, table) in self._wrapped_qualified:
-                        n.fields = tuple(fields[-2:])
-                stack.extend(getattr(n, a, None) for a in node_fields(type(n)))
+        for n in iter_nodes(stmt):
+            fields = (n.fields or ()) if isinstance(n, ast.ColumnRef) else ()
+            if len(fields) in (3, 4):
+                schema, table = (getattr(f, "sval", None) for f in fields[-3:-1])
+                if (schema, table) in self._wrapped_qualified:
+                    n.fields = tuple(fields[-2:])
 
 
 class _TargetColumns:

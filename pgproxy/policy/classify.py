@@ -41,6 +41,7 @@ A string that does not parse raises :class:`SqlSyntaxError` with the parser's me
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -183,6 +184,24 @@ def node_fields(cls: type) -> tuple[str, ...]:
     return slots
 
 
+def iter_nodes(root: Any) -> Iterator[ast.Node]:
+    """Every node of a tree in source order, iteratively (deep expressions must not hit the recursion
+    limit). A node's children are read after it is yielded, so the caller may replace them."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (tuple, list)):
+            stack.extend(reversed(node))
+            continue
+        if not isinstance(node, ast.Node):
+            continue
+        yield node
+        for attr in node_fields(type(node)):
+            value = getattr(node, attr, None)
+            if isinstance(value, (ast.Node, tuple, list)):
+                stack.append(value)
+
+
 class _Walker:
     """Collects classes, tables, columns, functions and reasons from one statement's tree."""
 
@@ -199,21 +218,9 @@ class _Walker:
         if reason is not None and reason not in self.reasons:
             self.reasons.append(reason)
 
-    # The whole tree, iteratively (deep expressions must not hit the recursion limit).
     def walk(self, root: Any, *, effects: bool = True) -> None:
-        stack = [root]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, (tuple, list)):
-                stack.extend(reversed(node))
-                continue
-            if not isinstance(node, ast.Node):
-                continue
+        for node in iter_nodes(root):
             self.visit(node, effects)
-            for attr in node_fields(type(node)):
-                value = getattr(node, attr, None)
-                if isinstance(value, (ast.Node, tuple, list)):
-                    stack.append(value)
 
     def visit(self, node: ast.Node, effects: bool) -> None:
         if isinstance(node, ast.RangeVar):
