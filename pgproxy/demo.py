@@ -178,7 +178,7 @@ Connect through the proxy (the password is a JWT for subject "{DEMO_SUBJECT}", r
     psql {shlex.quote(conninfo)}
 
 Try:  SELECT full_name, email, ssn, card_number, salary FROM shop.customers LIMIT 5;   -- masked for agents
-      SELECT count(*) FROM shop.customers WHERE email LIKE '%@example.com';      -- predicates see masks too
+      SELECT count(*) FROM shop.customers WHERE email = 'bruno.novak1@example.com';  -- 0: filters see masks
       \\c - agent_writer
       DELETE FROM shop.orders WHERE status = 'cancelled';   -- fine
       DELETE FROM shop.orders;   -- refused: needs a DBA's approval (its id is in the error)
