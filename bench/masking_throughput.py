@@ -43,11 +43,10 @@ from pgbench_compare import (
     log,
     machine_facts,
     pg_env,
+    start_bench_database,
     wait_until_quiet,
 )
-from psycopg import sql
 
-from pgproxy.devdb import TemporaryCluster, create_role
 from pgproxy.identity import mint_token
 from pgproxy.identity.minting import PRIVATE_KEY_FILENAME
 
@@ -87,15 +86,7 @@ FETCHERS: dict[str, Callable[[Endpoint, str], int]] = {CLIENTS[0]: fetch_asyncpg
 def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Endpoint]:
     workdir = Path(tempfile.mkdtemp(prefix="pgproxy-maskbench-"))
     stack.callback(shutil.rmtree, workdir, True)
-    log("starting a temporary PostgreSQL cluster ...")
-    cluster = TemporaryCluster(auth_method="scram-sha-256")
-    stack.callback(cluster.stop)
-    db = cluster.start()
-    password = secrets.token_urlsafe(18)
-    create_role(db, BENCH_ROLE, password)
-    with psycopg.connect(db.dsn(), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(BENCH_DB),
-                                                                  sql.Identifier(BENCH_ROLE)))
+    _, db, password, _ = start_bench_database(stack)
     log(f"loading {args.rows} rows ...")
     with psycopg.connect(db.dsn(user=BENCH_ROLE, password=password, database=BENCH_DB), autocommit=True) as conn:
         conn.execute("CREATE TABLE items AS SELECT g AS id, 'user' || g || '@example.com' AS email, "

@@ -795,15 +795,14 @@ class Bench:
     notes: list[str]
 
 
-def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
-    """Cluster, data, proxy and (when installed) pgbouncer; their clean-up is registered on ``stack``."""
-    notes: list[str] = []
-    workdir = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
-    stack.callback(shutil.rmtree, workdir, True)
-    sslmode = "require" if args.tls else "disable"
+def start_bench_database(stack: contextlib.ExitStack, *,
+                         tls: bool = False) -> tuple[TemporaryCluster, Database, str, str]:
+    """A throwaway SCRAM cluster with the bench role owning the bench database (stopped by ``stack``).
 
+    Returns the cluster, its database, the bench role's password and the server version.
+    """
     log("starting a temporary PostgreSQL cluster ...")
-    cluster = TemporaryCluster(auth_method="scram-sha-256", ssl=args.tls)
+    cluster = TemporaryCluster(auth_method="scram-sha-256", ssl=tls)
     stack.callback(cluster.stop)
     db = cluster.start()
     password = secrets.token_urlsafe(18)
@@ -812,7 +811,17 @@ def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
         conn.execute(sql.SQL("CREATE DATABASE {} OWNER {}").format(sql.Identifier(BENCH_DB),
                                                                   sql.Identifier(BENCH_ROLE)))
         row = conn.execute("SHOW server_version").fetchone()
-    server_version = str(row[0]) if row else "?"
+    return cluster, db, password, str(row[0]) if row else "?"
+
+
+def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
+    """Cluster, data, proxy and (when installed) pgbouncer; their clean-up is registered on ``stack``."""
+    notes: list[str] = []
+    workdir = Path(tempfile.mkdtemp(prefix="pgproxy-bench-"))
+    stack.callback(shutil.rmtree, workdir, True)
+    sslmode = "require" if args.tls else "disable"
+
+    cluster, db, password, server_version = start_bench_database(stack, tls=args.tls)
     direct = Endpoint("direct", db.port, pg_env(db.port, password, sslmode))
     log(f"pgbench -i -s {args.scale} ...")
     subprocess.run(["pgbench", "-i", "-q", "-s", str(args.scale)], env=direct.env, check=True,
