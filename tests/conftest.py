@@ -9,7 +9,6 @@ Must never: start a server on a fixed port, or wipe a database it did not create
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 from collections.abc import Callable, Iterator
@@ -93,18 +92,13 @@ def proxy(database: Database, upstream_roles: str, dev_keys: DevKeys, tls_files:
 @pytest.fixture
 def make_proxy(proxy: ProxyUnderTest) -> Iterator[Callable[..., ProxyUnderTest]]:
     """Start an extra proxy whose config is the default one changed by ``mutate(data)``."""
-    started: list[RunningProxy] = []
+    started: list[ProxyUnderTest] = []
 
     def make(mutate: Callable[[dict[str, Any]], None] | None = None,
              audit: MemoryAuditSink | None = None) -> ProxyUnderTest:
-        data = copy.deepcopy(proxy.config_data)
-        if mutate is not None:
-            mutate(data)
-        sink = audit or MemoryAuditSink()
-        running = RunningProxy(parse_config(data, Path.cwd()), audit=sink).start()
-        started.append(running)
-        return ProxyUnderTest(running, sink, proxy.keys, proxy.tls, proxy.database, data)
+        started.append(proxy.variant(mutate, audit))
+        return started[-1]
 
     yield make
-    for running in started:
-        running.stop()
+    for p in started:
+        p.running.stop()

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import copy
 import os
-from collections.abc import Sequence
+import ssl
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import asyncpg
+
 from pgproxy.audit.sink import MemoryAuditSink
+from pgproxy.config import parse_config
 from pgproxy.devdb import Database
 from pgproxy.identity import DevKeys, mint_token
 from pgproxy.testing import RunningProxy
@@ -30,6 +36,25 @@ class ProxyUnderTest:
     tls: DevTLS
     database: Database
     config_data: dict[str, Any]
+
+    def variant(self, mutate: Callable[[dict[str, Any]], None] | None = None,
+                audit: MemoryAuditSink | None = None) -> ProxyUnderTest:
+        """Start another proxy whose config is this one's changed by ``mutate(data)``; the caller stops it."""
+        data = copy.deepcopy(self.config_data)
+        if mutate is not None:
+            mutate(data)
+        sink = audit or MemoryAuditSink()
+        running = RunningProxy(parse_config(data, Path.cwd()), audit=sink).start()
+        return ProxyUnderTest(running, sink, self.keys, self.tls, self.database, data)
+
+    async def asyncpg_connect(self, *, user: str = "agent_reader", token: str | None = None, tls: bool = True,
+                              **kwargs: Any) -> asyncpg.Connection:
+        """An asyncpg connection through this proxy (TLS verified against the test CA, or the plain listener)."""
+        context: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.tls.ca_file)) if tls else False
+        return await asyncpg.connect(host="127.0.0.1", port=self.port if tls else self.plain_port, user=user,
+                                     password=token if token is not None else self.token(roles=(user,)),
+                                     database=self.database.database, ssl=context, timeout=10, command_timeout=15,
+                                     **kwargs)
 
     @property
     def port(self) -> int:

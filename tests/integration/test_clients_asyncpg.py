@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import io
 import json
-import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -24,13 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 
 async def connect(proxy: Any, *, user: str = "agent_reader", tls: bool = True, **kwargs: Any) -> asyncpg.Connection:
-    ctx: ssl.SSLContext | bool = False
-    if tls:
-        ctx = ssl.create_default_context(cafile=str(proxy.tls.ca_file))
-    return await asyncpg.connect(host="127.0.0.1", port=proxy.port if tls else proxy.plain_port, user=user,
-                                 password=proxy.token(sub="apgt", roles=(user,)),
-                                 database=proxy.database.database, ssl=ctx, timeout=10, command_timeout=15,
-                                 **kwargs)
+    return await proxy.asyncpg_connect(user=user, token=proxy.token(sub="apgt", roles=(user,)), tls=tls, **kwargs)
 
 
 @pytest.fixture

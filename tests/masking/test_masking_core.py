@@ -6,17 +6,14 @@ import asyncio
 import copy
 import os
 import secrets
-import ssl
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import asyncpg
 import psycopg
 import pytest
 from harness import ProxyUnderTest
 
-from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
 from pgproxy.testing import RunningProxy
 
@@ -59,25 +56,9 @@ def masked_proxy(proxy: ProxyUnderTest, tmp_path_factory: pytest.TempPathFactory
     rules_dir = tmp_path_factory.mktemp("rules")
     (rules_dir / "people.yaml").write_text(RULES)
     os.environ[KEY_ENV] = secrets.token_hex(32)
-    make: Callable[..., ProxyUnderTest] = request.getfixturevalue("make_proxy_module")
-    yield make(lambda d: d.update(masking={"rules_dir": str(rules_dir), "key_env": KEY_ENV}))
-
-
-@pytest.fixture(scope="module")
-def make_proxy_module(proxy: ProxyUnderTest) -> Iterator[Callable[..., ProxyUnderTest]]:
-    started: list[RunningProxy] = []
-
-    def make(mutate: Callable[[dict[str, Any]], None]) -> ProxyUnderTest:
-        data = copy.deepcopy(proxy.config_data)
-        mutate(data)
-        sink = MemoryAuditSink()
-        running = RunningProxy(parse_config(data, Path.cwd()), audit=sink).start()
-        started.append(running)
-        return ProxyUnderTest(running, sink, proxy.keys, proxy.tls, proxy.database, data)
-
-    yield make
-    for running in started:
-        running.stop()
+    masked = proxy.variant(lambda d: d.update(masking={"rules_dir": str(rules_dir), "key_env": KEY_ENV}))
+    yield masked
+    masked.running.stop()
 
 
 def _rows(p: ProxyUnderTest, sql: str, groups: tuple[str, ...] = ("agents",), role: str = "agent_reader") -> list[Any]:
@@ -151,10 +132,8 @@ def test_copy_out_is_masked(masked_proxy: ProxyUnderTest) -> None:
 
 def test_asyncpg_binary_prepared(masked_proxy: ProxyUnderTest) -> None:
     async def go() -> list[Any]:
-        params = masked_proxy.conninfo(token=masked_proxy.token(roles=("agent_reader",), groups=("agents",)))
-        conn = await asyncpg.connect(host=params["host"], port=int(params["port"]), user=params["user"],
-                                     password=params["password"], database=params["dbname"],
-                                     ssl=ssl.create_default_context(cafile=params["sslrootcert"]))
+        conn = await masked_proxy.asyncpg_connect(token=masked_proxy.token(roles=("agent_reader",),
+                                                                           groups=("agents",)))
         try:
             stmt = await conn.prepare("SELECT email, salary, born FROM mcore.people WHERE id = $1")
             return [tuple(await stmt.fetchrow(1)), tuple(await stmt.fetchrow(2))]
@@ -186,10 +165,8 @@ def test_wire_backstop_masks_raw_columns_the_rewrite_missed(masked_proxy: ProxyU
     assert rows[0][4] is not None and rows[0][4] != "annie"
 
     async def binary() -> list[Any]:
-        params = masked_proxy.conninfo(token=masked_proxy.token(roles=("agent_reader",), groups=("agents",)))
-        conn = await asyncpg.connect(host=params["host"], port=int(params["port"]), user=params["user"],
-                                     password=params["password"], database=params["dbname"],
-                                     ssl=ssl.create_default_context(cafile=params["sslrootcert"]))
+        conn = await masked_proxy.asyncpg_connect(token=masked_proxy.token(roles=("agent_reader",),
+                                                                           groups=("agents",)))
         try:
             return [tuple(r) for r in await conn.fetch("SELECT id, email, salary FROM mcore.people ORDER BY id")]
         finally:

@@ -34,8 +34,7 @@ assert R1.email and R1.salary is not None and R1.birth_date is not None and R1.s
 
 
 async def connect(proxy: ProxyUnderTest, token: str, user: str = "agent_writer") -> asyncpg.Connection:
-    return await asyncpg.connect(host="127.0.0.1", port=proxy.plain_port, user=user, password=token,
-                                 database=proxy.database.database, ssl=False, timeout=10, command_timeout=15)
+    return await proxy.asyncpg_connect(user=user, token=token, tls=False)
 
 
 async def connect_direct(db: Database, password: str, user: str = "agent_writer") -> asyncpg.Connection:
