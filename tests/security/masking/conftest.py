@@ -7,11 +7,9 @@ are session-scoped: the suites share one schema and one pair of proxies.
 
 from __future__ import annotations
 
-import copy
 import os
 import secrets
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -19,10 +17,7 @@ import yaml
 from harness import ProxyUnderTest
 from masking_support import EXEMPT_GROUP, KEY_ENV, MASKED_GROUP, RULES, schema_sql
 
-from pgproxy.audit.sink import MemoryAuditSink
-from pgproxy.config import parse_config
 from pgproxy.devdb import Database
-from pgproxy.testing import RunningProxy
 
 
 @pytest.fixture(scope="session")
@@ -42,42 +37,33 @@ def masking_key() -> bytes:
 
 
 @pytest.fixture(scope="session")
-def masking_config(proxy: ProxyUnderTest, masking_schema: Database, masking_key: bytes,
-                   tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
-    """The default test proxy config plus a ``masking:`` section over RULES."""
-    base = tmp_path_factory.mktemp("masking")
-    rules_dir = base / "masking_rules"
+def masking_section(masking_schema: Database, masking_key: bytes,
+                    tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
+    """The ``masking:`` config section over RULES, added to the default test proxy's config."""
+    rules_dir = tmp_path_factory.mktemp("masking") / "masking_rules"
     rules_dir.mkdir()
     (rules_dir / "maskt.yaml").write_text(yaml.safe_dump(RULES, sort_keys=False))
-    data = copy.deepcopy(proxy.config_data)
-    data["masking"] = {"rules_dir": str(rules_dir), "key_env": KEY_ENV, "notification_channels": []}
-    return data
-
-
-def _start(proxy: ProxyUnderTest, data: dict[str, object]) -> tuple[RunningProxy, ProxyUnderTest]:
-    audit = MemoryAuditSink()
-    running = RunningProxy(parse_config(data, Path.cwd()), audit=audit).start()
-    return running, ProxyUnderTest(running, audit, proxy.keys, proxy.tls, proxy.database, data)
+    return {"rules_dir": str(rules_dir), "key_env": KEY_ENV, "notification_channels": []}
 
 
 @pytest.fixture(scope="session")
-def masked(proxy: ProxyUnderTest, masking_config: dict[str, object]) -> Iterator[ProxyUnderTest]:
+def masked(proxy: ProxyUnderTest, masking_section: dict[str, object]) -> Iterator[ProxyUnderTest]:
     """A masking proxy used only by the masked identity."""
-    running, under_test = _start(proxy, masking_config)
+    under_test = proxy.variant(lambda data: data.update(masking=masking_section))
     try:
         yield under_test
     finally:
-        running.stop()
+        under_test.running.stop()
 
 
 @pytest.fixture(scope="session")
-def exempt(proxy: ProxyUnderTest, masking_config: dict[str, object]) -> Iterator[ProxyUnderTest]:
+def exempt(proxy: ProxyUnderTest, masking_section: dict[str, object]) -> Iterator[ProxyUnderTest]:
     """The same configuration, used only by the exempt identity."""
-    running, under_test = _start(proxy, masking_config)
+    under_test = proxy.variant(lambda data: data.update(masking=masking_section))
     try:
         yield under_test
     finally:
-        running.stop()
+        under_test.running.stop()
 
 
 ROLES = ("agent_reader", "agent_writer")
