@@ -116,10 +116,22 @@ async def read_catalog(conn: asyncpg.Connection, ruled_tables: Iterable[tuple[st
     by_name = {(r.schema, r.name): oid for oid, r in relations.items()}
     roots = {by_name[t] for t in ruled_tables if t in by_name}
     wanted = _dependent_views(roots, deps, parents)
-    definitions = {oid: text for oid, text in await conn.fetch(_VIEW_DEFINITIONS, sorted(wanted))} if wanted else {}
+    definitions = await _view_definitions(conn, sorted(wanted)) if wanted else {}
     routines = frozenset(r[0] for r in await conn.fetch(_ROUTINES))
     return CatalogSnapshot(next(_versions), relations, {k: tuple(v) for k, v in parents.items()},
                            {k: frozenset(v) for k, v in deps.items()}, definitions, routines, by_name)
+
+
+async def _view_definitions(conn: asyncpg.Connection, oids: list[int]) -> dict[int, str]:
+    """View definitions with every relation schema-qualified.
+
+    ``pg_get_viewdef`` leaves out the schema of relations visible on the current search_path, so under
+    the default path a view over ``public.customers`` reads ``FROM customers`` and its masked columns
+    would not be recognised. With only ``pg_catalog`` on the path every user relation is qualified.
+    """
+    async with conn.transaction():
+        await conn.execute("SET LOCAL search_path = pg_catalog")
+        return {oid: text for oid, text in await conn.fetch(_VIEW_DEFINITIONS, oids)}
 
 
 def _dependent_views(roots: set[int], deps: Mapping[int, Iterable[tuple[int, int]]],

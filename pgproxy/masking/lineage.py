@@ -44,6 +44,7 @@ def view_column_masks(definition: str, columns: Sequence[str], masked: Mapping[T
         raise LineageError(f"{type(exc).__name__}: {exc}") from None
     if root is None:
         raise LineageError("the definition has no SELECT")
+    _require_resolved_sources(root, masked, schema)
     selects: list[exp.Expression] = root.expression.selects  # type: ignore[attr-defined]
     if len(selects) != len(columns):
         raise LineageError(f"{len(selects)} output expressions for {len(columns)} view columns")
@@ -59,6 +60,22 @@ def view_column_masks(definition: str, columns: Sequence[str], masked: Mapping[T
         if _mentions(projection, names):
             out[column] = DERIVED
     return out
+
+
+def _require_resolved_sources(root: Scope, masked: Mapping[TableKey, Mapping[str, Mask]], schema: SchemaMap) -> None:
+    """Fail closed on a table the catalog does not know that shares a name with a masked one.
+
+    Definitions are read schema-qualified, so this only happens when the catalog and the definition
+    disagree (e.g. a relation created since the snapshot); guessing "unmasked" would leak.
+    """
+    masked_names = {name.lower() for _, name in masked}
+    for scope in root.traverse():
+        for source in scope.sources.values():
+            if not isinstance(source, exp.Table):
+                continue
+            known = schema.get(source.db or "pg_catalog", {})
+            if source.name not in known and source.name.lower() in masked_names:
+                raise LineageError(f"relation {source.sql(dialect='postgres')} could not be resolved")
 
 
 def _sensitive_names(masked: Mapping[TableKey, Mapping[str, Mask]], root: Scope) -> frozenset[str]:
