@@ -54,13 +54,19 @@ class CancelRegistry:
             log.info("cancel request with unknown key for pid %d ignored", request.process_id)
             return False
         try:
-            _, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port), timeout)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(target.host, target.port), timeout)
         except (OSError, TimeoutError) as exc:
             log.warning("cannot forward cancel for pid %d: %s", request.process_id, exc)
             return False
         try:
             writer.write(CancelRequest(request.process_id, target.upstream_secret).encode())
             await asyncio.wait_for(writer.drain(), timeout)
+            # PostgreSQL closes the cancel connection once it has signalled the backend; libpq and
+            # asyncpg take that EOF as "cancel processed", so the client's socket closes only after it.
+            try:
+                await asyncio.wait_for(reader.read(), timeout)
+            except (OSError, TimeoutError) as exc:
+                log.warning("upstream did not close the cancel connection for pid %d: %s", request.process_id, exc)
         finally:
             writer.close()
         return True
