@@ -20,6 +20,7 @@ import asyncpg
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..policy.classify import SqlSyntaxError, classify
+from ..policy.reading import unparsed_error
 from ..protocol import errors
 from ..server.gates import Hold, Refuse, Request, Rewrite, Verdict
 from ..server.upstream import upstream_dsn
@@ -169,14 +170,15 @@ class SessionMasking:
         if request.msg_type == _PARSE:
             self.wire.forget(request.statement_name or "")
         try:
-            if "ddl" in classify(request.sql).classes:
+            sql = request.server_text()
+            if "ddl" in classify(sql).classes:
                 self.ddl_pending = True
-        except SqlSyntaxError:
-            return None  # the server refuses it too, and nothing runs
+        except SqlSyntaxError as exc:  # what the proxy cannot read, it cannot prove safe
+            return Refuse(unparsed_error(exc, "masking rules apply to this session"))
         schema = self.current_schema()
         if schema is None or self.engine.catalogs.current(self.session.database) is None:
-            return Hold(self._decide_later(request.sql))  # no catalog yet, or DDL invalidated it
-        return self._verdict(schema, request.sql)
+            return Hold(self._decide_later(sql))  # no catalog yet, or DDL invalidated it
+        return self._verdict(schema, sql)
 
     async def _decide_later(self, sql: str) -> Refuse | Rewrite | None:
         try:

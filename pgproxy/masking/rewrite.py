@@ -25,11 +25,11 @@ from typing import Any
 from pglast import ast, parse_sql
 from pglast.enums.parsenodes import ObjectType
 from pglast.parser import ParseError
-from pglast.stream import RawStream
 
 from ..policy.classify import dotted_name, iter_nodes, node_fields
 from .catalog import MaskedRelation, MaskedSchema
 from .masks import Mask
+from .sqltext import server_sql
 
 REFUSED_FUNCTIONS = frozenset({
     # run SQL text or read whole tables the rewrite cannot see into
@@ -86,7 +86,7 @@ def rewrite(sql: str, schema: MaskedSchema) -> Rewritten:
         return Rewritten(None, "the statement is too deeply nested to be checked", tuple(rewriter.touched))
     if not rewriter.changed:
         return Rewritten(None, None, tuple(rewriter.touched))
-    return Rewritten("; ".join(RawStream()(raw) for raw in raws), None, tuple(rewriter.touched))
+    return Rewritten("; ".join(server_sql(raw) for raw in raws), None, tuple(rewriter.touched))
 
 
 def _first_statement(sql: str) -> Any:
@@ -145,7 +145,7 @@ class _Rewriter:
         if self.lookup(rv, frozenset()) is None:
             return
         columns = ", ".join(_quote(s.sval) for s in stmt.attlist or ()) or "*"
-        select = _first_statement(f"SELECT {columns} FROM {RawStream()(rv)}")
+        select = _first_statement(f"SELECT {columns} FROM {server_sql(rv)}")
         stmt.relation, stmt.attlist, stmt.query = None, None, select
         self.changed = True
 
@@ -237,7 +237,7 @@ class _Rewriter:
     def _wrap(self, item: Any, rv: ast.RangeVar, masked: MaskedRelation) -> Any:
         alias = rv.alias
         rv.alias = None
-        source = RawStream()(item)
+        source = server_sql(item)
         inner = f"SELECT {masked.select_list(self.schema.key)} FROM {source}"
         node = _first_statement(f"SELECT * FROM ({inner}) AS _").fromClause[0]
         node.alias = alias if alias is not None else ast.Alias(aliasname=rv.relname)
@@ -368,7 +368,7 @@ class _TargetColumns:
             return ref
         col = self.masked.relation.column(column or "")
         assert col is not None
-        node = _expression(mask.sql(RawStream()(ref), col.type_sql, self.schema.key))
+        node = _expression(mask.sql(server_sql(ref), col.type_sql, self.schema.key))
         self.created.append(node)
         self.changed = True
         return node

@@ -32,7 +32,8 @@ Classes (a statement may have several):
 ``utility``           everything else (VACUUM, ANALYZE, CLUSTER, REINDEX, CHECKPOINT, LISTEN, NOTIFY,
                       LOCK, DEALLOCATE, CLOSE...)
 
-The fast-path FunctionCall message is not SQL; the gate gives it the class ``function_call``.
+The fast-path FunctionCall message is not SQL; the gate gives it the class ``function_call``. A statement
+pglast cannot parse (its grammar is not exactly the server's) gets the class ``unparsed`` from the gate.
 
 A string that does not parse raises :class:`SqlSyntaxError` with the parser's message and the
 1-based character position PostgreSQL itself reports.
@@ -52,8 +53,9 @@ from pglast.parser import ParseError
 CLASSES = frozenset({
     "read", "write", "ddl", "dcl", "destructive", "session", "transaction", "copy_in", "copy_out",
     "copy_program", "copy_file", "procedural", "dangerous_function", "multi_statement", "prepare", "cursor",
-    "explain", "execute", "utility", "function_call",
+    "explain", "execute", "utility", "function_call", "unparsed",
 })
+UNPARSED = "unparsed"  # the proxy's parser could not read the statement (see Policy.decide_unparsed)
 
 # Called by name (the last component, so pg_catalog.pg_read_file counts too).
 DANGEROUS_FUNCTIONS = frozenset({

@@ -3,8 +3,9 @@
 Where it judges:
 
 * Query (simple protocol): the whole string, at once.
-* Parse: only the syntax. A string PostgreSQL's grammar rejects is refused with SQLSTATE 42601 and the
-  parser's own message and position, exactly what the server would answer (the server is never asked).
+* Parse: only the syntax. A string pglast cannot read (its grammar is PostgreSQL 17's, not exactly the
+  server's) goes to the server when the policy allows any statement there (``Policy.decide_unparsed``), so
+  the server answers it; otherwise the proxy refuses it with 42601, saying that the proxy could not read it.
 * Bind: the statement with its bound parameters (the fingerprint of an approval covers them, so an
   approval for ``id = 1`` does not run ``id = 2``). Bind, not Execute: the server plans an unnamed
   statement at Bind, and planning can already run functions (constant folding) or fail on them, so
@@ -48,6 +49,7 @@ from .approval_factory import new_request
 from .approval_impact import estimate_impact
 from .approvals import ApprovalRequest, ApprovalStore
 from .classify import Classification, SqlSyntaxError, StatementInfo, classify
+from .reading import unparsed_error
 from .rules import ApprovalRequirement, Decision, Policy
 
 if TYPE_CHECKING:
@@ -59,13 +61,6 @@ MAX_CACHED_DECISIONS = 2048  # per session
 _KIND_QUERY, _KIND_PARSE, _KIND_EXECUTE, _KIND_FUNCTION = 0x51, 0x50, 0x45, 0x46
 _KIND_BIND = 0x42
 _JUDGED = frozenset({_KIND_QUERY, _KIND_BIND, _KIND_FUNCTION})
-
-
-def syntax_error(exc: SqlSyntaxError) -> ErrorResponse:
-    """The ErrorResponse PostgreSQL sends for a syntax error (with the 'P' position field)."""
-    fields = (("S", "ERROR"), ("V", "ERROR"), ("C", errors.SYNTAX_ERROR), ("M", exc.message),
-              ("P", str(exc.position)))
-    return ErrorResponse(fields)
 
 
 def function_call_classification(sql: str) -> Classification:
@@ -111,27 +106,43 @@ class PolicyGate:
             return self._judge(session, request)
         if msg_type == _KIND_PARSE:
             try:
-                classify(request.sql)
+                classify(request.server_text())
             except SqlSyntaxError as exc:
-                self._emit(session, request, None, "refuse", "syntax", None, error=exc.message)
-                return Refuse(syntax_error(exc))
+                return self._unparsed(session, request, exc)
             return None
         return None  # Execute: its portal was judged at Bind
+
+    def _unparsed(self, session: Session, request: Request, exc: SqlSyntaxError) -> Verdict:
+        """A statement pglast cannot read: the server answers it if the policy allows any statement
+        here; otherwise the proxy refuses it, saying that it (not the server) could not read it."""
+        identity = session.identity
+        if identity is None:
+            return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
+        decision = self.policy.decide_unparsed(identity, session.database, session.db_role)
+        if decision.action == "allow":
+            self.metrics.statement(SYNTAX_ERROR_CLASSES, "allow")
+            if self.audit_allowed:
+                self._emit(session, request, None, "allow", decision.rule, None, error=exc.message)
+            return None
+        self.metrics.statement(SYNTAX_ERROR_CLASSES, "refused")
+        self._emit(session, request, None, "refuse", decision.rule, None, error=exc.message)
+        return Refuse(unparsed_error(exc, f"policy rule {decision.rule} may apply to it"))
 
     def _judge(self, session: Session, request: Request) -> Verdict:
         cache = self._decisions.get(session)
         if cache is None:
             cache = self._decisions[session] = {}
-        sql = request.sql
+        try:
+            sql = request.server_text()
+        except SqlSyntaxError as exc:
+            return self._unparsed(session, request, exc)
         cached = cache.get(sql)
         if cached is None:
             try:
                 classification = (function_call_classification(sql) if request.msg_type == _KIND_FUNCTION
                                   else classify(sql))
             except SqlSyntaxError as exc:
-                self.metrics.statement(SYNTAX_ERROR_CLASSES, "refused")
-                self._emit(session, request, None, "refuse", "syntax", None, error=exc.message)
-                return Refuse(syntax_error(exc))
+                return self._unparsed(session, request, exc)
             identity = session.identity
             if identity is None:  # cannot happen after login; fail closed
                 return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
@@ -165,7 +176,8 @@ class PolicyGate:
         mode = requirement.mode
         if mode == "refuse" and session.tracker.transaction_status != "I":
             mode = "hold"  # refusing would abort the caller's transaction: wait instead
-        pending = new_request(requester=identity.audit_fields(), database=session.database, sql=request.sql,
+        pending = new_request(requester=identity.audit_fields(), database=session.database,
+                              sql=request.server_text(),
                               params=params, classification=classification.summary(), rule=decision.rule,
                               approver_groups=requirement.approvers, required_approvals=requirement.approvals,
                               mode=mode, expiry_seconds=requirement.expires)

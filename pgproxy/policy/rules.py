@@ -34,7 +34,7 @@ from typing import Any, Literal
 
 from ..config import ConfigError, Section, load_yaml
 from ..identity import Identity
-from .classify import CLASSES, Classification, StatementInfo
+from .classify import CLASSES, UNPARSED, Classification, StatementInfo
 
 Action = Literal["allow", "deny", "approve"]
 ACTIONS = ("allow", "deny", "approve")
@@ -64,6 +64,21 @@ class Match:
     functions: tuple[str, ...] | None = None
 
     def matches(self, identity: Identity, statement: StatementInfo, database: str, role: str) -> bool:
+        if not self.matches_caller(identity, database, role):
+            return False
+        if self.classes is not None and self.classes.isdisjoint(statement.classes):
+            return False
+        if self.tables is not None and not any(table_matches(t, p) for t in statement.tables for p in self.tables):
+            return False
+        return self.functions is None or any(
+            function_matches(f, p) for f in statement.functions for p in self.functions)
+
+    @property
+    def judges_statement(self) -> bool:
+        """The match looks at the statement (classes, tables, functions), not only at who runs it where."""
+        return self.classes is not None or self.tables is not None or self.functions is not None
+
+    def matches_caller(self, identity: Identity, database: str, role: str) -> bool:
         if self.subjects is not None and identity.subject not in self.subjects:
             return False
         if self.groups is not None and self.groups.isdisjoint(identity.groups):
@@ -72,14 +87,7 @@ class Match:
             return False
         if self.roles is not None and role not in self.roles:
             return False
-        if self.databases is not None and database not in self.databases:
-            return False
-        if self.classes is not None and self.classes.isdisjoint(statement.classes):
-            return False
-        if self.tables is not None and not any(table_matches(t, p) for t in statement.tables for p in self.tables):
-            return False
-        return self.functions is None or any(
-            function_matches(f, p) for f in statement.functions for p in self.functions)
+        return self.databases is None or database in self.databases
 
     def keys(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in MATCH_KEYS if getattr(self, k) is not None}
@@ -120,6 +128,23 @@ class Policy:
                 best = decision
         assert best is not None
         return best
+
+    def decide_unparsed(self, identity: Identity, database: str, role: str) -> Decision:
+        """The decision for a statement the proxy could not parse: it may be any statement.
+
+        The first rule that may match it decides: a deny or approve rule whose caller criteria match
+        (whatever its classes, tables or functions: the statement may have them), an allow rule only
+        when it names the class ``unparsed`` or does not look at the statement at all.
+        """
+        for rule in self.rules:
+            match = rule.match
+            if not match.matches_caller(identity, database, role):
+                continue
+            named = match.classes is not None and UNPARSED in match.classes
+            if named or rule.action != "allow" or not match.judges_statement:
+                return Decision(rule.action, rule.name, rule.message, rule.approval)
+        message = None if self.default == "allow" else "no rule allows this statement"
+        return Decision(self.default, "default", message)
 
     def _decide_one(self, identity: Identity, statement: StatementInfo, database: str, role: str) -> Decision:
         for rule in self.rules:

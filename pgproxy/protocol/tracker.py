@@ -200,6 +200,12 @@ class ExchangeTracker:
         # The statement whose Describe the last RowDescription/NoData answered (None: a portal or none).
         self.last_described: str | None = None
         self.codec: str | None = "utf-8"  # Python codec of the session's client_encoding (None: unsupported)
+        self.standard_conforming_strings = True  # as the server last reported it
+        # Prepared statements whose text the server reads differently from its default reading
+        # (standard_conforming_strings was off at their Parse): name -> the server's reading.
+        self.readings: dict[str, str] = {}
+        self.ready_seq = -1  # the last request answered by a ReadyForQuery
+        self.settings_changed_seq = -2  # the last request that may have changed a lexer setting
         self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
@@ -209,7 +215,7 @@ class ExchangeTracker:
         # During COPY FROM STDIN the server ignores Sync (and Flush); libpq sends one before and after.
         self._client_in_copy = False
         self._copy_end_seq = 0
-        self._seq = 0
+        self._seq = 1  # 0: the startup exchange
         self.frontend_handlers: dict[int, Callable[[memoryview], None]] = {
             0x42: self._bind, 0x45: self._execute, 0x50: self._parse_request, 0x53: self._sync,
             0x44: self._describe, 0x51: self._query, 0x43: self._close, 0x46: self._function_call,
@@ -450,16 +456,38 @@ class ExchangeTracker:
         self.transaction_status = chr(body[0])
         queue = self.queue
         if queue and queue[0].kind in _SYNC_POINTS:
-            self._finish(queue.popleft())
+            ready = queue.popleft()
+            self.ready_seq = ready.seq
+            self._finish(ready)
         else:
             self.desyncs += 1
 
+    def may_change_settings(self) -> None:
+        """The request just tracked may change a setting the server lexes with (SET, a function...):
+        its value is known again only at a ReadyForQuery after it (PostgreSQL reports changes there)."""
+        if self.last_request is not None:
+            self.settings_changed_seq = self.last_request.seq
+
+    @property
+    def settings_known(self) -> bool:
+        """No request since the last ReadyForQuery may have changed standard_conforming_strings or
+        client_encoding: the values last reported are the ones the server applies to the next text."""
+        return self.settings_changed_seq <= self.ready_seq
+
+    @property
+    def settings_will_be_known(self) -> bool:
+        """A request already sent ends with a ReadyForQuery after the last possible change."""
+        changed = self.settings_changed_seq
+        return any(p.kind in _SYNC_POINTS and p.seq >= changed for p in self.queue)
+
     def _parameter_status(self, body: memoryview) -> None:
-        """Follow client_encoding: the server reads the client's bytes in it, so must we."""
+        """Follow the settings the server's lexer reads the client's bytes with: so must we."""
         raw = bytes(body)
         if raw.startswith(b"client_encoding\0"):
             value = raw[len(b"client_encoding\0"):].rstrip(b"\0").decode("ascii", "replace").upper()
             self.codec = CLIENT_ENCODINGS.get(value)
+        elif raw.startswith(b"standard_conforming_strings\0"):
+            self.standard_conforming_strings = raw[len(b"standard_conforming_strings\0"):].rstrip(b"\0") == b"on"
 
     def _copy_in_response(self, body: memoryview) -> None:
         """The server now ignores Sync until the client's CopyDone/CopyFail: drop Syncs it will ignore."""

@@ -68,9 +68,19 @@ class Request:
     """A statement-bearing request as a gate sees it, before the server does."""
 
     msg_type: int
-    sql: str  # for a FunctionCall: "<function call oid=N>"
+    sql: str  # as the client sent it; for a FunctionCall: "<function call oid=N>"
     statement_name: str | None = None  # Parse, Bind, Execute
     bind_body: bytes | None = None  # Bind and Execute: the raw Bind message body
+    # ``sql`` as the server reads it under the session's lexer settings (pgproxy.policy.reading), when
+    # that differs from its default reading; or why the proxy could not read it that way.
+    reading: str | None = None
+    reading_error: Exception | None = None
+
+    def server_text(self) -> str:
+        """The text to judge: what the server will parse; raises when the proxy cannot read it so."""
+        if self.reading_error is not None:
+            raise self.reading_error
+        return self.sql if self.reading is None else self.reading
 
     @property
     def kind(self) -> str:

@@ -21,6 +21,8 @@ from ..audit.capture import ResultCapture, audit_value, result_fields
 from ..audit.sink import AuditUnavailable
 from ..config import ConfigError, ListenerConfig
 from ..identity import Identity, TokenError
+from ..policy.classify import SqlSyntaxError
+from ..policy.reading import is_lexer_neutral, may_change_settings, server_reading, server_reading_or_none
 from ..protocol import errors
 from ..protocol.codec import ProtocolViolation
 from ..protocol.framing import HOLD, MessageHandler, MessageRelay
@@ -61,6 +63,8 @@ log = logging.getLogger(__name__)
 PASSWORD_MESSAGE_LIMIT = 64 * 1024
 _STATEMENT_TYPES = frozenset(b"QPEF")
 _GATED_TYPES = frozenset(b"QPBEF")
+_TEXT_TYPES = (0x51, 0x50)  # Query, Parse: carry statement text the server lexes
+_PARSE = 0x50
 _UNDECIDED = object()
 # Requests a client may have outstanding before we stop reading it until the server catches up.
 MAX_OUTSTANDING_REQUESTS = 10_000
@@ -121,6 +125,7 @@ class Session:
         self._decided: Verdict | object = _UNDECIDED
         self._held_gate = 0  # index of the gate that held the current request
         self._hold_task: asyncio.Future[None] | None = None
+        self._settings_waiter: asyncio.Future[None] | None = None  # a text waits for the lexer settings
 
     # ------------------------------------------------------------------------------------------ driver
 
@@ -382,17 +387,13 @@ class Session:
             verdict, self._decided = self._decided, _UNDECIDED  # type: ignore[assignment]
             first_gate = self._held_gate + 1
         if verdict is None and first_gate < len(self.gates):
-            sql, statement_name, bind_body = self.tracker.peek(msg_type, body)
-            request = Request(msg_type, sql, statement_name, bind_body)
-            for index in range(first_gate, len(self.gates)):
-                verdict = self.gates[index].inspect(self, request)
-                if verdict is not None:
-                    self._held_gate = index
-                    break
+            verdict = self._judge(msg_type, body, first_gate)
             if isinstance(verdict, Hold):
                 self._hold(verdict)
                 return HOLD
         track(body)
+        if self.gates:
+            self._follow_settings(msg_type, body)
         if verdict is None:
             return None
         if isinstance(verdict, Rewrite):
@@ -403,6 +404,83 @@ class Session:
             pending.refusal, pending.refusal_expected_sqlstate = verdict.error, expected
             return substitute
         return None
+
+    def _request(self, msg_type: int, body: memoryview) -> Request:
+        """The request as gates see it, with its text as the server will read it."""
+        tracker = self.tracker
+        sql, statement_name, bind_body = tracker.peek(msg_type, body)
+        if msg_type in _TEXT_TYPES:
+            try:
+                reading = server_reading(sql, standard_conforming_strings=tracker.standard_conforming_strings)
+            except SqlSyntaxError as exc:
+                return Request(msg_type, sql, statement_name, bind_body, reading_error=exc)
+            return Request(msg_type, sql, statement_name, bind_body, reading if reading != sql else None)
+        prepared = tracker.readings.get(statement_name or "") if tracker.readings else None
+        return Request(msg_type, sql, statement_name, bind_body, prepared)
+
+    def _judge(self, msg_type: int, body: memoryview, first_gate: int) -> Verdict:
+        """The first verdict of the gates from ``first_gate`` on (remembering which gate gave it)."""
+        if (msg_type in _TEXT_TYPES and not self.tracker.settings_known
+                and not is_lexer_neutral(_statement_bytes(msg_type, body))):
+            # An earlier request may have changed a setting the server reads this text with.
+            if self.tracker.settings_will_be_known:  # wait for the server to report them
+                self._held_gate = -1  # then every gate judges it
+                return Hold(self._settled())
+            return Refuse(errors.error(
+                errors.INSUFFICIENT_PRIVILEGE,
+                "pgproxy cannot read this statement as the server will: an earlier statement in this pipeline "
+                "may change standard_conforming_strings or client_encoding",
+                hint="Send a Sync (end the pipeline) before statements with backslashes or non-ASCII text."))
+        request = self._request(msg_type, body)
+        for index in range(first_gate, len(self.gates)):
+            verdict = self.gates[index].inspect(self, request)
+            if verdict is not None:
+                self._held_gate = index
+                return verdict
+        return None
+
+    def _follow_settings(self, msg_type: int, body: memoryview) -> None:
+        """Note requests that may change the lexer settings; prepared statements keep their reading."""
+        tracker = self.tracker
+        pending = tracker.last_request
+        if pending is None:  # the server will not run it (skipping to Sync, or in COPY)
+            return
+        if msg_type == _PARSE:
+            self._remember_reading(body)
+            return
+        if msg_type in (0x51, 0x42, 0x45):
+            if msg_type == 0x51:
+                sql = pending.result.sql if pending.result is not None else ""
+                text = server_reading_or_none(sql, tracker.standard_conforming_strings)
+            else:
+                sql, name, _ = tracker.peek(msg_type, body) if msg_type == 0x45 else (
+                    pending.portal.sql if pending.portal is not None else "",
+                    pending.portal.statement_name if pending.portal is not None else "", None)
+                text = tracker.readings.get(name or "", sql) if tracker.readings else sql
+            if text is not None and not may_change_settings(text):
+                return
+        tracker.may_change_settings()
+
+    def _remember_reading(self, body: memoryview) -> None:
+        """A prepared statement keeps the reading of its Parse (the settings may change before Bind)."""
+        tracker = self.tracker
+        if tracker.standard_conforming_strings and not tracker.readings:
+            return
+        sql, name, _ = tracker.peek(_PARSE, body)
+        try:
+            reading = server_reading(sql, standard_conforming_strings=tracker.standard_conforming_strings)
+        except SqlSyntaxError:
+            reading = sql  # the server refuses it too: nothing will be bound to it
+        if reading == sql:
+            tracker.readings.pop(name or "", None)
+        else:
+            tracker.readings[name or ""] = reading
+
+    async def _settled(self) -> None:
+        """Resolves once the server reported the settings that apply to the next text."""
+        if not self.tracker.settings_known:
+            self._settings_waiter = asyncio.get_running_loop().create_future()
+            await self._settings_waiter
 
     def _hold(self, hold: Hold) -> None:
         """Stop reading the client until the held request is decided (responses keep flowing)."""
@@ -464,6 +542,9 @@ class Session:
         queue = self.tracker.queue
         if len(queue) < MAX_OUTSTANDING_REQUESTS // 2:
             self.client.resume_reading("backlog")
+        waiter = self._settings_waiter
+        if waiter is not None and not waiter.done() and self.tracker.settings_known:
+            waiter.set_result(None)
         if not queue:  # idle
             self.last_activity = time.monotonic()
             if self.expired and not self._ended:
@@ -600,6 +681,15 @@ class Session:
                 raise SessionRefused(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable") from None
             if not self._ended:
                 self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; refusing to continue")
+
+
+def _statement_bytes(msg_type: int, body: memoryview) -> bytes:
+    """The statement text's bytes in a Query or Parse body, as sent (no decoding)."""
+    if msg_type == 0x51:
+        return bytes(body)
+    raw = bytes(body)
+    start = raw.index(0) + 1
+    return raw[start:raw.index(0, start)]
 
 
 def _chain(first: MessageHandler, second: MessageHandler, body: memoryview) -> bytes | None:

@@ -1,0 +1,294 @@
+"""The proxy reads every statement as the server will (issue 13, classes 1 and 2; issue 20, cause 1).
+
+A text whose meaning depends on ``standard_conforming_strings`` or ``client_encoding`` is judged under the
+settings the server will apply to it, also when the setting changes in the same pipeline, whichever way it
+was changed (SET, set_config(), the startup packet's options, ALTER ROLE ... SET). A statement the proxy's
+parser cannot read is refused for masked identities and where a policy rule may apply, and otherwise
+answered by the server itself. Rewritten text is valid for the connected server (PostgreSQL 15 here).
+
+Every check runs through the real proxy against a table in ``public`` as ordinary non-superuser roles.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+from collections.abc import Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import rawwire
+from harness import ProxyUnderTest
+
+from pgproxy.devdb import create_role
+
+CANARY = "987-65-4321"
+REVERSED = CANARY[::-1]
+SCHEMA = f"""
+DROP TABLE IF EXISTS public.rd_customers, public.rd_victim, public.rd_copy CASCADE;
+CREATE TABLE public.rd_customers (id int PRIMARY KEY, ssn text);
+INSERT INTO public.rd_customers VALUES (1, '{CANARY}');
+CREATE TABLE public.rd_victim (id int);
+CREATE TABLE public.rd_copy (id int, ssn text);
+GRANT SELECT ON public.rd_customers TO PUBLIC;
+GRANT ALL ON public.rd_victim, public.rd_copy TO PUBLIC;
+"""
+RULES = """
+tables:
+  public.rd_customers:
+    columns:
+      ssn: redact
+"""
+POLICY = """
+rules:
+  - name: agents-no-destruction
+    match: {groups: [agents], classes: [destructive]}
+    action: deny
+    message: agents may not destroy data
+default: allow
+"""
+ALLOW_ALL = "default: allow\n"
+KEY_ENV = "PGPROXY_TEST_MASKING_KEY"
+SCS_ROLE = "rd_scs_off_role"
+# Under standard_conforming_strings = off the server reads a string, then a real query over rd_customers;
+# with it on (the proxy's default reading) the whole text is three string literals.
+SCS_ATTACK = r"SELECT 'x\' AS a, ' AS b, reverse(ssn) AS c FROM rd_customers -- '"
+
+
+@pytest.fixture(scope="module")
+def proxies(proxy: ProxyUnderTest, upstream_roles: str,
+            tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[ProxyUnderTest, ProxyUnderTest]]:
+    """(masking + a policy, allow-all policy without masking)."""
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as conn:
+        conn.execute(SCHEMA)
+    create_role(proxy.database, SCS_ROLE, upstream_roles)
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as conn:
+        conn.execute(f"ALTER ROLE {SCS_ROLE} SET standard_conforming_strings = off")
+    base = tmp_path_factory.mktemp("reading")
+    (base / "rules").mkdir()
+    (base / "rules" / "rd.yaml").write_text(RULES)
+    (base / "policy.yaml").write_text(POLICY)
+    (base / "allow.yaml").write_text(ALLOW_ALL)
+    os.environ.setdefault(KEY_ENV, secrets.token_hex(32))
+    guarded = proxy.variant(lambda d: d.update(
+        masking={"rules_dir": str(base / "rules"), "key_env": KEY_ENV}, policy={"file": str(base / "policy.yaml")}))
+    open_ = proxy.variant(lambda d: d.update(policy={"file": str(base / "allow.yaml")}))
+    yield guarded, open_
+    guarded.running.stop()
+    open_.running.stop()
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as conn:
+        conn.execute("DROP TABLE IF EXISTS public.rd_customers, public.rd_victim, public.rd_copy CASCADE")
+        conn.execute('DROP TABLE IF EXISTS public."system_user"')
+
+
+def _connect(p: ProxyUnderTest, user: str = "agent_reader", **extra: Any) -> psycopg.Connection[Any]:
+    token = p.token(roles=(user,), groups=("agents",))
+    return psycopg.connect(**p.conninfo(user=user, token=token), autocommit=True, **extra)
+
+
+def _raw(p: ProxyUnderTest, user: str = "agent_reader", **params: str) -> socket.socket:
+    token = p.token(roles=(user,), groups=("agents",))
+    return rawwire.login(p.plain_port, user, p.database.database, token, **params)
+
+
+def _assert_no_canary(data: Any) -> None:
+    text = repr(data)
+    assert CANARY not in text and REVERSED not in text, text
+
+
+def _exec_simple(conn: psycopg.Connection[Any], sql: str) -> list[Any]:
+    """Run ``sql`` with the simple protocol; the rows as text, or the error fields."""
+    result = conn.pgconn.exec_(sql.encode())
+    if result.error_message:
+        return [("error", result.error_field(ord("C")), result.error_message)]
+    return [tuple(result.get_value(r, c) for c in range(result.nfields)) for r in range(result.ntuples)]
+
+
+# ------------------------------------------------------------------------------------------------
+# class 1: standard_conforming_strings, however it is turned off
+
+
+def test_scs_off_by_set_is_read_the_servers_way(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        conn.execute("SET standard_conforming_strings = off")
+        rows = _exec_simple(conn, SCS_ATTACK)
+    _assert_no_canary(rows)
+    assert rows and rows[0][0] == b"x' AS a, ", rows  # the server's reading ran, with masked values
+    _assert_no_canary(guarded.audit.events)
+
+
+@pytest.mark.parametrize("how", ["set_config", "options", "alter_role", "reset_after_on"])
+def test_scs_off_every_way(proxies: tuple[ProxyUnderTest, ProxyUnderTest], how: str) -> None:
+    guarded, _ = proxies
+    user = SCS_ROLE if how == "alter_role" else "agent_reader"
+    extra = {"options": "-c standard_conforming_strings=off"} if how == "options" else {}
+    with _connect(guarded, user, **extra) as conn:
+        if how == "set_config":
+            conn.execute("SELECT set_config('standard_conforming_strings', 'off', false)")
+        if how == "reset_after_on":  # the role's default (off) comes back with RESET
+            conn.close()
+            conn = _connect(guarded, SCS_ROLE)
+            conn.execute("SET standard_conforming_strings = on")
+            conn.execute("RESET standard_conforming_strings")
+        assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("off",)
+        rows = _exec_simple(conn, SCS_ATTACK)
+        conn.close()
+    _assert_no_canary(rows)
+
+
+def test_scs_off_in_the_same_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    """The SET and the statement in one write: the statement is judged once the SET was answered."""
+    guarded, _ = proxies
+    sock = _raw(guarded)
+    try:
+        sock.sendall(rawwire.query("SET standard_conforming_strings = off") + rawwire.query(SCS_ATTACK))
+        first = rawwire.read_until_ready(sock)
+        second = rawwire.read_until_ready(sock)
+    finally:
+        sock.close()
+    assert not rawwire.errors_in(b"".join(rawwire.message(t, b) for t, b in first))
+    rows = rawwire.rows_of(second)
+    _assert_no_canary(rows)
+    assert rows and rows[0][0] == "x' AS a, "
+
+
+def test_scs_off_extended_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    """psycopg 3 pipeline mode: SET and the statement as Parse/Bind/Execute. With no Sync between them the
+    server reports the new setting only after the statement, so the proxy refuses it, saying why; with a
+    Sync between them it waits for the report and masks."""
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        with pytest.raises(psycopg.errors.InsufficientPrivilege, match="earlier statement in this pipeline"), \
+                conn.pipeline():
+            conn.execute("SET standard_conforming_strings = off")
+            refused = conn.execute(SCS_ATTACK)
+        # the refusal failed the pipeline's implicit transaction, the SET with it
+        assert conn.execute("SHOW standard_conforming_strings").fetchone() == ("on",)
+        with conn.pipeline() as pipeline:
+            conn.execute("SET standard_conforming_strings = off")
+            pipeline.sync()
+            cur = conn.execute(SCS_ATTACK)
+        rows = cur.fetchall()
+    assert refused.pgresult is None or refused.pgresult.ntuples == 0
+    _assert_no_canary(rows)
+    assert rows and rows[0][0] == "x' AS a, "
+
+
+def test_scs_off_cannot_hide_a_destructive_statement(proxies: tuple[ProxyUnderTest, ProxyUnderTest],
+                                                     proxy: ProxyUnderTest) -> None:
+    """Policy reads the same text: the TRUNCATE the server would run is seen and denied."""
+    guarded, _ = proxies
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as conn:
+        conn.execute("INSERT INTO public.rd_victim VALUES (1)")
+    with _connect(guarded) as conn:
+        conn.execute("SET standard_conforming_strings = off")
+        result = _exec_simple(conn, r"SELECT 'x\' AS a, '; TRUNCATE rd_victim; -- '")
+    assert result[0][0] == "error" and result[0][1] == b"42501", result
+    assert b"agents-no-destruction" in result[0][2]
+    with psycopg.connect(proxy.database.dsn()) as conn:
+        assert conn.execute("SELECT count(*) FROM public.rd_victim").fetchone() == (1,)
+
+
+def test_prepared_statement_keeps_the_reading_of_its_parse(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    """Prepared under scs=off, executed after scs=on: the masking judged the Parse's reading."""
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        conn.execute("SET standard_conforming_strings = off")
+        cur = conn.cursor()
+        rows = cur.execute(SCS_ATTACK, prepare=True).fetchall()
+        conn.execute("SET standard_conforming_strings = on")
+        rows += cur.execute(SCS_ATTACK, prepare=True).fetchall()
+    _assert_no_canary(rows)
+    assert len(rows) == 2
+
+
+# ------------------------------------------------------------------------------------------------
+# class 1: client_encoding changed in the same pipeline
+
+# In SJIS, 0x9C 0x5C is one character: the backslash byte is its second half, so the quote after it
+# ends the literal. Read as UTF-8, E3 81 9C is one character and the backslash escapes the quote.
+SJIS_ATTACK = (b"SELECT E'\xe3\x81\x9c\\' AS a, reverse(ssn) AS c FROM rd_customers -- '")
+
+
+def test_client_encoding_change_in_the_same_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    guarded, _ = proxies
+    sock = _raw(guarded)
+    try:
+        sock.sendall(rawwire.query("SET client_encoding = 'SJIS'") + rawwire.query(SJIS_ATTACK))
+        rawwire.read_until_ready(sock)
+        answer = rawwire.read_until_ready(sock)
+    finally:
+        sock.close()
+    data = b"".join(body for _, body in answer)
+    assert CANARY.encode() not in data and REVERSED.encode() not in data, answer
+
+
+# ------------------------------------------------------------------------------------------------
+# class 2: statements the proxy's grammar cannot read; rewritten text valid on PostgreSQL 15
+
+UNREADABLE = 'CREATE TABLE system_user (a int)'  # valid on PostgreSQL 15; a keyword in pglast's grammar
+
+
+def test_unreadable_statement_is_refused_for_masked_identities(
+        proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        with pytest.raises(psycopg.errors.SyntaxError) as refused:
+            conn.execute(UNREADABLE)
+        assert "pgproxy could not parse this statement" in str(refused.value)
+        assert "not sent to the server" in (refused.value.diag.message_detail or "")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_unreadable_statement_is_answered_by_the_server_when_policy_allows_anything(
+        proxies: tuple[ProxyUnderTest, ProxyUnderTest], proxy: ProxyUnderTest) -> None:
+    _, open_ = proxies
+    with _connect(open_, "agent_writer") as conn:
+        conn.execute(UNREADABLE)
+        conn.execute('DROP TABLE "system_user"')
+        with pytest.raises(psycopg.errors.SyntaxError) as theirs:
+            conn.execute("selec 1")
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct, pytest.raises(psycopg.Error) as want:
+        direct.execute("selec 1")
+    assert str(theirs.value) == str(want.value)  # the server's own message, not the proxy's
+
+
+def test_scs_off_literal_is_valid_through_an_allow_all_policy(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    _, open_ = proxies
+    with _connect(open_) as conn:
+        conn.execute("SET standard_conforming_strings = off")
+        assert _exec_simple(conn, r"select 'a\\b\'cd'") == [(b"a\\b'cd",)]
+
+
+def test_syntax_error_under_a_policy_that_may_apply_is_refused_by_the_proxy(
+        proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        result = _exec_simple(conn, "select 1; selec 2")
+    assert result[0][:2] == ("error", b"42601")
+    assert b"pgproxy could not parse this statement" in result[0][2]
+
+
+def test_merge_over_a_masked_relation_runs_on_postgresql_15(proxies: tuple[ProxyUnderTest, ProxyUnderTest],
+                                                            proxy: ProxyUnderTest) -> None:
+    guarded, _ = proxies
+    with _connect(guarded, "agent_writer") as conn:
+        conn.execute("MERGE INTO rd_copy t USING rd_customers c ON t.id = c.id "
+                     "WHEN MATCHED THEN UPDATE SET ssn = c.ssn WHEN NOT MATCHED THEN INSERT VALUES (c.id, c.ssn)")
+    with psycopg.connect(proxy.database.dsn()) as conn:
+        copied = conn.execute("SELECT id, ssn FROM public.rd_copy").fetchall()
+    assert [r[0] for r in copied] == [1]
+    _assert_no_canary(copied)
+
+
+def test_rewritten_literals_keep_their_meaning_under_scs_off(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    """A rewritten statement's own literals (here the client's E'' string) mean the same with scs off."""
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        conn.execute("SET standard_conforming_strings = off")
+        rows = _exec_simple(conn, r"SELECT E'a\\b' AS lit, ssn FROM rd_customers")
+    assert rows and rows[0][0] == b"a\\b", rows
+    _assert_no_canary(rows)
