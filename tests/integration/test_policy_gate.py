@@ -156,7 +156,8 @@ def test_simple_protocol_syntax_error(gated: Gated) -> None:
         result = conn.pgconn.exec_(b"select 1; selec 2")
         assert result.error_field(ord("C")) == b"42601"
         assert result.error_field(ord("P")) == b"11"
-        assert result.error_field(ord("M")) == b'pgproxy could not parse this statement: syntax error at or near "selec"'
+        message = b'pgproxy could not parse this statement: syntax error at or near "selec"'
+        assert result.error_field(ord("M")) == message
 
 
 # --------------------------------------------------------------------------------------------------
