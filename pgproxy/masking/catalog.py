@@ -47,6 +47,16 @@ WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> r.ev_clas
 """
 _VIEW_DEFINITIONS = ("SELECT oid::int8, pg_catalog.pg_get_viewdef(oid) FROM pg_catalog.pg_class "
                      "WHERE oid = ANY($1::oid[])")
+# Every relation name a statement may use (any kind, any schema: system catalogs, temporary tables,
+# sequences...): a name outside this set is an object the snapshot does not know yet.
+_NAMES = """
+SELECT n.nspname, c.relname FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
+"""
+# Changes whenever a view or rule is created, replaced, renamed away or dropped (each pg_rewrite row's xmin
+# is the transaction that last wrote it): the cheap question "may the snapshot's view definitions be stale?"
+_VIEWS_FINGERPRINT = ("SELECT md5(coalesce(string_agg(ev_class::text || '.' || xmin::text, ',' ORDER BY oid), '')) "
+                      "FROM pg_catalog.pg_rewrite")
 _ROUTINES = """
 SELECT DISTINCT lower(p.proname)
 FROM pg_catalog.pg_proc p
@@ -89,6 +99,18 @@ class CatalogSnapshot:
     view_definitions: Mapping[int, str]
     routines: frozenset[str]  # lower-cased names of functions/procedures written in SQL or a PL
     by_name: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    names: frozenset[tuple[str, str]] = frozenset()  # (schema, name) of every relation, any kind
+    unqualified: frozenset[str] = frozenset()  # their names alone
+    views_fingerprint: str = ""  # _VIEWS_FINGERPRINT when the snapshot began to be read
+    view_names: frozenset[str] = frozenset()  # names of views and materialized views (any schema)
+
+    def names_view(self, name: str) -> bool:
+        """Whether ``name`` may be a view or materialized view (whose definition may have changed since)."""
+        return name in self.view_names
+
+    def knows(self, schema: str | None, name: str) -> bool:
+        """Whether a relation so named existed when the snapshot was read (any schema when unqualified)."""
+        return (schema, name) in self.names if schema else name in self.unqualified
 
     def find(self, schema: str, name: str) -> Relation | None:
         oid = self.by_name.get((schema, name))
@@ -100,6 +122,7 @@ _versions = itertools.count(1)
 
 async def read_catalog(conn: asyncpg.Connection, ruled_tables: Iterable[tuple[str, str]]) -> CatalogSnapshot:
     """Read a snapshot; view definitions only for views that may depend on a ruled table."""
+    views_fingerprint = await conn.fetchval(_VIEWS_FINGERPRINT)  # first: a change while reading shows later
     relations: dict[int, Relation] = {}
     rows = await conn.fetch(_RELATIONS)
     for oid, group in itertools.groupby(rows, key=lambda r: r[0]):
@@ -118,8 +141,11 @@ async def read_catalog(conn: asyncpg.Connection, ruled_tables: Iterable[tuple[st
     wanted = _dependent_views(roots, deps, parents)
     definitions = await _view_definitions(conn, sorted(wanted)) if wanted else {}
     routines = frozenset(r[0] for r in await conn.fetch(_ROUTINES))
+    names = frozenset((r[0], r[1]) for r in await conn.fetch(_NAMES))
+    view_names = frozenset(r.name for r in relations.values() if r.kind in ("v", "m"))
     return CatalogSnapshot(next(_versions), relations, {k: tuple(v) for k, v in parents.items()},
-                           {k: frozenset(v) for k, v in deps.items()}, definitions, routines, by_name)
+                           {k: frozenset(v) for k, v in deps.items()}, definitions, routines, by_name,
+                           names, frozenset(name for _, name in names), views_fingerprint, view_names)
 
 
 async def _view_definitions(conn: asyncpg.Connection, oids: list[int]) -> dict[int, str]:
@@ -276,13 +302,11 @@ def _views(catalog: CatalogSnapshot, masks: dict[int, dict[str, Mask]]) -> dict[
 
 
 def _reads_masked(catalog: CatalogSnapshot, masks: Mapping[int, Mapping[str, Mask]], rel: int, attnum: int) -> bool:
-    m = masks.get(rel)
-    if not m:
-        return False
-    if attnum == 0:  # a whole-row reference
-        return True
-    relation = catalog.relations.get(rel)
-    return relation is not None and any(c.attnum == attnum and c.name in m for c in relation.columns)
+    """Whether a view depending on column ``attnum`` of ``rel`` may read masked values: whenever ``rel``
+    has masked columns. pg_depend names the columns a view reads by name, but a whole-row reference
+    (``c::text``, ``row_to_json(c)``) leaves no dependency on the columns it reads, so any dependency on
+    a masked relation sends the view to the lineage analysis, which judges each of its columns."""
+    return bool(masks.get(rel)) and rel in catalog.relations
 
 
 # -------------------------------------------------------------------------------------------- caching
@@ -294,8 +318,11 @@ class CatalogCache:
     def __init__(self, refresh_seconds: float, ruled_tables: Iterable[tuple[str, str]]) -> None:
         self.refresh_seconds = refresh_seconds
         self.ruled_tables = tuple(ruled_tables)
-        self._snapshots: dict[str, tuple[CatalogSnapshot, float]] = {}
+        self._snapshots: dict[str, tuple[CatalogSnapshot, float, float]] = {}  # snapshot, read at, started at
         self._loading: dict[str, asyncio.Future[CatalogSnapshot]] = {}
+        self._load_started: dict[str, float] = {}
+        self._probes: dict[str, Any] = {}  # database -> asyncpg connection for views_changed
+        self._probe_locks: dict[str, asyncio.Lock] = {}
 
     def current(self, database: str, connect: Callable[[], Awaitable[Any]] | None = None) -> CatalogSnapshot | None:
         """The cached snapshot, None when there is none (or it was invalidated by DDL).
@@ -315,6 +342,40 @@ class CatalogCache:
     def invalidate(self, database: str) -> None:
         self._snapshots.pop(database, None)
 
+    async def read_since(self, database: str, connect: Callable[[], Awaitable[Any]], since: float) -> CatalogSnapshot:
+        """A snapshot read entirely after ``since`` (time.monotonic()): objects created before it are in it."""
+        entry = self._snapshots.get(database)
+        if entry is not None and entry[2] >= since:
+            return entry[0]
+        loading = self._loading.get(database)
+        if loading is None or self._load_started.get(database, 0.0) < since:
+            loading = asyncio.ensure_future(self._load(database, connect))
+            self._loading[database] = loading
+        return await asyncio.shield(loading)
+
+    async def views_changed(self, database: str, connect: Callable[[], Awaitable[Any]],
+                            snapshot: CatalogSnapshot) -> bool:
+        """Whether a view or rule changed since ``snapshot`` began to be read (one query on a kept connection)."""
+        lock = self._probe_locks.setdefault(database, asyncio.Lock())
+        async with lock:
+            conn = self._probes.get(database)
+            try:
+                if conn is None or conn.is_closed():
+                    conn = self._probes[database] = await connect()
+                fingerprint = await conn.fetchval(_VIEWS_FINGERPRINT)
+            except BaseException:
+                self._probes.pop(database, None)
+                if conn is not None and not conn.is_closed():
+                    conn.terminate()
+                raise
+        return bool(fingerprint != snapshot.views_fingerprint)
+
+    async def aclose(self) -> None:
+        """Close the connections kept for probes."""
+        for conn in self._probes.values():
+            await conn.close()
+        self._probes.clear()
+
     async def get(self, database: str, connect: Callable[[], Awaitable[Any]]) -> CatalogSnapshot:
         snapshot = self.current(database, connect)
         if snapshot is not None:
@@ -325,16 +386,20 @@ class CatalogCache:
         return await asyncio.shield(loading)
 
     async def _load(self, database: str, connect: Callable[[], Awaitable[Any]]) -> CatalogSnapshot:
+        started = self._load_started[database] = time.monotonic()
         try:
             conn = await connect()
             try:
                 snapshot = await read_catalog(conn, self.ruled_tables)
             finally:
                 await conn.close()
-            self._snapshots[database] = (snapshot, time.monotonic())
+            current = self._snapshots.get(database)
+            if current is None or current[2] <= started:  # a later load may have finished first
+                self._snapshots[database] = (snapshot, time.monotonic(), started)
             return snapshot
         finally:
-            self._loading.pop(database, None)
+            if self._load_started.get(database) == started:
+                self._loading.pop(database, None)
 
 
 def _log_failure(future: asyncio.Future[CatalogSnapshot]) -> None:

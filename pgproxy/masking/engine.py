@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
@@ -60,6 +61,10 @@ class Masking:
                                      {(r.schema, r.table) for r in self.rules.rules})
         self._schemas: dict[tuple[int, tuple[str, ...]], MaskedSchema] = {}
         self._rewrites: OrderedDict[tuple[int, tuple[str, ...], str], Rewritten] = OrderedDict()
+
+    async def aclose(self) -> None:
+        """Close the catalog cache's kept connections when the proxy shuts down."""
+        await self.catalogs.aclose()
 
     def attach(self, session: Session) -> SessionMasking | None:
         """Per-session state and wire hooks when any rule applies to the session's identity."""
@@ -178,20 +183,50 @@ class SessionMasking:
         schema = self.current_schema()
         if schema is None or self.engine.catalogs.current(self.session.database) is None:
             return Hold(self._decide_later(sql))  # no catalog yet, or DDL invalidated it
-        return self._verdict(schema, sql)
+        return self._verdict(schema, sql, time.monotonic())
 
-    async def _decide_later(self, sql: str) -> Refuse | Rewrite | None:
+    async def _decide_later(self, sql: str, since: float | None = None) -> Refuse | Rewrite | None:
+        """The verdict once the catalog is read (``since``: read entirely after that moment)."""
         try:
-            schema = await self._load()
+            if since is None:
+                schema = await self._load()
+            else:
+                catalog = await self.engine.catalogs.read_since(self.session.database, self._connect, since)
+                schema = self._schema = self.engine.schema_for(catalog, self.rules)
         except (TimeoutError, OSError, asyncpg.PostgresError, ConfigError) as exc:
             log.error("session %s: cannot read the catalog for masking: %s", self.session.id, exc)
             return Refuse(errors.error(errors.CANNOT_CONNECT_NOW,
                                        "pgproxy masking: the database catalog could not be read; "
                                        "refusing statements of masked identities"))
-        return self._verdict(schema, sql)
+        verdict = self._verdict(schema, sql, None)
+        assert not isinstance(verdict, Hold)
+        return verdict
 
-    def _verdict(self, schema: MaskedSchema, sql: str) -> Refuse | Rewrite | None:
+    async def _check_views(self, sql: str, schema: MaskedSchema, arrived: float) -> Refuse | Rewrite | None:
+        """A statement naming a view: judged on the snapshot only if no view changed since it was read."""
+        catalogs = self.engine.catalogs
+        try:
+            changed = await catalogs.views_changed(self.session.database, self._connect, schema.catalog)
+        except (TimeoutError, OSError, asyncpg.PostgresError, ConfigError) as exc:
+            log.error("session %s: cannot check the catalog for masking: %s", self.session.id, exc)
+            return Refuse(errors.error(errors.CANNOT_CONNECT_NOW,
+                                       "pgproxy masking: the database catalog could not be read; "
+                                       "refusing statements of masked identities"))
+        if changed:
+            return await self._decide_later(sql, arrived)
+        verdict = self._verdict(schema, sql, None)
+        assert not isinstance(verdict, Hold)
+        return verdict
+
+    def _verdict(self, schema: MaskedSchema, sql: str, arrived: float | None) -> Verdict:
+        """Refuse, rewrite or pass ``sql``; a name the snapshot does not know (an object created upstream
+        since it was read) first makes the catalog be read again, once per statement (``arrived``)."""
         result = self.engine.rewrite(schema, self.rules_key, sql)
+        if arrived is not None:
+            if result.unknown:
+                return Hold(self._decide_later(sql, arrived))
+            if result.reads_views:
+                return Hold(self._check_views(sql, schema, arrived))
         if result.refusal is not None:
             return refusal(result.refusal)
         if result.sql is None:

@@ -90,10 +90,14 @@ def _sensitive_names(masked: Mapping[TableKey, Mapping[str, Mask]], root: Scope)
 
 
 def _mentions(node: exp.Expression, names: frozenset[str]) -> bool:
+    """Whether the projection may read a masked value: a star, or any identifier (a column, a whole-row
+    reference such as ``c::text``, a table in a subquery) named like a masked column, table or alias."""
+    if isinstance(node, exp.Alias):
+        node = node.this  # the output name itself reads nothing
     for sub in node.walk():
         if isinstance(sub, exp.Star):
             return True
-        if isinstance(sub, exp.Column) and (sub.name.lower() in names or isinstance(sub.this, exp.Star)):
+        if isinstance(sub, exp.Identifier) and sub.name.lower() in names:
             return True
     return False
 

@@ -68,6 +68,8 @@ class Rewritten:
     sql: str | None  # the text to send instead; None: send the original unchanged
     refusal: str | None = None
     relations: tuple[str, ...] = ()  # masked relations the statement reads
+    unknown: tuple[str, ...] = ()  # relation names the catalog snapshot does not know (created since?)
+    reads_views: bool = False  # names a view or materialized view (its definition may have changed since)
 
 
 def rewrite(sql: str, schema: MaskedSchema) -> Rewritten:
@@ -81,12 +83,13 @@ def rewrite(sql: str, schema: MaskedSchema) -> Rewritten:
         for raw in raws:
             rewriter.statement(raw.stmt)
     except Refused as exc:
-        return Rewritten(None, str(exc), tuple(rewriter.touched))
+        return Rewritten(None, str(exc), tuple(rewriter.touched), tuple(rewriter.unknown), rewriter.views)
     except RecursionError:
         return Rewritten(None, "the statement is too deeply nested to be checked", tuple(rewriter.touched))
     if not rewriter.changed:
-        return Rewritten(None, None, tuple(rewriter.touched))
-    return Rewritten("; ".join(server_sql(raw) for raw in raws), None, tuple(rewriter.touched))
+        return Rewritten(None, None, tuple(rewriter.touched), tuple(rewriter.unknown), rewriter.views)
+    return Rewritten("; ".join(server_sql(raw) for raw in raws), None, tuple(rewriter.touched),
+                     tuple(rewriter.unknown), rewriter.views)
 
 
 def _first_statement(sql: str) -> Any:
@@ -103,6 +106,8 @@ class _Rewriter:
         self.schema = schema
         self.changed = False
         self.touched: list[str] = []
+        self.unknown: list[str] = []
+        self.views = False
         self._inserted: set[int] = set()  # ids of nodes this rewrite created: never visited again
         self._wrapped_qualified: set[tuple[str, str]] = set()
 
@@ -214,6 +219,8 @@ class _Rewriter:
     def lookup(self, rv: ast.RangeVar, ctes: frozenset[str]) -> MaskedRelation | None:
         """The masked relation ``rv`` names, None if it names no masked relation (or a CTE)."""
         name = rv.relname or ""
+        if name not in ctes and self.schema.catalog.names_view(name):
+            self.views = True
         if rv.schemaname:
             masked = self.schema.by_qualified.get((rv.schemaname, name))
         else:
@@ -226,6 +233,8 @@ class _Rewriter:
                               "qualify it with its schema")
             masked = candidates[0] if candidates else None
         if masked is None:
+            if not self.schema.catalog.knows(rv.schemaname, name):
+                self.unknown.append(f"{rv.schemaname}.{name}" if rv.schemaname else name)
             return None
         qualified = f"{masked.relation.schema}.{masked.relation.name}"
         if masked.opaque is not None:

@@ -1,10 +1,11 @@
-"""The proxy reads every statement as the server will (issue 13, classes 1 and 2; issue 20, cause 1).
+"""The proxy reads every statement as the server will run it (issue 13, classes 1, 2 and 4; issue 20, cause 1).
 
 A text whose meaning depends on ``standard_conforming_strings`` or ``client_encoding`` is judged under the
 settings the server will apply to it, also when the setting changes in the same pipeline, whichever way it
 was changed (SET, set_config(), the startup packet's options, ALTER ROLE ... SET). A statement the proxy's
 parser cannot read is refused for masked identities and where a policy rule may apply, and otherwise
 answered by the server itself. Rewritten text is valid for the connected server (PostgreSQL 15 here).
+Objects created upstream behind the proxy's back are masked from the first statement that names them.
 
 Every check runs through the real proxy against a table in ``public`` as ordinary non-superuser roles.
 """
@@ -27,7 +28,7 @@ from pgproxy.devdb import create_role
 CANARY = "987-65-4321"
 REVERSED = CANARY[::-1]
 SCHEMA = f"""
-DROP TABLE IF EXISTS public.rd_customers, public.rd_victim, public.rd_copy CASCADE;
+DROP TABLE IF EXISTS public.rd_customers, public.rd_victim, public.rd_copy, public.rd_later CASCADE;
 CREATE TABLE public.rd_customers (id int PRIMARY KEY, ssn text);
 INSERT INTO public.rd_customers VALUES (1, '{CANARY}');
 CREATE TABLE public.rd_victim (id int);
@@ -38,6 +39,9 @@ GRANT ALL ON public.rd_victim, public.rd_copy TO PUBLIC;
 RULES = """
 tables:
   public.rd_customers:
+    columns:
+      ssn: redact
+  public.rd_later:  # created upstream while the proxy runs
     columns:
       ssn: redact
 """
@@ -79,7 +83,8 @@ def proxies(proxy: ProxyUnderTest, upstream_roles: str,
     guarded.running.stop()
     open_.running.stop()
     with psycopg.connect(proxy.database.dsn(), autocommit=True) as conn:
-        conn.execute("DROP TABLE IF EXISTS public.rd_customers, public.rd_victim, public.rd_copy CASCADE")
+        conn.execute("DROP TABLE IF EXISTS public.rd_customers, public.rd_victim, public.rd_copy, public.rd_later "
+                     "CASCADE")
         conn.execute('DROP TABLE IF EXISTS public."system_user"')
 
 
@@ -292,3 +297,72 @@ def test_rewritten_literals_keep_their_meaning_under_scs_off(proxies: tuple[Prox
         rows = _exec_simple(conn, r"SELECT E'a\\b' AS lit, ssn FROM rd_customers")
     assert rows and rows[0][0] == b"a\\b", rows
     _assert_no_canary(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# class 4: objects created upstream, behind the proxy's back
+
+
+@pytest.mark.parametrize("create", [
+    "CREATE VIEW public.rd_new_view AS SELECT id, ssn, upper(ssn) AS loud FROM public.rd_customers",
+    "CREATE MATERIALIZED VIEW public.rd_new_view AS SELECT id, ssn FROM public.rd_customers",
+    "CREATE VIEW public.rd_new_view AS SELECT id, c::text AS whole FROM public.rd_customers c",
+])
+def test_view_created_upstream_is_masked_at_once(proxies: tuple[ProxyUnderTest, ProxyUnderTest],
+                                                 proxy: ProxyUnderTest, create: str) -> None:
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        assert conn.execute("SELECT count(*) FROM rd_customers").fetchone() == (1,)  # the catalog is read
+        with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+            direct.execute(create)
+            direct.execute("GRANT SELECT ON public.rd_new_view TO PUBLIC")
+        try:
+            rows = _exec_simple(conn, "SELECT * FROM rd_new_view")
+            assert rows and rows[0][0] != "error", rows
+            _assert_no_canary(rows)
+        finally:
+            with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+                kind = "MATERIALIZED VIEW" if "MATERIALIZED" in create else "VIEW"
+                direct.execute(f"DROP {kind} public.rd_new_view")
+
+
+def test_ruled_table_created_upstream_is_masked_at_once(proxies: tuple[ProxyUnderTest, ProxyUnderTest],
+                                                        proxy: ProxyUnderTest) -> None:
+    guarded, _ = proxies
+    with _connect(guarded) as conn:
+        assert conn.execute("SELECT count(*) FROM rd_customers").fetchone() == (1,)
+        with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+            direct.execute(f"CREATE TABLE public.rd_later AS SELECT 7 AS id, '{CANARY}'::text AS ssn")
+            direct.execute("GRANT SELECT ON public.rd_later TO PUBLIC")
+        rows = conn.execute("SELECT id, ssn, reverse(ssn) FROM rd_later").fetchall()
+    assert [r[0] for r in rows] == [7]
+    _assert_no_canary(rows)
+
+
+def test_view_replaced_upstream_is_judged_on_its_new_definition(proxies: tuple[ProxyUnderTest, ProxyUnderTest],
+                                                                proxy: ProxyUnderTest) -> None:
+    """CREATE OR REPLACE VIEW keeps the view's name and OID: the proxy notices the new definition."""
+    guarded, _ = proxies
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+        direct.execute("CREATE VIEW public.rd_plain_view AS SELECT id FROM public.rd_customers")
+        direct.execute("GRANT SELECT ON public.rd_plain_view TO PUBLIC")
+    try:
+        with _connect(guarded) as conn:
+            assert conn.execute("SELECT * FROM rd_plain_view").fetchall() == [(1,)]
+            with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+                direct.execute("CREATE OR REPLACE VIEW public.rd_plain_view AS "
+                               "SELECT id, ssn AS note FROM public.rd_customers")
+            rows = conn.execute("SELECT * FROM rd_plain_view").fetchall()
+            assert [r[0] for r in rows] == [1]
+            _assert_no_canary(rows)
+            with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+                direct.execute("DROP VIEW public.rd_plain_view")
+                direct.execute("CREATE VIEW public.rd_plain_view AS SELECT id, 'x' || ssn AS note, 0 AS n "
+                               "FROM public.rd_customers")
+                direct.execute("GRANT SELECT ON public.rd_plain_view TO PUBLIC")
+            rows = conn.execute("SELECT * FROM rd_plain_view").fetchall()
+            assert [r[0] for r in rows] == [1]
+            _assert_no_canary(rows)
+    finally:
+        with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+            direct.execute("DROP VIEW IF EXISTS public.rd_plain_view")
