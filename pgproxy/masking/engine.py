@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REWRITE_CACHE_SIZE = 4096
-_QUERY, _PARSE, _FUNCTION = 0x51, 0x50, 0x46
+_QUERY, _PARSE, _EXECUTE, _FUNCTION = 0x51, 0x50, 0x45, 0x46
 
 
 def refusal(reason: str) -> Refuse:
@@ -170,6 +170,9 @@ class SessionMasking:
     def inspect(self, request: Request) -> Verdict:
         if request.msg_type == _FUNCTION:
             return refusal("the fast-path function call is not available to masked identities")
+        if request.msg_type == _EXECUTE and not request.described:
+            return refusal("the rows of an Execute whose portal was never described cannot be checked: "
+                           "send Describe (of the statement or the portal) before Execute")
         if request.msg_type not in (_QUERY, _PARSE):
             return None
         if request.msg_type == _PARSE:

@@ -204,6 +204,9 @@ class ExchangeTracker:
         # Prepared statements whose text the server reads differently from its default reading
         # (standard_conforming_strings was off at their Parse): name -> the server's reading.
         self.readings: dict[str, str] = {}
+        # Statements and portals Described (in requests already sent): their rows' columns are known.
+        self._described_statements: set[str] = set()
+        self._described_portals: set[str] = set()
         self.ready_seq = -1  # the last request answered by a ReadyForQuery
         self.settings_changed_seq = -2  # the last request that may have changed a lexer setting
         self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
@@ -271,6 +274,11 @@ class ExchangeTracker:
             return f"<function call oid={FunctionCall.decode(body).function_oid}>", None, None
         raise ValueError(f"message type {chr(msg_type)!r} names no statement")
 
+    def portal_described(self, body: memoryview) -> bool:
+        """Whether the server will have described the portal an Execute runs (its statement or the
+        portal itself was Described since it was made): the shape of the rows that follow is known."""
+        return _cstring(bytes(body), 0, self.codec)[0] in self._described_portals
+
     def drain(self) -> list[StatementResult]:
         """Hand over (and forget) the statements finished since the last call."""
         done, self.finished = self.finished, []
@@ -301,6 +309,10 @@ class ExchangeTracker:
         sql = self._inflight.get(statement)
         portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
         self.portals[portal_name] = portal
+        if statement in self._described_statements:
+            self._described_portals.add(portal_name)
+        else:
+            self._described_portals.discard(portal_name)
         self._push(Pending(_BIND, None, time.perf_counter(), portal=portal))
 
     def _execute(self, body: memoryview) -> None:
@@ -321,6 +333,7 @@ class ExchangeTracker:
             return
         name, query, types = self._parse(bytes(body))
         self._inflight[name] = query
+        self._described_statements.discard(name)
         if types or name in self._param_types:
             self._param_types[name] = types
         self._push(Pending(_PARSE, None, time.perf_counter(), sql=query, statement_name=name))
@@ -363,9 +376,12 @@ class ExchangeTracker:
         raw = bytes(body)
         if raw[:1] == b"S":
             statement: str | None = _cstring(raw, 1, self.codec)[0]
+            self._described_statements.add(statement or "")
         else:
-            portal = self.portals.get(_cstring(raw, 1, self.codec)[0]) if raw[:1] == b"P" else None
+            name = _cstring(raw, 1, self.codec)[0]
+            portal = self.portals.get(name) if raw[:1] == b"P" else None
             statement = portal.statement_name if portal is not None else None
+            self._described_portals.add(name)
         self._push(Pending(_DESCRIBE, statement_name=statement))
 
     def _query(self, body: memoryview) -> None:
@@ -383,8 +399,10 @@ class ExchangeTracker:
         name, _ = _cstring(raw, 1, self.codec)
         if raw[0] == 0x53:
             self.statements.pop(name, None)
+            self._described_statements.discard(name)
         else:
             self.portals.pop(name, None)
+            self._described_portals.discard(name)
         self._push(Pending(_CLOSE))
 
     def _function_call(self, body: memoryview) -> None:

@@ -75,6 +75,7 @@ class Request:
     # that differs from its default reading; or why the proxy could not read it that way.
     reading: str | None = None
     reading_error: Exception | None = None
+    described: bool = True  # Execute: the server describes the portal's rows before they come
 
     def server_text(self) -> str:
         """The text to judge: what the server will parse; raises when the proxy cannot read it so."""

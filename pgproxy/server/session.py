@@ -416,7 +416,8 @@ class Session:
                 return Request(msg_type, sql, statement_name, bind_body, reading_error=exc)
             return Request(msg_type, sql, statement_name, bind_body, reading if reading != sql else None)
         prepared = tracker.readings.get(statement_name or "") if tracker.readings else None
-        return Request(msg_type, sql, statement_name, bind_body, prepared)
+        described = msg_type != 0x45 or tracker.portal_described(body)
+        return Request(msg_type, sql, statement_name, bind_body, prepared, described=described)
 
     def _judge(self, msg_type: int, body: memoryview, first_gate: int) -> Verdict:
         """The first verdict of the gates from ``first_gate`` on (remembering which gate gave it)."""

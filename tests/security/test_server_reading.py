@@ -366,3 +366,55 @@ def test_view_replaced_upstream_is_judged_on_its_new_definition(proxies: tuple[P
     finally:
         with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
             direct.execute("DROP VIEW IF EXISTS public.rd_plain_view")
+
+
+# ------------------------------------------------------------------------------------------------
+# class 7: every result the wire backstop forwards has a known shape
+
+
+def _parse(sql: str, name: str = "") -> bytes:
+    return rawwire.message("P", name.encode() + b"\x00" + sql.encode() + b"\x00" + b"\x00\x00")
+
+
+def _bind(statement: str = "", portal: str = "") -> bytes:
+    return rawwire.message("B", portal.encode() + b"\x00" + statement.encode() + b"\x00" + b"\x00\x00" * 3)
+
+
+def _execute(portal: str = "") -> bytes:
+    return rawwire.message("E", portal.encode() + b"\x00" + b"\x00\x00\x00\x00")
+
+
+def _describe(kind: str, name: str = "") -> bytes:
+    return rawwire.message("D", kind.encode() + name.encode() + b"\x00")
+
+
+SYNC = rawwire.message("S", b"")
+
+
+@pytest.mark.parametrize("layer1", ["on", "off"])
+def test_execute_without_describe_is_refused(proxies: tuple[ProxyUnderTest, ProxyUnderTest], layer1: str,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """No Describe: the rows would come with no RowDescription for the backstop, so the Execute is refused;
+    with a Describe of the statement, even rows the rewrite missed are masked on the wire."""
+    from pgproxy.masking.engine import Masking
+    from pgproxy.masking.rewrite import Rewritten
+
+    if layer1 == "off":  # simulate a statement the rewrite let through unchanged
+        monkeypatch.setattr(Masking, "rewrite", lambda self, schema, rules_key, sql: Rewritten(None))
+    guarded, _ = proxies
+    sock = _raw(guarded)
+    try:
+        sock.sendall(_parse("SELECT id, ssn FROM rd_customers", "s1") + _bind("s1") + _execute() + SYNC)
+        refused = rawwire.read_until_ready(sock)
+        sock.sendall(_parse("SELECT id, ssn FROM rd_customers", "s2") + _describe("S", "s2") + SYNC)
+        rawwire.read_until_ready(sock)
+        sock.sendall(_bind("s2") + _execute() + SYNC)
+        described = rawwire.read_until_ready(sock)
+    finally:
+        sock.close()
+    errors = [rawwire.parse_fields(body) for t, body in refused if t == "E"]
+    assert errors and errors[0]["C"] == "42501" and "never described" in errors[0]["M"], refused
+    assert not [t for t, _ in refused if t == "D"]
+    rows = rawwire.rows_of(described)
+    assert [r[0] for r in rows] == ["1"]
+    _assert_no_canary(rows)
