@@ -83,33 +83,35 @@ class ResultCapture:
 
 
 @functools.lru_cache(maxsize=1024)
-def _columns(row_description: bytes) -> tuple[tuple[dict[str, Any], ...], tuple[int, ...]]:
+def _columns(row_description: bytes, encoding: str) -> tuple[tuple[dict[str, Any], ...], tuple[int, ...]]:
     """Column names, types and formats of a RowDescription; repeated statements decode it once.
 
     The dicts are shared between records: never mutate them.
     """
     try:
-        fields = RowDescription.decode(row_description).fields
+        fields = RowDescription.decode(row_description, encoding).fields
     except ProtocolViolation:
         return (), ()
     return (tuple({"name": f.name, "type_oid": f.type_oid, "format": f.format_code} for f in fields),
             tuple(f.format_code for f in fields))
 
 
-def audit_value(value: bytes | None, fmt: int) -> str | None:
-    """A parameter or cell as recorded: text as text, binary as hex, both capped in size."""
+def audit_value(value: bytes | None, fmt: int, encoding: str = "utf-8") -> str | None:
+    """A parameter or cell as recorded: text as text (in the session's encoding), binary as hex, both
+    capped in size."""
     if value is None:
         return None
     if len(value) <= MAX_VALUE_BYTES:  # the usual case: no clipping
-        return value.decode("utf-8", "replace") if fmt == 0 else "\\x" + value.hex()
+        return value.decode(encoding, "replace") if fmt == 0 else "\\x" + value.hex()
     clipped = value[:MAX_VALUE_BYTES]
     suffix = f"...({len(value)} bytes)"
     if fmt == 0:
-        return clipped.decode("utf-8", "replace") + suffix
+        return clipped.decode(encoding, "replace") + suffix
     return "\\x" + clipped.hex() + suffix
 
 
-def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: bool = True) -> dict[str, Any]:
+def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: bool = True,
+                  encoding: str = "utf-8") -> dict[str, Any]:
     """The signed log's extra statement fields: ``result``, ``notices``, formats for replay.
 
     ``bind`` is the statement's decoded Bind (``bind_fields``, decoded once by the caller), if any.
@@ -125,7 +127,7 @@ def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: boo
         out["param_types"] = list(r.param_types)
     if not capturing:
         return out
-    columns, formats = _columns(r.row_description) if r.row_description is not None else ((), ())
+    columns, formats = _columns(r.row_description, encoding) if r.row_description is not None else ((), ())
     result: dict[str, Any] = {"rows_sent": r.rows_sent,
                               "row_digest": (r.row_digest or hashlib.sha256()).hexdigest()}
     if columns:
@@ -137,7 +139,8 @@ def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: boo
                 values = DataRow.decode(raw).values
             except ProtocolViolation:
                 continue
-            rows.append([audit_value(v, formats[i] if i < len(formats) else 0) for i, v in enumerate(values)])
+            rows.append([audit_value(v, formats[i] if i < len(formats) else 0, encoding)
+                         for i, v in enumerate(values)])
         result["sample_rows"] = rows
         result["rows_truncated"] = r.rows_sent > len(rows)
     if r.copy_out_bytes:
@@ -147,7 +150,7 @@ def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: boo
         notices = []
         for raw in r.notices:
             try:
-                n = NoticeResponse.decode(raw)
+                n = NoticeResponse.decode(raw, encoding)
             except ProtocolViolation:
                 continue
             notices.append({"severity": n.severity, "sqlstate": n.sqlstate, "message": n.message})

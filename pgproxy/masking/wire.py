@@ -47,15 +47,15 @@ def hide_value_detail(detail: str) -> str | None:
     return None
 
 
-def scrub_fields(body: bytes) -> bytes | None:
+def scrub_fields(body: bytes, encoding: str = "utf-8") -> bytes | None:
     """An ErrorResponse/NoticeResponse body with value-quoting DETAIL replaced; None if unchanged."""
     fields = body.split(b"\x00")
     changed = False
     for i, field in enumerate(fields):
         if field[:1] == b"D":
-            hidden = hide_value_detail(field[1:].decode("utf-8", "replace"))
+            hidden = hide_value_detail(field[1:].decode(encoding, "replace"))
             if hidden is not None:
-                fields[i] = b"D" + hidden.encode()
+                fields[i] = b"D" + hidden.encode(encoding, "replace")
                 changed = True
     return b"\x00".join(fields) if changed else None
 
@@ -93,7 +93,7 @@ class WireMasker:
         wire = self._wire_masks()
         if not wire:
             return
-        description = RowDescription.decode(body)
+        description = RowDescription.decode(body, self.tracker.server_codec)
         plan = tuple((i, wire[(f.table_oid, f.column_number)], f.format_code == 0)
                      for i, f in enumerate(description.fields) if (f.table_oid, f.column_number) in wire)
         if plan and self._hook_rows is not None:
@@ -119,20 +119,22 @@ class WireMasker:
         if not self._plan:
             return None
         schema = self._schema()
-        return _message(b"D", mask_row(bytes(body), self._plan, schema.key if schema else None, self.on_masked))
+        return _message(b"D", mask_row(bytes(body), self._plan, schema.key if schema else None, self.on_masked,
+                                       self.tracker.server_codec))
 
     def on_error_or_notice(self, msg_type: int, body: memoryview) -> bytes | None:
-        scrubbed = scrub_fields(bytes(body))
+        scrubbed = scrub_fields(bytes(body), self.tracker.server_codec)
         return _message(bytes([msg_type]), scrubbed) if scrubbed is not None else None
 
     def on_notification(self, body: memoryview) -> bytes | None:
-        note = NotificationResponse.decode(body)
+        note = NotificationResponse.decode(body, self.tracker.server_codec)
         if note.channel in self.channels or not note.payload:
             return None
-        return NotificationResponse(note.process_id, note.channel, "").encode()
+        return _message(b"A", bytes(body[:4]) + bytes(body[4:]).split(b"\x00", 1)[0] + b"\x00\x00")
 
 
-def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[int], None] | None) -> bytes:
+def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[int], None] | None,
+             encoding: str = "utf-8") -> bytes:
     """A DataRow body with the planned columns masked."""
     count = _INT16.unpack_from(body, 0)[0]
     pos = 2
@@ -152,8 +154,8 @@ def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[
             continue
         replacement = None
         if text and mask.kind in ("redact", "partial", "email", "keyed_hash"):
-            replacement = mask.mask_text(raw.decode("utf-8", "replace"), key)
-        values[index] = replacement.encode() if replacement is not None else None
+            replacement = mask.mask_text(raw.decode(encoding, "replace"), key)
+        values[index] = replacement.encode(encoding, "replace") if replacement is not None else None
         masked += 1
     if on_masked is not None and masked:
         on_masked(masked)

@@ -178,8 +178,8 @@ class Reader:
             st = _ARRAY_STRUCTS[key] = struct.Struct(f">{count}{code}")
         return st.unpack_from(self._buf, pos)
 
-    def cstring(self) -> str:
-        """NUL-terminated string, decoded as UTF-8 (invalid UTF-8 raises with SQLSTATE 22021)."""
+    def cstring(self, encoding: str = "utf-8") -> str:
+        """NUL-terminated string, decoded as UTF-8 or ``encoding`` (invalid bytes raise with SQLSTATE 22021)."""
         buf = self._buf
         pos = self._pos
         end = buf.find(b"\x00", pos, self._end)
@@ -187,8 +187,11 @@ class Reader:
             raise ProtocolViolation(f"unterminated string in {self.what} message at offset {pos}")
         self._pos = end + 1
         try:
-            return buf[pos:end].decode("utf-8")
+            return buf[pos:end].decode(encoding)
         except UnicodeDecodeError as exc:
+            if encoding != "utf-8":
+                raise ProtocolViolation(f"invalid byte sequence for the client encoding ({encoding})",
+                                        SQLSTATE_CHARACTER_NOT_IN_REPERTOIRE) from None
             raise invalid_utf8(exc) from None
 
     def raw(self, n: int) -> bytes:

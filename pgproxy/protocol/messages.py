@@ -822,7 +822,7 @@ class RowDescription:
         return msg(b"T", b"".join(parts))
 
     @classmethod
-    def decode(cls, body: Buffer) -> Self:
+    def decode(cls, body: Buffer, encoding: str = "utf-8") -> Self:
         # Hot path: a flat loop with one find() and one unpack_from() per column.
         buf = as_bytes(body)
         end = len(buf)
@@ -840,11 +840,14 @@ class RowDescription:
                 nul = find(b"\x00", pos)
                 if nul < 0:
                     raise ProtocolViolation(f"unterminated string in RowDescription message at offset {pos}")
-                name = buf[pos:nul].decode("utf-8")
+                name = buf[pos:nul].decode(encoding)
                 pos = nul + 1
                 append(new(name, *unpack(buf, pos)))
                 pos += _FIELD_SIZE
         except UnicodeDecodeError as exc:
+            if encoding != "utf-8":
+                raise ProtocolViolation(f"invalid byte sequence for the client encoding ({encoding})",
+                                        "22021") from None
             raise invalid_utf8(exc) from None
         except struct.error:
             raise ProtocolViolation(
@@ -933,14 +936,15 @@ class _FieldsResponse:
         return msg(self.TYPE, b"".join(parts))
 
     @classmethod
-    def decode(cls, body: Buffer) -> Self:
+    def decode(cls, body: Buffer, encoding: str = "utf-8") -> Self:
+        """``encoding``: the session's client_encoding (the server writes its texts in it)."""
         r = Reader(body, cls._NAME)
         fields: list[tuple[str, str]] = []
         while True:
             code = r.uint8()
             if code == 0:
                 break
-            fields.append((chr(code), r.cstring()))
+            fields.append((chr(code), r.cstring(encoding)))
         r.done()
         return cls(tuple(fields))
 
@@ -1024,11 +1028,11 @@ class NotificationResponse:
         return msg(b"A", INT32.pack(self.process_id) + cstr(self.channel) + cstr(self.payload))
 
     @classmethod
-    def decode(cls, body: Buffer) -> Self:
+    def decode(cls, body: Buffer, encoding: str = "utf-8") -> Self:
         r = Reader(body, "NotificationResponse")
         pid = r.int32()
-        channel = r.cstring()
-        payload = r.cstring()
+        channel = r.cstring(encoding)
+        payload = r.cstring(encoding)
         r.done()
         return cls(pid, channel, payload)
 

@@ -274,6 +274,11 @@ class ExchangeTracker:
             return f"<function call oid={FunctionCall.decode(body).function_oid}>", None, None
         raise ValueError(f"message type {chr(msg_type)!r} names no statement")
 
+    @property
+    def server_codec(self) -> str:
+        """The codec of the texts the server sends this session (its client_encoding)."""
+        return self.codec or "latin-1"  # an encoding pgproxy cannot read: keep going, byte for byte
+
     def portal_described(self, body: memoryview) -> bool:
         """Whether the server will have described the portal an Execute runs (its statement or the
         portal itself was Described since it was made): the shape of the rows that follow is known."""
@@ -457,7 +462,7 @@ class ExchangeTracker:
             self.desyncs += 1
             return
         try:
-            result.tags.append(str(body[:-1], "utf-8"))
+            result.tags.append(str(body[:-1], self.server_codec))
         except UnicodeDecodeError as exc:
             raise invalid_utf8(exc) from None
         if head.kind is _EXECUTE:
@@ -526,7 +531,7 @@ class ExchangeTracker:
             del self._inflight[name]
 
     def _error(self, body: memoryview) -> bytes | None:
-        error = ErrorResponse.decode(body)
+        error = ErrorResponse.decode(body, self.server_codec)
         if not self.queue:
             return None  # an asynchronous error, e.g. FATAL on termination
         head = self.queue[0]

@@ -658,7 +658,9 @@ class Session:
         bind = bind_fields_leniently(r.bind_body) if r.bind_body is not None else None
         if bind is not None and bind[3]:
             params = bind[3]
-            event["params"] = list(map(audit_value, params, param_formats(bind[2], len(params))))
+            codec = self.tracker.server_codec
+            event["params"] = [audit_value(value, fmt, codec)
+                               for value, fmt in zip(params, param_formats(bind[2], len(params)), strict=True)]
         if r.statement_name:
             event["statement_name"] = r.statement_name
         if r.error is not None:
@@ -666,7 +668,7 @@ class Session:
         if r.refused:
             event["refused"] = True
         if self._capturing:
-            event.update(result_fields(r, bind))
+            event.update(result_fields(r, bind, encoding=self.tracker.server_codec))
         return event
 
     def _audit(self, event: dict[str, Any]) -> None:

@@ -418,3 +418,27 @@ def test_execute_without_describe_is_refused(proxies: tuple[ProxyUnderTest, Prox
     rows = rawwire.rows_of(described)
     assert [r[0] for r in rows] == ["1"]
     _assert_no_canary(rows)
+
+
+# ------------------------------------------------------------------------------------------------
+# issue 20, cause 2: what the server sends is read in the session's encoding
+
+
+def test_non_utf8_session_errors_and_columns_pass_through(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    """With client_encoding LATIN9 the server's errors and column names are LATIN9 bytes: relayed as they
+    are, the session goes on (masked identities too)."""
+    for p, masked in zip(proxies, (True, False), strict=True):
+        with _connect(p) as conn:
+            conn.execute("SET client_encoding = 'LATIN9'")
+            with pytest.raises(psycopg.errors.UndefinedTable) as missing:
+                conn.execute('SELECT * FROM "tablé_€_missing"')
+            assert "tablé_€_missing" in str(missing.value)
+            cur = conn.execute('SELECT id AS "númer€", ssn AS "sécu" FROM rd_customers')
+            assert [d.name for d in cur.description] == ["númer€", "sécu"]
+            rows = cur.fetchall()
+            assert [r[0] for r in rows] == [1]
+            if masked:
+                _assert_no_canary(rows)
+            else:
+                assert rows == [(1, CANARY)]
+            assert conn.execute("SELECT 'ça va'").fetchone() == ("ça va",)
