@@ -66,11 +66,15 @@ def _libpg_query() -> ctypes.CDLL:
     return lib
 
 
-@functools.lru_cache(maxsize=1024)
 def server_reading(sql: str, *, standard_conforming_strings: bool) -> str:
     """``sql`` as the server reads it under ``standard_conforming_strings``, in standard form."""
     if standard_conforming_strings or "\\" not in sql:
         return sql
+    return _read_without_standard_strings(sql)
+
+
+@functools.lru_cache(maxsize=1024)
+def _read_without_standard_strings(sql: str) -> str:
     lib = _libpg_query()
     utf8 = sql.encode("utf-8")
     result = lib.pg_query_parse_protobuf_opts(utf8, _DISABLE_STANDARD_CONFORMING_STRINGS)

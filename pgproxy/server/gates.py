@@ -63,9 +63,9 @@ class Rewrite:
 Verdict = Refuse | Hold | Rewrite | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every statement-bearing message, frozen init costs more
 class Request:
-    """A statement-bearing request as a gate sees it, before the server does."""
+    """A statement-bearing request as a gate sees it, before the server does (gates only read it)."""
 
     msg_type: int
     sql: str  # as the client sent it; for a FunctionCall: "<function call oid=N>"

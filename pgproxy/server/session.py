@@ -449,18 +449,20 @@ class Session:
         if msg_type == _PARSE:
             self._remember_reading(body)
             return
-        if msg_type in (0x51, 0x42, 0x45):
-            if msg_type == 0x51:
-                sql = pending.result.sql if pending.result is not None else ""
-                text = server_reading_or_none(sql, tracker.standard_conforming_strings)
-            else:
-                sql, name, _ = tracker.peek(msg_type, body) if msg_type == 0x45 else (
-                    pending.portal.sql if pending.portal is not None else "",
-                    pending.portal.statement_name if pending.portal is not None else "", None)
-                text = tracker.readings.get(name or "", sql) if tracker.readings else sql
-            if text is not None and not may_change_settings(text):
-                return
-        tracker.may_change_settings()
+        name: str | None
+        if pending.portal is not None:  # Bind
+            sql, name = pending.portal.sql, pending.portal.statement_name
+        elif pending.result is not None and msg_type != 0x46:  # Query, Execute
+            sql, name = pending.result.sql, pending.result.statement_name
+        else:
+            tracker.may_change_settings()
+            return
+        if msg_type == 0x51:
+            text = server_reading_or_none(sql, tracker.standard_conforming_strings)
+        else:
+            text = tracker.readings.get(name or "", sql) if tracker.readings else sql
+        if text is None or may_change_settings(text):
+            tracker.may_change_settings()
 
     def _remember_reading(self, body: memoryview) -> None:
         """A prepared statement keeps the reading of its Parse (the settings may change before Bind)."""
