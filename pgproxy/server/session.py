@@ -693,8 +693,9 @@ def _statement_bytes(msg_type: int, body: memoryview) -> bytes:
     if msg_type == 0x51:
         return bytes(body)
     raw = bytes(body)
-    start = raw.index(0) + 1
-    return raw[start:raw.index(0, start)]
+    start = raw.find(0) + 1
+    end = raw.find(0, start)
+    return raw[start:end] if start and end >= 0 else raw  # malformed: the tracker refuses it next
 
 
 def _chain(first: MessageHandler, second: MessageHandler, body: memoryview) -> bytes | None:
