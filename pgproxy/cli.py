@@ -109,6 +109,10 @@ def check(config_path: str | None, offline: bool, role: str | None, database: st
         from .http.config import check_http
 
         problems += check_http(config.http)
+    if config.grpc is not None:  # the gRPC proxy's credentials and TLS files
+        from .grpcproxy.config import check_grpc
+
+        problems += check_grpc(config.grpc)
     if config.masking is not None:  # the rules, the key and (unless --offline) the live schema
         problems += _check_masking(config, offline, role, database)
     if config.policy is not None:  # the statement policy: errors fail the check, shadowed rules warn

@@ -120,7 +120,8 @@ def _credential(s: Section) -> CredentialConfig:
     return cred
 
 
-def _mask(s: Section) -> MaskRule:
+def parse_mask(s: Section) -> MaskRule:
+    """One mask rule (``paths``, ``in``, ``caller``); the gRPC section reads its rules with it too."""
     paths = []
     for i, text in enumerate(s.items("paths")):
         if not isinstance(text, str):
@@ -160,7 +161,7 @@ def _target(s: Section, names: set[str]) -> TargetConfig:
     if credential is not None and not secure_url(upstream):
         raise ConfigError(f"{s.at('upstream')}: must be https when a credential is injected (plain http only "
                           "for loopback)")
-    masks = tuple(_mask(Section(item, f"{s.at('masks')}[{i}]", s.base_dir))
+    masks = tuple(parse_mask(Section(item, f"{s.at('masks')}[{i}]", s.base_dir))
                   for i, item in enumerate(s.items("masks")))
     target = TargetConfig(
         name=name, upstream=upstream, credential=credential,
