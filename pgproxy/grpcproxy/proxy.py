@@ -64,9 +64,8 @@ log = logging.getLogger(__name__)
 
 Code = grpc.StatusCode
 Metadata = Sequence[tuple[str, str | bytes]]
-# Never forwarded from the caller: the token, transport headers gRPC sets itself.
-_NOT_FORWARDED = frozenset({"authorization", "user-agent", "te", "content-type", "host", "grpc-timeout",
-                            "grpc-encoding", "grpc-accept-encoding"})
+# Never forwarded from the caller (nor any grpc-* key): the token, transport headers gRPC sets itself.
+_NOT_FORWARDED = frozenset({"authorization", "user-agent", "te", "content-type", "host"})
 DETAILS_KEY = "grpc-status-details-bin"
 APPROVAL_KEY = "pgproxy-approval-id"
 CALL_KEY = "pgproxy-call-id"

@@ -27,6 +27,7 @@ from grpc_helpers import (
     token,
 )
 
+from pgproxy.audit.sink import AuditUnavailable, MemoryAuditSink
 from pgproxy.identity import DevKeys
 from pgproxy.server.listener import ProxyServer
 from pgproxy.tlsutil import DevTLS
@@ -321,3 +322,38 @@ async def _until(condition: Any, timeout: float = 3.0) -> None:
     while not condition():
         assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
         await asyncio.sleep(0.02)
+
+
+class BreakableAudit(MemoryAuditSink):
+    """An audit sink whose disk can fill up."""
+
+    broken = False
+
+    def emit(self, event: dict[str, Any]) -> None:
+        if self.broken:
+            raise AuditUnavailable("disk full")
+        super().emit(event)
+
+    def flush(self) -> None:
+        if self.broken:
+            raise AuditUnavailable("disk full")
+
+
+async def test_calls_are_refused_while_the_audit_log_is_unavailable(start_proxy: Any, upstream: Upstream,
+                                                                   dev_keys: DevKeys) -> None:
+    audit = BreakableAudit()
+    proxy = await start_proxy(audit=audit)
+    metadata = bearer(token(dev_keys))
+    async with grpc.aio.insecure_channel(address(proxy)) as ch:
+        orders = shop_pb2_grpc.OrdersStub(ch)
+        await orders.GetOrder(shop_pb2.GetOrderRequest(id=1), metadata=metadata)
+        audit.broken = True
+        await orders.GetOrder(shop_pb2.GetOrderRequest(id=2), metadata=metadata)  # its record is lost...
+        seen = len(upstream.state.metadata)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # ...so nothing more runs until the log recovers
+            await orders.GetOrder(shop_pb2.GetOrderRequest(id=3), metadata=metadata)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "audit log" in str(err.value.details())
+        assert len(upstream.state.metadata) == seen
+        audit.broken = False
+        assert (await orders.GetOrder(shop_pb2.GetOrderRequest(id=4), metadata=metadata)).id == 4
+    assert [c["request"]["messages"]["messages"][0]["json"]["id"] for c in calls(audit)] == ["1", "4"]
