@@ -14,8 +14,11 @@ import hashlib
 from collections.abc import Iterable
 from typing import Any
 
+from google.protobuf.message import Message
+
 from ..http.audit import headers_record, redact_json, scrubbed
 from ..http.jsonmask import JsonPath, mask_json
+from .descriptors import to_json
 
 
 def frame(data: bytes) -> bytes:
@@ -70,15 +73,18 @@ def stream_digest(messages: Iterable[bytes]) -> str:
     return tap.sha256
 
 
-def message_record(data: bytes, document: dict[str, Any] | None, paths: tuple[JsonPath, ...],
-                   scrub: Iterable[str] = (), omitted: str = "") -> dict[str, Any]:
-    """One message as stored: size, digest and, when it could be decoded and kept (``document``, the
-    message as JSON), its fields masked by ``paths`` and redacted; else why not (``omitted``)."""
+def message_record(data: bytes, message: Message | None, paths: tuple[JsonPath, ...], cap: int,
+                   scrub: Iterable[str] = ()) -> dict[str, Any]:
+    """One message as stored: size, digest and, when it was decoded and is at most ``cap`` bytes, its
+    fields as JSON, masked by ``paths`` and redacted; else why not (``omitted``)."""
     record: dict[str, Any] = {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    if document is None:
-        record["omitted"] = omitted or "undecodable message"
+    if message is None:
+        record["omitted"] = "undecodable message"
         return record
-    masked, hits = mask_json(document, paths)
+    if len(data) > cap:
+        record["omitted"] = "message over the audit cap"
+        return record
+    masked, hits = mask_json(to_json(message), paths)
     record["json"] = redact_json(masked)
     if hits:
         record["masked"] = hits

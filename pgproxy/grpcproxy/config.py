@@ -13,8 +13,8 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..config import ConfigError, ListenerConfig, Section, is_loopback_host, parse_listener, read_secret
-from ..http.config import MIN_SCRUB_CHARS, MaskRule, parse_mask
+from ..config import ConfigError, ListenerConfig, Section, is_loopback_host, read_secret
+from ..http.config import MIN_SCRUB_CHARS, MaskRule, parse_companion, parse_mask
 from ..http.jsonmask import JsonPath
 
 if TYPE_CHECKING:
@@ -202,15 +202,7 @@ def parse_grpc(s: Section) -> GrpcConfig:
     """The validated ``grpc`` section (``s`` is the section at path ``grpc``)."""
     from .policy import parse_grpc_policy
 
-    listen_section = s.section("listen")
-    if listen_section.raw("port") is None:
-        raise ConfigError(f"{listen_section.at('port')}: required (the gRPC proxy's port; 0 picks a free one)")
-    listen = parse_listener(listen_section)
-    names: set[str] = set()
-    targets = tuple(_target(Section(item, f"{s.at('targets')}[{i}]", s.base_dir), names)
-                    for i, item in enumerate(s.items("targets")))
-    if not targets:
-        raise ConfigError(f"{s.at('targets')}: at least one target is required")
+    listen, targets, names = parse_companion(s, "gRPC", _target)
     policy = parse_grpc_policy(s, names)
     config = GrpcConfig(listen=listen, targets=targets, policy=policy,
                         audit_messages=s.integer("audit_messages", 32, maximum=10_000),

@@ -204,6 +204,20 @@ def _blank_field(message: Message, fd: FieldDescriptor) -> bool:
     return bool(present)
 
 
+def _blank_item(container: Any, key: Any, fd: FieldDescriptor) -> bool:
+    """Blank one element of a list or one value of a map (``fd`` describes the element)."""
+    current = container[key]
+    if fd.type == FieldDescriptor.TYPE_STRING:
+        container[key] = MASK
+        return bool(current != MASK)
+    if fd.type == FieldDescriptor.TYPE_MESSAGE:
+        changed = current.ByteSize() > 0
+        current.Clear()
+        return bool(changed)
+    container[key] = type(current)()  # 0, 0.0, False, b""
+    return bool(current != container[key])
+
+
 def _mask_list(values: Any, fd: FieldDescriptor, rest: tuple[Segment, ...]) -> bool:
     if not rest:  # the whole list
         if not len(values):
@@ -223,15 +237,7 @@ def _mask_list(values: Any, fd: FieldDescriptor, rest: tuple[Segment, ...]) -> b
     changed = False
     for i in indices:
         if not tail:
-            if fd.type == FieldDescriptor.TYPE_STRING:
-                changed |= values[i] != MASK
-                values[i] = MASK
-            elif fd.type == FieldDescriptor.TYPE_MESSAGE:
-                changed |= values[i].ByteSize() > 0
-                values[i].Clear()
-            else:
-                changed |= values[i] != fd.default_value
-                values[i] = type(values[i])()
+            changed |= _blank_item(values, i, fd)
         elif fd.type == FieldDescriptor.TYPE_MESSAGE:
             changed |= _mask_fields(values[i], tail)
     return changed
@@ -249,12 +255,7 @@ def _mask_map(entries: Any, fd: FieldDescriptor, rest: tuple[Segment, ...]) -> b
     changed = False
     for key in keys:
         if not tail:
-            if value_fd.type == FieldDescriptor.TYPE_STRING:
-                changed |= entries[key] != MASK
-                entries[key] = MASK
-            else:
-                del entries[key]
-                changed = True
+            changed |= _blank_item(entries, key, value_fd)
         elif value_fd.type == FieldDescriptor.TYPE_MESSAGE:
             changed |= _mask_fields(entries[key], tail)
     return changed

@@ -39,9 +39,11 @@ from google.protobuf import any_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
 
-from ..audit.sink import AuditSink, AuditUnavailable
+from ..audit.guard import AuditGuard
+from ..audit.sink import AuditSink
 from ..config import ConfigError
 from ..http.gate import HttpApprovals
+from ..http.jsonmask import JsonPath
 from ..http.scrub import Scrubber
 from ..identity import Identity, TokenError, TokenVerifier
 from ..identity.reuse import VerifiedTokens
@@ -57,7 +59,6 @@ from .descriptors import (
     fetch_by_reflection,
     load_descriptor_set,
     mask_message,
-    to_json,
 )
 
 log = logging.getLogger(__name__)
@@ -123,6 +124,15 @@ class _Upstream:
     descriptor_error: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     callables: dict[str, grpc.aio.StreamStreamMultiCallable] = field(default_factory=dict)
+    paths: dict[tuple[str, str, bool], tuple[JsonPath, ...]] = field(default_factory=dict)
+
+    def mask_paths(self, message_type: str, direction: str, *, caller: bool = False) -> tuple[JsonPath, ...]:
+        """The target's mask paths for a message type and direction (computed once per type)."""
+        key = (message_type, direction, caller)
+        paths = self.paths.get(key)
+        if paths is None:
+            paths = self.paths[key] = self.config.mask_paths(message_type, direction, caller=caller)
+        return paths
 
     async def method(self) -> dict[str, Method] | None:
         """The descriptors' method table (None, with ``descriptor_error``, when it cannot be had)."""
@@ -183,13 +193,12 @@ class GrpcProxy:
     def __init__(self, config: GrpcConfig, *, verifier: TokenVerifier, audit: AuditSink,
                  approval_store: ApprovalStore | None = None) -> None:
         self.config = config
-        self.audit = audit
         self.approvals = HttpApprovals(approval_store, audit)
         self._tokens = VerifiedTokens(verifier)
         self._upstreams: dict[str, _Upstream] = {}
         self._server: grpc.aio.Server | None = None
         self._port = 0
-        self._audit_broken = False
+        self._recorder = AuditGuard(audit, "grpc call")
 
     # ------------------------------------------------------------------------------------ lifecycle
 
@@ -276,7 +285,7 @@ class GrpcProxy:
         except (asyncio.CancelledError, GeneratorExit):
             call.status = {"code": Code.CANCELLED.name, "message": "cancelled by the caller or its deadline"}
             if call.identity is not None:
-                self._record(call)
+                self._record_call(call)
             raise
         except Exception:  # a bug must not leave the call unrecorded or hanging
             log.exception("grpc call %s failed", call.id)
@@ -291,18 +300,13 @@ class GrpcProxy:
             context.set_trailing_metadata(refusal_trailers(refusal.code, refusal.message, call.id,
                                                            refusal.approval_id))
         if call.identity is not None:
-            self._record(call)
+            self._record_call(call)
 
     async def _serve(self, call: _Call, metadata: Metadata, requests: AsyncIterator[bytes],
                      context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncGenerator[bytes, None]:
         call.identity = await self._authenticate(call, metadata)
-        if self._audit_broken:
-            try:
-                self.audit.flush()
-                self._audit_broken = False
-            except Exception:
-                raise _Refused(Code.UNAVAILABLE, "the audit log is unavailable; calls are refused until it "
-                               "recovers") from None
+        if not self._recorder.writable():
+            raise _Refused(Code.UNAVAILABLE, "the audit log is unavailable; calls are refused until it recovers")
         service, _, method = call.path.lstrip("/").partition("/")
         if not call.path.startswith("/") or not service or not method or "/" in method:
             raise _Refused(Code.UNIMPLEMENTED, f"malformed method path {call.path!r}")
@@ -341,35 +345,40 @@ class GrpcProxy:
 
     async def _authenticate(self, call: _Call, metadata: Metadata) -> Identity:
         values = [v for k, v in metadata if k == "authorization"]
-        scheme, _, token = (values[0] if len(values) == 1 and isinstance(values[0], str) else "").partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            reason = "missing bearer token (authorization: Bearer <JWT> metadata)"
-        else:
-            try:
-                return await self._tokens.verify(token.strip())
-            except TokenError as exc:
-                reason = f"invalid token: {exc.reason}"
+        try:
+            return await self._tokens.bearer(values[0] if len(values) == 1 and isinstance(values[0], str) else None,
+                                             "authorization: Bearer <JWT> metadata")
+        except TokenError as exc:
+            reason = exc.reason
         self._emit({"event": "grpc_auth_failed", "ts": call.started, "call": call.id, "client": call.client,
                     "method": call.path, "reason": reason})
         raise _Refused(Code.UNAUTHENTICATED, reason)
 
     # ------------------------------------------------------------------------------------- requests
 
+    def _decode(self, upstream: _Upstream, cls: type[Message] | None, data: bytes, refusal: grpc.StatusCode,
+                what: str) -> Message | None:
+        """``data`` parsed as ``cls``; refused with ``refusal`` if it cannot be and the target says so."""
+        if cls is None:
+            return None
+        message = decode(cls, data)
+        if message is None and upstream.config.undecodable == "refuse":
+            raise _Refused(refusal, f"{what} cannot be decoded as {cls.DESCRIPTOR.full_name}; it is refused")
+        return message
+
+    def _record(self, upstream: _Upstream, data: bytes, message: Message | None, cls: type[Message] | None,
+                direction: str) -> dict[str, Any]:
+        paths = upstream.mask_paths(cls.DESCRIPTOR.full_name, direction) if cls is not None else ()
+        return message_record(data, message, paths, self.config.audit_message_bytes, upstream.scrub)
+
     def _check_request(self, call: _Call, upstream: _Upstream, info: Method | None, data: bytes) -> None:
         """Decode, record and digest one request message; refuses an undecodable one (fail closed)."""
         tap = call.requests
         assert tap is not None
-        target = upstream.config
-        message = decode(info.input, data) if info is not None else None
-        if info is not None and message is None and target.undecodable == "refuse":
-            raise _Refused(Code.INVALID_ARGUMENT, f"request message {tap.count + 1} cannot be decoded as "
-                           f"{info.input.DESCRIPTOR.full_name}; it is refused")
+        cls = info.input if info is not None else None
+        message = self._decode(upstream, cls, data, Code.INVALID_ARGUMENT, f"request message {tap.count + 1}")
         if tap.wants_record:
-            paths = target.mask_paths(info.input.DESCRIPTOR.full_name, "request") if info is not None else ()
-            document = to_json(message) if message is not None and len(data) <= self.config.audit_message_bytes \
-                else None
-            tap.messages.append(message_record(data, document, paths, upstream.scrub,
-                                               _omitted(message, data, self.config.audit_message_bytes)))
+            tap.messages.append(self._record(upstream, data, message, cls, "request"))
         tap.feed(data)
 
     async def _read_all(self, call: _Call, upstream: _Upstream, info: Method | None,
@@ -497,26 +506,16 @@ class GrpcProxy:
         """One upstream message as the caller gets it: checked, masked where configured, recorded."""
         tap = call.responses
         assert tap is not None
-        target = upstream.config
-        message = decode(info.output, data) if info is not None else None
-        if info is not None and message is None and target.undecodable == "refuse":
-            raise _Refused(Code.INTERNAL, f"upstream {target.name} sent a message that cannot be decoded as "
-                           f"{info.output.DESCRIPTOR.full_name}; the call is ended")
+        cls = info.output if info is not None else None
+        message = self._decode(upstream, cls, data, Code.INTERNAL, f"upstream {upstream.config.name}'s message")
+        record = self._record(upstream, data, message, cls, "response") if tap.wants_record else None
         out = data
-        record = None
-        if tap.wants_record:
-            document = to_json(message) if message is not None and len(data) <= self.config.audit_message_bytes \
-                else None
-            paths = target.mask_paths(info.output.DESCRIPTOR.full_name, "response") if info is not None else ()
-            record = message_record(data, document, paths, upstream.scrub,
-                                    _omitted(message, data, self.config.audit_message_bytes))
-        if message is not None and info is not None:
-            caller_paths = target.mask_paths(info.output.DESCRIPTOR.full_name, "response", caller=True)
-            if caller_paths:
-                hits = mask_message(message, caller_paths)
-                if hits:
-                    out = message.SerializeToString()
-                    call.masked_for_caller.update(hits)
+        if message is not None and cls is not None:
+            caller_paths = upstream.mask_paths(cls.DESCRIPTOR.full_name, "response", caller=True)
+            hits = mask_message(message, caller_paths) if caller_paths else []
+            if hits:
+                out = message.SerializeToString()
+                call.masked_for_caller.update(hits)
         if upstream.scrubber:
             scrubber = upstream.scrubber.fresh()
             out = scrubber.whole(out)
@@ -526,16 +525,16 @@ class GrpcProxy:
                 call.upstream_responses = tap.copy()
             call.upstream_responses.feed(data)
         if record is not None:
-            record["bytes"], record["sha256"] = len(out), hashlib.sha256(out).hexdigest()
             if out is not data:
-                record["upstream_sha256"] = hashlib.sha256(data).hexdigest()
+                record.update(bytes=len(out), sha256=hashlib.sha256(out).hexdigest(),
+                              upstream_sha256=record["sha256"])
             tap.messages.append(record)
         tap.feed(out)
         return out
 
     # ----------------------------------------------------------------------------------------- audit
 
-    def _record(self, call: _Call) -> None:
+    def _record_call(self, call: _Call) -> None:
         assert call.identity is not None
         event: dict[str, Any] = {
             "event": "grpc_call", "ts": call.started, "session": grpc_session_id(call.identity), "call": call.id,
@@ -559,20 +558,12 @@ class GrpcProxy:
         self._emit(event)
 
     def _emit(self, event: dict[str, Any]) -> None:
-        try:
-            self.audit.emit(event)
-        except AuditUnavailable as exc:  # refuse new calls until the log is writable again
-            self._audit_broken = True
-            log.error("cannot record grpc call %s: %s", event.get("call"), exc)
+        self._recorder.emit(event, event.get("call"))
 
 
 def _kind(info: Method) -> str:
     return {(False, False): "unary", (False, True): "server_streaming", (True, False): "client_streaming",
             (True, True): "bidi_streaming"}[(info.client_streaming, info.server_streaming)]
-
-
-def _omitted(message: Message | None, data: bytes, cap: int) -> str:
-    return "undecodable message" if message is None else "message over the audit cap" if len(data) > cap else ""
 
 
 class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpcio has no type hints

@@ -33,8 +33,9 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..audit.guard import AuditGuard
 from ..audit.redact import redact_text
-from ..audit.sink import AuditSink, AuditUnavailable
+from ..audit.sink import AuditSink
 from ..config import ConfigError
 from ..identity import Identity, TokenError, TokenVerifier
 from ..identity.reuse import VerifiedTokens
@@ -136,7 +137,7 @@ class HttpProxy:
         self.approvals = HttpApprovals(approval_store, audit)
         self._upstreams: dict[str, _Upstream] = {}
         self._runner: web.AppRunner | None = None
-        self._audit_broken = False
+        self._recorder = AuditGuard(audit, "http exchange")
         self._tokens = VerifiedTokens(verifier)
         self.app = web.Application()
         self.app.router.add_route("*", r"/{target}{tail:(/.*)?}", self._handle)
@@ -232,13 +233,8 @@ class HttpProxy:
 
     async def _serve(self, request: web.Request, ex: _Exchange, path: str) -> web.StreamResponse:
         ex.identity = await self._authenticate(request, ex)
-        if self._audit_broken:
-            try:
-                self.audit.flush()
-                self._audit_broken = False
-            except Exception:
-                raise _Refused(503, "the audit log is unavailable; requests are refused until it recovers") \
-                    from None
+        if not self._recorder.writable():
+            raise _Refused(503, "the audit log is unavailable; requests are refused until it recovers")
         why = ambiguous_path(path, request.rel_url.raw_path)
         if why is not None:
             raise _Refused(400, f"refused path: {why}")
@@ -268,15 +264,10 @@ class HttpProxy:
                 spool.close()
 
     async def _authenticate(self, request: web.Request, ex: _Exchange) -> Identity:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        reason = None
-        if scheme.lower() != "bearer" or not token.strip():
-            reason = "missing bearer token (Authorization: Bearer <JWT>)"
-        else:
-            try:
-                return await self._tokens.verify(token.strip())
-            except TokenError as exc:
-                reason = f"invalid token: {exc.reason}"
+        try:
+            return await self._tokens.bearer(request.headers.get("Authorization"), "Authorization: Bearer <JWT>")
+        except TokenError as exc:
+            reason = exc.reason
         self._emit({"event": "http_auth_failed", "ts": ex.started, "exchange": ex.id, "client": ex.client,
                     "method": ex.method, "target": ex.target, "path": redact_text(ex.path_qs), "reason": reason})
         raise _Refused(401, reason)
@@ -447,11 +438,7 @@ class HttpProxy:
         self._emit(event)
 
     def _emit(self, event: dict[str, Any]) -> None:
-        try:
-            self.audit.emit(event)
-        except AuditUnavailable as exc:  # refuse new requests until the log is writable again
-            self._audit_broken = True
-            log.error("cannot record http exchange %s: %s", event.get("exchange"), exc)
+        self._recorder.emit(event, event.get("exchange"))
 
 
 def ambiguous_path(decoded: str, raw: str) -> str | None:

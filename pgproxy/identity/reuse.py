@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 
-from .claims import Identity
+from .claims import Identity, TokenError
 from .verifier import TokenVerifier
 
 REUSE_SECONDS = 30.0
@@ -32,3 +32,14 @@ class VerifiedTokens:
             self._verified.clear()
         self._verified[token] = (identity, now + REUSE_SECONDS)
         return identity
+
+    async def bearer(self, authorization: str | None, how: str) -> Identity:
+        """The identity of an ``authorization`` value ``Bearer <JWT>``; TokenError with a reason for the
+        caller otherwise (``how`` tells it how to send the token)."""
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise TokenError(f"missing bearer token ({how})")
+        try:
+            return await self.verify(token.strip())
+        except TokenError as exc:
+            raise TokenError(f"invalid token: {exc.reason}") from None
