@@ -18,7 +18,6 @@ import asyncio
 import importlib
 import os
 import platform
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,7 +31,7 @@ import grpc.aio
 import grpc_tools
 import yaml
 from grpc_tools import protoc
-from http_compare import cpu_seconds, free_port, pct, wait_port
+from http_compare import Outcome, free_port, measure, ratio_tables, revision, wait_port
 
 from pgproxy.identity import generate_dev_keys, mint_token
 
@@ -176,23 +175,13 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                            ttl_seconds=3600)
         paths = {"direct": (upstream_address, ()),
                  "proxy": (f"127.0.0.1:{grpc_port}", (("authorization", f"Bearer {token}"),))}
-        results: dict[tuple[str, str], list[tuple[float, list[float], int]]] = {}
-        cpu: dict[tuple[str, str, str], list[float]] = {}  # (scenario, path, process) -> CPU s per call
-        for round_ in range(args.rounds):
-            for name, call in calls.items():
-                order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
-                for which in order:
-                    address, metadata = paths[which]
-                    before = {"client": time.process_time(), "upstream": cpu_seconds(upstream.pid),
-                              "proxy": cpu_seconds(proxy.pid)}
-                    outcome = asyncio.run(load(address, call, metadata, args.workers, args.duration))
-                    after = {"client": time.process_time(), "upstream": cpu_seconds(upstream.pid),
-                             "proxy": cpu_seconds(proxy.pid)}
-                    results.setdefault((name, which), []).append(outcome)
-                    for proc_name in before:
-                        cpu.setdefault((name, which, proc_name), []).append(
-                            (after[proc_name] - before[proc_name]) / max(1, len(outcome[1])))
-                    print(f"round {round_ + 1} {name:34} {which:6} {outcome[0]:9.0f} calls/s", file=sys.stderr)
+
+        def once(name: str, which: str) -> Outcome:
+            address, metadata = paths[which]
+            return asyncio.run(load(address, calls[name], metadata, args.workers, args.duration))
+
+        results, cpu = measure(list(calls), list(paths), args.rounds, {"upstream": upstream.pid, "proxy": proxy.pid},
+                               once, "calls/s")
         report = format_report(args, calls, results, cpu)
     finally:
         for proc in (proxy, upstream):
@@ -206,19 +195,14 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(report)
 
 
-def format_report(args: argparse.Namespace, calls: dict[str, Any],
-                  results: dict[tuple[str, str], list[tuple[float, list[float], int]]],
+def format_report(args: argparse.Namespace, calls: dict[str, Any], results: dict[tuple[str, str], list[Outcome]],
                   cpu: dict[tuple[str, str, str], list[float]]) -> str:
-    rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
-    if rev and subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pgproxy"], cwd=ROOT).returncode:
-        rev = rev.strip() + " with uncommitted changes to pgproxy/"
     lines = [
         "# gRPC proxy: direct vs through pgproxy",
         "",
         f"`bench/grpc_compare.py --workers {args.workers} --duration {args.duration:g} --rounds {args.rounds}` "
-        f"at {rev.strip() or 'unknown'} on {platform.node()} ({os.cpu_count()} CPUs, Python "
-        f"{platform.python_version()}, grpcio {grpc.__version__}), "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
+        f"at {revision()} on {platform.node()} ({os.cpu_count()} CPUs, Python {platform.python_version()}, "
+        f"grpcio {grpc.__version__}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "Same upstream (grpc.aio server, its own process), same client (one grpc.aio channel, "
         f"{args.workers} concurrent workers, this process). The proxy is `pgproxy serve` (its own process): it "
@@ -229,29 +213,8 @@ def format_report(args: argparse.Namespace, calls: dict[str, Any],
         "descriptors (`undecodable: digest`): relayed and recorded by digest only. Median over rounds; "
         "latencies pooled over rounds.",
         "",
-        "| Scenario | direct calls/s | proxy calls/s | proxy/direct | direct p50 / p99 ms | proxy p50 / p99 ms "
-        "| errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in calls:
-        d, p = results[(name, "direct")], results[(name, "proxy")]
-        d_rps, p_rps = statistics.median(r[0] for r in d), statistics.median(r[0] for r in p)
-        d_lat = [x for r in d for x in r[1]]
-        p_lat = [x for r in p for x in r[1]]
-        errors = sum(r[2] for r in d) + sum(r[2] for r in p)
-        lines.append(f"| {name} | {d_rps:,.0f} | {p_rps:,.0f} | {p_rps / d_rps:.2f} | "
-                     f"{pct(d_lat, 50):.2f} / {pct(d_lat, 99):.2f} | {pct(p_lat, 50):.2f} / {pct(p_lat, 99):.2f} | "
-                     f"{errors} |")
-    lines += ["", "The machine is shared (2 cores for client, proxy and upstream together), so absolute numbers "
-              "move between runs; the ratio is the figure to compare. CPU time per call of each process (median "
-              "over rounds, from /proc):",
-              "", "| Scenario | path | client µs/call | upstream µs/call | proxy µs/call |", "|---|---|---:|---:|---:|"]
-    for name in calls:
-        for which in ("direct", "proxy"):
-            per = [statistics.median(cpu[(name, which, p)]) * 1e6 for p in ("client", "upstream", "proxy")]
-            shown = [f"{v:,.0f}" for v in per[:2]] + [f"{per[2]:,.0f}" if which == "proxy" else "—"]
-            lines.append(f"| {name} | {which} | " + " | ".join(shown) + " |")
-    lines.append("")
+    lines += ratio_tables(list(calls), results, cpu, "calls/s", "call", "call")
     return "\n".join(lines)
 
 
