@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import ssl
@@ -11,8 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from click.testing import CliRunner
 
 from pgproxy.audit.sink import MemoryAuditSink
+from pgproxy.cli import main
 from pgproxy.config import parse_config
 from pgproxy.devdb import Database
 from pgproxy.identity import DevKeys, mint_token
@@ -114,3 +117,31 @@ def proxy_config_data(database: Database, keys: DevKeys, tls: DevTLS) -> dict[st
                                      {"role": "*", "password_env": UPSTREAM_PASSWORD_ENV}]},
         "limits": {"startup_timeout_seconds": 5, "max_message_bytes": 8 * 1024 * 1024},
     }
+
+
+def config_edit(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A change to config data: set the dotted ``path`` (numbers index lists) to ``value``, or with
+    ``KeyError`` as the value, remove it."""
+    def mutate(data: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = data
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[int(last) if last.isdigit() else last] = value
+    return mutate
+
+
+async def approvals_cli(source: Path | None, keys: DevKeys, action: str, approval_id: str,
+                        approver: str = "fin-1") -> str:
+    """Run `pgproxy approvals <action> <id> -c <source>` as a finance approver (in a thread: the CLI runs
+    its own event loop); its output."""
+    assert source is not None
+    approver_token = mint_token(keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject=approver,
+                                groups=["finance"], ttl_seconds=600)
+    args = ["approvals", action, "-c", str(source), "--token", approver_token, approval_id]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output

@@ -8,13 +8,12 @@ from typing import Any
 import grpc
 import grpc.aio
 import pytest
-from click.testing import CliRunner
 from google.rpc import error_details_pb2
 from grpc_helpers import Upstream, address, bearer, calls, shop_pb2, shop_pb2_grpc, stream_digest, token
 from grpc_status import rpc_status
+from harness import approvals_cli
 
 from pgproxy.audit.sink import MemoryAuditSink
-from pgproxy.cli import main
 from pgproxy.identity import DevKeys
 from pgproxy.policy.approvals import ApprovalStore
 from pgproxy.server.listener import ProxyServer
@@ -22,15 +21,6 @@ from pgproxy.server.listener import ProxyServer
 pytestmark = pytest.mark.timeout(30)
 
 
-async def approvals_cli(server: ProxyServer, dev_keys: DevKeys, action: str, approval_id: str) -> str:
-    """Run `pgproxy approvals <action> <id>` as a finance approver (in a thread: the CLI runs its own loop)."""
-    source = server.config.source
-    assert source is not None
-    args = ["approvals", action, "-c", str(source), "--token", token(dev_keys, sub="fin-1", groups=("finance",)),
-            approval_id]
-    result = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def store(server: ProxyServer) -> ApprovalStore:
@@ -69,7 +59,7 @@ async def test_refuse_mode_then_approve_with_the_cli_runs_once(
         await orders.Refund(shop_pb2.RefundRequest(order_id=42, amount_cents=999_999), metadata=agent)
     assert approval_in_details(err.value) != approval_id
 
-    assert "approved" in await approvals_cli(proxy, dev_keys, "approve", approval_id)
+    assert "approved" in await approvals_cli(proxy.config.source, dev_keys, "approve", approval_id)
     # Bound to the identity: another caller sending the identical request is not covered.
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await orders.Refund(refund, metadata=bearer(token(dev_keys, sub="agent-2")))
@@ -104,12 +94,12 @@ async def test_hold_mode_waits_for_the_decision(proxy: ProxyServer, orders: Any,
     waiting = asyncio.ensure_future(orders.Payout(shop_pb2.RefundRequest(order_id=1, amount_cents=5), metadata=agent))
     approval_id = await _pending_id(proxy)
     assert not waiting.done() and not upstream.state.refunds
-    await approvals_cli(proxy, dev_keys, "approve", approval_id)
+    await approvals_cli(proxy.config.source, dev_keys, "approve", approval_id)
     assert (await waiting).refund_id == "rf-1-1"
 
     waiting = asyncio.ensure_future(orders.Payout(shop_pb2.RefundRequest(order_id=2, amount_cents=5), metadata=agent))
     approval_id = await _pending_id(proxy)
-    await approvals_cli(proxy, dev_keys, "deny", approval_id)
+    await approvals_cli(proxy.config.source, dev_keys, "deny", approval_id)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await waiting
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -140,7 +130,7 @@ async def test_streaming_requests_are_approved_as_a_whole(start_proxy: Any, upst
         request = await store(proxy).get(approval_id)
         assert request is not None
         assert request.params == [f"sha256:{stream_digest([c.SerializeToString() for c in chunks])}"]
-        await approvals_cli(proxy, dev_keys, "approve", approval_id)
+        await approvals_cli(proxy.config.source, dev_keys, "approve", approval_id)
         assert (await stub.Upload(send(), metadata=agent)).count == 3
         with pytest.raises(grpc.aio.AioRpcError) as err:  # a bidirectional stream cannot be known in advance
             chat = stub.Chat(metadata=agent)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from grpc_helpers import CREDENTIAL_ENV, DESCRIPTOR_SET, config_data, order, shop_pb2, stream_digest, token
+from harness import config_edit as edit
 
 from pgproxy.cli import main
 from pgproxy.config import ConfigError, parse_config
@@ -25,44 +26,31 @@ def data(dev_keys: DevKeys, tmp_path: Path) -> dict[str, Any]:
     return config_data(dev_keys, "127.0.0.1:1", tmp_path)
 
 
-def _set(path: str, value: Any) -> Any:
-    def mutate(d: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node: Any = d
-        for p in parents:
-            node = node[int(p)] if p.isdigit() else node[p]
-        if value is KeyError:
-            del node[last]
-        else:
-            node[int(last) if last.isdigit() else last] = value
-    return mutate
-
-
 @pytest.mark.parametrize(("mutate", "error"), [
-    (_set("grpc.listen.port", None), r"grpc\.listen\.port: required"),
-    (_set("grpc.listen.insecure_plaintext", False), r"grpc\.listen: a listener needs tls"),
-    (_set("grpc.targets", []), r"grpc\.targets: at least one target"),
-    (_set("grpc.targets.1.name", "shop"), r"grpc\.targets\[1\]\.name: duplicate target name"),
-    (_set("grpc.targets.0.upstream", "http://shop:50051"), r"grpc\.targets\[0\]\.upstream: expected host:port"),
-    (_set("grpc.targets.0.upstream", "shop.internal:50051"), r"grpc\.targets\[0\]\.tls: required when a credential"),
-    (_set("grpc.targets.0.services", []), r"grpc\.targets\[0\]\.services: required"),
-    (_set("grpc.targets.0.credential.kind", "cookie"), r"grpc\.targets\[0\]\.credential\.kind: must be one of"),
-    (_set("grpc.targets.0.credential.key", "grpc-secret"), r"grpc\.targets\[0\]\.credential\.key: a lower-case"),
-    (_set("grpc.targets.0.credential.key", KeyError), r"grpc\.targets\[0\]\.credential\.key: required with kind"),
-    (_set("grpc.targets.0.credential.value_file", "/etc/hostname"),
+    (edit("grpc.listen.port", None), r"grpc\.listen\.port: required"),
+    (edit("grpc.listen.insecure_plaintext", False), r"grpc\.listen: a listener needs tls"),
+    (edit("grpc.targets", []), r"grpc\.targets: at least one target"),
+    (edit("grpc.targets.1.name", "shop"), r"grpc\.targets\[1\]\.name: duplicate target name"),
+    (edit("grpc.targets.0.upstream", "http://shop:50051"), r"grpc\.targets\[0\]\.upstream: expected host:port"),
+    (edit("grpc.targets.0.upstream", "shop.internal:50051"), r"grpc\.targets\[0\]\.tls: required when a credential"),
+    (edit("grpc.targets.0.services", []), r"grpc\.targets\[0\]\.services: required"),
+    (edit("grpc.targets.0.credential.kind", "cookie"), r"grpc\.targets\[0\]\.credential\.kind: must be one of"),
+    (edit("grpc.targets.0.credential.key", "grpc-secret"), r"grpc\.targets\[0\]\.credential\.key: a lower-case"),
+    (edit("grpc.targets.0.credential.key", KeyError), r"grpc\.targets\[0\]\.credential\.key: required with kind"),
+    (edit("grpc.targets.0.credential.value_file", "/etc/hostname"),
      r"grpc\.targets\[0\]\.credential: set exactly one of value_env or value_file"),
-    (_set("grpc.targets.0.descriptors", None), r"grpc\.targets\[0\]\.descriptors: masks need descriptors"),
-    (_set("grpc.targets.0.descriptors.reflection", True), r"grpc\.targets\[0\]\.descriptors: set file or"),
-    (_set("grpc.targets.0.undecodable", "pass"), r"grpc\.targets\[0\]\.undecodable: must be refuse or digest"),
-    (_set("grpc.targets.0.tls", {"cert_file": str(DESCRIPTOR_SET)}),
+    (edit("grpc.targets.0.descriptors", None), r"grpc\.targets\[0\]\.descriptors: masks need descriptors"),
+    (edit("grpc.targets.0.descriptors.reflection", True), r"grpc\.targets\[0\]\.descriptors: set file or"),
+    (edit("grpc.targets.0.undecodable", "pass"), r"grpc\.targets\[0\]\.undecodable: must be refuse or digest"),
+    (edit("grpc.targets.0.tls", {"cert_file": str(DESCRIPTOR_SET)}),
      r"grpc\.targets\[0\]\.tls: cert_file and key_file go together"),
-    (_set("grpc.targets.0.masks.1.in", ["request"]), r"grpc\.targets\[0\]\.masks\[1\]\.caller: only applies"),
-    (_set("grpc.targets.0.masks.0.paths", ["a..b"]), r"grpc\.targets\[0\]\.masks\[0\]\.paths\[0\]: invalid"),
-    (_set("grpc.targets.0.deadline", 3), r"grpc\.targets\[0\]\.deadline: unknown setting"),
-    (_set("grpc.rules.0.match.methods", ["shop.v1.Orders/Get"]), r"grpc\.rules\[0\]\.match\.methods: .*names only"),
-    (_set("grpc.rules.1.match.targets", ["nope"]), r"grpc\.rules\[1\]\.match\.targets: unknown target 'nope'"),
-    (_set("grpc.rules.1.approvers", KeyError), r"grpc\.rules\[1\]\.approvers: required for action approve"),
-    (_set("grpc.default", "maybe"), r"grpc\.default: must be allow or deny"),
+    (edit("grpc.targets.0.masks.1.in", ["request"]), r"grpc\.targets\[0\]\.masks\[1\]\.caller: only applies"),
+    (edit("grpc.targets.0.masks.0.paths", ["a..b"]), r"grpc\.targets\[0\]\.masks\[0\]\.paths\[0\]: invalid"),
+    (edit("grpc.targets.0.deadline", 3), r"grpc\.targets\[0\]\.deadline: unknown setting"),
+    (edit("grpc.rules.0.match.methods", ["shop.v1.Orders/Get"]), r"grpc\.rules\[0\]\.match\.methods: .*names only"),
+    (edit("grpc.rules.1.match.targets", ["nope"]), r"grpc\.rules\[1\]\.match\.targets: unknown target 'nope'"),
+    (edit("grpc.rules.1.approvers", KeyError), r"grpc\.rules\[1\]\.approvers: required for action approve"),
+    (edit("grpc.default", "maybe"), r"grpc\.default: must be allow or deny"),
 ])
 def test_config_errors_name_the_field(data: dict[str, Any], tmp_path: Path, mutate: Any, error: str) -> None:
     broken = copy.deepcopy(data)
