@@ -6,14 +6,12 @@ Everything runs on the test's event loop: the upstream (``grpc.aio`` server on a
 
 from __future__ import annotations
 
-import copy
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import grpc.aio
 import pytest
-import yaml
 from grpc_helpers import (
     CREDENTIAL,
     CREDENTIAL_ENV,
@@ -24,9 +22,8 @@ from grpc_helpers import (
     shop_pb2_grpc,
     start_upstream,
 )
+from harness import ProxyServers
 
-from pgproxy.audit.sink import AuditSink, MemoryAuditSink
-from pgproxy.config import load_config
 from pgproxy.identity import DevKeys
 from pgproxy.server.listener import ProxyServer
 
@@ -43,26 +40,9 @@ async def start_proxy(dev_keys: DevKeys, upstream: Upstream, tmp_path: Path,
                       monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartProxy]:
     """``await start_proxy(mutate=None, audit=None)``: a started ProxyServer (closed at the end)."""
     monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-    started: list[ProxyServer] = []
-
-    async def start(mutate: Callable[[dict[str, Any]], None] | None = None,
-                    audit: AuditSink | None = None) -> ProxyServer:
-        data = copy.deepcopy(config_data(dev_keys, upstream.address, tmp_path))
-        if mutate is not None:
-            mutate(data)
-        # From a file, as `pgproxy serve -c FILE` does: `pgproxy approvals -c FILE` then shares the store.
-        path = tmp_path / f"pgproxy-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        if audit is None and "dir" not in data["audit"]:  # the signed log, when configured, is the real one
-            audit = MemoryAuditSink()
-        server = ProxyServer(load_config(path), audit=audit)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.close(drain_seconds=0)
+    servers = ProxyServers(config_data(dev_keys, upstream.address, tmp_path), tmp_path)
+    yield servers.start
+    await servers.close()
 
 
 @pytest.fixture
