@@ -22,7 +22,6 @@ from ..admin.server import AdminServer
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
 from ..config import ListenerConfig, ProxyConfig
-from ..grpcproxy.proxy import GrpcProxy
 from ..http.proxy import HttpProxy
 from ..identity import TokenVerifier
 from ..logsetup import session_context
@@ -36,6 +35,7 @@ from .link import Link
 from .session import Session
 
 if TYPE_CHECKING:
+    from ..grpcproxy.proxy import GrpcProxy
     from ..masking.engine import Masking
 
 log = logging.getLogger(__name__)
@@ -139,7 +139,9 @@ class ProxyServer:
             self.http = HttpProxy(self.config.http, verifier=self.verifier, audit=self.audit,
                                   approval_store=self.approval_store)
             await self.http.start()
-        if self.config.grpc is not None:  # the same again for gRPC calls
+        if self.config.grpc is not None:  # the same again for gRPC calls (grpcio is loaded only then)
+            from ..grpcproxy.proxy import GrpcProxy
+
             self.grpc = GrpcProxy(self.config.grpc, verifier=self.verifier, audit=self.audit,
                                   approval_store=self.approval_store)
             await self.grpc.start()
