@@ -357,3 +357,26 @@ async def test_calls_are_refused_while_the_audit_log_is_unavailable(start_proxy:
         audit.broken = False
         assert (await orders.GetOrder(shop_pb2.GetOrderRequest(id=4), metadata=metadata)).id == 4
     assert [c["request"]["messages"]["messages"][0]["json"]["id"] for c in calls(audit)] == ["1", "4"]
+
+
+async def test_undecodable_response_is_not_relayed(start_proxy: Any, dev_keys: DevKeys) -> None:
+    async def garbage(request: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        return b"\x0a\xff"  # a truncated field, whatever GetOrder's request was
+
+    broken = grpc.aio.server()
+    broken.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+        "shop.v1.Orders", {"GetOrder": grpc.unary_unary_rpc_method_handler(garbage)})])
+    port = broken.add_insecure_port("127.0.0.1:0")
+    await broken.start()
+    try:
+        proxy = await start_proxy(lambda data: data["grpc"]["targets"][0].update(upstream=f"127.0.0.1:{port}"))
+        async with grpc.aio.insecure_channel(address(proxy)) as ch:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await shop_pb2_grpc.OrdersStub(ch).GetOrder(shop_pb2.GetOrderRequest(id=1),
+                                                            metadata=bearer(token(dev_keys)))
+        assert err.value.code() == grpc.StatusCode.INTERNAL and "cannot be decoded as shop.v1.Order" in str(
+            err.value.details())
+        record = calls(proxy.audit)[-1]
+        assert record["status"]["code"] == "INTERNAL" and record["status"]["by"] == "proxy"
+    finally:
+        await broken.stop(0)
