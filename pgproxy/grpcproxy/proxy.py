@@ -375,6 +375,10 @@ class GrpcProxy:
         """Decode, record and digest one request message; refuses an undecodable one (fail closed)."""
         tap = call.requests
         assert tap is not None
+        limit = upstream.config.max_message_bytes
+        if len(data) > limit:  # the listener accepts the largest limit of all targets
+            raise _Refused(Code.RESOURCE_EXHAUSTED, f"request message of {len(data)} bytes is over the limit of "
+                           f"{limit} bytes of target {upstream.config.name}")
         cls = info.input if info is not None else None
         message = self._decode(upstream, cls, data, Code.INVALID_ARGUMENT, f"request message {tap.count + 1}")
         if tap.wants_record:
@@ -388,11 +392,11 @@ class GrpcProxy:
         messages: list[bytes] = []
         total = 0
         async for data in requests:
+            self._check_request(call, upstream, info, data)
             total += len(data)
             if total > limit:
                 raise _Refused(Code.RESOURCE_EXHAUSTED, f"the request stream is over {limit} bytes, the most a call "
-                               "that is read whole (approvals, unary requests) may send")
-            self._check_request(call, upstream, info, data)
+                               "that is read whole (approvals, single requests) may send")
             messages.append(data)
         return messages
 

@@ -269,15 +269,26 @@ async def test_descriptors_by_server_reflection(start_proxy: Any, dev_keys: DevK
     assert calls(proxy.audit)[-1]["response"]["messages"]["messages"][0]["json"]["customer"]["email"] == "[masked]"
 
 
-async def test_message_size_limit(proxy: ProxyServer, orders: Any, dev_keys: DevKeys) -> None:
-    with pytest.raises(grpc.aio.AioRpcError) as err:  # max_message_bytes: 256 KiB
-        await orders.GetOrder(shop_pb2.GetOrderRequest(id=1, note="x" * 300_000), metadata=bearer(token(dev_keys)))
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    with pytest.raises(grpc.aio.AioRpcError) as err:
-        async for _ in orders.ListOrders(shop_pb2.ListRequest(count=1, blob_bytes=300_000),
-                                         metadata=bearer(token(dev_keys))):
-            pass
-    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+async def test_message_size_limit(start_proxy: Any, upstream: Upstream, dev_keys: DevKeys) -> None:
+    def larger_elsewhere(data: dict[str, Any]) -> None:  # the listener then takes up to 1 MiB
+        data["grpc"]["targets"][1]["max_message_bytes"] = 1024 * 1024
+
+    proxy = await start_proxy(larger_elsewhere)
+    async with grpc.aio.insecure_channel(address(proxy)) as ch:
+        orders = shop_pb2_grpc.OrdersStub(ch)
+        with pytest.raises(grpc.aio.AioRpcError) as err:  # max_message_bytes of target shop: 256 KiB
+            await orders.GetOrder(shop_pb2.GetOrderRequest(id=1, note="x" * 300_000), metadata=bearer(token(dev_keys)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "target shop" in str(err.value.details())
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await orders.GetOrder(shop_pb2.GetOrderRequest(id=1, note="x" * 2_000_000),
+                                  metadata=bearer(token(dev_keys)))
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # over every limit: refused by the listener
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in orders.ListOrders(shop_pb2.ListRequest(count=1, blob_bytes=300_000),
+                                             metadata=bearer(token(dev_keys))):
+                pass
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert not upstream.state.metadata
 
 
 async def test_credential_echoed_by_the_upstream_is_starred_out(proxy: ProxyServer, channel: grpc.aio.Channel,
