@@ -294,7 +294,9 @@ async def test_message_size_limit(start_proxy: Any, upstream: Upstream, dev_keys
 async def test_credential_echoed_by_the_upstream_is_starred_out(proxy: ProxyServer, channel: grpc.aio.Channel,
                                                                dev_keys: DevKeys) -> None:
     reply = await shop_pb2_grpc.EchoStub(channel).Echo(shop_pb2.EchoRequest(text="hi"),
-                                                       metadata=(*bearer(token(dev_keys)), ("x-trace", "t1")))
+                                                       metadata=(*bearer(token(dev_keys)), ("x-trace", "t1"),
+                                                                 ("x-api-key", "caller-chosen")))
+    # The upstream got the proxy's credential (not the caller's value), echoed it, and the caller sees stars.
     assert reply.metadata["x-api-key"] == "*" * len(CREDENTIAL) and reply.metadata["x-trace"] == "t1"
     record = calls(proxy.audit)[-1]
     assert record["response"]["credential_scrubbed"] == 1 and CREDENTIAL not in json.dumps(record)
