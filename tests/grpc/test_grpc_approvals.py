@@ -152,3 +152,20 @@ async def test_no_store_fails_closed(start_proxy: Any, upstream: Upstream, dev_k
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "approval" in str(err.value.details())
         assert (await stub.GetOrder(shop_pb2.GetOrderRequest(id=1), metadata=bearer(token(dev_keys)))).id == 1
     assert not upstream.state.refunds
+
+
+async def test_hold_mode_without_a_decision_times_out(start_proxy: Any, upstream: Upstream,
+                                                      dev_keys: DevKeys) -> None:
+    def quick_hold(data: dict[str, Any]) -> None:
+        data["grpc"]["rules"].insert(0, {"name": "quick-hold", "match": {"methods": ["Payout"]},
+                                         "action": "approve", "approvers": ["finance"], "mode": "hold",
+                                         "timeout": 0.3})
+
+    proxy = await start_proxy(quick_hold)
+    async with grpc.aio.insecure_channel(address(proxy)) as ch:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await shop_pb2_grpc.OrdersStub(ch).Payout(shop_pb2.RefundRequest(order_id=3),
+                                                      metadata=bearer(token(dev_keys)), timeout=10)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "timed out after 0.3 s" in str(
+        err.value.details())
+    assert approval_in_details(err.value).startswith("apr_") and not upstream.state.refunds
