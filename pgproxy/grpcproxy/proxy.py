@@ -483,6 +483,11 @@ class GrpcProxy:
             trailing = await upstream_call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
             code, details, trailing = exc.code(), exc.details() or "", exc.trailing_metadata()
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if not refusal or (task is not None and task.cancelling()):
+                raise  # the caller went away
+            code, details, trailing = Code.CANCELLED, "", None  # ended by outgoing(): the refusal is the status
         finally:  # refused, or the caller went away (cancelled, deadline, closed this generator)
             if not upstream_call.done():
                 upstream_call.cancel()

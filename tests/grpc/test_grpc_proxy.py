@@ -393,3 +393,20 @@ async def test_undecodable_response_is_not_relayed(start_proxy: Any, dev_keys: D
         assert record["status"]["code"] == "INTERNAL" and record["status"]["by"] == "proxy"
     finally:
         await broken.stop(0)
+
+
+async def test_undecodable_message_in_a_client_stream_ends_the_call(proxy: ProxyServer, channel: grpc.aio.Channel,
+                                                                    dev_keys: DevKeys) -> None:
+    upload = channel.stream_unary("/shop.v1.Orders/Upload")
+
+    async def messages() -> Any:
+        yield shop_pb2.Chunk(index=1, data=b"ok").SerializeToString()
+        yield b"\x0a\xff"  # truncated
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await upload(messages(), metadata=bearer(token(dev_keys)), timeout=5)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request message 2 cannot be decoded as shop.v1.Chunk" in str(err.value.details())
+    await _until(lambda: bool(calls(proxy.audit)))
+    record = calls(proxy.audit)[-1]
+    assert record["status"]["code"] == "INVALID_ARGUMENT" and record["request"]["messages"]["count"] == 1
