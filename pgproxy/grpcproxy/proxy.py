@@ -388,16 +388,22 @@ class GrpcProxy:
     async def _read_all(self, call: _Call, upstream: _Upstream, info: Method | None,
                         requests: AsyncIterator[bytes]) -> list[bytes]:
         """The whole request stream, checked (for approvals: its digest must be known before it is sent)."""
-        limit = upstream.config.max_message_bytes
+        target = upstream.config
         messages: list[bytes] = []
         total = 0
-        async for data in requests:
-            self._check_request(call, upstream, info, data)
-            total += len(data)
-            if total > limit:
-                raise _Refused(Code.RESOURCE_EXHAUSTED, f"the request stream is over {limit} bytes, the most a call "
-                               "that is read whole (approvals, single requests) may send")
-            messages.append(data)
+        try:
+            async with asyncio.timeout(target.timeout_seconds):  # a caller that never closes its side
+                async for data in requests:
+                    self._check_request(call, upstream, info, data)
+                    total += len(data)
+                    if total > target.max_message_bytes:
+                        raise _Refused(Code.RESOURCE_EXHAUSTED, f"the request stream is over "
+                                       f"{target.max_message_bytes} bytes, the most a call that is read whole "
+                                       "(approvals, single requests) may send")
+                    messages.append(data)
+        except TimeoutError:
+            raise _Refused(Code.DEADLINE_EXCEEDED, f"the request stream did not end within "
+                           f"{target.timeout_seconds:g} s (timeout_seconds of target {target.name})") from None
         return messages
 
     async def _approve(self, call: _Call, decision: Decision, upstream: _Upstream, info: Method | None) -> None:

@@ -410,3 +410,14 @@ async def test_undecodable_message_in_a_client_stream_ends_the_call(proxy: Proxy
     await _until(lambda: bool(calls(proxy.audit)))
     record = calls(proxy.audit)[-1]
     assert record["status"]["code"] == "INVALID_ARGUMENT" and record["request"]["messages"]["count"] == 1
+
+
+async def test_a_request_that_never_ends_is_bounded_by_the_target_timeout(start_proxy: Any, upstream: Upstream,
+                                                                         dev_keys: DevKeys) -> None:
+    proxy = await start_proxy(lambda data: data["grpc"]["targets"][0].update(timeout_seconds=0.3))
+    async with grpc.aio.insecure_channel(address(proxy)) as ch:
+        call = ch.stream_stream("/shop.v1.Orders/GetOrder")(metadata=bearer(token(dev_keys)))  # no deadline
+        await call.write(shop_pb2.GetOrderRequest(id=1).SerializeToString())  # and never done_writing()
+        assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert "did not end within 0.3 s" in await call.details()
+    assert not upstream.state.metadata
