@@ -18,6 +18,7 @@ from ..http.config import MIN_SCRUB_CHARS, MaskRule, parse_companion, parse_mask
 from ..http.jsonmask import JsonPath
 
 if TYPE_CHECKING:
+    from .descriptors import Method
     from .policy import GrpcPolicy
 
 __all__ = ["MIN_SCRUB_CHARS", "CredentialConfig", "GrpcConfig", "TargetConfig", "check_grpc", "parse_grpc"]
@@ -96,6 +97,16 @@ class TargetConfig:
     timeout_seconds: float = 300.0  # the longest call; the caller's deadline applies when shorter
     max_message_bytes: int = 4 * 1024 * 1024
     masks: tuple[GrpcMaskRule, ...] = ()
+
+    def load_descriptors(self) -> dict[str, Method]:
+        """The method table of ``descriptor_file`` (ConfigError if it cannot be read)."""
+        from .descriptors import DescriptorError, load_descriptor_set
+
+        assert self.descriptor_file is not None
+        try:
+            return load_descriptor_set(self.descriptor_file.read_bytes())
+        except (DescriptorError, OSError) as exc:
+            raise ConfigError(f"grpc target {self.name}: descriptors {self.descriptor_file}: {exc}") from None
 
     def serves(self, service: str) -> bool:
         return any(fnmatchcase(service, pattern) for pattern in self.services)
@@ -222,6 +233,8 @@ def check_grpc(config: GrpcConfig) -> list[str]:
                 target.credential.resolve()
             if target.tls is not None:
                 target.tls.load()
+            if target.descriptor_file is not None:
+                target.load_descriptors()
         except ConfigError as exc:
             problems.append(f"grpc.targets[{i}]: {exc}" if not str(exc).startswith("grpc.") else str(exc))
     if config.listen.tls is not None:

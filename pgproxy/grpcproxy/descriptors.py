@@ -122,6 +122,8 @@ def fetch_by_reflection(address: str, credentials: grpc.ChannelCredentials | Non
                 collect(ask(file_containing_symbol=service))
     except grpc.RpcError as exc:
         raise DescriptorError(f"reflection failed: {exc.code().name}: {exc.details()}") from None
+    except DecodeError as exc:
+        raise DescriptorError(f"reflection sent an invalid file descriptor: {exc}") from None
     finally:
         channel.close()
     return method_table(files.values())

@@ -57,7 +57,6 @@ from .descriptors import (
     Method,
     decode,
     fetch_by_reflection,
-    load_descriptor_set,
     mask_message,
 )
 
@@ -123,7 +122,7 @@ class _Upstream:
     methods: dict[str, Method] | None = None
     descriptor_error: str | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    callables: dict[str, grpc.aio.StreamStreamMultiCallable] = field(default_factory=dict)
+    callables: dict[tuple[str, bool], Any] = field(default_factory=dict)
     paths: dict[tuple[str, str, bool], tuple[JsonPath, ...]] = field(default_factory=dict)
 
     def mask_paths(self, message_type: str, direction: str, *, caller: bool = False) -> tuple[JsonPath, ...]:
@@ -137,27 +136,26 @@ class _Upstream:
     async def method(self) -> dict[str, Method] | None:
         """The descriptors' method table (None, with ``descriptor_error``, when it cannot be had)."""
         target = self.config
-        if self.methods is not None or (target.descriptor_file is None and not target.reflection):
+        if self.methods is not None or not target.reflection:
             return self.methods
-        async with self.lock:
+        async with self.lock:  # by reflection (a descriptor file was read at start)
             if self.methods is None:
                 try:
-                    if target.descriptor_file is not None:
-                        self.methods = load_descriptor_set(target.descriptor_file.read_bytes())
-                    else:
-                        self.methods = await asyncio.to_thread(
-                            fetch_by_reflection, target.upstream, self.credentials, self.options,
-                            (self.credential,) if self.credential else (), DESCRIPTOR_TIMEOUT)
+                    self.methods = await asyncio.to_thread(
+                        fetch_by_reflection, target.upstream, self.credentials, self.options,
+                        (self.credential,) if self.credential else (), DESCRIPTOR_TIMEOUT)
                     self.descriptor_error = None
-                except (DescriptorError, OSError) as exc:
+                except DescriptorError as exc:
                     self.descriptor_error = str(exc)
                     log.warning("grpc target %s: no descriptors: %s", target.name, exc)
         return self.methods
 
-    def callable(self, path: str) -> grpc.aio.StreamStreamMultiCallable:
-        multi = self.callables.get(path)
+    def callable(self, path: str, unary: bool) -> Any:
+        """The channel's multi-callable for ``path``: unary-unary (cheaper) or stream-stream (any kind)."""
+        multi = self.callables.get((path, unary))
         if multi is None:
-            multi = self.callables[path] = self.channel.stream_stream(path)
+            multi = self.callables[(path, unary)] = (self.channel.unary_unary(path) if unary
+                                                     else self.channel.stream_stream(path))
         return multi
 
 
@@ -222,7 +220,10 @@ class GrpcProxy:
         channel = (grpc.aio.secure_channel(target.upstream, credentials, options) if credentials is not None
                    else grpc.aio.insecure_channel(target.upstream, options))
         secret_keys = (credential[0],) if credential is not None else ()
-        return _Upstream(target, channel, credentials, options, credential, scrub, Scrubber(scrub), secret_keys)
+        upstream = _Upstream(target, channel, credentials, options, credential, scrub, Scrubber(scrub), secret_keys)
+        if target.descriptor_file is not None:  # read now: a bad file stops the start, not the first call
+            upstream.methods = target.load_descriptors()
+        return upstream
 
     async def start(self) -> None:
         """Read the credentials and TLS files (ConfigError if one is missing) and listen."""
@@ -301,6 +302,27 @@ class GrpcProxy:
                                                            refusal.approval_id))
         if call.identity is not None:
             self._record_call(call)
+
+    async def handle_unary(self, path: str, metadata: Metadata, request: bytes,
+                           context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes | None:
+        """A call of a method the descriptors say is unary (grpc.aio serves those more cheaply): the same
+        steps as ``handle``; None with the status set on ``context`` when there is no answer."""
+        async def requests() -> AsyncIterator[bytes]:
+            yield request
+
+        answer = None
+        async with contextlib.aclosing(self.handle(path, metadata, requests(), context)) as messages:
+            async for message in messages:
+                answer = message
+        return answer
+
+    def unary(self, path: str) -> bool:
+        """True when ``path`` is a unary method of its target's descriptors, as far as they are loaded."""
+        service = path.lstrip("/").partition("/")[0]
+        target = self.config.route(service)
+        methods = self._upstreams[target.name].methods if target is not None else None
+        info = methods.get(path) if methods is not None else None
+        return info is not None and not info.client_streaming and not info.server_streaming
 
     async def _serve(self, call: _Call, metadata: Metadata, requests: AsyncIterator[bytes],
                      context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncGenerator[bytes, None]:
@@ -457,7 +479,7 @@ class GrpcProxy:
         if remaining is not None:
             timeout = min(timeout, max(remaining, 0.001))
         refusal: list[_Refused] = []
-        upstream_call: grpc.aio.StreamStreamCall[bytes, bytes] | None = None
+        upstream_call: Any = None
 
         async def outgoing() -> AsyncIterator[bytes]:
             if buffered is not None:
@@ -474,8 +496,11 @@ class GrpcProxy:
                     return
                 yield data
 
-        upstream_call = upstream.callable(call.path)(outgoing(), timeout=timeout,
-                                                     metadata=grpc.aio.Metadata(*self._forwarded(metadata, upstream)))
+        forwarded = grpc.aio.Metadata(*self._forwarded(metadata, upstream))
+        unary = (info is not None and not info.client_streaming and not info.server_streaming
+                 and buffered is not None and len(buffered) == 1)
+        upstream_call = upstream.callable(call.path, unary)(buffered[0] if unary and buffered else outgoing(),
+                                                            timeout=timeout, metadata=forwarded)
         initial: list[tuple[str, str | bytes]] = []
         try:
             initial = self._returned(await upstream_call.initial_metadata(), upstream, call)
@@ -483,8 +508,11 @@ class GrpcProxy:
             call.response_metadata = metadata_record(initial, upstream.secret_keys)
             if initial:
                 await context.send_initial_metadata(initial)
-            async for data in upstream_call:
-                yield self._check_response(call, upstream, info, data)
+            if unary:
+                yield self._check_response(call, upstream, info, await upstream_call)
+            else:
+                async for data in upstream_call:
+                    yield self._check_response(call, upstream, info, data)
             code, details = await upstream_call.code(), await upstream_call.details()
             trailing = await upstream_call.trailing_metadata()
         except grpc.aio.AioRpcError as exc:
@@ -582,12 +610,16 @@ def _kind(info: Method) -> str:
 
 
 class _Handler(grpc.GenericRpcHandler):  # type: ignore[misc]  # grpcio has no type hints
-    """Every method, as a bidirectional stream of raw bytes."""
+    """Every method, as a bidirectional stream of raw bytes (unary methods known from the descriptors as
+    unary calls: on the wire they are the same, grpc.aio serves them with less work)."""
 
     def __init__(self, proxy: GrpcProxy) -> None:
         self.proxy = proxy
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         metadata: Metadata = tuple(details.invocation_metadata or ())
+        if self.proxy.unary(details.method):
+            return grpc.unary_unary_rpc_method_handler(functools.partial(self.proxy.handle_unary, details.method,
+                                                                         metadata))
         # A partial of the async generator method: grpc.aio recognises it as one and relays what it yields.
         return grpc.stream_stream_rpc_method_handler(functools.partial(self.proxy.handle, details.method, metadata))

@@ -412,12 +412,18 @@ async def test_undecodable_message_in_a_client_stream_ends_the_call(proxy: Proxy
     assert record["status"]["code"] == "INVALID_ARGUMENT" and record["request"]["messages"]["count"] == 1
 
 
-async def test_a_request_that_never_ends_is_bounded_by_the_target_timeout(start_proxy: Any, upstream: Upstream,
-                                                                         dev_keys: DevKeys) -> None:
-    proxy = await start_proxy(lambda data: data["grpc"]["targets"][0].update(timeout_seconds=0.3))
+async def test_a_request_stream_that_never_ends_is_bounded_by_the_target_timeout(
+        start_proxy: Any, upstream: Upstream, dev_keys: DevKeys) -> None:
+    def approve_uploads(data: dict[str, Any]) -> None:  # an approval needs the whole request stream first
+        data["grpc"]["targets"][0]["timeout_seconds"] = 0.3
+        data["grpc"]["rules"].insert(0, {"name": "uploads", "match": {"methods": ["Upload"]}, "action": "approve",
+                                         "approvers": ["finance"]})
+
+    proxy = await start_proxy(approve_uploads)
     async with grpc.aio.insecure_channel(address(proxy)) as ch:
-        call = ch.stream_stream("/shop.v1.Orders/GetOrder")(metadata=bearer(token(dev_keys)))  # no deadline
-        await call.write(shop_pb2.GetOrderRequest(id=1).SerializeToString())  # and never done_writing()
-        assert await asyncio.wait_for(call.code(), 5) == grpc.StatusCode.DEADLINE_EXCEEDED
-        assert "did not end within 0.3 s" in await call.details()
-    assert not upstream.state.metadata
+        call = shop_pb2_grpc.OrdersStub(ch).Upload(metadata=bearer(token(dev_keys)))  # no deadline
+        await call.write(shop_pb2.Chunk(index=1))  # and never done_writing()
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await asyncio.wait_for(call, 5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "did not end within 0.3 s" in str(err.value.details())

@@ -136,3 +136,14 @@ def test_check_reports_missing_grpc_secrets(data: dict[str, Any], tmp_path: Path
     result = CliRunner().invoke(main, ["check", "-c", str(path), "--offline"])
     assert result.exit_code != 0
     assert f"grpc.targets[0].credential: environment variable {CREDENTIAL_ENV} is not set" in result.output
+
+
+def test_check_reports_an_unreadable_descriptor_set(data: dict[str, Any], tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CREDENTIAL_ENV, "a-credential-value")
+    data["grpc"]["targets"][0]["descriptors"] = {"file": str(Path(__file__).parent / "protos" / "shop.proto")}
+    path = tmp_path / "pgproxy.yaml"
+    path.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["check", "-c", str(path), "--offline"])
+    assert result.exit_code != 0
+    assert "grpc target shop: descriptors" in result.output and "not a FileDescriptorSet" in result.output
