@@ -2,7 +2,8 @@
 
 One generic handler serves every method as a bidirectional stream of raw bytes (on the wire, unary
 and streaming calls differ only in how many messages flow), so any service can be relayed without
-its generated code. A call to ``/pkg.Service/Method`` goes to the first target whose ``services``
+its generated code; methods the loaded descriptors say are unary are served as unary calls, which
+grpc.aio handles with less work. A call to ``/pkg.Service/Method`` goes to the first target whose ``services``
 match. Every call needs ``authorization: Bearer <JWT>`` metadata (the Postgres side's TokenVerifier
 and claim mapping); the proxy replaces it with the target's own credential (metadata, and/or the
 client certificate of the TLS channel), which the caller never sees.
