@@ -276,6 +276,7 @@ class GrpcProxy:
 
     async def handle(self, path: str, metadata: Metadata, requests: AsyncIterator[bytes],
                      context: grpc.aio.ServicerContext[bytes, bytes]) -> AsyncGenerator[bytes, None]:
+        """One call: the messages for the caller; the status goes on ``context``, the record to the audit log."""
         call = _Call(id=secrets.token_hex(8), started=time.time(), t0=time.monotonic(), path=path,
                      client=context.peer())
         try:
@@ -348,7 +349,7 @@ class GrpcProxy:
         if info is not None:
             call.kind = _kind(info)
         elif target.undecodable == "refuse":
-            if methods is None and (target.descriptor_file is not None or target.reflection):
+            if methods is None and target.reflection:
                 raise _Refused(Code.UNAVAILABLE, f"descriptors of target {target.name} are unavailable "
                                f"({upstream.descriptor_error}); calls are refused until they can be read")
             raise _Refused(Code.UNIMPLEMENTED, f"{call.path} is not in the descriptors of target {target.name}; "
