@@ -122,6 +122,62 @@ def pct(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, int(p / 100 * len(ordered)))] if ordered else 0.0
 
 
+Outcome = tuple[float, list[float], int]  # per second, latencies in ms, errors
+
+
+def measure(scenarios: list[str], paths: list[str], rounds: int, processes: dict[str, int],
+            once: Callable[[str, str], Outcome], unit: str) -> tuple[dict[tuple[str, str], list[Outcome]],
+                                                                     dict[tuple[str, str, str], list[float]]]:
+    """Run every scenario on every path each round (alternating which path goes first): the outcomes, and
+    the CPU seconds per request of this process ("client") and of ``processes`` (name -> pid)."""
+    results: dict[tuple[str, str], list[Outcome]] = {}
+    cpu: dict[tuple[str, str, str], list[float]] = {}  # (scenario, path, process) -> CPU s per request
+    for round_ in range(rounds):
+        for name in scenarios:
+            for which in paths if round_ % 2 == 0 else list(reversed(paths)):
+                before = {"client": time.process_time(), **{p: cpu_seconds(pid) for p, pid in processes.items()}}
+                outcome = once(name, which)
+                after = {"client": time.process_time(), **{p: cpu_seconds(pid) for p, pid in processes.items()}}
+                results.setdefault((name, which), []).append(outcome)
+                for proc_name in before:
+                    cpu.setdefault((name, which, proc_name), []).append(
+                        (after[proc_name] - before[proc_name]) / max(1, len(outcome[1])))
+                print(f"round {round_ + 1} {name:34} {which:6} {outcome[0]:9.0f} {unit}", file=sys.stderr)
+    return results, cpu
+
+
+def ratio_tables(scenarios: list[str], results: dict[tuple[str, str], list[Outcome]],
+                 cpu: dict[tuple[str, str, str], list[float]], rate: str, per: str, noun: str) -> list[str]:
+    """The report's two tables: ``rate`` (req/s), ratio and latency per scenario, then CPU time ``per`` unit
+    (req) of work (``noun``: request)."""
+    lines = [
+        f"| Scenario | direct {rate} | proxy {rate} | proxy/direct | direct p50 / p99 ms | proxy p50 / p99 ms "
+        "| errors |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in scenarios:
+        d, p = results[(name, "direct")], results[(name, "proxy")]
+        d_rps, p_rps = statistics.median(r[0] for r in d), statistics.median(r[0] for r in p)
+        d_lat = [x for r in d for x in r[1]]
+        p_lat = [x for r in p for x in r[1]]
+        errors = sum(r[2] for r in d) + sum(r[2] for r in p)
+        lines.append(f"| {name} | {d_rps:,.0f} | {p_rps:,.0f} | {p_rps / d_rps:.2f} | "
+                     f"{pct(d_lat, 50):.2f} / {pct(d_lat, 99):.2f} | {pct(p_lat, 50):.2f} / {pct(p_lat, 99):.2f} | "
+                     f"{errors} |")
+    lines += ["", "The machine is shared (2 cores for client, proxy and upstream together), so absolute numbers "
+              f"move between runs; the ratio is the figure to compare. CPU time per {noun} of each process "
+              "(median over rounds, from /proc) shows which one is the bottleneck:",
+              "", f"| Scenario | path | client µs/{per} | upstream µs/{per} | proxy µs/{per} |",
+              "|---|---|---:|---:|---:|"]
+    for name in scenarios:
+        for which in ("direct", "proxy"):
+            per = [statistics.median(cpu[(name, which, p)]) * 1e6 for p in ("client", "upstream", "proxy")]
+            shown = [f"{v:,.0f}" for v in per[:2]] + [f"{per[2]:,.0f}" if which == "proxy" else "—"]
+            lines.append(f"| {name} | {which} | " + " | ".join(shown) + " |")
+    lines.append("")
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--workers", type=int, default=16)
@@ -164,23 +220,14 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
                            ttl_seconds=3600)
         paths = {"direct": (f"http://127.0.0.1:{up_port}", {}),
                  "proxy": (f"http://127.0.0.1:{http_port}/api", {"Authorization": f"Bearer {token}"})}
-        results: dict[tuple[str, str], list[tuple[float, list[float], int]]] = {}
-        cpu: dict[tuple[str, str, str], list[float]] = {}  # (scenario, path, process) -> CPU s per request
-        for round_ in range(args.rounds):
-            for name, (method, path, kwargs) in SCENARIOS.items():
-                order = list(paths) if round_ % 2 == 0 else list(reversed(paths))
-                for which in order:
-                    base, headers = paths[which]
-                    before = {"client": time.process_time(), "upstream": cpu_seconds(upstream.pid),
-                              "proxy": cpu_seconds(proxy.pid)}
-                    outcome = asyncio.run(load(base + path, method, kwargs(), headers, args.workers, args.duration))
-                    after = {"client": time.process_time(), "upstream": cpu_seconds(upstream.pid),
-                             "proxy": cpu_seconds(proxy.pid)}
-                    results.setdefault((name, which), []).append(outcome)
-                    for proc_name in before:
-                        cpu.setdefault((name, which, proc_name), []).append(
-                            (after[proc_name] - before[proc_name]) / max(1, len(outcome[1])))
-                    print(f"round {round_ + 1} {name:26} {which:6} {outcome[0]:9.0f} req/s", file=sys.stderr)
+
+        def once(name: str, which: str) -> Outcome:
+            method, path, kwargs = SCENARIOS[name]
+            base, headers = paths[which]
+            return asyncio.run(load(base + path, method, kwargs(), headers, args.workers, args.duration))
+
+        results, cpu = measure(list(SCENARIOS), list(paths), args.rounds,
+                               {"upstream": upstream.pid, "proxy": proxy.pid}, once, "req/s")
         report = format_report(args, results, cpu)
     finally:
         for proc in (proxy, upstream):
@@ -194,16 +241,21 @@ def run(args: argparse.Namespace, tmp: Path) -> None:
     print(report)
 
 
-def format_report(args: argparse.Namespace, results: dict[tuple[str, str], list[tuple[float, list[float], int]]],
-                  cpu: dict[tuple[str, str, str], list[float]]) -> str:
+def revision() -> str:
+    """The commit measured, and whether pgproxy/ had uncommitted changes."""
     rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout
     if rev and subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "pgproxy"], cwd=ROOT).returncode:
         rev = rev.strip() + " with uncommitted changes to pgproxy/"
+    return rev.strip() or "unknown"
+
+
+def format_report(args: argparse.Namespace, results: dict[tuple[str, str], list[Outcome]],
+                  cpu: dict[tuple[str, str, str], list[float]]) -> str:
     lines = [
         "# HTTP proxy: direct vs through pgproxy",
         "",
         f"`bench/http_compare.py --workers {args.workers} --duration {args.duration:g} --rounds {args.rounds}` "
-        f"at {rev.strip() or 'unknown'} on {platform.node()} ({os.cpu_count()} CPUs, Python "
+        f"at {revision()} on {platform.node()} ({os.cpu_count()} CPUs, Python "
         f"{platform.python_version()}), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.",
         "",
         "Same upstream (aiohttp app, its own process), same client (aiohttp, "
@@ -213,28 +265,8 @@ def format_report(args: argparse.Namespace, results: dict[tuple[str, str], list[
         "masks `$.customer.email` in the audit record and writes a JSON-lines audit record per request. "
         "Median over rounds; latencies pooled over rounds.",
         "",
-        "| Scenario | direct req/s | proxy req/s | proxy/direct | direct p50 / p99 ms | proxy p50 / p99 ms | errors |",
-        "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in SCENARIOS:
-        d, p = results[(name, "direct")], results[(name, "proxy")]
-        d_rps, p_rps = statistics.median(r[0] for r in d), statistics.median(r[0] for r in p)
-        d_lat = [x for r in d for x in r[1]]
-        p_lat = [x for r in p for x in r[1]]
-        errors = sum(r[2] for r in d) + sum(r[2] for r in p)
-        lines.append(f"| {name} | {d_rps:,.0f} | {p_rps:,.0f} | {p_rps / d_rps:.2f} | "
-                     f"{pct(d_lat, 50):.2f} / {pct(d_lat, 99):.2f} | {pct(p_lat, 50):.2f} / {pct(p_lat, 99):.2f} | "
-                     f"{errors} |")
-    lines += ["", "The machine is shared (2 cores for client, proxy and upstream together), so absolute numbers "
-              "move between runs; the ratio is the figure to compare. CPU time per request of each process (median "
-              "over rounds, from /proc) shows which one is the bottleneck:",
-              "", "| Scenario | path | client µs/req | upstream µs/req | proxy µs/req |", "|---|---|---:|---:|---:|"]
-    for name in SCENARIOS:
-        for which in ("direct", "proxy"):
-            per = [statistics.median(cpu[(name, which, p)]) * 1e6 for p in ("client", "upstream", "proxy")]
-            shown = [f"{v:,.0f}" for v in per[:2]] + [f"{per[2]:,.0f}" if which == "proxy" else "—"]
-            lines.append(f"| {name} | {which} | " + " | ".join(shown) + " |")
-    lines.append("")
+    lines += ratio_tables(list(SCENARIOS), results, cpu, "req/s", "req", "request")
     return "\n".join(lines)
 
 

@@ -109,6 +109,10 @@ def check(config_path: str | None, offline: bool, role: str | None, database: st
         from .http.config import check_http
 
         problems += check_http(config.http)
+    if config.grpc is not None:  # the gRPC proxy's credentials and TLS files
+        from .grpcproxy.config import check_grpc
+
+        problems += check_grpc(config.grpc)
     if config.masking is not None:  # the rules, the key and (unless --offline) the live schema
         problems += _check_masking(config, offline, role, database)
     if config.policy is not None:  # the statement policy: errors fail the check, shadowed rules warn
@@ -392,6 +396,44 @@ def audit_replay_http(bundle: str, base_url: str, headers: Sequence[str], pubkey
     try:
         report = run_http_replay(Path(bundle), base_url, headers=parsed, pubkeys=tuple(Path(p) for p in pubkeys),
                                  progress=progress)
+    except ReplayError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped")
+    if not report.ok:
+        sys.exit(1)
+
+
+@audit.command("replay-grpc")
+@click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
+@click.option("--target", required=True, help="host:port of a sandbox gRPC server to replay against.")
+@click.option("--descriptor-set", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="FileDescriptorSet of the services (default: ask the sandbox's server reflection).")
+@click.option("--metadata", "metadata", multiple=True, help="'key: value' sent with every call (repeatable).")
+@click.option("--ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Connect with TLS, trusting this CA.")
+@click.option("--tls", is_flag=True, help="Connect with TLS, trusting the system's CAs.")
+@_pubkey_option
+def audit_replay_grpc(bundle: str, target: str, descriptor_set: str | None, metadata: Sequence[str],
+                      ca_file: str | None, tls: bool, pubkeys: Sequence[str]) -> None:
+    """Re-run a bundle's gRPC calls against a sandbox and compare status and response digests. Exit 1 on a
+    difference."""
+    from .audit.replay import ReplayError, ReplayOutcome
+    from .grpcproxy.replay import run_grpc_replay
+
+    def progress(o: ReplayOutcome, n: int, total: int) -> None:
+        click.echo(f"[{n}/{total}] #{o.index} {o.status.upper()}: {o.sql[:80]}"
+                   + (f" ({o.detail})" if o.detail else ""))
+
+    parsed = {}
+    for m in metadata:
+        key, sep, value = m.partition(":")
+        if not sep or not key.strip():
+            raise click.ClickException(f"--metadata {m!r}: expected 'key: value'")
+        parsed[key.strip().lower()] = value.strip()
+    try:
+        report = run_grpc_replay(Path(bundle), target, descriptor_set=Path(descriptor_set) if descriptor_set else None,
+                                 metadata=parsed, ca_file=Path(ca_file) if ca_file else None, tls=tls,
+                                 pubkeys=tuple(Path(p) for p in pubkeys), progress=progress)
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped")

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 import yaml
 
 if TYPE_CHECKING:
+    from .grpcproxy.config import GrpcConfig
     from .http.config import HttpConfig
 
 CONFIG_ENV_VAR = "PGPROXY_CONFIG"
@@ -260,6 +261,7 @@ class ProxyConfig:
     policy: PolicyConfig | None = None
     masking: MaskingConfig | None = None
     http: HttpConfig | None = None  # the HTTP companion proxy (pgproxy/http/, docs/http.md)
+    grpc: GrpcConfig | None = None  # the gRPC companion proxy (pgproxy/grpcproxy/, docs/grpc.md)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -619,6 +621,11 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
         from .http.config import parse_http
 
         http = parse_http(root.section("http"))
+    grpc = None
+    if root.raw("grpc") is not None:
+        from .grpcproxy.config import parse_grpc
+
+        grpc = parse_grpc(root.section("grpc"))
     log_section = root.section("logging")
     log_format = log_section.string("format", "text") or "text"
     if log_format not in LOG_FORMATS:
@@ -627,7 +634,7 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
     root.done()
     return ProxyConfig(listeners=tuple(listeners), identity=identity, upstream=upstream, limits=limits,
                        audit=audit, source=source, approvals=approvals, admin=admin, policy=policy,
-                       masking=masking, http=http, logging=LoggingConfig(log_format))
+                       masking=masking, http=http, grpc=grpc, logging=LoggingConfig(log_format))
 
 
 def _masking(s: Section) -> MaskingConfig:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import ssl
@@ -11,11 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+import yaml
+from click.testing import CliRunner
 
-from pgproxy.audit.sink import MemoryAuditSink
-from pgproxy.config import parse_config
+from pgproxy.audit.sink import AuditSink, MemoryAuditSink
+from pgproxy.cli import main
+from pgproxy.config import load_config, parse_config
 from pgproxy.devdb import Database
 from pgproxy.identity import DevKeys, mint_token
+from pgproxy.server.listener import ProxyServer
 from pgproxy.testing import RunningProxy
 from pgproxy.tlsutil import DevTLS
 
@@ -114,3 +119,61 @@ def proxy_config_data(database: Database, keys: DevKeys, tls: DevTLS) -> dict[st
                                      {"role": "*", "password_env": UPSTREAM_PASSWORD_ENV}]},
         "limits": {"startup_timeout_seconds": 5, "max_message_bytes": 8 * 1024 * 1024},
     }
+
+
+def config_edit(path: str, value: Any) -> Callable[[dict[str, Any]], None]:
+    """A change to config data: set the dotted ``path`` (numbers index lists) to ``value``, or with
+    ``KeyError`` as the value, remove it."""
+    def mutate(data: dict[str, Any]) -> None:
+        *parents, last = path.split(".")
+        node: Any = data
+        for p in parents:
+            node = node[int(p)] if p.isdigit() else node[p]
+        if value is KeyError:
+            del node[last]
+        else:
+            node[int(last) if last.isdigit() else last] = value
+    return mutate
+
+
+async def approvals_cli(source: Path | None, keys: DevKeys, action: str, approval_id: str,
+                        approver: str = "fin-1") -> str:
+    """Run `pgproxy approvals <action> <id> -c <source>` as a finance approver (in a thread: the CLI runs
+    its own event loop); its output."""
+    assert source is not None
+    approver_token = mint_token(keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject=approver,
+                                groups=["finance"], ttl_seconds=600)
+    args = ["approvals", action, "-c", str(source), "--token", approver_token, approval_id]
+    result = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+class ProxyServers:
+    """ProxyServers started in the test's event loop from config data, each from a config file as
+    `pgproxy serve -c FILE` does (so that `pgproxy approvals -c FILE` shares their approval store)."""
+
+    def __init__(self, data: dict[str, Any], directory: Path) -> None:
+        self.data = data
+        self.directory = directory
+        self.started: list[ProxyServer] = []
+
+    async def start(self, mutate: Callable[[dict[str, Any]], None] | None = None,
+                    audit: AuditSink | None = None) -> ProxyServer:
+        """A started server with ``mutate`` applied to a copy of the data; a MemoryAuditSink unless
+        ``audit`` is given or the config has a signed log (``audit.dir``)."""
+        data = copy.deepcopy(self.data)
+        if mutate is not None:
+            mutate(data)
+        path = self.directory / f"pgproxy-{len(self.started)}.yaml"
+        path.write_text(yaml.safe_dump(data))
+        if audit is None and "dir" not in data["audit"]:
+            audit = MemoryAuditSink()
+        server = ProxyServer(load_config(path), audit=audit)
+        await server.start()
+        self.started.append(server)
+        return server
+
+    async def close(self) -> None:
+        for server in self.started:
+            await server.close(drain_seconds=0)

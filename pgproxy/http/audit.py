@@ -87,7 +87,7 @@ def body_record(tap: BodyTap, content_type: str, paths: tuple[JsonPath, ...],
                 record["json"] = redact_json(masked)
                 if hits:
                     record["masked"] = hits
-                return _scrubbed(record, scrub)
+                return scrubbed(record, scrub)
         if paths:
             record["omitted"] = ("JSON over the audit cap cannot be masked" if tap.truncated
                                  else "invalid JSON cannot be masked")
@@ -102,13 +102,13 @@ def body_record(tap: BodyTap, content_type: str, paths: tuple[JsonPath, ...],
     record["text"] = redact_text(text)
     if tap.truncated:
         record["truncated"] = True
-    return _scrubbed(record, scrub)
+    return scrubbed(record, scrub)
 
 
 _INVALID = object()
 
 
-def _scrubbed(record: dict[str, Any], scrub: Iterable[str]) -> dict[str, Any]:
+def scrubbed(record: dict[str, Any], scrub: Iterable[str]) -> dict[str, Any]:
     """Fail closed: a record still holding an injected credential loses its excerpt."""
     secrets = [s for s in scrub if s]
     if not secrets:

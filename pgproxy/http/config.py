@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import base64
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 from urllib.parse import urlsplit
 
 from ..config import ConfigError, ListenerConfig, Section, parse_listener, read_secret, secure_url
@@ -27,6 +28,7 @@ _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Credentials shorter than this are not searched for in responses (a 2-character secret would scrub
 # innocent text); they are still injected and still kept out of the audit log.
 MIN_SCRUB_CHARS = 6
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ def _credential(s: Section) -> CredentialConfig:
     return cred
 
 
-def _mask(s: Section) -> MaskRule:
+def parse_mask(s: Section) -> MaskRule:
+    """One mask rule (``paths``, ``in``, ``caller``); the gRPC section reads its rules with it too."""
     paths = []
     for i, text in enumerate(s.items("paths")):
         if not isinstance(text, str):
@@ -160,7 +163,7 @@ def _target(s: Section, names: set[str]) -> TargetConfig:
     if credential is not None and not secure_url(upstream):
         raise ConfigError(f"{s.at('upstream')}: must be https when a credential is injected (plain http only "
                           "for loopback)")
-    masks = tuple(_mask(Section(item, f"{s.at('masks')}[{i}]", s.base_dir))
+    masks = tuple(parse_mask(Section(item, f"{s.at('masks')}[{i}]", s.base_dir))
                   for i, item in enumerate(s.items("masks")))
     target = TargetConfig(
         name=name, upstream=upstream, credential=credential,
@@ -176,19 +179,26 @@ def _target(s: Section, names: set[str]) -> TargetConfig:
     return target
 
 
+def parse_companion(s: Section, proxy: str,
+                    parse_target: Callable[[Section, set[str]], T]) -> tuple[ListenerConfig, tuple[T, ...], set[str]]:
+    """The ``listen`` and ``targets`` of a companion proxy's section, and the target names."""
+    listen_section = s.section("listen")
+    if listen_section.raw("port") is None:
+        raise ConfigError(f"{listen_section.at('port')}: required (the {proxy} proxy's port; 0 picks a free one)")
+    listen = parse_listener(listen_section)
+    names: set[str] = set()
+    targets = tuple(parse_target(Section(item, f"{s.at('targets')}[{i}]", s.base_dir), names)
+                    for i, item in enumerate(s.items("targets")))
+    if not targets:
+        raise ConfigError(f"{s.at('targets')}: at least one target is required")
+    return listen, targets, names
+
+
 def parse_http(s: Section) -> HttpConfig:
     """The validated ``http`` section (``s`` is the section at path ``http``)."""
     from .policy import parse_http_policy
 
-    listen_section = s.section("listen")
-    if listen_section.raw("port") is None:
-        raise ConfigError(f"{listen_section.at('port')}: required (the HTTP proxy's port; 0 picks a free one)")
-    listen = parse_listener(listen_section)
-    names: set[str] = set()
-    targets = tuple(_target(Section(item, f"{s.at('targets')}[{i}]", s.base_dir), names)
-                    for i, item in enumerate(s.items("targets")))
-    if not targets:
-        raise ConfigError(f"{s.at('targets')}: at least one target is required")
+    listen, targets, names = parse_companion(s, "HTTP", _target)
     policy = parse_http_policy(s, names)
     http = HttpConfig(listen=listen, targets=targets, policy=policy,
                       audit_body_bytes=s.integer("audit_body_bytes", 64 * 1024, maximum=16 * 1024 * 1024),

@@ -33,10 +33,12 @@ from aiohttp import web
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..audit.guard import AuditGuard
 from ..audit.redact import redact_text
-from ..audit.sink import AuditSink, AuditUnavailable
+from ..audit.sink import AuditSink
 from ..config import ConfigError
 from ..identity import Identity, TokenError, TokenVerifier
+from ..identity.reuse import VerifiedTokens
 from ..policy.approvals import ApprovalStore
 from ..policy.rules import Decision
 from ..tlsutil import server_context
@@ -53,8 +55,6 @@ CHUNK = 64 * 1024
 # headers: a streamed answer costs three writes (headers, body, held-back scrub tail) per exchange.
 SMALL_BODY = 64 * 1024
 SPOOL_IN_MEMORY = 1024 * 1024
-TOKEN_REUSE_SECONDS = 30.0
-MAX_CACHED_TOKENS = 4096
 # Never forwarded in either direction (RFC 9110 hop-by-hop fields, plus what the proxy sets itself).
 HOP_BY_HOP = frozenset({"connection", "keep-alive", "proxy-connection", "transfer-encoding", "te", "trailer",
                         "upgrade", "proxy-authenticate", "proxy-authorization", "expect"})
@@ -137,8 +137,8 @@ class HttpProxy:
         self.approvals = HttpApprovals(approval_store, audit)
         self._upstreams: dict[str, _Upstream] = {}
         self._runner: web.AppRunner | None = None
-        self._audit_broken = False
-        self._verified: dict[str, tuple[Identity, float]] = {}  # token -> (identity, monotonic reuse limit)
+        self._recorder = AuditGuard(audit, "http exchange")
+        self._tokens = VerifiedTokens(verifier)
         self.app = web.Application()
         self.app.router.add_route("*", r"/{target}{tail:(/.*)?}", self._handle)
 
@@ -233,13 +233,8 @@ class HttpProxy:
 
     async def _serve(self, request: web.Request, ex: _Exchange, path: str) -> web.StreamResponse:
         ex.identity = await self._authenticate(request, ex)
-        if self._audit_broken:
-            try:
-                self.audit.flush()
-                self._audit_broken = False
-            except Exception:
-                raise _Refused(503, "the audit log is unavailable; requests are refused until it recovers") \
-                    from None
+        if not self._recorder.writable():
+            raise _Refused(503, "the audit log is unavailable; requests are refused until it recovers")
         why = ambiguous_path(path, request.rel_url.raw_path)
         if why is not None:
             raise _Refused(400, f"refused path: {why}")
@@ -269,34 +264,13 @@ class HttpProxy:
                 spool.close()
 
     async def _authenticate(self, request: web.Request, ex: _Exchange) -> Identity:
-        scheme, _, token = request.headers.get("Authorization", "").partition(" ")
-        reason = None
-        if scheme.lower() != "bearer" or not token.strip():
-            reason = "missing bearer token (Authorization: Bearer <JWT>)"
-        else:
-            try:
-                return await self._verify(token.strip())
-            except TokenError as exc:
-                reason = f"invalid token: {exc.reason}"
+        try:
+            return await self._tokens.bearer(request.headers.get("Authorization"), "Authorization: Bearer <JWT>")
+        except TokenError as exc:
+            reason = exc.reason
         self._emit({"event": "http_auth_failed", "ts": ex.started, "exchange": ex.id, "client": ex.client,
                     "method": ex.method, "target": ex.target, "path": redact_text(ex.path_qs), "reason": reason})
         raise _Refused(401, reason)
-
-    async def _verify(self, token: str) -> Identity:
-        """The verifier's answer, reused for up to ``TOKEN_REUSE_SECONDS`` (never past the token's expiry).
-
-        HTTP callers send their token with every request; verifying a signature each time would cost
-        more than the rest of the proxying. Only tokens that verified are kept.
-        """
-        now = time.monotonic()
-        cached = self._verified.get(token)
-        if cached is not None and now < cached[1] and time.time() < cached[0].expires_at:
-            return cached[0]
-        identity = await self.verifier.verify(token)
-        if len(self._verified) >= MAX_CACHED_TOKENS:
-            self._verified.clear()
-        self._verified[token] = (identity, now + TOKEN_REUSE_SECONDS)
-        return identity
 
     async def _spool(self, request: web.Request, target: TargetConfig, tap: BodyTap) -> IO[bytes]:
         spool: IO[bytes] = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115 (closed by caller)
@@ -464,11 +438,7 @@ class HttpProxy:
         self._emit(event)
 
     def _emit(self, event: dict[str, Any]) -> None:
-        try:
-            self.audit.emit(event)
-        except AuditUnavailable as exc:  # refuse new requests until the log is writable again
-            self._audit_broken = True
-            log.error("cannot record http exchange %s: %s", event.get("exchange"), exc)
+        self._recorder.emit(event, event.get("exchange"))
 
 
 def ambiguous_path(decoded: str, raw: str) -> str | None:

@@ -35,6 +35,7 @@ from .link import Link
 from .session import Session
 
 if TYPE_CHECKING:
+    from ..grpcproxy.proxy import GrpcProxy
     from ..masking.engine import Masking
 
 log = logging.getLogger(__name__)
@@ -86,10 +87,11 @@ class ProxyServer:
 
             self.masking = Masking(config.masking, config.upstream)
             self.gates = (*self.gates, self.masking)
-        if config.http is not None and self.approval_store is None and config.approvals is not None:
+        companions = config.http is not None or config.grpc is not None
+        if companions and self.approval_store is None and config.approvals is not None:
             from ..policy.approval_factory import build_approval_store
 
-            self.approval_store = build_approval_store(config, audit=audit)  # HTTP approvals use it too
+            self.approval_store = build_approval_store(config, audit=audit)  # HTTP/gRPC approvals use it too
             self._owns_approval_store = True
         self.verifier = verifier or TokenVerifier(config.identity)
         self.cancels = CancelRegistry()
@@ -101,6 +103,7 @@ class ProxyServer:
         self._sweeper: asyncio.Task[None] | None = None
         self.admin: AdminServer | None = None  # the approvals HTTP API (config `admin:`), started by start()
         self.http: HttpProxy | None = None  # the HTTP companion proxy (config `http:`), started by start()
+        self.grpc: GrpcProxy | None = None  # the gRPC companion proxy (config `grpc:`), started by start()
 
     def tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
         if listener.tls is None:
@@ -136,6 +139,12 @@ class ProxyServer:
             self.http = HttpProxy(self.config.http, verifier=self.verifier, audit=self.audit,
                                   approval_store=self.approval_store)
             await self.http.start()
+        if self.config.grpc is not None:  # the same again for gRPC calls (grpcio is loaded only then)
+            from ..grpcproxy.proxy import GrpcProxy
+
+            self.grpc = GrpcProxy(self.config.grpc, verifier=self.verifier, audit=self.audit,
+                                  approval_store=self.approval_store)
+            await self.grpc.start()
 
     def _accepted(self, listener: ListenerConfig) -> Callable[[Link], None]:
         def on_made(link: Link) -> None:
@@ -205,6 +214,8 @@ class ProxyServer:
             await self.admin.close()
         if self.http is not None:
             await self.http.close()
+        if self.grpc is not None:
+            await self.grpc.close()
         if self.sessions and drain_seconds > 0:
             deadline = asyncio.get_running_loop().time() + drain_seconds
             while self.sessions and asyncio.get_running_loop().time() < deadline:

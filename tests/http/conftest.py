@@ -6,19 +6,15 @@ Everything runs on the test's event loop: the upstream (``web.AppRunner`` on a f
 
 from __future__ import annotations
 
-import copy
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
-import yaml
 from aiohttp import web
+from harness import ProxyServers
 from http_helpers import CREDENTIAL, CREDENTIAL_ENV, StartProxy, config_data, upstream_app
 
-from pgproxy.audit.sink import AuditSink, MemoryAuditSink
-from pgproxy.config import load_config
 from pgproxy.identity import DevKeys
 from pgproxy.server.listener import ProxyServer
 
@@ -40,26 +36,9 @@ async def start_proxy(dev_keys: DevKeys, upstream_url: str, tmp_path: Path,
                       monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[StartProxy]:
     """``await start_proxy(mutate=None, audit=None)``: a started ProxyServer (closed at the end)."""
     monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
-    started: list[ProxyServer] = []
-
-    async def start(mutate: Callable[[dict[str, Any]], None] | None = None,
-                    audit: AuditSink | None = None) -> ProxyServer:
-        data = copy.deepcopy(config_data(dev_keys, upstream_url, tmp_path))
-        if mutate is not None:
-            mutate(data)
-        # From a file, as `pgproxy serve -c FILE` does: `pgproxy approvals -c FILE` then shares the store.
-        path = tmp_path / f"pgproxy-{len(started)}.yaml"
-        path.write_text(yaml.safe_dump(data))
-        if audit is None and "dir" not in data["audit"]:  # the signed log, when configured, is the real one
-            audit = MemoryAuditSink()
-        server = ProxyServer(load_config(path), audit=audit)
-        await server.start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        await server.close(drain_seconds=0)
+    servers = ProxyServers(config_data(dev_keys, upstream_url, tmp_path), tmp_path)
+    yield servers.start
+    await servers.close()
 
 
 @pytest.fixture

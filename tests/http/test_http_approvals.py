@@ -8,11 +8,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from click.testing import CliRunner
+from harness import approvals_cli
 from http_helpers import base, bearer, exchanges, token
 
 from pgproxy.audit.sink import MemoryAuditSink
-from pgproxy.cli import main
 from pgproxy.identity import DevKeys
 from pgproxy.policy.approvals import ApprovalStore
 from pgproxy.server.listener import ProxyServer
@@ -20,16 +19,6 @@ from pgproxy.server.listener import ProxyServer
 pytestmark = pytest.mark.timeout(60)
 
 
-async def approvals_cli(server: ProxyServer, dev_keys: DevKeys, action: str, approval_id: str,
-                        approver: str = "fin-1") -> str:
-    """Run `pgproxy approvals <action> <id>` as a finance approver (in a thread: the CLI runs its own loop)."""
-    source = server.config.source
-    assert source is not None
-    args = ["approvals", action, "-c", str(source), "--token", token(dev_keys, sub=approver, groups=("finance",)),
-            approval_id]
-    result = await asyncio.to_thread(CliRunner().invoke, main, args, catch_exceptions=False)
-    assert result.exit_code == 0, result.output
-    return result.output
 
 
 def store(server: ProxyServer) -> ApprovalStore:
@@ -60,7 +49,7 @@ async def test_refuse_mode_then_approve_with_the_cli_runs_once(
     async with client.post(url, json={"amount": 9999}, headers=agent) as r:
         assert r.status == 428 and (await r.json())["approval_id"] != approval_id
 
-    assert "approved" in await approvals_cli(proxy, dev_keys, "approve", approval_id)
+    assert "approved" in await approvals_cli(proxy.config.source, dev_keys, "approve", approval_id)
     async with client.post(url, json=payload, headers=agent) as r:
         assert r.status == 200
         assert (await r.json())["body"] == json.dumps(payload)
@@ -80,7 +69,7 @@ async def test_refused_request_after_deny(proxy: ProxyServer, client: aiohttp.Cl
     url = f"{base(proxy)}/api/echo/refunds/7"
     async with client.post(url, data=b"x", headers=agent) as r:
         approval_id = (await r.json())["approval_id"]
-    await approvals_cli(proxy, dev_keys, "deny", approval_id)
+    await approvals_cli(proxy.config.source, dev_keys, "deny", approval_id)
     async with client.post(url, data=b"x", headers=agent) as r:  # a fresh request is filed, nothing runs
         assert r.status == 428 and (await r.json())["approval_id"] != approval_id
     assert not [e for e in exchanges(audit(proxy)) if e.get("response")]
@@ -106,7 +95,7 @@ async def test_hold_mode_waits_for_approval(proxy: ProxyServer, client: aiohttp.
     waiting = asyncio.ensure_future(call())
     approval_id = await _pending_id(proxy)
     assert not waiting.done()
-    await approvals_cli(proxy, dev_keys, "approve", approval_id)
+    await approvals_cli(proxy.config.source, dev_keys, "approve", approval_id)
     status, body = await waiting
     assert status == 200 and body["method"] == "PUT"
 
@@ -121,7 +110,7 @@ async def test_hold_mode_denied_is_403_and_timeout_is_504(proxy: ProxyServer, cl
 
     waiting = asyncio.ensure_future(call("payouts/2"))
     approval_id = await _pending_id(proxy)
-    await approvals_cli(proxy, dev_keys, "deny", approval_id)
+    await approvals_cli(proxy.config.source, dev_keys, "deny", approval_id)
     status, body = await waiting
     assert status == 403 and body["error"] == f"approval {approval_id} denied by fin-1"
 

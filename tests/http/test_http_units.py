@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from harness import config_edit as edit
 from http_helpers import CREDENTIAL, CREDENTIAL_ENV, config_data, token
 
 from pgproxy.config import ConfigError, parse_config
@@ -24,41 +25,28 @@ def data(dev_keys: DevKeys, tmp_path: Path) -> dict[str, Any]:
     return config_data(dev_keys, "http://127.0.0.1:1", tmp_path)
 
 
-def _set(path: str, value: Any) -> Any:
-    def mutate(d: dict[str, Any]) -> None:
-        *parents, last = path.split(".")
-        node: Any = d
-        for p in parents:
-            node = node[int(p)] if p.isdigit() else node[p]
-        if value is KeyError:
-            del node[last]
-        else:
-            node[int(last) if last.isdigit() else last] = value
-    return mutate
-
-
 @pytest.mark.parametrize(("mutate", "error"), [
-    (_set("http.listen.port", None), r"http\.listen\.port: required"),
-    (_set("http.listen.insecure_plaintext", False), r"http\.listen: a listener needs tls"),
-    (_set("http.listen.host", "0.0.0.0"), r"http\.listen\.insecure_plaintext: only allowed on a loopback host"),
-    (_set("http.targets", []), r"http\.targets: at least one target"),
-    (_set("http.targets.1.name", "api"), r"http\.targets\[1\]\.name: duplicate target name"),
-    (_set("http.targets.0.name", "a/b"), r"http\.targets\[0\]\.name: letters"),
-    (_set("http.targets.0.upstream", "https://user:pw@example.com"), r"http\.targets\[0\]\.upstream: no credentials"),
-    (_set("http.targets.0.upstream", "http://api.example.com"), r"http\.targets\[0\]\.upstream: must be https"),
-    (_set("http.targets.0.credential.kind", "cookie"), r"http\.targets\[0\]\.credential\.kind: must be one of"),
-    (_set("http.targets.0.credential.value_file", "/etc/hostname"),
+    (edit("http.listen.port", None), r"http\.listen\.port: required"),
+    (edit("http.listen.insecure_plaintext", False), r"http\.listen: a listener needs tls"),
+    (edit("http.listen.host", "0.0.0.0"), r"http\.listen\.insecure_plaintext: only allowed on a loopback host"),
+    (edit("http.targets", []), r"http\.targets: at least one target"),
+    (edit("http.targets.1.name", "api"), r"http\.targets\[1\]\.name: duplicate target name"),
+    (edit("http.targets.0.name", "a/b"), r"http\.targets\[0\]\.name: letters"),
+    (edit("http.targets.0.upstream", "https://user:pw@example.com"), r"http\.targets\[0\]\.upstream: no credentials"),
+    (edit("http.targets.0.upstream", "http://api.example.com"), r"http\.targets\[0\]\.upstream: must be https"),
+    (edit("http.targets.0.credential.kind", "cookie"), r"http\.targets\[0\]\.credential\.kind: must be one of"),
+    (edit("http.targets.0.credential.value_file", "/etc/hostname"),
      r"http\.targets\[0\]\.credential: set exactly one of value_env or value_file"),
-    (_set("http.targets.0.credential.username", "u"), r"http\.targets\[0\]\.credential\.username: only used"),
-    (_set("http.targets.0.masks.0.paths", ["$..email"]), r"http\.targets\[0\]\.masks\[0\]\.paths\[0\]: invalid"),
-    (_set("http.targets.0.masks.1.in", ["request"]), r"http\.targets\[0\]\.masks\[1\]\.caller: only applies"),
-    (_set("http.targets.0.timeout", 3), r"http\.targets\[0\]\.timeout: unknown setting"),
-    (_set("http.rules.0.match.methods", ["FETCH"]), r"http\.rules\[0\]\.match\.methods: unknown method"),
-    (_set("http.rules.1.match.targets", ["nope"]), r"http\.rules\[1\]\.match\.targets: unknown target 'nope'"),
-    (_set("http.rules.1.approvers", KeyError), r"http\.rules\[1\]\.approvers: required for action approve"),
-    (_set("http.rules.2.mode", "later"), r"http\.rules\[2\]\.mode: must be refuse or hold"),
-    (_set("http.rules.0.match.paths", ["echo"]), r"http\.rules\[0\]\.match\.paths: 'echo' must start with /"),
-    (_set("http.default", "maybe"), r"http\.default: must be allow or deny"),
+    (edit("http.targets.0.credential.username", "u"), r"http\.targets\[0\]\.credential\.username: only used"),
+    (edit("http.targets.0.masks.0.paths", ["$..email"]), r"http\.targets\[0\]\.masks\[0\]\.paths\[0\]: invalid"),
+    (edit("http.targets.0.masks.1.in", ["request"]), r"http\.targets\[0\]\.masks\[1\]\.caller: only applies"),
+    (edit("http.targets.0.timeout", 3), r"http\.targets\[0\]\.timeout: unknown setting"),
+    (edit("http.rules.0.match.methods", ["FETCH"]), r"http\.rules\[0\]\.match\.methods: unknown method"),
+    (edit("http.rules.1.match.targets", ["nope"]), r"http\.rules\[1\]\.match\.targets: unknown target 'nope'"),
+    (edit("http.rules.1.approvers", KeyError), r"http\.rules\[1\]\.approvers: required for action approve"),
+    (edit("http.rules.2.mode", "later"), r"http\.rules\[2\]\.mode: must be refuse or hold"),
+    (edit("http.rules.0.match.paths", ["echo"]), r"http\.rules\[0\]\.match\.paths: 'echo' must start with /"),
+    (edit("http.default", "maybe"), r"http\.default: must be allow or deny"),
 ])
 def test_config_errors_name_the_field(data: dict[str, Any], tmp_path: Path, mutate: Any, error: str) -> None:
     broken = copy.deepcopy(data)

@@ -1,0 +1,1 @@
+"""The gRPC companion proxy (docs/grpc.md)."""
