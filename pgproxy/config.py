@@ -77,6 +77,8 @@ class IdentityConfig:
     default_db_role: str | None = None
     # Private key used only by `pgproxy token` to mint development tokens; never read by `serve`.
     dev_signing_key_file: Path | None = None
+    # Keys from the JWKS URL named by the issuer's OpenID discovery document (a key source).
+    discovery: bool = False
 
 
 @dataclass(frozen=True)
@@ -416,9 +418,11 @@ def _identity(s: Section) -> IdentityConfig:
     jwks_file = s.path_("jwks_file")
     jwks_url = s.string("jwks_url")
     secret_env = s.string("hs256_secret_env")
+    discovery = s.boolean("discovery", False)
     sources = [x for x in (jwks_file, jwks_url, secret_env) if x is not None]
-    if len(sources) != 1:
-        raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url or hs256_secret_env")
+    if len(sources) + discovery != 1:
+        raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url, discovery or "
+                          "hs256_secret_env")
     if jwks_url is not None and not secure_url(jwks_url):
         raise ConfigError(f"{s.at('jwks_url')}: must be an https URL (plain http only for loopback)")
     symmetric = [a for a in algorithms if a in SYMMETRIC_ALGORITHMS]
@@ -445,8 +449,11 @@ def _identity(s: Section) -> IdentityConfig:
         claims=claims,
         default_db_role=s.string("default_db_role"),
         dev_signing_key_file=s.path_("dev_signing_key_file", must_exist=False),
+        discovery=discovery,
     )
     s.done()
+    if discovery and not secure_url(ident.issuer):
+        raise ConfigError(f"{s.at('issuer')}: discovery needs an https issuer URL (plain http only for loopback)")
     return ident
 
 
