@@ -219,6 +219,26 @@ class MaskingConfig:
 
 
 @dataclass(frozen=True)
+class OidcLoginConfig:
+    """People log in to the admin UI through an OpenID provider (authorization code + PKCE; docs/people.md)."""
+
+    issuer: str
+    client_id: str
+    # https://<admin host>:<port>/ui/oidc/callback as registered at the provider; None: the URL the
+    # browser used to reach the UI (set it behind a reverse proxy)
+    redirect_uri: str | None = None
+    client_secret_env: str | None = None  # None: a public client (PKCE only)
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    groups_claim: str = "groups"
+    subject_claim: str = "sub"
+    algorithms: tuple[str, ...] = ("RS256",)
+    provider_logout: bool = True  # logging out also ends the session at the provider (end_session_endpoint)
+
+    def client_secret(self) -> str | None:
+        return read_secret("admin.oidc.client_secret_env", self.client_secret_env, None)
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin HTTP listener (approvals API)."""
 
@@ -228,6 +248,9 @@ class AdminConfig:
     ui: bool = True  # the web UI under /ui/ (docs/admin-ui.md)
     analyst_groups: tuple[str, ...] | None = None  # may view sessions in the UI; None: the policy's approver groups
     metrics_token_env: str | None = None  # /metrics needs this bearer token when set (docs/operations.md)
+    oidc: OidcLoginConfig | None = None  # UI login through an OpenID provider
+    # The UI's pasted-JWT login form; on by default only when no oidc login is configured.
+    token_login: bool = True
 
     def metrics_token(self) -> str | None:
         """The bearer token /metrics requires (None: open); fails closed when the variable is unset."""
@@ -565,15 +588,46 @@ def _admin(s: Section) -> AdminConfig:
     analysts = s.items("analyst_groups") if s.raw("analyst_groups") is not None else None
     if analysts is not None and not all(isinstance(g, str) and g for g in analysts):
         raise ConfigError(f"{s.at('analyst_groups')}: expected a list of group names")
+    oidc = _oidc_login(s.section("oidc")) if s.raw("oidc") is not None else None
     admin = AdminConfig(host=s.string("host", "127.0.0.1") or "127.0.0.1",
                         port=s.integer("port", 8080, maximum=65535), tls=tls, ui=s.boolean("ui", True),
                         analyst_groups=tuple(analysts) if analysts is not None else None,
-                        metrics_token_env=s.string("metrics_token_env"))
+                        metrics_token_env=s.string("metrics_token_env"), oidc=oidc,
+                        token_login=s.boolean("token_login", oidc is None))
     s.done()
     if admin.tls is None and not is_loopback_host(admin.host):
         raise ConfigError(f"{s.at('tls')}: required unless host is loopback (approver tokens would cross the "
                           f"network in clear text), host is {admin.host!r}")
     return admin
+
+
+def _oidc_login(s: Section) -> OidcLoginConfig:
+    scopes = s.items("scopes") or ["openid", "profile", "email"]
+    if not all(isinstance(x, str) and x and " " not in x for x in scopes) or "openid" not in scopes:
+        raise ConfigError(f"{s.at('scopes')}: expected a list of scope names including openid")
+    algorithms = s.items("algorithms") or ["RS256"]
+    if not all(isinstance(a, str) and a in ASYMMETRIC_ALGORITHMS for a in algorithms):
+        raise ConfigError(f"{s.at('algorithms')}: expected public-key algorithms "
+                          f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})")
+    oidc = OidcLoginConfig(
+        issuer=s.req_str("issuer"),
+        client_id=s.req_str("client_id"),
+        redirect_uri=s.string("redirect_uri"),
+        client_secret_env=s.string("client_secret_env"),
+        scopes=tuple(scopes),
+        groups_claim=s.string("groups_claim", "groups") or "groups",
+        subject_claim=s.string("subject_claim", "sub") or "sub",
+        algorithms=tuple(algorithms),
+        provider_logout=s.boolean("provider_logout", True),
+    )
+    s.done()
+    for key in ("issuer", "redirect_uri"):
+        value = getattr(oidc, key)
+        if value is not None and not secure_url(value):
+            raise ConfigError(f"{s.at(key)}: must be an https URL (plain http only for loopback)")
+    if oidc.redirect_uri is not None and not urlsplit(oidc.redirect_uri).path.endswith("/ui/oidc/callback"):
+        raise ConfigError(f"{s.at('redirect_uri')}: must end with /ui/oidc/callback (the UI's callback page)")
+    return oidc
 
 
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> ProxyConfig:

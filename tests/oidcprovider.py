@@ -36,7 +36,7 @@ EXPIRING_CLI_CLIENT = "pgproxy-cli-expiring"  # ID tokens 3 s, refresh tokens 4 
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password", "dave": "dave-password"}
 USERS: dict[str, dict[str, Any]] = {
     # alice approves (the default policy's approver group is dba) and may log in to the database
-    "alice": {"groups": ["dba", "staff"], "db_role": ["agent_reader"]},
+    "alice": {"groups": ["dba", "staff"], "db_role": ["agent_writer", "agent_reader"]},
     "dave": {"groups": ["dba"], "db_role": ["agent_reader"]},  # a second approver
     "bob": {"groups": ["auditors"], "db_role": ["agent_reader"]},  # an analyst: views, never decides
     "carol": {"groups": ["developers"], "db_role": ["agent_reader"]},  # outside every approver group
