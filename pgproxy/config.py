@@ -163,6 +163,37 @@ APPROVAL_STORES = ("sqlite", "postgres")
 
 
 @dataclass(frozen=True)
+class SlackApprover:
+    """A Slack user who may press Approve / Deny, and the identity they decide as."""
+
+    slack_user: str  # Slack's user id (U...), never the display name, which anyone can change
+    subject: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SlackConfig:
+    """Approval requests as Slack messages with Approve / Deny buttons (docs/approvals.md#slack)."""
+
+    channel: str
+    bot_token_env: str
+    signing_secret_env: str
+    approvers: tuple[SlackApprover, ...]
+    api_url: str = "https://slack.com/api/"
+    timestamp_tolerance_seconds: float = 300.0
+
+    def bot_token(self) -> str:
+        value = read_secret("approvals.slack.bot_token_env", self.bot_token_env, None)
+        assert value is not None
+        return value
+
+    def signing_secret(self) -> bytes:
+        value = read_secret("approvals.slack.signing_secret_env", self.signing_secret_env, None)
+        assert value is not None
+        return value.encode()
+
+
+@dataclass(frozen=True)
 class ApprovalsConfig:
     """Where approval requests live (docs/approvals.md) and who hears about new ones."""
 
@@ -171,6 +202,7 @@ class ApprovalsConfig:
     dsn_env: str | None = None  # postgres: environment variable holding the DSN
     schema: str = "pgproxy"  # postgres: schema of the approval tables (created if missing)
     webhook_url: str | None = None  # each new request is POSTed here as JSON
+    slack: SlackConfig | None = None  # each new request is a Slack message with Approve / Deny buttons
 
     def dsn(self) -> str:
         """The PostgreSQL DSN from ``dsn_env`` (postgres store only)."""
@@ -552,6 +584,7 @@ def _approvals(s: Section) -> ApprovalsConfig:
         dsn_env=s.string("dsn_env"),
         schema=schema,
         webhook_url=s.string("webhook_url"),
+        slack=_slack(s.section("slack")) if s.raw("slack") is not None else None,
     )
     s.done()
     if store == "sqlite":
@@ -574,6 +607,34 @@ def _approvals(s: Section) -> ApprovalsConfig:
     if approvals.webhook_url is not None and not secure_url(approvals.webhook_url):
         raise ConfigError(f"{s.at('webhook_url')}: must be an https URL (plain http only for loopback)")
     return approvals
+
+
+def _slack(s: Section) -> SlackConfig:
+    approvers = []
+    for i, item in enumerate(s.items("approvers")):
+        a = Section(item, f"{s.at('approvers')}[{i}]", s.base_dir)
+        groups = a.items("groups")
+        if not groups or not all(isinstance(g, str) and g for g in groups):
+            raise ConfigError(f"{a.at('groups')}: expected a non-empty list of group names")
+        approvers.append(SlackApprover(a.req_str("slack_user"), a.req_str("subject"), tuple(groups)))
+        a.done()
+    if not approvers:
+        raise ConfigError(f"{s.at('approvers')}: required (the Slack users who may decide, with their identity)")
+    users = [a.slack_user for a in approvers]
+    if len(set(users)) != len(users):
+        raise ConfigError(f"{s.at('approvers')}: a Slack user is listed twice")
+    slack = SlackConfig(
+        channel=s.req_str("channel"),
+        bot_token_env=s.req_str("bot_token_env"),
+        signing_secret_env=s.req_str("signing_secret_env"),
+        approvers=tuple(approvers),
+        api_url=s.string("api_url", SlackConfig.api_url) or SlackConfig.api_url,
+        timestamp_tolerance_seconds=s.number("timestamp_tolerance_seconds", 300.0, minimum=1.0),
+    )
+    s.done()
+    if not secure_url(slack.api_url):
+        raise ConfigError(f"{s.at('api_url')}: must be an https URL (plain http only for loopback)")
+    return slack
 
 
 def _admin(s: Section) -> AdminConfig:
@@ -666,6 +727,9 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
     admin = _admin(root.section("admin")) if root.raw("admin") is not None else None
     if admin is not None and approvals is None:
         raise ConfigError("admin: needs an approvals section (the admin listener serves the approvals API)")
+    if approvals is not None and approvals.slack is not None and admin is None:
+        raise ConfigError("approvals.slack: needs an admin section (Slack sends button presses to the admin "
+                          "listener's /slack/interactions)")
     policy = None
     if root.raw("policy") is not None:
         pol = root.section("policy")
