@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import configparser
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Sequence
@@ -105,8 +106,8 @@ def connect(issuer: str, client_id: str, token_kind: str, host: str, port: int, 
         env_names = {"host": "PGHOST", "port": "PGPORT", "user": "PGUSER", "dbname": "PGDATABASE",
                      "sslmode": "PGSSLMODE", "sslrootcert": "PGSSLROOTCERT"}
         for key, value in libpq.items():
-            click.echo(f"export {env_names[key]}='{value}'")
-        click.echo(f"export PGPASSWORD='{token}'")
+            click.echo(f"export {env_names[key]}={shlex.quote(value)}")
+        click.echo(f"export PGPASSWORD={shlex.quote(token)}")
         return
     if service is not None:
         written = _write_service(service, service_file, {**libpq, "password": token})

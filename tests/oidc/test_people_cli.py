@@ -112,7 +112,10 @@ def test_device_login_then_psql_with_the_cached_token(oidc_proxy: ProxyUnderTest
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT current_user").fetchone() == ("agent_reader",)
     exports = pgproxy(*connect_args(oidc_proxy, "--env"), env=env).stdout
-    assert f"export PGPASSWORD='{token}'" in exports and "export PGSSLMODE='verify-full'" in exports
+    assert f"export PGPASSWORD={token}" in exports and "export PGSSLMODE=verify-full" in exports
+    psql = subprocess.run(["bash", "-c", 'eval "$1"; psql -XAtc "SELECT current_user"', "-", exports],
+                          capture_output=True, text=True, env=env, timeout=30, check=False)
+    assert psql.stdout.strip() == "agent_reader", psql.stderr
     service_file = tmp_path / "pg_service.conf"
     service_file.write_text("[other]\nhost=db.example.com\n")
     pgproxy(*connect_args(oidc_proxy, "--service", "prod", "--service-file", str(service_file)), env=env)
