@@ -13,6 +13,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import webbrowser
 from collections.abc import Sequence
 from pathlib import Path
 from urllib.parse import quote, urlencode
@@ -50,10 +51,20 @@ def _show_code(code: DeviceCode) -> None:
 @_provider_options
 @click.option("--scope", "scopes", multiple=True, help="Scope to ask for (repeatable; default: "
               f"{' '.join(DEFAULT_SCOPES)}). Add your provider's groups scope if it has one.")
-def login(issuer: str, client_id: str, token_kind: str, scopes: Sequence[str]) -> None:
-    """Log in through your identity provider (device authorization flow) and cache the tokens."""
+@click.option("--browser", is_flag=True, help="Log in in a browser on this machine (code flow with PKCE) "
+              "instead of entering a code on another device.")
+@click.option("--no-open", is_flag=True, help="With --browser: print the URL instead of opening a browser.")
+def login(issuer: str, client_id: str, token_kind: str, scopes: Sequence[str], browser: bool, no_open: bool) -> None:
+    """Log in through your identity provider (device authorization flow, or --browser) and cache the tokens."""
+    people = _people(issuer, client_id, token_kind, scopes or DEFAULT_SCOPES)
+
+    def show_url(url: str) -> None:
+        click.echo(f"To log in, open {url}", err=True)
+        if not no_open:
+            webbrowser.open(url)
+
     try:
-        path = _people(issuer, client_id, token_kind, scopes or DEFAULT_SCOPES).device_login(_show_code)
+        path = people.browser_login(show_url) if browser else people.device_login(_show_code)
     except LoginError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"Logged in to {issuer}; tokens cached in {path}", err=True)

@@ -1,7 +1,8 @@
 """People at a terminal get their own token from their identity provider: ``pgproxy login`` / ``connect``.
 
-:class:`PeopleLogin` runs the OAuth 2.0 device authorization grant (RFC 8628) with authlib's OAuth
-client against the endpoints found by OpenID discovery, and keeps the answer in a
+:class:`PeopleLogin` runs the OAuth 2.0 device authorization grant (RFC 8628), or, where a browser
+is at hand, the authorization code flow with PKCE answered on a loopback port (RFC 8252), with
+authlib's OAuth client against the endpoints found by OpenID discovery, and keeps the answer in a
 :class:`TokenCache`: one file per (issuer, client id), mode 0600 in a 0700 directory; a cache file
 that others may read is refused, as ssh refuses such keys. :meth:`PeopleLogin.fresh_token` returns
 the cached token while it has at least ``min_seconds`` left and otherwise redeems the refresh token.
@@ -13,13 +14,18 @@ for pgproxy's audience). Tokens never appear in exceptions or output of this mod
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 import os
+import secrets
+import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import jwt
@@ -104,6 +110,47 @@ class TokenCache:
         return True
 
 
+class _LoopbackCallback:
+    """A one-shot HTTP server on 127.0.0.1 (OS-chosen port) that takes the provider's redirect."""
+
+    def __init__(self) -> None:
+        received: dict[str, str] = {}
+        arrived = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                parts = urlsplit(self.path)
+                if parts.path != "/callback" or arrived.is_set():
+                    self.send_error(404)
+                    return
+                received.update({k: v[0] for k, v in parse_qs(parts.query).items()})
+                arrived.set()
+                self.send_response(200)
+                self.send_header("Content-Type", "text/html; charset=utf-8")
+                self.end_headers()
+                self.wfile.write(b"<!doctype html><title>pgproxy</title><h1 id='done'>pgproxy: login received</h1>"
+                                 b"<p>You can close this window and go back to the terminal.</p>")
+
+            def log_message(self, format: str, *args: Any) -> None:  # the query holds the code: never log it
+                pass
+
+        self._received, self._arrived = received, arrived
+        self._server = HTTPServer(("127.0.0.1", 0), Handler)
+        self.redirect_uri = f"http://127.0.0.1:{self._server.server_address[1]}/callback"
+        self._thread = threading.Thread(target=self._server.serve_forever, name="pgproxy-login", daemon=True)
+
+    def __enter__(self) -> _LoopbackCallback:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+    def wait(self, timeout: float) -> dict[str, str] | None:
+        return dict(self._received) if self._arrived.wait(timeout) else None
+
+
 def token_expiry(token: str) -> float | None:
     """The ``exp`` of a JWT read without verification (only to decide when to refresh), or None."""
     try:
@@ -138,10 +185,11 @@ class PeopleLogin:
                 raise LoginError(str(exc)) from None
         return self._metadata
 
-    def _client(self, *, scoped: bool = True) -> OAuth2Client:
+    def _client(self, *, scoped: bool = True, redirect_uri: str | None = None) -> OAuth2Client:
         """authlib's client; unscoped for refreshing (which then keeps the scopes first granted)."""
         return OAuth2Client(client_id=self.client_id, token_endpoint_auth_method="none",
                             scope=" ".join(self.scopes) if scoped else None, timeout=HTTP_TIMEOUT_SECONDS,
+                            redirect_uri=redirect_uri, code_challenge_method="S256",
                             trust_env=not is_loopback_url(self.issuer))
 
     def _token_endpoint(self) -> str:
@@ -202,6 +250,41 @@ class PeopleLogin:
             error = body.get("error") if isinstance(body, dict) else None
             raise LoginError(f"the provider refused the {what}: {error or f'HTTP {answer.status_code}'}")
         return body
+
+    # ------------------------------------------------------------------------------------------
+    # Authorization code flow with PKCE, answered on a loopback port (RFC 8252)
+
+    def browser_login(self, open_url: Callable[[str], None], timeout: float = 300.0) -> Path:
+        """Send the browser to the provider, take its answer on 127.0.0.1; returns the cache file."""
+        meta = self.metadata()
+        if meta.authorization_endpoint is None:
+            raise LoginError(f"{self.issuer} publishes no authorization endpoint")
+        token_endpoint = self._token_endpoint()
+        state, nonce, verifier = secrets.token_urlsafe(32), secrets.token_urlsafe(32), secrets.token_urlsafe(48)
+        with _LoopbackCallback() as callback, self._client(redirect_uri=callback.redirect_uri) as client:
+            url, _ = client.create_authorization_url(meta.authorization_endpoint, state=state, code_verifier=verifier,
+                                                     nonce=nonce)
+            open_url(str(url))
+            answer = callback.wait(timeout)
+            if answer is None:
+                raise LoginError(f"no answer from the browser within {int(timeout)} s: run pgproxy login again")
+            if not hmac.compare_digest(answer.get("state", ""), state):
+                raise LoginError("the provider's answer is for another login (state mismatch)")
+            if "error" in answer:
+                raise LoginError(f"the provider refused the login: {answer['error'][:200]}")
+            try:
+                tokens = dict(client.fetch_token(token_endpoint, code=answer.get("code", ""), code_verifier=verifier))
+            except OAuthError as exc:
+                raise LoginError(f"the provider refused the login: {exc.error}") from None
+            except httpx.HTTPError as exc:
+                raise LoginError(f"cannot reach {token_endpoint}: {type(exc).__name__}") from None
+        try:  # straight from the token endpoint over TLS: only the nonce needs checking (OIDC Core 3.1.3.7)
+            claims = jwt.decode(str(tokens.get("id_token")), options={"verify_signature": False})
+        except jwt.PyJWTError:
+            raise LoginError("the provider returned no usable ID token (is the openid scope granted?)") from None
+        if not hmac.compare_digest(str(claims.get("nonce", "")), nonce):
+            raise LoginError("the provider's ID token does not carry this login's nonce")
+        return self._keep(tokens)
 
     # ------------------------------------------------------------------------------------------
     # Cached tokens

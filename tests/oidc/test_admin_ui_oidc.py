@@ -32,7 +32,7 @@ SECRET_ENV = "PGPROXY_TEST_OIDC_ADMIN_SECRET"
 if not CHROMIUM.exists():
     pytest.skip("chromium is not installed (apt-get install chromium; .ci/run installs it)", allow_module_level=True)
 
-from playwright.sync_api import Browser, BrowserContext, Page, Request, expect, sync_playwright  # noqa: E402
+from playwright.sync_api import Browser, BrowserContext, Page, Request, expect  # noqa: E402
 
 
 @dataclass
@@ -73,16 +73,6 @@ def oidc_admin(proxy: ProxyUnderTest, openid_provider: OpenIDProvider,
     finally:
         running.stop()
         os.environ.pop(SECRET_ENV, None)
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=str(CHROMIUM))
-        try:
-            yield browser
-        finally:
-            browser.close()
 
 
 @pytest.fixture

@@ -162,6 +162,38 @@ def test_an_expired_login_asks_to_log_in_again(openid_provider: OpenIDProvider, 
     assert "could not be refreshed (invalid_grant): run pgproxy login" in done.stderr
 
 
+def test_browser_login_with_pkce_on_a_loopback_port(oidc_proxy: ProxyUnderTest, openid_provider: OpenIDProvider,
+                                                    browser: Any, tmp_path: Path) -> None:
+    env = person_env(tmp_path, openid_provider, CLI_CLIENT)
+    process = subprocess.Popen([sys.executable, "-m", "pgproxy", "login", "--browser", "--no-open", *SCOPES],
+                               env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert process.stderr is not None
+        line = process.stderr.readline()
+        match = re.search(r"To log in, open (\S+)", line)
+        assert match, line
+        url = match.group(1)
+        assert "code_challenge_method=S256" in url and "code_challenge=" in url and "redirect_uri=http" in url
+        page = browser.new_page()
+        page.goto(url)
+        page.fill("#login", "bob")
+        page.fill("#password", "bob-password")
+        page.click("#login-form button[type=submit]")
+        page.wait_for_selector("#done")
+        assert "login received" in page.inner_text("#done")
+        page.close()
+        _, err = process.communicate(timeout=30)
+    finally:
+        process.kill()
+        process.wait()
+    assert process.returncode == 0, err
+    assert "Logged in to" in err
+    done = pgproxy(*connect_args(oidc_proxy, "--", "-XAtc", "SELECT current_user"), env=env)
+    assert done.stdout.strip() == "agent_reader"
+    starts = [e for e in oidc_proxy.audit.events if e["event"] == "session_start"]
+    assert starts[-1]["identity"]["subject"] == "bob"
+
+
 def test_a_cache_file_others_can_read_is_refused(openid_provider: OpenIDProvider, oidc_proxy: ProxyUnderTest,
                                                  tmp_path: Path) -> None:
     env = person_env(tmp_path, openid_provider, CLI_CLIENT)
