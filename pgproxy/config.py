@@ -79,6 +79,8 @@ class IdentityConfig:
     dev_signing_key_file: Path | None = None
     # Keys from the JWKS URL named by the issuer's OpenID discovery document (a key source).
     discovery: bool = False
+    # More accepted audiences, e.g. the client id that `pgproxy login` uses (people's ID tokens name it).
+    extra_audiences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -474,6 +476,9 @@ def _identity(s: Section) -> IdentityConfig:
     jwks_url = s.string("jwks_url")
     secret_env = s.string("hs256_secret_env")
     discovery = s.boolean("discovery", False)
+    extra_audiences = s.items("extra_audiences")
+    if not all(isinstance(a, str) and a for a in extra_audiences):
+        raise ConfigError(f"{s.at('extra_audiences')}: expected a list of audience strings")
     sources = [x for x in (jwks_file, jwks_url, secret_env) if x is not None]
     if len(sources) + discovery != 1:
         raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url, discovery or "
@@ -505,6 +510,7 @@ def _identity(s: Section) -> IdentityConfig:
         default_db_role=s.string("default_db_role"),
         dev_signing_key_file=s.path_("dev_signing_key_file", must_exist=False),
         discovery=discovery,
+        extra_audiences=tuple(extra_audiences),
     )
     s.done()
     if discovery and not secure_url(ident.issuer):

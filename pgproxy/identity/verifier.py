@@ -332,7 +332,7 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=[alg],
-                audience=cfg.audience,
+                audience=[cfg.audience, *cfg.extra_audiences] if cfg.extra_audiences else cfg.audience,
                 issuer=cfg.issuer,
                 options={
                     "require": ["exp", "iss", "aud"],

@@ -44,6 +44,23 @@ def test_tokens_of_another_issuer_are_refused(openid_provider: OpenIDProvider, m
         psycopg.connect(**proxy.conninfo(user="agent_reader", token=foreign))  # type: ignore[arg-type]
 
 
+def test_extra_audiences_are_accepted_and_others_refused(openid_provider: OpenIDProvider, make_proxy: Any) -> None:
+    def mutate(data: dict[str, Any]) -> None:
+        _discovering(openid_provider)(data)
+        data["identity"]["audience"] = "pgproxy"
+    proxy: ProxyUnderTest = make_proxy(mutate)
+    token = device_flow_tokens(openid_provider, CLI_CLIENT, "alice")["id_token"]  # aud: the CLI's client id
+    with pytest.raises(psycopg.OperationalError, match="invalid audience"):
+        psycopg.connect(**proxy.conninfo(user="agent_reader", token=token))  # type: ignore[arg-type]
+
+    def also_cli(data: dict[str, Any]) -> None:
+        mutate(data)
+        data["identity"]["extra_audiences"] = [CLI_CLIENT]
+    accepting: ProxyUnderTest = make_proxy(also_cli)
+    with psycopg.connect(**accepting.conninfo(user="agent_reader", token=token)) as conn:  # type: ignore[arg-type]
+        assert conn.execute("SELECT current_user").fetchone() == ("agent_reader",)
+
+
 def test_metadata_is_fetched_and_checked(openid_provider: OpenIDProvider) -> None:
     meta = fetch_metadata(openid_provider.issuer)
     assert meta.jwks_uri == f"{openid_provider.issuer}/jwks"

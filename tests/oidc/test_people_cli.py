@@ -30,7 +30,8 @@ SCOPES = ["--scope", "openid", "--scope", "offline_access", "--scope", "groups",
 @pytest.fixture(scope="module")
 def oidc_proxy(proxy: ProxyUnderTest, openid_provider: OpenIDProvider) -> Any:
     def mutate(data: dict[str, Any]) -> None:
-        data["identity"] = {"issuer": openid_provider.issuer, "audience": CLI_CLIENT, "algorithms": ["RS256"],
+        data["identity"] = {"issuer": openid_provider.issuer, "audience": "pgproxy", "algorithms": ["RS256"],
+                            "extra_audiences": [CLI_CLIENT, SHORT_CLI_CLIENT, EXPIRING_CLI_CLIENT],
                             "discovery": True, "leeway_seconds": 0}
     started = proxy.variant(mutate)
     try:
@@ -132,20 +133,13 @@ def test_device_login_then_psql_with_the_cached_token(oidc_proxy: ProxyUnderTest
 def test_expired_tokens_are_refreshed_before_psql_runs(oidc_proxy: ProxyUnderTest,
                                                        openid_provider: OpenIDProvider, tmp_path: Path) -> None:
     env = person_env(tmp_path, openid_provider, SHORT_CLI_CLIENT)  # ID tokens live 3 s
-
-    def mutate(data: dict[str, Any]) -> None:
-        data["identity"]["audience"] = SHORT_CLI_CLIENT
-    short = oidc_proxy.variant(mutate)
-    try:
-        cli_login(env, openid_provider, "alice")
-        first = cached(env, SHORT_CLI_CLIENT)
-        time.sleep(3.5)
-        with pytest.raises(psycopg.OperationalError, match="token expired"):
-            psycopg.connect(**short.conninfo(user="agent_reader", token=first["id_token"]))  # type: ignore[arg-type]
-        done = pgproxy(*connect_args(short, "--", "-XAtc", "SELECT current_user"), env=env)
-        assert done.stdout.strip() == "agent_reader"
-    finally:
-        short.running.stop()
+    cli_login(env, openid_provider, "alice")
+    first = cached(env, SHORT_CLI_CLIENT)
+    time.sleep(3.5)
+    with pytest.raises(psycopg.OperationalError, match="token expired"):
+        psycopg.connect(**oidc_proxy.conninfo(user="agent_reader", token=first["id_token"]))  # type: ignore[arg-type]
+    done = pgproxy(*connect_args(oidc_proxy, "--", "-XAtc", "SELECT current_user"), env=env)
+    assert done.stdout.strip() == "agent_reader"
     second = cached(env, SHORT_CLI_CLIENT)
     assert second["id_token"] != first["id_token"]
     assert second["refresh_token"] != first["refresh_token"]  # the provider rotates refresh tokens
