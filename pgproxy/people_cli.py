@@ -36,8 +36,12 @@ def _provider_options(command: click.decorators.FC) -> click.decorators.FC:
     return command
 
 
+CLIENT_SECRET_ENV = "PGPROXY_CLIENT_SECRET"  # only for providers that give installed apps a secret (Google)
+
+
 def _people(issuer: str, client_id: str, token_kind: str, scopes: Sequence[str] = DEFAULT_SCOPES) -> PeopleLogin:
-    return PeopleLogin(issuer, client_id, scopes=tuple(scopes), token_kind=token_kind)
+    return PeopleLogin(issuer, client_id, scopes=tuple(scopes), token_kind=token_kind,
+                       client_secret=os.environ.get(CLIENT_SECRET_ENV) or None)
 
 
 def _show_code(code: DeviceCode) -> None:

@@ -33,6 +33,8 @@ ADMIN_SECRET = "admin-client-secret-" + "x" * 24
 CLI_CLIENT = "pgproxy-cli"
 SHORT_CLI_CLIENT = "pgproxy-cli-short"  # ID tokens live 3 s: every use needs a refresh
 EXPIRING_CLI_CLIENT = "pgproxy-cli-expiring"  # ID tokens 3 s, refresh tokens 4 s: the login runs out
+SECRET_CLI_CLIENT = "pgproxy-cli-with-secret"  # an installed app with a (non-confidential) secret, as Google's
+SECRET_CLI_SECRET = "installed-app-secret-" + "y" * 24
 PASSWORDS = {"alice": "alice-password", "bob": "bob-password", "carol": "carol-password", "dave": "dave-password"}
 USERS: dict[str, dict[str, Any]] = {
     # alice approves (the default policy's approver group is dba) and may log in to the database
@@ -57,6 +59,8 @@ def _clients() -> list[dict[str, Any]]:
         {"client_id": CLI_CLIENT, **cli},
         {"client_id": SHORT_CLI_CLIENT, **cli, "id_token_ttl": 3},
         {"client_id": EXPIRING_CLI_CLIENT, **cli, "id_token_ttl": 3, "refresh_token_ttl": 4},
+        {"client_id": SECRET_CLI_CLIENT, **cli, "token_endpoint_auth_method": "client_secret_post",
+         "client_secret": SECRET_CLI_SECRET},
     ]
 
 

@@ -164,7 +164,7 @@ class PeopleLogin:
     """One person's login at one provider with one (public) client."""
 
     def __init__(self, issuer: str, client_id: str, *, scopes: tuple[str, ...] = DEFAULT_SCOPES,
-                 token_kind: str = "id_token", cache: TokenCache | None = None,
+                 token_kind: str = "id_token", cache: TokenCache | None = None, client_secret: str | None = None,
                  now: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep) -> None:
         if token_kind not in TOKEN_KINDS:
             raise ValueError(f"token kind must be one of {', '.join(TOKEN_KINDS)}")
@@ -172,6 +172,8 @@ class PeopleLogin:
         self.client_id = client_id
         self.scopes = scopes
         self.token_kind = token_kind
+        # Some providers (Google) give installed apps a "secret" that is not one; it goes in the POST body.
+        self._client_secret = client_secret
         self.cache = cache or TokenCache()
         self._now = now
         self._sleep = sleep
@@ -187,7 +189,8 @@ class PeopleLogin:
 
     def _client(self, *, scoped: bool = True, redirect_uri: str | None = None) -> OAuth2Client:
         """authlib's client; unscoped for refreshing (which then keeps the scopes first granted)."""
-        return OAuth2Client(client_id=self.client_id, token_endpoint_auth_method="none",
+        return OAuth2Client(client_id=self.client_id, client_secret=self._client_secret,
+                            token_endpoint_auth_method="client_secret_post" if self._client_secret else "none",
                             scope=" ".join(self.scopes) if scoped else None, timeout=HTTP_TIMEOUT_SECONDS,
                             redirect_uri=redirect_uri, code_challenge_method="S256",
                             trust_env=not is_loopback_url(self.issuer))
@@ -209,8 +212,10 @@ class PeopleLogin:
         token_endpoint = self._token_endpoint()
         with self._client() as client:
             try:
-                answer = client.request("POST", meta.device_authorization_endpoint, withhold_token=True,
-                                        data={"client_id": self.client_id, "scope": " ".join(self.scopes)})
+                form = {"client_id": self.client_id, "scope": " ".join(self.scopes)}
+                if self._client_secret:
+                    form["client_secret"] = self._client_secret
+                answer = client.request("POST", meta.device_authorization_endpoint, withhold_token=True, data=form)
             except httpx.HTTPError as exc:
                 raise LoginError(f"cannot reach {meta.device_authorization_endpoint}: {type(exc).__name__}") from None
             started = self._json(answer, "device authorization")

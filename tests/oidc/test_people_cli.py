@@ -20,7 +20,14 @@ from typing import Any
 import psycopg
 import pytest
 from harness import ProxyUnderTest
-from oidcprovider import CLI_CLIENT, EXPIRING_CLI_CLIENT, SHORT_CLI_CLIENT, OpenIDProvider
+from oidcprovider import (
+    CLI_CLIENT,
+    EXPIRING_CLI_CLIENT,
+    SECRET_CLI_CLIENT,
+    SECRET_CLI_SECRET,
+    SHORT_CLI_CLIENT,
+    OpenIDProvider,
+)
 
 from pgproxy.identity.people import TokenCache
 
@@ -31,7 +38,8 @@ SCOPES = ["--scope", "openid", "--scope", "offline_access", "--scope", "groups",
 def oidc_proxy(proxy: ProxyUnderTest, openid_provider: OpenIDProvider) -> Any:
     def mutate(data: dict[str, Any]) -> None:
         data["identity"] = {"issuer": openid_provider.issuer, "audience": "pgproxy", "algorithms": ["RS256"],
-                            "extra_audiences": [CLI_CLIENT, SHORT_CLI_CLIENT, EXPIRING_CLI_CLIENT],
+                            "extra_audiences": [CLI_CLIENT, SHORT_CLI_CLIENT, EXPIRING_CLI_CLIENT,
+                                                SECRET_CLI_CLIENT],
                             "discovery": True, "leeway_seconds": 0}
     started = proxy.variant(mutate)
     try:
@@ -186,6 +194,17 @@ def test_browser_login_with_pkce_on_a_loopback_port(oidc_proxy: ProxyUnderTest, 
     assert done.stdout.strip() == "agent_reader"
     starts = [e for e in oidc_proxy.audit.events if e["event"] == "session_start"]
     assert starts[-1]["identity"]["subject"] == "bob"
+
+
+def test_a_client_with_an_installed_app_secret(openid_provider: OpenIDProvider, oidc_proxy: ProxyUnderTest,
+                                               tmp_path: Path) -> None:
+    env = person_env(tmp_path, openid_provider, SECRET_CLI_CLIENT)
+    refused = pgproxy("login", *SCOPES, env=env, check=False)
+    assert refused.returncode == 1 and "invalid_client" in refused.stderr
+    env["PGPROXY_CLIENT_SECRET"] = SECRET_CLI_SECRET
+    cli_login(env, openid_provider, "alice")
+    done = pgproxy(*connect_args(oidc_proxy, "--", "-XAtc", "SELECT current_user"), env=env)
+    assert done.stdout.strip() == "agent_reader"
 
 
 def test_a_cache_file_others_can_read_is_refused(openid_provider: OpenIDProvider, oidc_proxy: ProxyUnderTest,
