@@ -14,7 +14,7 @@ from typing import Any
 
 import aiohttp
 
-from pgproxy.config import SlackConfig
+from pgproxy.config import ConfigError, SlackConfig
 from pgproxy.policy.approval_webhook import webhook_text
 from pgproxy.policy.approvals import ApprovalRequest
 
@@ -34,12 +34,16 @@ class SlackApi:
     """The few Web API methods pgproxy calls, with the bot token, as JSON."""
 
     def __init__(self, config: SlackConfig, *, timeout: float = SLACK_TIMEOUT_SECONDS) -> None:
+        self.config = config
         self.base = config.api_url if config.api_url.endswith("/") else config.api_url + "/"
-        self._token = config.bot_token()
         self.timeout = timeout
 
     async def call(self, method: str, payload: dict[str, Any]) -> dict[str, Any]:
-        headers = {"Authorization": f"Bearer {self._token}", "Content-Type": "application/json; charset=utf-8"}
+        try:  # read when used: `pgproxy approvals` builds the store too, and never posts
+            token = self.config.bot_token()
+        except ConfigError as exc:
+            raise SlackApiError(f"{method}: {exc}") from None
+        headers = {"Authorization": f"Bearer {token}", "Content-Type": "application/json; charset=utf-8"}
         try:
             async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout)) as session, \
                     session.post(self.base + method, json=payload, headers=headers) as response:

@@ -7,6 +7,7 @@ and held to the store's rules; the message is updated with each decision.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import re
@@ -21,11 +22,16 @@ import httpx
 import psycopg
 import pytest
 import yaml
+from approval_helpers import base_config_data, make_request, mint
+from click.testing import CliRunner
 from harness import ProxyUnderTest
 from slackfake import FakeSlack, Message
 
 from pgproxy.audit.sink import MemoryAuditSink
-from pgproxy.config import ConfigError, parse_config
+from pgproxy.cli import main
+from pgproxy.config import ConfigError, load_config, parse_config
+from pgproxy.identity import DevKeys
+from pgproxy.policy.approval_factory import build_approval_store
 from pgproxy.testing import RunningProxy
 
 DEFAULT_POLICY = Path(__file__).parents[2] / "pgproxy" / "policy" / "default_policy.yaml"
@@ -212,3 +218,27 @@ def test_slack_config_mistakes_are_reported(proxy: ProxyUnderTest, slack: dict[s
                                   "approvers": [{"slack_user": "U1", "subject": "a", "groups": ["dba"]}]}
     with pytest.raises(ConfigError, match="needs an admin section"):
         parse_config(data, Path.cwd())
+
+
+def test_the_approvals_cli_works_without_the_slack_token(tmp_path: Path, dev_keys: DevKeys,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """`pgproxy approvals` shares the config but never posts: it must not need the bot token."""
+    monkeypatch.delenv("PGPROXY_TEST_SLACK_TOKEN_UNSET", raising=False)
+    slack = {"channel": "C1", "bot_token_env": "PGPROXY_TEST_SLACK_TOKEN_UNSET", "signing_secret_env": "S",
+             "approvers": [{"slack_user": "U1", "subject": "alice", "groups": ["dba"]}]}
+    path = tmp_path / "pgproxy.yaml"
+    path.write_text(yaml.safe_dump(base_config_data(dev_keys, approvals={"path": "a.sqlite3", "slack": slack},
+                                                    admin={"port": 0})))
+
+    async def create() -> str:
+        store = build_approval_store(load_config(path))
+        try:
+            return (await store.create(make_request())).id
+        finally:
+            await store.close()
+    approval_id = asyncio.run(create())
+    assert "environment variable PGPROXY_TEST_SLACK_TOKEN_UNSET is not set" in caplog.text  # logged, not raised
+    result = CliRunner().invoke(main, ["approvals", "approve", approval_id, "-c", str(path),
+                                       "--token", mint(dev_keys, "alice", ["dba"])], catch_exceptions=False)
+    assert result.exit_code == 0 and "request is now approved" in result.output, result.output
