@@ -30,6 +30,7 @@ INSTALLED = HERE / "node_modules" / "oidc-provider" / "package.json"
 
 ADMIN_CLIENT = "pgproxy-admin"
 ADMIN_SECRET = "admin-client-secret-" + "x" * 24
+SHORT_ADMIN_CLIENT = "pgproxy-admin-short"  # the UI's client with 3 s ID tokens (same secret)
 CLI_CLIENT = "pgproxy-cli"
 SHORT_CLI_CLIENT = "pgproxy-cli-short"  # ID tokens live 3 s: every use needs a refresh
 EXPIRING_CLI_CLIENT = "pgproxy-cli-expiring"  # ID tokens 3 s, refresh tokens 4 s: the login runs out
@@ -51,11 +52,13 @@ def _clients() -> list[dict[str, Any]]:
     # admin listener and `pgproxy login --browser` listen on OS-chosen ports.
     cli = {"token_endpoint_auth_method": "none", "grant_types": CLI_GRANTS, "response_types": ["code"],
            "application_type": "native", "redirect_uris": ["http://127.0.0.1/callback"]}
+    admin = {"client_secret": ADMIN_SECRET, "application_type": "native",
+             "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
+             "redirect_uris": ["http://127.0.0.1/ui/oidc/callback"],
+             "post_logout_redirect_uris": ["http://127.0.0.1/ui/login"]}
     return [
-        {"client_id": ADMIN_CLIENT, "client_secret": ADMIN_SECRET, "application_type": "native",
-         "grant_types": ["authorization_code", "refresh_token"], "response_types": ["code"],
-         "redirect_uris": ["http://127.0.0.1/ui/oidc/callback"],
-         "post_logout_redirect_uris": ["http://127.0.0.1/ui/login"]},
+        {"client_id": ADMIN_CLIENT, **admin},
+        {"client_id": SHORT_ADMIN_CLIENT, **admin, "id_token_ttl": 3},
         {"client_id": CLI_CLIENT, **cli},
         {"client_id": SHORT_CLI_CLIENT, **cli, "id_token_ttl": 3},
         {"client_id": EXPIRING_CLI_CLIENT, **cli, "id_token_ttl": 3, "refresh_token_ttl": 4},

@@ -11,7 +11,9 @@ import copy
 import os
 import re
 import secrets
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +21,15 @@ from typing import Any
 import psycopg
 import pytest
 from harness import ProxyUnderTest
-from oidcprovider import ADMIN_CLIENT, ADMIN_SECRET, CLI_CLIENT, PASSWORDS, OpenIDProvider, device_flow_tokens
+from oidcprovider import (
+    ADMIN_CLIENT,
+    ADMIN_SECRET,
+    CLI_CLIENT,
+    PASSWORDS,
+    SHORT_ADMIN_CLIENT,
+    OpenIDProvider,
+    device_flow_tokens,
+)
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import ConfigError, parse_config
@@ -50,29 +60,35 @@ class OidcAdmin:
         return conn
 
 
-@pytest.fixture(scope="module")
-def oidc_admin(proxy: ProxyUnderTest, openid_provider: OpenIDProvider,
-               tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcAdmin]:
+@contextmanager
+def running_admin(proxy: ProxyUnderTest, op: OpenIDProvider, tmp_path_factory: pytest.TempPathFactory,
+                  client_id: str = ADMIN_CLIENT) -> Iterator[OidcAdmin]:
     tmp = tmp_path_factory.mktemp("admin-oidc")
     os.environ[SECRET_ENV] = ADMIN_SECRET
     data = copy.deepcopy(proxy.config_data)
-    data["identity"] = {"issuer": openid_provider.issuer, "audience": CLI_CLIENT, "algorithms": ["RS256"],
-                        "discovery": True}
+    data["identity"] = {"issuer": op.issuer, "audience": CLI_CLIENT, "algorithms": ["RS256"], "discovery": True}
     data["policy"] = {"file": str(DEFAULT_POLICY)}
     data["approvals"] = {"store": "sqlite", "path": str(tmp / "approvals.sqlite")}
     data["admin"] = {"host": "127.0.0.1", "port": 0, "analyst_groups": ["auditors", "dba"],
-                     "oidc": {"issuer": openid_provider.issuer, "client_id": ADMIN_CLIENT,
+                     "oidc": {"issuer": op.issuer, "client_id": client_id,
                               "client_secret_env": SECRET_ENV, "scopes": ["openid", "email", "groups"]}}
     audit = MemoryAuditSink()
     running = RunningProxy(parse_config(data, Path.cwd()), audit=audit).start()
     assert running.server is not None and running.server.admin is not None
     under = ProxyUnderTest(running, audit, proxy.keys, proxy.tls, proxy.database, data)
     try:
-        yield OidcAdmin(under, openid_provider, f"http://127.0.0.1:{running.server.admin.port}",
+        yield OidcAdmin(under, op, f"http://127.0.0.1:{running.server.admin.port}",
                         tmp_path_factory.mktemp("screenshots"))
     finally:
         running.stop()
         os.environ.pop(SECRET_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def oidc_admin(proxy: ProxyUnderTest, openid_provider: OpenIDProvider,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[OidcAdmin]:
+    with running_admin(proxy, openid_provider, tmp_path_factory) as admin:
+        yield admin
 
 
 @pytest.fixture
@@ -223,6 +239,20 @@ def test_logout_ends_the_session_here_and_at_the_provider(oidc_admin: OidcAdmin,
     assert "id_token_hint=" in ended.value.url and "post_logout_redirect_uri=" in ended.value.url
     page.goto(oidc_admin.base + "/ui/approvals")
     expect(page).to_have_url(re.compile(r"/ui/login$"))
+
+
+def test_the_ui_session_ends_when_the_id_token_expires(proxy: ProxyUnderTest, openid_provider: OpenIDProvider,
+                                                       tmp_path_factory: pytest.TempPathFactory,
+                                                       context: BrowserContext) -> None:
+    with running_admin(proxy, openid_provider, tmp_path_factory, SHORT_ADMIN_CLIENT) as admin:
+        page = context.new_page()
+        sign_in(page, admin, "bob")  # ID token valid for 3 s
+        expect(page.locator("#whoami")).to_have_text("bob")
+        time.sleep(3.5)
+        page.goto(admin.base + "/ui/approvals")
+        expect(page).to_have_url(re.compile(r"/ui/login$"))
+        page.click("#oidc-login")  # the provider's session is still open: straight back in, with a new token
+        expect(page.locator("#whoami")).to_have_text("bob")
 
 
 @pytest.mark.parametrize(("oidc", "message"), [
