@@ -203,6 +203,7 @@ def test_pasted_tokens_are_off_when_oidc_is_configured(oidc_admin: OidcAdmin, co
     page.goto(oidc_admin.base + "/ui/login")
     expect(page.locator("#oidc-login")).to_be_visible()
     assert page.locator("#token").count() == 0
+    page.screenshot(path=str(oidc_admin.shots / "oidc-login.png"), full_page=True)
     csrf = next(c["value"] for c in context.cookies() if c["name"] == "pgproxy_ui_login")
     token = device_flow_tokens(oidc_admin.op, CLI_CLIENT, "alice")["id_token"]
     answer = page.request.post(oidc_admin.base + "/ui/login", form={"csrf": csrf, "token": token},
