@@ -86,8 +86,8 @@ def logout(issuer: str, client_id: str, token_kind: str) -> None:
 @_provider_options
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="PGHOST", help="The proxy's host.")
 @click.option("--port", default=6432, show_default=True, type=int, envvar="PGPORT", help="The proxy's port.")
-@click.option("-U", "--user", "user", default="", envvar="PGUSER",
-              help="Database role (default: the token's default role).")
+@click.option("-U", "--user", "user", required=True, envvar="PGUSER",
+              help="Database role to run as (one your token allows), or your subject for your default role.")
 @click.option("-d", "--dbname", default=None, envvar="PGDATABASE", help="Database.")
 @click.option("--sslmode", default="verify-full", show_default=True, help="libpq sslmode.")
 @click.option("--sslrootcert", default=None, help="CA file the proxy's certificate is checked against.")
