@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from .config import ConfigError, ProxyConfig, load_config
+from .people_cli import connect, login, logout
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                              help="Config file (default: $PGPROXY_CONFIG).")
@@ -509,3 +510,8 @@ def approvals_deny(config_path: str | None, approver_token: str | None, as_json:
 
 if __name__ == "__main__":
     main()
+
+
+# People at a terminal log in through their identity provider (pgproxy/people_cli.py).
+for _command in (login, logout, connect):
+    main.add_command(_command)

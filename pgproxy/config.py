@@ -78,6 +78,10 @@ class IdentityConfig:
     default_db_role: str | None = None
     # Private key used only by `pgproxy token` to mint development tokens; never read by `serve`.
     dev_signing_key_file: Path | None = None
+    # Keys from the JWKS URL named by the issuer's OpenID discovery document (a key source).
+    discovery: bool = False
+    # More accepted audiences, e.g. the client id that `pgproxy login` uses (people's ID tokens name it).
+    extra_audiences: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -162,6 +166,37 @@ APPROVAL_STORES = ("sqlite", "postgres")
 
 
 @dataclass(frozen=True)
+class SlackApprover:
+    """A Slack user who may press Approve / Deny, and the identity they decide as."""
+
+    slack_user: str  # Slack's user id (U...), never the display name, which anyone can change
+    subject: str
+    groups: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SlackConfig:
+    """Approval requests as Slack messages with Approve / Deny buttons (docs/approvals.md#slack)."""
+
+    channel: str
+    bot_token_env: str
+    signing_secret_env: str
+    approvers: tuple[SlackApprover, ...]
+    api_url: str = "https://slack.com/api/"
+    timestamp_tolerance_seconds: float = 300.0
+
+    def bot_token(self) -> str:
+        value = read_secret("approvals.slack.bot_token_env", self.bot_token_env, None)
+        assert value is not None
+        return value
+
+    def signing_secret(self) -> bytes:
+        value = read_secret("approvals.slack.signing_secret_env", self.signing_secret_env, None)
+        assert value is not None
+        return value.encode()
+
+
+@dataclass(frozen=True)
 class ApprovalsConfig:
     """Where approval requests live (docs/approvals.md) and who hears about new ones."""
 
@@ -170,6 +205,7 @@ class ApprovalsConfig:
     dsn_env: str | None = None  # postgres: environment variable holding the DSN
     schema: str = "pgproxy"  # postgres: schema of the approval tables (created if missing)
     webhook_url: str | None = None  # each new request is POSTed here as JSON
+    slack: SlackConfig | None = None  # each new request is a Slack message with Approve / Deny buttons
 
     def dsn(self) -> str:
         """The PostgreSQL DSN from ``dsn_env`` (postgres store only)."""
@@ -218,6 +254,26 @@ class MaskingConfig:
 
 
 @dataclass(frozen=True)
+class OidcLoginConfig:
+    """People log in to the admin UI through an OpenID provider (authorization code + PKCE; docs/people.md)."""
+
+    issuer: str
+    client_id: str
+    # https://<admin host>:<port>/ui/oidc/callback as registered at the provider; None: the URL the
+    # browser used to reach the UI (set it behind a reverse proxy)
+    redirect_uri: str | None = None
+    client_secret_env: str | None = None  # None: a public client (PKCE only)
+    scopes: tuple[str, ...] = ("openid", "profile", "email")
+    groups_claim: str = "groups"
+    subject_claim: str = "sub"
+    algorithms: tuple[str, ...] = ("RS256",)
+    provider_logout: bool = True  # logging out also ends the session at the provider (end_session_endpoint)
+
+    def client_secret(self) -> str | None:
+        return read_secret("admin.oidc.client_secret_env", self.client_secret_env, None)
+
+
+@dataclass(frozen=True)
 class AdminConfig:
     """The admin HTTP listener (approvals API)."""
 
@@ -227,6 +283,9 @@ class AdminConfig:
     ui: bool = True  # the web UI under /ui/ (docs/admin-ui.md)
     analyst_groups: tuple[str, ...] | None = None  # may view sessions in the UI; None: the policy's approver groups
     metrics_token_env: str | None = None  # /metrics needs this bearer token when set (docs/operations.md)
+    oidc: OidcLoginConfig | None = None  # UI login through an OpenID provider
+    # The UI's pasted-JWT login form; on by default only when no oidc login is configured.
+    token_login: bool = True
 
     def metrics_token(self) -> str | None:
         """The bearer token /metrics requires (None: open); fails closed when the variable is unset."""
@@ -418,9 +477,14 @@ def _identity(s: Section) -> IdentityConfig:
     jwks_file = s.path_("jwks_file")
     jwks_url = s.string("jwks_url")
     secret_env = s.string("hs256_secret_env")
+    discovery = s.boolean("discovery", False)
+    extra_audiences = s.items("extra_audiences")
+    if not all(isinstance(a, str) and a for a in extra_audiences):
+        raise ConfigError(f"{s.at('extra_audiences')}: expected a list of audience strings")
     sources = [x for x in (jwks_file, jwks_url, secret_env) if x is not None]
-    if len(sources) != 1:
-        raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url or hs256_secret_env")
+    if len(sources) + discovery != 1:
+        raise ConfigError(f"{s.path}: set exactly one key source: jwks_file, jwks_url, discovery or "
+                          "hs256_secret_env")
     if jwks_url is not None and not secure_url(jwks_url):
         raise ConfigError(f"{s.at('jwks_url')}: must be an https URL (plain http only for loopback)")
     symmetric = [a for a in algorithms if a in SYMMETRIC_ALGORITHMS]
@@ -447,8 +511,12 @@ def _identity(s: Section) -> IdentityConfig:
         claims=claims,
         default_db_role=s.string("default_db_role"),
         dev_signing_key_file=s.path_("dev_signing_key_file", must_exist=False),
+        discovery=discovery,
+        extra_audiences=tuple(extra_audiences),
     )
     s.done()
+    if discovery and not secure_url(ident.issuer):
+        raise ConfigError(f"{s.at('issuer')}: discovery needs an https issuer URL (plain http only for loopback)")
     return ident
 
 
@@ -524,6 +592,7 @@ def _approvals(s: Section) -> ApprovalsConfig:
         dsn_env=s.string("dsn_env"),
         schema=schema,
         webhook_url=s.string("webhook_url"),
+        slack=_slack(s.section("slack")) if s.raw("slack") is not None else None,
     )
     s.done()
     if store == "sqlite":
@@ -548,6 +617,34 @@ def _approvals(s: Section) -> ApprovalsConfig:
     return approvals
 
 
+def _slack(s: Section) -> SlackConfig:
+    approvers = []
+    for i, item in enumerate(s.items("approvers")):
+        a = Section(item, f"{s.at('approvers')}[{i}]", s.base_dir)
+        groups = a.items("groups")
+        if not groups or not all(isinstance(g, str) and g for g in groups):
+            raise ConfigError(f"{a.at('groups')}: expected a non-empty list of group names")
+        approvers.append(SlackApprover(a.req_str("slack_user"), a.req_str("subject"), tuple(groups)))
+        a.done()
+    if not approvers:
+        raise ConfigError(f"{s.at('approvers')}: required (the Slack users who may decide, with their identity)")
+    users = [a.slack_user for a in approvers]
+    if len(set(users)) != len(users):
+        raise ConfigError(f"{s.at('approvers')}: a Slack user is listed twice")
+    slack = SlackConfig(
+        channel=s.req_str("channel"),
+        bot_token_env=s.req_str("bot_token_env"),
+        signing_secret_env=s.req_str("signing_secret_env"),
+        approvers=tuple(approvers),
+        api_url=s.string("api_url", SlackConfig.api_url) or SlackConfig.api_url,
+        timestamp_tolerance_seconds=s.number("timestamp_tolerance_seconds", 300.0, minimum=1.0),
+    )
+    s.done()
+    if not secure_url(slack.api_url):
+        raise ConfigError(f"{s.at('api_url')}: must be an https URL (plain http only for loopback)")
+    return slack
+
+
 def _admin(s: Section) -> AdminConfig:
     tls = None
     if s.raw("tls") is not None:
@@ -560,15 +657,46 @@ def _admin(s: Section) -> AdminConfig:
     analysts = s.items("analyst_groups") if s.raw("analyst_groups") is not None else None
     if analysts is not None and not all(isinstance(g, str) and g for g in analysts):
         raise ConfigError(f"{s.at('analyst_groups')}: expected a list of group names")
+    oidc = _oidc_login(s.section("oidc")) if s.raw("oidc") is not None else None
     admin = AdminConfig(host=s.string("host", "127.0.0.1") or "127.0.0.1",
                         port=s.integer("port", 8080, maximum=65535), tls=tls, ui=s.boolean("ui", True),
                         analyst_groups=tuple(analysts) if analysts is not None else None,
-                        metrics_token_env=s.string("metrics_token_env"))
+                        metrics_token_env=s.string("metrics_token_env"), oidc=oidc,
+                        token_login=s.boolean("token_login", oidc is None))
     s.done()
     if admin.tls is None and not is_loopback_host(admin.host):
         raise ConfigError(f"{s.at('tls')}: required unless host is loopback (approver tokens would cross the "
                           f"network in clear text), host is {admin.host!r}")
     return admin
+
+
+def _oidc_login(s: Section) -> OidcLoginConfig:
+    scopes = s.items("scopes") or ["openid", "profile", "email"]
+    if not all(isinstance(x, str) and x and " " not in x for x in scopes) or "openid" not in scopes:
+        raise ConfigError(f"{s.at('scopes')}: expected a list of scope names including openid")
+    algorithms = s.items("algorithms") or ["RS256"]
+    if not all(isinstance(a, str) and a in ASYMMETRIC_ALGORITHMS for a in algorithms):
+        raise ConfigError(f"{s.at('algorithms')}: expected public-key algorithms "
+                          f"({', '.join(sorted(ASYMMETRIC_ALGORITHMS))})")
+    oidc = OidcLoginConfig(
+        issuer=s.req_str("issuer"),
+        client_id=s.req_str("client_id"),
+        redirect_uri=s.string("redirect_uri"),
+        client_secret_env=s.string("client_secret_env"),
+        scopes=tuple(scopes),
+        groups_claim=s.string("groups_claim", "groups") or "groups",
+        subject_claim=s.string("subject_claim", "sub") or "sub",
+        algorithms=tuple(algorithms),
+        provider_logout=s.boolean("provider_logout", True),
+    )
+    s.done()
+    for key in ("issuer", "redirect_uri"):
+        value = getattr(oidc, key)
+        if value is not None and not secure_url(value):
+            raise ConfigError(f"{s.at(key)}: must be an https URL (plain http only for loopback)")
+    if oidc.redirect_uri is not None and not urlsplit(oidc.redirect_uri).path.endswith("/ui/oidc/callback"):
+        raise ConfigError(f"{s.at('redirect_uri')}: must end with /ui/oidc/callback (the UI's callback page)")
+    return oidc
 
 
 def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> ProxyConfig:
@@ -607,6 +735,9 @@ def parse_config(data: Any, base_dir: Path, source: Path | None = None) -> Proxy
     admin = _admin(root.section("admin")) if root.raw("admin") is not None else None
     if admin is not None and approvals is None:
         raise ConfigError("admin: needs an approvals section (the admin listener serves the approvals API)")
+    if approvals is not None and approvals.slack is not None and admin is None:
+        raise ConfigError("approvals.slack: needs an admin section (Slack sends button presses to the admin "
+                          "listener's /slack/interactions)")
     policy = None
     if root.raw("policy") is not None:
         pol = root.section("policy")

@@ -37,6 +37,7 @@ from pgproxy.policy.approvals import (
 from pgproxy.tlsutil import server_context
 
 if TYPE_CHECKING:
+    from .slack import SlackInteractions
     from .ui import AdminUI
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,8 @@ class AdminServer:
     """The admin listener. ``app`` can also be served by aiohttp's test client."""
 
     def __init__(self, config: AdminConfig, store: ApprovalStore, verifier: TokenVerifier, *,
-                 owns_store: bool = False, ui: AdminUI | None = None) -> None:
+                 owns_store: bool = False, ui: AdminUI | None = None,
+                 slack: SlackInteractions | None = None) -> None:
         self.config = config
         self.store = store
         self.service = ApproverService(store, verifier)
@@ -100,6 +102,8 @@ class AdminServer:
         self.app.router.add_post("/api/approvals/{id}/deny", self._deny)
         if ui is not None:  # the web UI under /ui/ (pgproxy/admin/ui.py)
             ui.install(self.app, self.service)
+        if slack is not None:  # Approve / Deny buttons in Slack (pgproxy/admin/slack.py)
+            slack.install(self.app, self.service)
 
     @classmethod
     def from_config(cls, config: ProxyConfig, *, store: ApprovalStore | None = None,
@@ -114,7 +118,13 @@ class AdminServer:
         from .ui import AdminUI
 
         ui = AdminUI(config) if config.admin.ui else None
-        return cls(config.admin, store, verifier or TokenVerifier(config.identity), owns_store=owns, ui=ui)
+        slack = None
+        if config.approvals is not None and config.approvals.slack is not None:
+            from .slack import SlackInteractions
+
+            slack = SlackInteractions(config.approvals.slack)
+        return cls(config.admin, store, verifier or TokenVerifier(config.identity), owns_store=owns, ui=ui,
+                   slack=slack)
 
     # ------------------------------------------------------------------------------------------
     # Lifecycle

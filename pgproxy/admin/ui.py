@@ -1,11 +1,13 @@
 """The admin web UI under ``/ui/`` on the admin listener: approval queue, audit sessions, session replay.
 
-Server-rendered (jinja2, autoescape on), no JavaScript. Login is a pasted JWT, verified by the same
-TokenVerifier as the API; the browser then holds only an opaque session id in an HttpOnly,
-SameSite=Strict cookie (Secure when the listener has TLS). The token is re-verified on every request,
-so an expired or no longer trusted token ends the UI session. Every POST form carries the session's
-CSRF token (403 without it). Approvers (members of the policy's approver groups) decide through the
-same ApproverService and store rules as the API; analysts (``admin.analyst_groups``) may view.
+Server-rendered (jinja2, autoescape on), no JavaScript. People log in through their OpenID provider
+(``admin.oidc``: authorization code + PKCE, pgproxy/admin/oidc_login.py) or, where ``admin.token_login``
+allows it, with a pasted JWT verified by the same TokenVerifier as the API; the browser then holds only
+an opaque session id in an HttpOnly, SameSite=Strict cookie (Secure when the listener has TLS). The
+token is re-verified on every request, so an expired or no longer trusted token ends the UI session.
+Every POST form carries the session's CSRF token (403 without it). Approvers (members of the policy's
+approver groups) decide through the same ApproverService and store rules as the API; analysts
+(``admin.analyst_groups``) may view.
 See docs/admin-ui.md.
 """
 
@@ -25,6 +27,7 @@ import jinja2
 from aiohttp import web
 
 from pgproxy.admin.audit_view import AuditLogView
+from pgproxy.admin.oidc_login import PENDING_SECONDS, OidcLogin, OidcLoginError
 from pgproxy.audit.timeline import format_when
 from pgproxy.config import ProxyConfig
 from pgproxy.identity import Identity, TokenError
@@ -40,6 +43,7 @@ from pgproxy.policy.approvals import (
 HERE = Path(__file__).parent
 SESSION_COOKIE = "pgproxy_ui"
 LOGIN_COOKIE = "pgproxy_ui_login"  # double-submit CSRF token of the login form (no session yet)
+OIDC_STATE_COOKIE = "pgproxy_ui_oidc"  # the state of the OIDC login this browser started
 MAX_SESSIONS = 1000
 MAX_SESSION_SECONDS = 12 * 3600.0
 MAX_REASON_CHARS = 2000
@@ -77,6 +81,7 @@ class UiSession:
     csrf: str
     expires_at: float
     flash: str | None = None
+    oidc: bool = False  # token is an ID token from the admin.oidc login (re-verified against that provider)
 
 
 SESSION_KEY = web.RequestKey("ui_session", UiSession)
@@ -89,9 +94,9 @@ class UiSessions:
     limit: int = MAX_SESSIONS
     _by_id: OrderedDict[str, UiSession] = field(default_factory=OrderedDict)
 
-    def create(self, token: str, identity: Identity, now: float) -> UiSession:
+    def create(self, token: str, identity: Identity, now: float, *, oidc: bool = False) -> UiSession:
         session = UiSession(secrets.token_urlsafe(32), token, identity, secrets.token_urlsafe(32),
-                            min(identity.expires_at, now + MAX_SESSION_SECONDS))
+                            min(identity.expires_at, now + MAX_SESSION_SECONDS), oidc=oidc)
         self._by_id[session.sid] = session
         while len(self._by_id) > self.limit:
             self._by_id.popitem(last=False)
@@ -171,6 +176,8 @@ class AdminUI:
         self.env.filters["utc"] = format_when
         self.env.filters["age"] = age
         self._service: ApproverService | None = None
+        self.oidc = OidcLogin(config.admin.oidc) if config.admin.oidc is not None else None
+        self.token_login = config.admin.token_login
 
     def install(self, app: web.Application, service: ApproverService) -> None:
         self._service = service
@@ -178,6 +185,7 @@ class AdminUI:
             ("GET", "/", self._home), ("GET", "/ui", self._home), ("GET", "/ui/", self._home),
             ("GET", "/ui/login", self._login_form), ("POST", "/ui/login", self._login),
             ("POST", "/ui/logout", self._logout),
+            ("GET", "/ui/oidc/start", self._oidc_start), ("GET", "/ui/oidc/callback", self._oidc_callback),
             ("GET", "/ui/approvals", self._approvals), ("POST", "/ui/approvals/{id}/decide", self._decide),
             ("GET", "/ui/sessions", self._session_list), ("GET", "/ui/sessions/{session}", self._session_page),
         ]
@@ -244,7 +252,10 @@ class AdminUI:
         if session is None:
             return None
         try:  # keys rotate and tokens expire: the token must still verify
-            await self.service.authenticate(session.token)
+            if session.oidc and self.oidc is not None:
+                await self.oidc.verifier.verify(session.token)
+            else:
+                await self.service.authenticate(session.token)
         except TokenError:
             self.sessions.drop(session.sid)
             return None
@@ -278,7 +289,8 @@ class AdminUI:
 
     def _login_page(self, request: web.Request, status: int, error: str | None) -> web.Response:
         nonce = secrets.token_urlsafe(32)
-        response = self._render("login.html", status, error=error, login_csrf=nonce, **self._chrome(None))
+        response = self._render("login.html", status, error=error, login_csrf=nonce, oidc=self.oidc is not None,
+                                token_login=self.token_login, **self._chrome(None))
         self._cookie(response, LOGIN_COOKIE, nonce, 600)
         return response
 
@@ -287,6 +299,9 @@ class AdminUI:
         expected = request.cookies.get(LOGIN_COOKIE, "")
         if not expected or not hmac.compare_digest(str(form.get("csrf", "")), expected):
             raise PageError(403, "missing or wrong CSRF token: reload the login page and try again")
+        if not self.token_login:
+            raise PageError(403, "logging in with a pasted token is off (admin.token_login): log in with your "
+                                 "identity provider")
         token = str(form.get("token", "")).strip()
         if not token or len(token) > MAX_TOKEN_CHARS:
             return self._login_page(request, 400, "paste a JWT")
@@ -294,13 +309,64 @@ class AdminUI:
             identity = await self.service.authenticate(token)
         except TokenError as exc:
             return self._login_page(request, 401, f"invalid token: {exc.reason}")
-        if not self.roles.may_log_in(identity):
-            return self._login_page(request, 403, f"{identity.subject} is neither an approver nor an analyst "
-                                                  "(no approver or analyst group in the token)")
+        refused = self._refuse_login(request, identity)
+        if refused is not None:
+            return refused
         session = self.sessions.create(token, identity, time.time())
         response = self._redirect("/ui/approvals")
         self._cookie(response, SESSION_COOKIE, session.sid, None)
         response.del_cookie(LOGIN_COOKIE, path="/ui/")
+        return response
+
+    def _refuse_login(self, request: web.Request, identity: Identity) -> web.Response | None:
+        if self.roles.may_log_in(identity):
+            return None
+        return self._login_page(request, 403, f"{identity.subject} is neither an approver nor an analyst "
+                                              "(no approver or analyst group in the token)")
+
+    async def _oidc_start(self, request: web.Request) -> web.Response:
+        if self.oidc is None:
+            raise PageError(404, "no identity provider is configured (admin.oidc)")
+        try:
+            url, state = await self.oidc.start(self._oidc_url(request, "/ui/oidc/callback"))
+        except OidcLoginError as exc:
+            return self._login_page(request, 503, str(exc))
+        response = self._redirect(url)
+        # Lax, not Strict: the browser must send it back on the provider's redirect to the callback.
+        response.set_cookie(OIDC_STATE_COOKIE, state, path="/ui/", httponly=True, secure=self.secure_cookies,
+                            samesite="Lax", max_age=int(PENDING_SECONDS))
+        return response
+
+    def _oidc_url(self, request: web.Request, path: str) -> str:
+        """``path`` on this UI as the provider knows it: admin.oidc.redirect_uri's origin, else the request's."""
+        assert self.oidc is not None
+        configured = self.oidc.config.redirect_uri
+        if configured is not None:  # ends with /ui/oidc/callback (checked by the config)
+            return configured.removesuffix("/ui/oidc/callback") + path
+        return str(request.url.with_path(path).with_query(None))
+
+    async def _oidc_callback(self, request: web.Request) -> web.Response:
+        if self.oidc is None:
+            raise PageError(404, "no identity provider is configured (admin.oidc)")
+        query = request.query
+        if "error" in query:
+            return self._login_page(request, 401, f"the identity provider refused the login: "
+                                                  f"{query.get('error', '')[:200]}")
+        try:
+            identity, id_token = await self.oidc.finish(query.get("state", ""),
+                                                        request.cookies.get(OIDC_STATE_COOKIE, ""),
+                                                        query.get("code", ""))
+        except OidcLoginError as exc:
+            return self._login_page(request, 401, str(exc))
+        refused = self._refuse_login(request, identity)
+        if refused is not None:
+            return refused
+        session = self.sessions.create(id_token, identity, time.time(), oidc=True)
+        # A page, not a redirect: the Strict session cookie is sent only on a navigation this site starts.
+        response = self._render("redirect.html", heading="Signed in", next="/ui/approvals",
+                                link="Continue to the approvals", **self._chrome(None))
+        self._cookie(response, SESSION_COOKIE, session.sid, None)
+        response.del_cookie(OIDC_STATE_COOKIE, path="/ui/")
         return response
 
     async def _logout(self, request: web.Request) -> web.Response:
@@ -309,7 +375,18 @@ class AdminUI:
             return session
         await self._form(request, session)
         self.sessions.drop(session.sid)
-        response = self._redirect("/ui/login")
+        after = None
+        if session.oidc and self.oidc is not None:
+            try:
+                after = await self.oidc.logout_url(session.token, self._oidc_url(request, "/ui/login"))
+            except OidcLoginError:
+                after = None  # the provider is unreachable: the pgproxy session is ended all the same
+        if after is not None:
+            # A page, not a redirect: the CSP's form-action 'self' blocks a form's redirect to the provider.
+            response = self._render("redirect.html", heading="Logged out", next=after,
+                                    link="Log out at the identity provider too", **self._chrome(None))
+        else:
+            response = self._redirect("/ui/login")
         response.del_cookie(SESSION_COOKIE, path="/ui/")
         return response
 

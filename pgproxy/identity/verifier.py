@@ -4,8 +4,9 @@ Only algorithms on the configured allowlist are accepted (never ``none``); HS* t
 only against the shared secret and asymmetric tokens only against JWKS keys whose type (and ``alg``,
 if the key declares one) matches the token's algorithm, so an RSA public key can never be used as an
 HMAC secret. Signing keys come from a JWKS file (reloaded when it changes), a JWKS URL (cached,
-refreshed on an unknown ``kid`` at most every ``jwks_min_refresh_seconds``) or an environment
-variable holding the HS256 secret.
+refreshed on an unknown ``kid`` at most every ``jwks_min_refresh_seconds``), the JWKS URL that the
+issuer's OpenID discovery document names (``discovery: true``; looked up again when a JWKS fetch
+fails) or an environment variable holding the HS256 secret.
 
 Refusals raise :class:`TokenError` with a short reason that is safe to show the client. This module
 must never log, store or put into an exception the raw token or the secret.
@@ -20,9 +21,6 @@ import logging
 import math
 import os
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,16 +39,17 @@ from pgproxy.config import (
     SYMMETRIC_ALGORITHMS,
     ConfigError,
     IdentityConfig,
-    is_loopback_host,
 )
 from pgproxy.identity.claims import Identity, TokenError, identity_from_claims, valid_role_name
+from pgproxy.identity.discovery import discover
+from pgproxy.identity.fetch import MAX_DOCUMENT_BYTES, fetch_url
 
 __all__ = ["MAX_TOKEN_BYTES", "TokenError", "TokenVerifier"]
 
 log = logging.getLogger(__name__)
 
 MAX_TOKEN_BYTES = 16 * 1024
-MAX_JWKS_BYTES = 1024 * 1024
+MAX_JWKS_BYTES = MAX_DOCUMENT_BYTES
 MIN_HS_SECRET_BYTES = 32
 
 _EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
@@ -134,38 +133,6 @@ def parse_jwks(data: bytes | str) -> list[_Key]:
     return keys
 
 
-class _NoDowngradeRedirect(urllib.request.HTTPRedirectHandler):
-    """Follow redirects only to https URLs."""
-
-    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
-                         headers: Any, newurl: str) -> urllib.request.Request | None:
-        if not newurl.startswith("https://"):
-            raise urllib.error.HTTPError(newurl, code, "refusing non-https JWKS redirect", headers, fp)
-        return super().redirect_request(req, fp, code, msg, headers, newurl)
-
-
-def _is_loopback_url(url: str) -> bool:
-    return is_loopback_host(urllib.parse.urlsplit(url).hostname or "")
-
-
-def _fetch_url(url: str, timeout: float) -> bytes:
-    """Blocking JWKS download (run in a thread) with a size cap."""
-    handlers: list[urllib.request.BaseHandler] = [_NoDowngradeRedirect()]
-    if _is_loopback_url(url):
-        handlers.append(urllib.request.ProxyHandler({}))
-    opener = urllib.request.build_opener(*handlers)
-    request = urllib.request.Request(url, headers={"Accept": "application/json",
-                                                   "User-Agent": "pgproxy-jwks"})
-    with opener.open(request, timeout=timeout) as response:
-        status = getattr(response, "status", 200)
-        if status != 200:
-            raise OSError(f"HTTP status {status}")
-        body: bytes = response.read(MAX_JWKS_BYTES + 1)
-    if len(body) > MAX_JWKS_BYTES:
-        raise OSError("JWKS document too large")
-    return body
-
-
 def _token_id(token: str, claims: Mapping[str, Any]) -> str:
     jti = claims.get("jti")
     if isinstance(jti, str) and jti:
@@ -246,10 +213,13 @@ class TokenVerifier:
         self._fetched_at: float | None = None
         self._attempted_at: float | None = None
         self._inflight: asyncio.Task[None] | None = None
+        # discovery: the jwks_uri of the issuer's discovery document, once fetched.
+        self._jwks_uri: str | None = config.jwks_url
 
         sources = [s for s in (config.jwks_file, config.jwks_url, config.hs256_secret_env) if s is not None]
-        if len(sources) != 1:
-            raise ConfigError("identity: set exactly one key source: jwks_file, jwks_url or hs256_secret_env")
+        if len(sources) + config.discovery != 1:
+            raise ConfigError("identity: set exactly one key source: jwks_file, jwks_url, discovery or "
+                              "hs256_secret_env")
         if config.default_db_role is not None and not valid_role_name(config.default_db_role):
             raise ConfigError("identity.default_db_role: not a valid role name")
         if config.hs256_secret_env is not None:
@@ -322,9 +292,13 @@ class TokenVerifier:
         """Load the signing keys now (e.g. at start-up) and return how many are usable."""
         if self._secret is not None:
             return 1
-        if self._config.jwks_url is not None:
+        if self._fetches_keys:
             await self._refresh_url()
         return len(self._current_keys())
+
+    @property
+    def _fetches_keys(self) -> bool:
+        return self._config.jwks_url is not None or self._config.discovery
 
     # ------------------------------------------------------------------------------------------
     # Token parsing and validation
@@ -358,7 +332,7 @@ class TokenVerifier:
                 token,
                 key,
                 algorithms=[alg],
-                audience=cfg.audience,
+                audience=[cfg.audience, *cfg.extra_audiences] if cfg.extra_audiences else cfg.audience,
                 issuer=cfg.issuer,
                 options={
                     "require": ["exp", "iss", "aud"],
@@ -400,7 +374,7 @@ class TokenVerifier:
         return compatible[0].key
 
     async def _select_key(self, alg: str, kid: str | None, *, allow_fetch: bool) -> PublicKey:
-        if self._config.jwks_url is not None and allow_fetch:
+        if self._fetches_keys and allow_fetch:
             now = self._now()
             stale = self._fetched_at is None or now - self._fetched_at >= self._config.jwks_cache_seconds
             unknown_kid = kid is not None and not any(k.kid == kid for k in self._keys or ())
@@ -460,19 +434,22 @@ class TokenVerifier:
         await asyncio.shield(task)
 
     async def _fetch_and_store(self) -> None:
-        url = self._config.jwks_url
-        assert url is not None
+        url = self._jwks_uri
         timeout = self._config.jwks_timeout_seconds
         self._attempted_at = self._now()
         try:
-            body = await asyncio.wait_for(asyncio.to_thread(_fetch_url, url, timeout), timeout)
+            if url is None:
+                url = self._jwks_uri = (await discover(self._config.issuer, timeout)).jwks_uri
+            body = await asyncio.wait_for(asyncio.to_thread(fetch_url, url, timeout), timeout)
             keys = parse_jwks(body)
             if not keys:
                 raise ValueError("no usable signing keys")
         except Exception as exc:  # any failure just keeps the cached keys
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc) or type(exc).__name__
             log.warning("JWKS fetch from %s failed (keeping %d cached key(s)): %s",
-                        url, len(self._keys or ()), reason)
+                        url or self._config.issuer, len(self._keys or ()), reason)
+            if self._config.discovery:
+                self._jwks_uri = None  # the provider may have moved its keys: look them up again
             return
         self._keys = keys
         self._fetched_at = self._now()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from pgproxy.audit.sink import AuditSink
 from pgproxy.config import ApprovalsConfig, ConfigError, ProxyConfig
+from pgproxy.policy.approval_common import Notifier
 from pgproxy.policy.approval_webhook import WebhookNotifier
 from pgproxy.policy.approvals import (
     ApprovalMode,
@@ -27,7 +29,14 @@ def build_approval_store(config: ProxyConfig | ApprovalsConfig, *, audit: AuditS
     approvals = config.approvals if isinstance(config, ProxyConfig) else config
     if approvals is None:
         raise ConfigError("approvals: not configured (add an approvals section: store, path or dsn_env)")
-    notify = WebhookNotifier(approvals.webhook_url) if approvals.webhook_url else None
+    notifiers: list[Notifier] = []
+    if approvals.webhook_url:
+        notifiers.append(WebhookNotifier(approvals.webhook_url))
+    if approvals.slack is not None:
+        from pgproxy.policy.approval_slack import SlackNotifier
+
+        notifiers.append(SlackNotifier(approvals.slack))
+    notify = notifiers[0] if len(notifiers) == 1 else _Notifiers(notifiers) if notifiers else None
     if approvals.store == "sqlite":
         from pgproxy.policy.stores.sqlite import SQLiteApprovalStore
 
@@ -36,6 +45,16 @@ def build_approval_store(config: ProxyConfig | ApprovalsConfig, *, audit: AuditS
     from pgproxy.policy.stores.postgres import PostgresApprovalStore
 
     return PostgresApprovalStore(approvals.dsn(), schema=approvals.schema, audit=audit, notify=notify, clock=clock)
+
+
+class _Notifiers:
+    """Several notifiers as one (each already logs and swallows its own failures)."""
+
+    def __init__(self, notifiers: Sequence[Notifier]) -> None:
+        self.notifiers = tuple(notifiers)
+
+    async def __call__(self, request: ApprovalRequest) -> None:
+        await asyncio.gather(*(notify(request) for notify in self.notifiers))
 
 
 def new_request(*, requester: dict[str, Any], database: str, sql: str, params: Sequence[str | None],
