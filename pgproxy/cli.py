@@ -13,6 +13,7 @@ from pathlib import Path
 
 import click
 
+from . import __version__
 from .config import ConfigError, ProxyConfig, load_config
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
@@ -36,6 +37,7 @@ def _event_loop_runner() -> asyncio.Runner:
 
 
 @click.group()
+@click.version_option(__version__, "--version", prog_name="pgproxy", message="%(prog)s %(version)s")
 @click.option("--log-level", default=None,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Default: INFO for serve and demo, WARNING for the other commands.")
@@ -53,10 +55,10 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="Log lines as text or one JSON object per line (default: logging.format, else text).")
 def serve(config_path: str | None, log_format: str | None) -> None:
-    """Run the proxy until SIGTERM or SIGINT (sessions get a short drain period)."""
+    """Run the proxy until SIGTERM or SIGINT (sessions get a short drain period); SIGHUP reloads the config."""
     config = _load(config_path)
     from .logsetup import status_line, use_log_format
-    from .server.listener import ProxyServer, stop_event_on_signals
+    from .server.listener import ProxyServer, reload_on_sighup, stop_event_on_signals
 
     log_format = log_format or config.logging.format
     use_log_format(log_format)
@@ -65,7 +67,8 @@ def serve(config_path: str | None, log_format: str | None) -> None:
         server = ProxyServer(config)
         await server.start()
         stop = stop_event_on_signals()
-        click.echo(status_line(f"pgproxy listening on ports {', '.join(map(str, server.bound_ports))}",
+        reload_on_sighup(server)
+        click.echo(status_line(f"pgproxy {__version__} listening on ports {', '.join(map(str, server.bound_ports))}",
                                log_format), err=True)
         await stop.wait()
         await server.close()

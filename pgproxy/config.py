@@ -226,6 +226,8 @@ class AdminConfig:
     ui: bool = True  # the web UI under /ui/ (docs/admin-ui.md)
     analyst_groups: tuple[str, ...] | None = None  # may view sessions in the UI; None: the policy's approver groups
     metrics_token_env: str | None = None  # /metrics needs this bearer token when set (docs/operations.md)
+    # Token groups that may reload the config with POST /api/reload (empty: only SIGHUP reloads).
+    operator_groups: tuple[str, ...] = ()
 
     def metrics_token(self) -> str | None:
         """The bearer token /metrics requires (None: open); fails closed when the variable is unset."""
@@ -558,10 +560,13 @@ def _admin(s: Section) -> AdminConfig:
     analysts = s.items("analyst_groups") if s.raw("analyst_groups") is not None else None
     if analysts is not None and not all(isinstance(g, str) and g for g in analysts):
         raise ConfigError(f"{s.at('analyst_groups')}: expected a list of group names")
+    operators = s.items("operator_groups")
+    if not all(isinstance(g, str) and g for g in operators):
+        raise ConfigError(f"{s.at('operator_groups')}: expected a list of group names")
     admin = AdminConfig(host=s.string("host", "127.0.0.1") or "127.0.0.1",
                         port=s.integer("port", 8080, maximum=65535), tls=tls, ui=s.boolean("ui", True),
                         analyst_groups=tuple(analysts) if analysts is not None else None,
-                        metrics_token_env=s.string("metrics_token_env"))
+                        metrics_token_env=s.string("metrics_token_env"), operator_groups=tuple(operators))
     s.done()
     if admin.tls is None and not is_loopback_host(admin.host):
         raise ConfigError(f"{s.at('tls')}: required unless host is loopback (approver tokens would cross the "

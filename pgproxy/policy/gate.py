@@ -103,6 +103,13 @@ class PolicyGate:
             weakref.WeakKeyDictionary()
         self._background: set[asyncio.Future[None]] = set()
 
+    def use_policy(self, policy: Policy, *, audit_allowed: bool) -> None:
+        """Judge every statement from now on by ``policy`` (a config reload); decisions cached under the
+        old policy are dropped, so open sessions get the new rules at their next statement."""
+        self.policy = policy
+        self.audit_allowed = audit_allowed
+        self._decisions = weakref.WeakKeyDictionary()
+
     # ------------------------------------------------------------------------------------- the seam
 
     def inspect(self, session: Session, request: Request) -> Verdict:

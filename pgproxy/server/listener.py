@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -18,10 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..admin.metrics import add_metrics_route
+from ..admin.operations import add_operations_routes
 from ..admin.server import AdminServer
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
-from ..config import ListenerConfig, ProxyConfig
+from ..config import ConfigError, ListenerConfig, ProxyConfig, load_config
 from ..http.proxy import HttpProxy
 from ..identity import TokenVerifier
 from ..logsetup import session_context
@@ -32,6 +34,7 @@ from ..tlsutil import server_context
 from .cancel import CancelRegistry
 from .gates import FrontendGate
 from .link import Link
+from .reload import ReloadError, restart_only_changes
 from .session import Session
 
 if TYPE_CHECKING:
@@ -50,6 +53,27 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
+def reload_on_sighup(server: ProxyServer) -> None:
+    """Reload ``server``'s config file on SIGHUP (where the loop supports signal handlers).
+
+    The outcome is logged either way; a failed reload keeps the running config (ProxyServer.reload).
+    """
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        with contextlib.suppress(ReloadError):  # logged by reload()
+            await server.reload()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+
 class ProxyServer:
     """Serves every configured listener until closed."""
 
@@ -57,7 +81,10 @@ class ProxyServer:
                  verifier: TokenVerifier | None = None, gates: Sequence[FrontendGate] = (),
                  approval_store: ApprovalStore | None = None) -> None:
         self.config = config
+        self._extra_gates = tuple(gates)
         self.gates = tuple(gates)
+        self._reloading = asyncio.Lock()
+        self.closing = False  # set by close(): /readyz then answers 503
         if audit is None:
             audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
         self.audit: AuditSink = audit
@@ -76,9 +103,12 @@ class ProxyServer:
 
                 self.approval_store = build_approval_store(config, audit=audit)
                 self._owns_approval_store = True
-            gate = PolicyGate(load_policy(config.policy.file), self.approval_store,
-                              audit_allowed=config.policy.audit_allowed, metrics=self.metrics)
-            self.gates = (gate, *self.gates)
+            self.policy_gate: PolicyGate | None = PolicyGate(load_policy(config.policy.file), self.approval_store,
+                                                             audit_allowed=config.policy.audit_allowed,
+                                                             metrics=self.metrics)
+            self.gates = (self.policy_gate, *self.gates)
+        else:
+            self.policy_gate = None
         # Column masking (config `masking:`) judges last, so it rewrites exactly what policy let through.
         self.masking: Masking | None = None
         if config.masking is not None:
@@ -103,6 +133,7 @@ class ProxyServer:
         self.http: HttpProxy | None = None  # the HTTP companion proxy (config `http:`), started by start()
 
     def tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
+        """The listener's server context: built at start, replaced by a reload with the new certificate."""
         if listener.tls is None:
             return None
         key = id(listener)
@@ -111,6 +142,65 @@ class ProxyServer:
             context = server_context(listener.tls.cert_file, listener.tls.key_file)
             self._tls[key] = context
         return context
+
+    async def reload(self, config: ProxyConfig | None = None) -> None:
+        """Apply ``config`` (default: the config file read again) without dropping open sessions.
+
+        Everything is built and checked before anything is swapped: on any problem the running config
+        stays in force and ReloadError says why. New sessions get the new identity settings, TLS
+        certificates, upstream, limits and masking rules; open sessions get the new policy at their
+        next statement and keep the rest of the config they started with.
+        """
+        async with self._reloading:
+            try:
+                await self._reload(config)
+            except ReloadError as exc:
+                self.metrics.config_reloaded(False)
+                log.error("config reload failed, the running config stays in force: %s", exc)
+                raise
+            self.metrics.config_reloaded(True)
+            log.info("config reloaded%s", f" from {self.config.source}" if self.config.source else "")
+
+    async def _reload(self, config: ProxyConfig | None) -> None:
+        try:
+            if config is None:
+                if self.config.source is None:
+                    raise ReloadError("the running config was not read from a file")
+                config = load_config(self.config.source)
+            changed = restart_only_changes(self.config, config)
+            if changed:
+                raise ReloadError(f"{', '.join(changed)}: changed, and only take effect after a restart")
+            verifier = TokenVerifier(config.identity)
+            contexts = {id(old): server_context(new.tls.cert_file, new.tls.key_file)
+                        for old, new in zip(self.config.listeners, config.listeners, strict=True)
+                        if new.tls is not None}
+            policy = None
+            if config.policy is not None:
+                from ..policy.rules import load_policy
+
+                policy = load_policy(config.policy.file)
+            masking: Masking | None = None
+            if config.masking is not None:
+                from ..masking.engine import Masking
+
+                masking = Masking(config.masking, config.upstream)
+        except ConfigError as exc:
+            raise ReloadError(str(exc)) from None
+        except (OSError, ValueError) as exc:
+            raise ReloadError(f"listeners: cannot load certificate/key: {exc}") from None
+        # Nothing below can fail: swap it all at once (the loop runs nothing else meanwhile).
+        if self.policy_gate is not None and policy is not None and config.policy is not None:
+            self.policy_gate.use_policy(policy, audit_allowed=config.policy.audit_allowed)
+        self.masking = masking
+        self.gates = (*((self.policy_gate,) if self.policy_gate else ()), *self._extra_gates,
+                      *((masking,) if masking else ()))
+        self.verifier = verifier
+        self._tls.update(contexts)
+        if self.admin is not None:
+            self.admin.service.verifier = verifier
+        if self.http is not None:
+            self.http.verifier = verifier
+        self.config = dataclasses.replace(config, listeners=self.config.listeners)  # the bound listeners
 
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see ``bound_ports``)."""
@@ -131,6 +221,7 @@ class ProxyServer:
             self.admin = AdminServer.from_config(self.config, store=self.approval_store, verifier=self.verifier,
                                                  audit=self.audit)
             add_metrics_route(self.admin.app, self.metrics, self.config.admin)
+            add_operations_routes(self.admin.app, self)
             await self.admin.start()
         if self.config.http is not None:  # same verifier, audit log and approval store as the SQL side
             self.http = HttpProxy(self.config.http, verifier=self.verifier, audit=self.audit,
@@ -199,6 +290,7 @@ class ProxyServer:
 
     async def close(self, drain_seconds: float = 5.0) -> None:
         """Stop accepting, give sessions ``drain_seconds`` to finish, then end the rest with FATAL."""
+        self.closing = True
         for server in self._servers:
             server.close()
         if self.admin is not None:
