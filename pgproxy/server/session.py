@@ -290,7 +290,7 @@ class Session:
         except UpstreamUnavailable as exc:
             self.server.metrics.upstream_error("connect_failed")
             log.warning("session %s: %s", self.id, exc)
-            raise SessionRefused(errors.UNABLE_TO_CONNECT, str(exc)) from None
+            raise SessionRefused(errors.UNABLE_TO_CONNECT, exc.public) from None  # never the upstream address
         except UpstreamRefused as exc:
             if exc.error.sqlstate in (errors.INVALID_PASSWORD, errors.INVALID_AUTHORIZATION):
                 self.server.metrics.upstream_error("login_refused")
