@@ -109,6 +109,7 @@ class Session:
         self.end_reason = "client disconnected"
         self._ended = False
         self._upstream_fatal = False
+        self._client_terminated = False
         self._secret: bytes | None = None
         self._cancel_key: tuple[int, int] | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -428,6 +429,7 @@ class Session:
 
     def _on_terminate(self, body: memoryview) -> None:
         self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we
+        self._client_terminated = True  # that close is the client's doing, not an upstream failure
 
     def add_backend_hook(self, msg_type: int, hook: MessageHandler, *, first: bool = False) -> None:
         """Let ``hook`` rewrite every backend message of ``msg_type`` (return None to keep it).
@@ -547,10 +549,12 @@ class Session:
             self._closed.set_result(None)
 
     def _on_upstream_lost(self) -> None:
-        if self._upstream_fatal and not self._ended:
+        if self._client_terminated:
+            pass  # the server closed because the client said Terminate: a clean end
+        elif self._upstream_fatal and not self._ended:
             self.server.metrics.upstream_error("lost")
             self.end_reason = "upstream ended the session with FATAL"
-        if not self._ended and not self._upstream_fatal and not self.client.closed:
+        elif not self._ended and not self._upstream_fatal and not self.client.closed:
             self.server.metrics.upstream_error("lost")
             self.end_reason = "upstream closed the connection"
             self.client.write(errors.fatal(errors.CONNECTION_FAILURE,

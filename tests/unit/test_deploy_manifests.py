@@ -27,8 +27,8 @@ from typing import Any, cast
 import kubernetes_validate
 import pytest
 import yaml
-from click.testing import CliRunner
 from aiohttp import web
+from click.testing import CliRunner
 from compose_spec import PyCompose
 
 from pgproxy.admin.operations import add_operations_routes
