@@ -27,6 +27,8 @@ ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", 
                                    "ES512", "EdDSA"})
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 SSLMODES = ("disable", "require", "verify-ca", "verify-full")
+# Clock skew allowed for a token's nbf and iat: small, it is not a grace period (exp is never extended).
+MAX_LEEWAY_SECONDS = 60.0
 
 
 class ConfigError(Exception):
@@ -315,7 +317,7 @@ class Section:
             raise ConfigError(f"{self.at(key)}: must be {bound}, got {value}")
         return value
 
-    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+    def number(self, key: str, default: float, *, minimum: float = 0.0, maximum: float | None = None) -> float:
         value = self.raw(key)
         if value is None:
             return default
@@ -323,6 +325,8 @@ class Section:
             raise ConfigError(f"{self.at(key)}: expected a number")
         if value < minimum:
             raise ConfigError(f"{self.at(key)}: must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self.at(key)}: must be <= {maximum}, got {value}")
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -440,7 +444,7 @@ def _identity(s: Section) -> IdentityConfig:
         jwks_file=jwks_file,
         jwks_url=jwks_url,
         hs256_secret_env=secret_env,
-        leeway_seconds=s.number("leeway_seconds", 30.0),
+        leeway_seconds=s.number("leeway_seconds", 30.0, maximum=MAX_LEEWAY_SECONDS),
         jwks_cache_seconds=s.number("jwks_cache_seconds", 300.0),
         jwks_timeout_seconds=s.number("jwks_timeout_seconds", 5.0, minimum=0.1),
         jwks_min_refresh_seconds=s.number("jwks_min_refresh_seconds", 10.0),

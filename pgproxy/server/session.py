@@ -306,8 +306,8 @@ class Session:
         self.client.write(AuthenticationOk().encode())
         for notice in notices:
             self.client.write(self._scrub(notice))
-        # The session ends at the token's exp plus the same leeway the verifier allowed.
-        self._deadline = identity.expires_at + self.config.identity.leeway_seconds
+        # The session ends at the token's exp: a hard limit (the leeway only covers nbf and iat).
+        self._deadline = identity.expires_at
         delay = max(0.0, self._deadline - time.time())
         self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._on_token_expired)
 
