@@ -83,8 +83,10 @@ def serve(config_path: str | None, log_format: str | None) -> None:
 @main.command()
 @config_option
 @click.option("--offline", is_flag=True, help="Do not connect upstream to check masking rules against the schema.")
-@click.option("--role", default=None, help="Database role to read the schema as (default: the first credential's).")
-@click.option("--database", default=None, help="Database whose schema the masking rules are checked against.")
+@click.option("--role", default=None, help="Database role to read the schema as (default: masking.schema_role, "
+              "else the first named credential, else identity.default_db_role).")
+@click.option("--database", default=None, help="Database whose schema the masking rules are checked against "
+              "(default: masking.schema_database, else upstream.database, else postgres).")
 def check(config_path: str | None, offline: bool, role: str | None, database: str | None) -> None:
     """Validate the config: keys, certificates and upstream credentials must all load."""
     config = _load(config_path)
@@ -130,16 +132,17 @@ def check(config_path: str | None, offline: bool, role: str | None, database: st
 
 
 def _check_masking(config: ProxyConfig, offline: bool, role: str | None, database: str | None) -> list[str]:
-    from .masking.check import check_live, check_rules
+    from .masking.check import check_live, check_rules, schema_target
 
     rules, problems = check_rules(config)
     if rules is None or offline:
         return problems
-    role = role or next((c.role for c in config.upstream.credentials if c.role != "*"), None)
+    default_role, default_database = schema_target(config)  # what serve checks at start
+    role = role or default_role
     if role is None:
-        return [*problems, "masking: pass --role (the credentials only have '*') or --offline"]
-    database = database or config.upstream.database or role
-    return problems + asyncio.run(check_live(config, rules, role, database))
+        return [*problems, "masking.schema_role: needed to read the live schema (the credentials only have '*' "
+                           "and there is no identity.default_db_role): set it, pass --role, or --offline"]
+    return problems + asyncio.run(check_live(config, rules, role, database or default_database))
 
 
 def _check_audit_and_approvals(config: ProxyConfig) -> list[str]:

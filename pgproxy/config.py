@@ -198,6 +198,11 @@ class MaskingConfig:
     catalog_refresh_seconds: float = 60.0
     # NOTIFY channels whose payloads reach masked identities unchanged; other payloads are emptied.
     notification_channels: tuple[str, ...] = ()
+    # Where serve (and check) read the live schema to verify the rules: database and role to log in as.
+    schema_database: str | None = None
+    schema_role: str | None = None
+    # Start even if a rule names a relation or column the schema lacks (default: refuse to start).
+    allow_schema_mismatch: bool = False
 
     def key(self) -> bytes | None:
         """The keyed-hash secret, or None when none is configured."""
@@ -648,7 +653,9 @@ def _masking(s: Section) -> MaskingConfig:
         raise ConfigError(f"{s.at('notification_channels')}: expected a list of channel names")
     masking = MaskingConfig(rules_dir=rules_dir, key_env=s.string("key_env"), key_file=s.path_("key_file"),
                             catalog_refresh_seconds=s.number("catalog_refresh_seconds", 60.0, minimum=1.0),
-                            notification_channels=tuple(channels))
+                            notification_channels=tuple(channels), schema_database=s.string("schema_database"),
+                            schema_role=s.string("schema_role"),
+                            allow_schema_mismatch=s.boolean("allow_schema_mismatch", False))
     s.done()
     if masking.key_env and masking.key_file:
         raise ConfigError(f"{s.path}: set key_env or key_file, not both")

@@ -143,6 +143,20 @@ class ProxyServer:
             self._tls[key] = context
         return context
 
+    @staticmethod
+    async def _check_masking_schema(config: ProxyConfig, masking: Masking) -> None:
+        """Fail closed (ConfigError) on rules that do not fit the live schema, unless explicitly allowed."""
+        from ..masking.check import check_schema
+
+        problems = await check_schema(config, masking.rules)
+        assert config.masking is not None
+        if problems and config.masking.allow_schema_mismatch:
+            for problem in problems:
+                log.warning("%s (masking.allow_schema_mismatch: starting anyway)", problem)
+        elif problems:
+            raise ConfigError("the masking rules do not match the live schema (a misspelt column would stay "
+                              "unmasked; set masking.allow_schema_mismatch to start anyway): " + "; ".join(problems))
+
     async def reload(self, config: ProxyConfig | None = None) -> None:
         """Apply ``config`` (default: the config file read again) without dropping open sessions.
 
@@ -184,6 +198,7 @@ class ProxyServer:
                 from ..masking.engine import Masking
 
                 masking = Masking(config.masking, config.upstream)
+                await self._check_masking_schema(config, masking)
         except ConfigError as exc:
             raise ReloadError(str(exc)) from None
         except (OSError, ValueError) as exc:
@@ -205,6 +220,8 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see ``bound_ports``)."""
         loop = asyncio.get_running_loop()
+        if self.masking is not None:
+            await self._check_masking_schema(self.config, self.masking)
         for listener in self.config.listeners:
             self.tls_context(listener)  # fail at start, not at the first client, on a bad cert
             server = await loop.create_server(functools.partial(Link, self._accepted(listener)),
