@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -88,8 +89,8 @@ def serve(config_path: str | None, log_format: str | None) -> None:
 @click.option("--database", default=None, help="Database whose schema the masking rules are checked against "
               "(default: masking.schema_database, else upstream.database, else postgres).")
 def check(config_path: str | None, offline: bool, role: str | None, database: str | None) -> None:
-    """Validate the config: keys, certificates and upstream credentials must all load."""
-    config = _load(config_path)
+    """Validate the config: keys, certificates, credentials, policy and masking rules; every error at once."""
+    config = _load_for_check(config_path)
     from .identity import TokenVerifier
     from .tlsutil import server_context
 
@@ -125,10 +126,29 @@ def check(config_path: str | None, offline: bool, role: str | None, database: st
         except ConfigError as exc:
             problems.append(f"policy.file: {exc}")
     if problems:
-        for p in problems:
-            click.echo(f"error: {p}", err=True)
+        for p in problems:  # each names its file: the config file, unless it names a rule or policy file
+            click.echo(f"error: {p if p.startswith('/') else f'{config.source}: {p}'}", err=True)
         sys.exit(1)
     click.echo(f"{config.source}: OK")
+
+
+def _load_for_check(config_path: str | None) -> ProxyConfig:
+    """The config, or exit 1 after printing every error in it (file and field in each line)."""
+    from .config import CONFIG_ENV_VAR, config_errors, load_yaml
+
+    path = config_path or os.environ.get(CONFIG_ENV_VAR)
+    if not path:
+        raise click.ClickException(f"no config file: pass -c FILE or set {CONFIG_ENV_VAR}")
+    try:
+        data = load_yaml(Path(path))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    errors = config_errors(data, Path(path).resolve().parent)
+    if errors:
+        for error in errors:
+            click.echo(f"error: {path}: {error}", err=True)
+        sys.exit(1)
+    return _load(path)
 
 
 def _check_masking(config: ProxyConfig, offline: bool, role: str | None, database: str | None) -> list[str]:

@@ -662,6 +662,43 @@ def _masking(s: Section) -> MaskingConfig:
     return masking
 
 
+# Valid stand-ins for a section that failed, so that checking goes on to the sections after it.
+_STAND_INS: dict[str, Any] = {
+    "listeners": [{"insecure_plaintext": True}],
+    "identity": {"issuer": "-", "audience": "-", "algorithms": ["HS256"], "hs256_secret_env": "-"},
+    "upstream": {"credentials": [{"role": "*"}]},
+    "approvals": {"store": "sqlite", "path": "-"},
+}
+
+
+def config_errors(data: Any, base_dir: Path) -> list[str]:
+    """Every error of the config ``data``, not just the first one that ``parse_config`` raises.
+
+    Each failing top-level section is replaced by a valid stand-in (or dropped) and the rest is parsed
+    again, so one run of `pgproxy check` reports a problem in each section.
+    """
+    if not isinstance(data, Mapping):
+        return [f"config: expected a mapping, got {type(data).__name__}"]
+    data = dict(data)
+    errors: list[str] = []
+    while True:
+        try:
+            parse_config(data, base_dir)
+            return errors
+        except ConfigError as exc:
+            message = str(exc)
+        errors.append(message)
+        section = re.split(r"[.\[:]", message, maxsplit=1)[0]
+        if len(errors) > 100:
+            return errors
+        if section in _STAND_INS and data.get(section) != _STAND_INS[section]:
+            data[section] = _STAND_INS[section]
+        elif section in data:
+            del data[section]
+        else:
+            return errors  # not about one section (or its stand-in failed too): nothing to set aside
+
+
 def load_config(path: str | os.PathLike[str] | None) -> ProxyConfig:
     """Load the config file at ``path`` (or ``$PGPROXY_CONFIG`` when None)."""
     if path is None:
