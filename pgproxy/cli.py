@@ -6,6 +6,7 @@ Errors are one clear line on stderr and a non-zero exit status, never a tracebac
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import sys
@@ -303,21 +304,25 @@ def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str]) ->
 
 @audit.command("sessions")
 @_log_dir
-def audit_sessions(directory: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (times as Unix seconds).")
+def audit_sessions(directory: str, as_json: bool) -> None:
     """List the sessions recorded in a log."""
     from .audit.timeline import format_sessions, list_sessions
 
-    click.echo("\n".join(format_sessions(list_sessions(Path(directory)))))
+    sessions = list_sessions(Path(directory))
+    click.echo(json.dumps(sessions, indent=2, default=str) if as_json else "\n".join(format_sessions(sessions)))
 
 
 @audit.command("show")
 @_log_dir
 @click.argument("session")
-def audit_show(directory: str, session: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the events as recorded, one JSON object per line.")
+def audit_show(directory: str, session: str, as_json: bool) -> None:
     """Print one session's events as a timeline."""
-    from .audit.timeline import show_session
+    from .audit.timeline import session_events, show_session
 
-    lines = show_session(Path(directory), session)
+    lines = ([json.dumps(e, default=str) for e in session_events(Path(directory), session)] if as_json
+             else show_session(Path(directory), session))
     if not lines:
         raise click.ClickException(f"no records of session {session}")
     click.echo("\n".join(lines))
