@@ -6,13 +6,16 @@ Errors are one clear line on stderr and a non-zero exit status, never a tracebac
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 import click
 
+from . import __version__
 from .config import ConfigError, ProxyConfig, load_config
 from .people_cli import connect, login, logout
 
@@ -37,6 +40,7 @@ def _event_loop_runner() -> asyncio.Runner:
 
 
 @click.group()
+@click.version_option(__version__, "--version", prog_name="pgproxy", message="%(prog)s %(version)s")
 @click.option("--log-level", default=None,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False),
               help="Default: INFO for serve and demo, WARNING for the other commands.")
@@ -54,10 +58,10 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 @click.option("--log-format", type=click.Choice(["text", "json"]), default=None,
               help="Log lines as text or one JSON object per line (default: logging.format, else text).")
 def serve(config_path: str | None, log_format: str | None) -> None:
-    """Run the proxy until SIGTERM or SIGINT (sessions get a short drain period)."""
+    """Run the proxy until SIGTERM or SIGINT (sessions get a short drain period); SIGHUP reloads the config."""
     config = _load(config_path)
     from .logsetup import status_line, use_log_format
-    from .server.listener import ProxyServer, stop_event_on_signals
+    from .server.listener import ProxyServer, reload_on_sighup, stop_event_on_signals
 
     log_format = log_format or config.logging.format
     use_log_format(log_format)
@@ -66,7 +70,8 @@ def serve(config_path: str | None, log_format: str | None) -> None:
         server = ProxyServer(config)
         await server.start()
         stop = stop_event_on_signals()
-        click.echo(status_line(f"pgproxy listening on ports {', '.join(map(str, server.bound_ports))}",
+        reload_on_sighup(server)
+        click.echo(status_line(f"pgproxy {__version__} listening on ports {', '.join(map(str, server.bound_ports))}",
                                log_format), err=True)
         await stop.wait()
         await server.close()
@@ -81,11 +86,13 @@ def serve(config_path: str | None, log_format: str | None) -> None:
 @main.command()
 @config_option
 @click.option("--offline", is_flag=True, help="Do not connect upstream to check masking rules against the schema.")
-@click.option("--role", default=None, help="Database role to read the schema as (default: the first credential's).")
-@click.option("--database", default=None, help="Database whose schema the masking rules are checked against.")
+@click.option("--role", default=None, help="Database role to read the schema as (default: masking.schema_role, "
+              "else the first named credential, else identity.default_db_role).")
+@click.option("--database", default=None, help="Database whose schema the masking rules are checked against "
+              "(default: masking.schema_database, else upstream.database, else postgres).")
 def check(config_path: str | None, offline: bool, role: str | None, database: str | None) -> None:
-    """Validate the config: keys, certificates and upstream credentials must all load."""
-    config = _load(config_path)
+    """Validate the config: keys, certificates, credentials, policy and masking rules; every error at once."""
+    config = _load_for_check(config_path)
     from .identity import TokenVerifier
     from .tlsutil import server_context
 
@@ -125,23 +132,43 @@ def check(config_path: str | None, offline: bool, role: str | None, database: st
         except ConfigError as exc:
             problems.append(f"policy.file: {exc}")
     if problems:
-        for p in problems:
-            click.echo(f"error: {p}", err=True)
+        for p in problems:  # each names its file: the config file, unless it names a rule or policy file
+            click.echo(f"error: {p if p.startswith('/') else f'{config.source}: {p}'}", err=True)
         sys.exit(1)
     click.echo(f"{config.source}: OK")
 
 
+def _load_for_check(config_path: str | None) -> ProxyConfig:
+    """The config, or exit 1 after printing every error in it (file and field in each line)."""
+    from .config import CONFIG_ENV_VAR, config_errors, load_yaml
+
+    path = config_path or os.environ.get(CONFIG_ENV_VAR)
+    if not path:
+        raise click.ClickException(f"no config file: pass -c FILE or set {CONFIG_ENV_VAR}")
+    try:
+        data = load_yaml(Path(path))
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+    errors = config_errors(data, Path(path).resolve().parent)
+    if errors:
+        for error in errors:
+            click.echo(f"error: {path}: {error}", err=True)
+        sys.exit(1)
+    return _load(path)
+
+
 def _check_masking(config: ProxyConfig, offline: bool, role: str | None, database: str | None) -> list[str]:
-    from .masking.check import check_live, check_rules
+    from .masking.check import check_live, check_rules, schema_target
 
     rules, problems = check_rules(config)
     if rules is None or offline:
         return problems
-    role = role or next((c.role for c in config.upstream.credentials if c.role != "*"), None)
+    default_role, default_database = schema_target(config)  # what serve checks at start
+    role = role or default_role
     if role is None:
-        return [*problems, "masking: pass --role (the credentials only have '*') or --offline"]
-    database = database or config.upstream.database or role
-    return problems + asyncio.run(check_live(config, rules, role, database))
+        return [*problems, "masking.schema_role: needed to read the live schema (the credentials only have '*' "
+                           "and there is no identity.default_db_role): set it, pass --role, or --offline"]
+    return problems + asyncio.run(check_live(config, rules, role, database or default_database))
 
 
 def _check_audit_and_approvals(config: ProxyConfig) -> list[str]:
@@ -282,21 +309,25 @@ def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str]) ->
 
 @audit.command("sessions")
 @_log_dir
-def audit_sessions(directory: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON array (times as Unix seconds).")
+def audit_sessions(directory: str, as_json: bool) -> None:
     """List the sessions recorded in a log."""
     from .audit.timeline import format_sessions, list_sessions
 
-    click.echo("\n".join(format_sessions(list_sessions(Path(directory)))))
+    sessions = list_sessions(Path(directory))
+    click.echo(json.dumps(sessions, indent=2, default=str) if as_json else "\n".join(format_sessions(sessions)))
 
 
 @audit.command("show")
 @_log_dir
 @click.argument("session")
-def audit_show(directory: str, session: str) -> None:
+@click.option("--json", "as_json", is_flag=True, help="Print the events as recorded, one JSON object per line.")
+def audit_show(directory: str, session: str, as_json: bool) -> None:
     """Print one session's events as a timeline."""
-    from .audit.timeline import show_session
+    from .audit.timeline import session_events, show_session
 
-    lines = show_session(Path(directory), session)
+    lines = ([json.dumps(e, default=str) for e in session_events(Path(directory), session)] if as_json
+             else show_session(Path(directory), session))
     if not lines:
         raise click.ClickException(f"no records of session {session}")
     click.echo("\n".join(lines))

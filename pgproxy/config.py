@@ -28,6 +28,8 @@ ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", 
                                    "ES512", "EdDSA"})
 SYMMETRIC_ALGORITHMS = frozenset({"HS256", "HS384", "HS512"})
 SSLMODES = ("disable", "require", "verify-ca", "verify-full")
+# Clock skew allowed for a token's nbf and iat: small, it is not a grace period (exp is never extended).
+MAX_LEEWAY_SECONDS = 60.0
 
 
 class ConfigError(Exception):
@@ -233,6 +235,11 @@ class MaskingConfig:
     catalog_refresh_seconds: float = 60.0
     # NOTIFY channels whose payloads reach masked identities unchanged; other payloads are emptied.
     notification_channels: tuple[str, ...] = ()
+    # Where serve (and check) read the live schema to verify the rules: database and role to log in as.
+    schema_database: str | None = None
+    schema_role: str | None = None
+    # Start even if a rule names a relation or column the schema lacks (default: refuse to start).
+    allow_schema_mismatch: bool = False
 
     def key(self) -> bytes | None:
         """The keyed-hash secret, or None when none is configured."""
@@ -286,6 +293,8 @@ class AdminConfig:
     oidc: OidcLoginConfig | None = None  # UI login through an OpenID provider
     # The UI's pasted-JWT login form; on by default only when no oidc login is configured.
     token_login: bool = True
+    # Token groups that may reload the config with POST /api/reload (empty: only SIGHUP reloads).
+    operator_groups: tuple[str, ...] = ()
 
     def metrics_token(self) -> str | None:
         """The bearer token /metrics requires (None: open); fails closed when the variable is unset."""
@@ -374,7 +383,7 @@ class Section:
             raise ConfigError(f"{self.at(key)}: must be {bound}, got {value}")
         return value
 
-    def number(self, key: str, default: float, *, minimum: float = 0.0) -> float:
+    def number(self, key: str, default: float, *, minimum: float = 0.0, maximum: float | None = None) -> float:
         value = self.raw(key)
         if value is None:
             return default
@@ -382,6 +391,8 @@ class Section:
             raise ConfigError(f"{self.at(key)}: expected a number")
         if value < minimum:
             raise ConfigError(f"{self.at(key)}: must be >= {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise ConfigError(f"{self.at(key)}: must be <= {maximum}, got {value}")
         return float(value)
 
     def boolean(self, key: str, default: bool) -> bool:
@@ -504,7 +515,7 @@ def _identity(s: Section) -> IdentityConfig:
         jwks_file=jwks_file,
         jwks_url=jwks_url,
         hs256_secret_env=secret_env,
-        leeway_seconds=s.number("leeway_seconds", 30.0),
+        leeway_seconds=s.number("leeway_seconds", 30.0, maximum=MAX_LEEWAY_SECONDS),
         jwks_cache_seconds=s.number("jwks_cache_seconds", 300.0),
         jwks_timeout_seconds=s.number("jwks_timeout_seconds", 5.0, minimum=0.1),
         jwks_min_refresh_seconds=s.number("jwks_min_refresh_seconds", 10.0),
@@ -658,11 +669,14 @@ def _admin(s: Section) -> AdminConfig:
     if analysts is not None and not all(isinstance(g, str) and g for g in analysts):
         raise ConfigError(f"{s.at('analyst_groups')}: expected a list of group names")
     oidc = _oidc_login(s.section("oidc")) if s.raw("oidc") is not None else None
+    operators = s.items("operator_groups")
+    if not all(isinstance(g, str) and g for g in operators):
+        raise ConfigError(f"{s.at('operator_groups')}: expected a list of group names")
     admin = AdminConfig(host=s.string("host", "127.0.0.1") or "127.0.0.1",
                         port=s.integer("port", 8080, maximum=65535), tls=tls, ui=s.boolean("ui", True),
                         analyst_groups=tuple(analysts) if analysts is not None else None,
                         metrics_token_env=s.string("metrics_token_env"), oidc=oidc,
-                        token_login=s.boolean("token_login", oidc is None))
+                        token_login=s.boolean("token_login", oidc is None), operator_groups=tuple(operators))
     s.done()
     if admin.tls is None and not is_loopback_host(admin.host):
         raise ConfigError(f"{s.at('tls')}: required unless host is loopback (approver tokens would cross the "
@@ -777,11 +791,50 @@ def _masking(s: Section) -> MaskingConfig:
         raise ConfigError(f"{s.at('notification_channels')}: expected a list of channel names")
     masking = MaskingConfig(rules_dir=rules_dir, key_env=s.string("key_env"), key_file=s.path_("key_file"),
                             catalog_refresh_seconds=s.number("catalog_refresh_seconds", 60.0, minimum=1.0),
-                            notification_channels=tuple(channels))
+                            notification_channels=tuple(channels), schema_database=s.string("schema_database"),
+                            schema_role=s.string("schema_role"),
+                            allow_schema_mismatch=s.boolean("allow_schema_mismatch", False))
     s.done()
     if masking.key_env and masking.key_file:
         raise ConfigError(f"{s.path}: set key_env or key_file, not both")
     return masking
+
+
+# Valid stand-ins for a section that failed, so that checking goes on to the sections after it.
+_STAND_INS: dict[str, Any] = {
+    "listeners": [{"insecure_plaintext": True}],
+    "identity": {"issuer": "-", "audience": "-", "algorithms": ["HS256"], "hs256_secret_env": "-"},
+    "upstream": {"credentials": [{"role": "*"}]},
+    "approvals": {"store": "sqlite", "path": "-"},
+}
+
+
+def config_errors(data: Any, base_dir: Path) -> list[str]:
+    """Every error of the config ``data``, not just the first one that ``parse_config`` raises.
+
+    Each failing top-level section is replaced by a valid stand-in (or dropped) and the rest is parsed
+    again, so one run of `pgproxy check` reports a problem in each section.
+    """
+    if not isinstance(data, Mapping):
+        return [f"config: expected a mapping, got {type(data).__name__}"]
+    data = dict(data)
+    errors: list[str] = []
+    while True:
+        try:
+            parse_config(data, base_dir)
+            return errors
+        except ConfigError as exc:
+            message = str(exc)
+        errors.append(message)
+        section = re.split(r"[.\[:]", message, maxsplit=1)[0]
+        if len(errors) > 100:
+            return errors
+        if section in _STAND_INS and data.get(section) != _STAND_INS[section]:
+            data[section] = _STAND_INS[section]
+        elif section in data:
+            del data[section]
+        else:
+            return errors  # not about one section (or its stand-in failed too): nothing to set aside
 
 
 def load_config(path: str | os.PathLike[str] | None) -> ProxyConfig:

@@ -10,6 +10,7 @@ import asyncio
 import shlex
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,6 +36,12 @@ DEFAULT_ADMIN_PORT = 6480
 DEFAULT_POLICY = Path(__file__).parent / "policy" / "default_policy.yaml"
 # The shipped example rules (masking_rules/ at the top of the source tree): masks shop.customers for agents.
 DEMO_MASKING_RULES = Path(__file__).resolve().parent.parent / "masking_rules"
+
+
+def pgproxy_command() -> str:
+    """This installation's `pgproxy`, by absolute path: `make demo` does not put the venv on PATH."""
+    script = Path(sys.executable).parent / "pgproxy"
+    return shlex.quote(str(script)) if script.is_file() else f"{shlex.quote(sys.executable)} -m pgproxy"
 
 
 def _pick_port(preferred: int) -> int:
@@ -163,6 +170,9 @@ async def _serve(env: DemoEnvironment, env_file: Path | None,
 def _print_banner(env: DemoEnvironment, variables: dict[str, str], admin_port: int) -> None:
     conninfo = (f"host=127.0.0.1 port={env.port} user={DEMO_ROLES[0]} dbname={env.database.database} "
                 f"sslmode=verify-full sslrootcert={env.ca_file}")
+    pgproxy = pgproxy_command()
+    audit_dir = shlex.quote(str(env.workdir / "audit"))
+    approver_token = f"{pgproxy} token --sub dba-alice --group dba --role agent_reader"
     click.echo(f"""
 pgproxy demo is running.
 
@@ -183,10 +193,10 @@ Try:  SELECT full_name, email, ssn, card_number, salary FROM shop.customers LIMI
       DELETE FROM shop.orders WHERE status = 'cancelled';   -- fine
       DELETE FROM shop.orders;   -- refused: needs a DBA's approval (its id is in the error)
 Approve it as a DBA, then run the same DELETE again (it runs once):
-  export {CONFIG_ENV_VAR}={env.config_file}
-  export PGPROXY_APPROVER_TOKEN=$(pgproxy token --sub dba-alice --group dba --role agent_reader)
-  pgproxy approvals list;  pgproxy approvals approve <id> --reason "cleanup ok"
-Audit:  pgproxy audit sessions {env.workdir / 'audit'};  pgproxy audit verify {env.workdir / 'audit'} \
-          --pubkey {env.workdir / 'keys' / 'audit-signing.key.pub'}
+  export {CONFIG_ENV_VAR}={shlex.quote(str(env.config_file))}
+  PGPROXY_APPROVER_TOKEN=$({approver_token}) && export PGPROXY_APPROVER_TOKEN
+  {pgproxy} approvals list;  {pgproxy} approvals approve <id> --reason "cleanup ok"
+Audit:  {pgproxy} audit sessions {audit_dir}
+        {pgproxy} audit verify {audit_dir} --pubkey {shlex.quote(str(env.workdir / 'keys' / 'audit-signing.key.pub'))}
 Ctrl-C stops the proxy and the database and removes {env.workdir}.
 """)

@@ -21,9 +21,10 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
+from . import __version__
 from .config import ListenerConfig
 from .policy.classify import CLASSES
 
@@ -36,6 +37,7 @@ SYNTAX_ERROR = "syntax_error"  # the class of a statement the gate refused becau
 SYNTAX_ERROR_CLASSES = frozenset({SYNTAX_ERROR})
 STATEMENT_CLASSES = (*sorted(CLASSES), SYNTAX_ERROR)
 UPSTREAM_ERRORS = ("connect_failed", "login_refused", "lost")
+RELOAD_OUTCOMES = ("ok", "failed")
 APPROVAL_OUTCOMES = ("approved", "denied", "timed_out", "error")
 STATEMENT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 AUDIT_WRITE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
@@ -104,6 +106,13 @@ class ProxyMetrics:
                                       "policy) one batch of audit records.", buckets=AUDIT_WRITE_BUCKETS, registry=r)
         self._audit_pending = Gauge("pgproxy_audit_pending_records", "Audit records accepted but not yet written "
                                     "to the log.", registry=r)
+        Info("pgproxy_build", "The running pgproxy's version.", registry=r).info({"version": __version__})
+        reloads = Counter("pgproxy_config_reloads", "Config reloads (SIGHUP or POST /api/reload) by outcome: ok, "
+                          "failed (the running config was kept).", ["outcome"], registry=r)
+        self._reloads = {o: reloads.labels(o) for o in RELOAD_OUTCOMES}
+        self._last_reload = Gauge("pgproxy_config_last_reload_success_timestamp_seconds", "When the running "
+                                  "config was loaded (start or last successful reload), Unix time.", registry=r)
+        self._last_reload.set_to_current_time()
         r.register(self)
 
     # ------------------------------------------------------------------------------ connections
@@ -125,6 +134,12 @@ class ProxyMetrics:
     def upstream_error(self, kind: str) -> None:
         """One of UPSTREAM_ERRORS."""
         self._upstream_errors[kind].inc()
+
+    def config_reloaded(self, ok: bool) -> None:
+        """Count a reload; a successful one also stamps the config's load time."""
+        self._reloads["ok" if ok else "failed"].inc()
+        if ok:
+            self._last_reload.set_to_current_time()
 
     # ------------------------------------------------------------------------------- statements
 

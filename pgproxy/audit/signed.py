@@ -258,6 +258,11 @@ class SignedAuditLog:
         """Records in the chain but not written to a segment yet (the audit lag)."""
         return len(self._pending)
 
+    @property
+    def problem(self) -> str | None:
+        """Why the log cannot be written now, or None when it can."""
+        return self._broken
+
     def last_checkpoint_size(self) -> int:
         return self._cp_size
 

@@ -68,6 +68,11 @@ class JsonLinesAuditSink:
         """Events accepted but not written yet."""
         return len(self._lines)
 
+    @property
+    def problem(self) -> str | None:
+        """Why the log cannot be written now (events are refused), or None when it can."""
+        return self._broken
+
     def emit(self, event: dict[str, Any]) -> None:
         if self._broken is not None:
             raise AuditUnavailable(self._broken)

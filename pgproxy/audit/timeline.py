@@ -66,6 +66,36 @@ def format_sessions(sessions: Iterable[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def format_duration(seconds: Any) -> str:
+    """``0.4 ms``, ``12 ms``, ``3.2 s``, ``4 min 05 s``: a duration as a person reads it."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool):
+        return "?"
+    if seconds < 0.01:
+        return f"{seconds * 1000:.2g} ms"
+    if seconds < 1:
+        return f"{seconds * 1000:.0f} ms"
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min {rest:02d} s"
+
+
+def _readable(key: str, value: Any) -> str:
+    """A field of an event as text: times and durations spelt out, lists and mappings without JSON."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and (key == "ts" or key.endswith("_at")):
+        return format_when(value)
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and key.endswith("_s"):
+        return format_duration(value)
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {_readable(k, v)}" for k, v in value.items() if v not in (None, "", [], {})) or "-"
+    if isinstance(value, list):
+        return ", ".join(_readable(key, v) for v in value) or "-"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 def _short(value: Any, limit: int = 200) -> str:
     text = value if isinstance(value, str) else orjson.dumps(value, default=str).decode()
     return text if len(text) <= limit else text[:limit] + "..."
@@ -87,7 +117,9 @@ def format_event(seq: int, event: dict[str, Any]) -> list[str]:
             out.append(f"         application_name={event['application_name']}")
         return out
     if kind == "statement":
-        out.append(f"{head} [{event.get('protocol')}, {event.get('duration_ms')} ms]: {_short(event.get('sql'))}")
+        took = event.get("duration_ms")
+        took_s = took / 1000 if isinstance(took, (int, float)) else None
+        out.append(f"{head} [{event.get('protocol')}, {format_duration(took_s)}]: {_short(event.get('sql'))}")
         if "params" in event:
             out.append(f"         params: {_short(event['params'])}")
         if event.get("tags"):
@@ -109,12 +141,18 @@ def format_event(seq: int, event: dict[str, Any]) -> list[str]:
         for key in sorted(set(event) - _BASE_KEYS - {"protocol", "sql", "params", "tags", "result", "error",
                                                       "notices", "duration_ms", "started_at", "rows",
                                                       "param_formats", "result_formats", "statement_name"}):
-            out.append(f"         {key}: {_short(event[key])}")
+            out.append(f"         {key}: {_short(_readable(key, event[key]))}")
         return out
     if kind == "session_end":
-        return [f"{head}: {event.get('reason')} ({event.get('statements')} statements, {event.get('duration_s')} s)"]
-    rest = {k: v for k, v in event.items() if k not in _BASE_KEYS}
-    return [f"{head}: {_short(rest, 400)}"]
+        return [f"{head}: {event.get('reason')} ({event.get('statements')} statements in "
+                f"{format_duration(event.get('duration_s'))})"]
+    rest = [f"{k} {_short(_readable(k, v))}" for k, v in event.items() if k not in _BASE_KEYS and v not in (None, "")]
+    return [f"{head}: {'; '.join(rest)}"]
+
+
+def session_events(directory: Path, session: str) -> list[dict[str, Any]]:
+    """The session's events as recorded, each with its record number (``seq``): for ``--json``."""
+    return [{"seq": seq, **event} for seq, event in session_records(directory, session)]
 
 
 def show_session(directory: Path, session: str) -> list[str]:

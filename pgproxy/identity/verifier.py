@@ -170,7 +170,11 @@ def _map_pyjwt_error(exc: jwt.PyJWTError) -> TokenError:
 
 
 def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
-    """exp (required), nbf and iat against ``now`` with ``leeway`` seconds of clock skew allowed."""
+    """exp (required), nbf and iat against ``now``.
+
+    ``exp`` is a hard limit: a token is refused from its ``exp`` on, whatever the leeway. ``leeway``
+    seconds of clock skew are allowed only for ``nbf`` and ``iat`` (an issuer whose clock runs ahead).
+    """
 
     def numeric(name: str) -> float | None:
         value = claims.get(name)
@@ -183,7 +187,7 @@ def _check_times(claims: Mapping[str, Any], now: float, leeway: float) -> None:
     exp = numeric("exp")
     if exp is None:
         raise TokenError("missing claim: exp")
-    if exp <= now - leeway:
+    if exp <= now:
         raise TokenError("token expired")
     nbf = numeric("nbf")
     if nbf is not None and nbf > now + leeway:

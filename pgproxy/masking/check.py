@@ -1,4 +1,9 @@
-"""`pgproxy check` for masking: the rules load, the key is there, and every rule fits the live schema."""
+"""Masking rules against reality: they load, the key is there, and every rule fits the live schema.
+
+`pgproxy check` reports the problems; `serve` refuses to start (and a reload is refused) on a rule that
+names a relation or column the live schema lacks, unless ``masking.allow_schema_mismatch`` is set:
+a misspelt column would otherwise leave the real one unmasked.
+"""
 
 from __future__ import annotations
 
@@ -52,3 +57,26 @@ async def check_live(config: ProxyConfig, rules: MaskingRules, role: str, databa
         if reason is not None:
             problems.append(f"{rule.where}: {reason}")
     return problems
+
+
+def schema_target(config: ProxyConfig) -> tuple[str | None, str]:
+    """The role and database whose live schema the rules are checked against.
+
+    The role: ``masking.schema_role``, else the first credential with a role name, else
+    ``identity.default_db_role`` (None when there is none). The database: ``masking.schema_database``,
+    else ``upstream.database``, else ``postgres``.
+    """
+    assert config.masking is not None
+    role = (config.masking.schema_role
+            or next((c.role for c in config.upstream.credentials if c.role != "*"), None)
+            or config.identity.default_db_role)
+    return role, config.masking.schema_database or config.upstream.database or "postgres"
+
+
+async def check_schema(config: ProxyConfig, rules: MaskingRules) -> list[str]:
+    """What `serve` checks at start: the rules against the live schema of ``schema_target``."""
+    role, database = schema_target(config)
+    if role is None:
+        return ["masking.schema_role: required to read the live schema (the credentials only have '*' and "
+                "there is no identity.default_db_role)"]
+    return await check_live(config, rules, role, database)

@@ -23,6 +23,8 @@ from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..policy.classify import SqlSyntaxError, classify
 from ..policy.reading import unparsed_error
 from ..protocol import errors
+from ..protocol.messages import RowDescription
+from ..protocol.tracker import Kind
 from ..server.gates import Hold, Refuse, Request, Rewrite, Verdict
 from ..server.upstream import upstream_dsn
 from .catalog import CatalogCache, CatalogSnapshot, MaskedSchema, resolve
@@ -116,12 +118,17 @@ class SessionMasking:
         self.ddl_pending = False
         self._schema: MaskedSchema | None = None
         metrics = getattr(session.server, "metrics", None)
+        self._on_masked = getattr(metrics, "masked_values", None)
+        # Per statement text: how many result columns a rewritten statement returns masked (for the count).
+        self._masked_columns: dict[str, int] = {}
+        self._statement_sql: dict[str, str] = {}  # prepared statement name -> its text
         self.wire = WireMasker(session.tracker, self.current_schema, engine.channels, self._hook_rows,
-                               getattr(metrics, "masked_values", None))
+                               self._on_masked)
 
     def install(self) -> None:
         s = self.session
         s.add_backend_hook(0x54, self.wire.on_row_description)
+        s.add_backend_hook(0x54, self._on_row_description)
         s.add_backend_hook(0x45, functools.partial(self.wire.on_error_or_notice, 0x45))
         s.add_backend_hook(0x4E, functools.partial(self.wire.on_error_or_notice, 0x4E))
         s.add_backend_hook(0x41, self.wire.on_notification)
@@ -152,8 +159,38 @@ class SessionMasking:
             self.ddl_pending = False
             self.engine.catalogs.invalidate(self.session.database)
 
+    def _on_row_description(self, body: memoryview) -> None:
+        """Note how many columns of a rewritten statement's result carry masked values.
+
+        Those are the result columns named as a masked column of a relation the statement reads that
+        the server computed (table OID 0: the mask expression); each of their values in each row is
+        counted in ``pgproxy_masked_values_total`` once the statement completes (``annotate``).
+        """
+        tracker = self.session.tracker
+        head = tracker.queue[0] if tracker.queue else None
+        schema = self._schema
+        if head is not None and head.kind in (Kind.QUERY, Kind.EXECUTE) and head.result is not None:
+            sql: str | None = head.result.sql
+        else:  # a prepared statement's Describe: its executions will not describe their rows again
+            sql = self._statement_sql.get(tracker.last_described) if tracker.last_described is not None else None
+        if sql is None or schema is None:
+            return
+        rewritten = self.engine.cached(schema.catalog.version, self.rules_key, sql)
+        if rewritten is None or rewritten.sql is None or not rewritten.relations:
+            return
+        names = {name for qualified in rewritten.relations
+                 for name in _masked_names(schema, qualified)}
+        n = sum(1 for f in RowDescription.decode(body).fields if f.table_oid == 0 and f.name in names)
+        if len(self._masked_columns) > 1024:
+            self._masked_columns.clear()
+        self._masked_columns[sql] = n
+
     def annotate(self, event: dict[str, Any], sql: str) -> None:
         """Add what masking did to a statement's audit event (never the rewritten text)."""
+        masked_columns = self._masked_columns.get(sql, 0)
+        rows = event.get("rows")
+        if masked_columns and isinstance(rows, int) and rows > 0 and self._on_masked is not None:
+            self._on_masked(masked_columns * rows)  # values the rewrite masked, as sent to the client
         schema = self._schema
         if schema is None:
             return
@@ -177,6 +214,9 @@ class SessionMasking:
             return None
         if request.msg_type == _PARSE:
             self.wire.forget(request.statement_name or "")
+            if len(self._statement_sql) > 1024:
+                self._statement_sql.clear()
+            self._statement_sql[request.statement_name or ""] = request.sql
         try:
             sql = request.server_text()
             if "ddl" in classify(sql).classes:
@@ -235,6 +275,13 @@ class SessionMasking:
         if result.sql is None:
             return None
         return Rewrite(result.sql)
+
+
+def _masked_names(schema: MaskedSchema, qualified: str) -> frozenset[str]:
+    """The masked column names of the relation ``schema.table`` (empty if it is not masked)."""
+    namespace, _, name = qualified.partition(".")
+    relation = schema.by_qualified.get((namespace, name))
+    return frozenset(relation.masks) if relation is not None else frozenset()
 
 
 def _ignore_result(future: asyncio.Future[Any]) -> None:

@@ -38,6 +38,21 @@ def format_list(requests: list[ApprovalRequest]) -> str:
     return "\n".join(lines)
 
 
+def _requester(who: dict[str, object]) -> str:
+    """``alice (groups agents, dba; agent a-1; tool call t-9)``: only what the token carried."""
+    groups = who.get("groups")
+    parts = [f"groups {', '.join(map(str, groups))}" if isinstance(groups, list) and groups else "no groups"]
+    for key, label in (("agent_id", "agent"), ("session_id", "session"), ("tool_call_id", "tool call")):
+        if who.get(key):
+            parts.append(f"{label} {who[key]}")
+    return f"{who.get('subject')} ({'; '.join(parts)})"
+
+
+def _parameter(value: str | None) -> str:
+    """A parameter as SQL would spell it: NULL, or a quoted literal (exact, quotes doubled)."""
+    return "NULL" if value is None else "'" + value.replace("'", "''") + "'"
+
+
 def format_request(request: ApprovalRequest) -> str:
     """The approver view in plain text: nothing is elided, the SQL and parameters are exact."""
     r = request
@@ -45,8 +60,7 @@ def format_request(request: ApprovalRequest) -> str:
     lines = [
         f"Approval {r.id}: {r.status} (mode {r.mode})",
         f"  requested  {_ts(r.created_at)}, expires {_ts(r.expires_at)}",
-        f"  requester  {who.get('subject')}  groups={who.get('groups')}  agent={who.get('agent_id')}  "
-        f"session={who.get('session_id')}  tool_call={who.get('tool_call_id')}",
+        f"  requester  {_requester(who)}",
         f"  database   {r.database}",
         f"  rule       {r.rule}",
         f"  reasons    {'; '.join(map(str, r.classification.get('reasons') or [])) or '-'}",
@@ -56,7 +70,8 @@ def format_request(request: ApprovalRequest) -> str:
         f"  approvers  {r.required_approvals} needed from any of: {', '.join(r.approver_groups)}",
         "  SQL:",
         *("    " + line for line in r.sql.splitlines() or [""]),
-        f"  parameters {json.dumps(r.params, ensure_ascii=False)}",
+        *([f"  parameters {len(r.params)}:"] if r.params else ["  parameters none"]),
+        *(f"    ${i} = {_parameter(v)}" for i, v in enumerate(r.params, 1)),
     ]
     if r.impact is None:
         lines.append("  impact     (not estimated)")

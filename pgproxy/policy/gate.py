@@ -98,6 +98,13 @@ class PolicyGate:
             weakref.WeakKeyDictionary()
         self._background: set[asyncio.Future[None]] = set()
 
+    def use_policy(self, policy: Policy, *, audit_allowed: bool) -> None:
+        """Judge every statement from now on by ``policy`` (a config reload); decisions cached under the
+        old policy are dropped, so open sessions get the new rules at their next statement."""
+        self.policy = policy
+        self.audit_allowed = audit_allowed
+        self._decisions = weakref.WeakKeyDictionary()
+
     # ------------------------------------------------------------------------------------- the seam
 
     def inspect(self, session: Session, request: Request) -> Verdict:
@@ -174,8 +181,9 @@ class PolicyGate:
         assert identity is not None
         params = params_as_text(request)
         mode = requirement.mode
-        if mode == "refuse" and session.tracker.transaction_status != "I":
-            mode = "hold"  # refusing would abort the caller's transaction: wait instead
+        in_transaction = session.tracker.transaction_status != "I"
+        if mode == "refuse" and in_transaction and requirement.in_transaction == "hold":
+            mode = "hold"  # the rule asks to wait rather than abort the caller's transaction
         pending = new_request(requester=identity.audit_fields(), database=session.database,
                               sql=request.server_text(),
                               params=params, classification=classification.summary(), rule=decision.rule,
@@ -190,7 +198,7 @@ class PolicyGate:
             notice = NoticeResponse.build("NOTICE", "00000", f"waiting for approval {pending.id} (rule "
                                           f"{decision.rule})", hint=_how_to_approve(pending.id, requirement))
             return Hold(self._hold(session, pending, requirement), notice)
-        return Hold(self._refuse(session, pending, requirement))
+        return Hold(self._refuse(session, pending, requirement, in_transaction=in_transaction))
 
     async def _use_approval(self, session: Session, fingerprint: str) -> bool:
         """Consume an approved, unused approval for this statement (recording it); False if none."""
@@ -201,8 +209,8 @@ class PolicyGate:
         self._emit_approval(session, used, "used")
         return True
 
-    async def _refuse(self, session: Session, pending: ApprovalRequest,
-                      requirement: ApprovalRequirement) -> Refuse | None:
+    async def _refuse(self, session: Session, pending: ApprovalRequest, requirement: ApprovalRequirement, *,
+                      in_transaction: bool = False) -> Refuse | None:
         store = self.store
         assert store is not None
         try:
@@ -217,10 +225,12 @@ class PolicyGate:
             return Refuse(_unavailable(str(exc)))
         self._emit_approval(session, stored, "required")
         groups = " or ".join(requirement.approvers)
+        retry = ("then roll back this transaction (this error aborted it) and run it again: the approved "
+                 "statement runs once" if in_transaction else "then run the same statement again")
         return Refuse(errors.error(
             errors.APPROVAL_REQUIRED,
             f"approval {stored.id} required (rule {stored.rule}): ask an approver in {groups} to run "
-            f"`pgproxy approvals approve {stored.id}`, then run the same statement again",
+            f"`pgproxy approvals approve {stored.id}`, {retry}",
             detail="; ".join(stored.classification.get("reasons", ())) or None,
             hint="The approval is for this exact statement, parameters, database and caller, and runs it once."))
 
@@ -248,9 +258,15 @@ class PolicyGate:
             by = f" by {refusals[-1].approver}" if refusals else ""
             why = f": {refusals[-1].reason}" if refusals and refusals[-1].reason else ""
             self._emit_approval(session, result, "denied")
-            return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} denied{by}{why}"))
+            return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} denied{by}{why}",
+                                       hint="Do not run this statement again; ask the approver if it is needed."))
         self._emit_approval(session, result, "timed out")
-        return Refuse(errors.error(errors.APPROVAL_DENIED, f"approval {result.id} timed out"))
+        return Refuse(errors.error(
+            errors.APPROVAL_DENIED,
+            f"approval {result.id} timed out after {requirement.timeout:g} s (rule {result.rule}): ask an approver "
+            f"in {' or '.join(requirement.approvers)} to run `pgproxy approvals approve {result.id}`, then run the "
+            "statement again (in a transaction: roll back and run the transaction again)",
+            hint="The request stays open until it expires; once approved, the same statement runs once."))
 
     async def aclose(self) -> None:
         """Stop background work (impact estimates) when the proxy shuts down."""

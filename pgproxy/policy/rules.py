@@ -50,6 +50,9 @@ class ApprovalRequirement:
     expires: float = 3600.0
     mode: Literal["refuse", "hold"] = "refuse"
     timeout: float = 300.0
+    # What refuse mode does inside a transaction block: refuse (the error aborts the transaction; the
+    # caller rolls back and runs it again once approved) or hold (wait up to ``timeout``).
+    in_transaction: Literal["refuse", "hold"] = "refuse"
 
 
 @dataclass(frozen=True)
@@ -212,7 +215,7 @@ def parse_rule(s: Section, names: set[str]) -> Rule:
         raise ConfigError(f"{s.at('action')}: must be one of {', '.join(ACTIONS)}, got {action!r}")
     message = s.string("message")
     approval = None
-    approve_keys = ("approvers", "approvals", "expires", "mode", "timeout")
+    approve_keys = ("approvers", "approvals", "expires", "mode", "timeout", "in_transaction")
     if action == "approve":
         approvers = string_list(s, "approvers")
         if not approvers:
@@ -220,12 +223,16 @@ def parse_rule(s: Section, names: set[str]) -> Rule:
         mode = s.string("mode", "refuse") or "refuse"
         if mode not in ("refuse", "hold"):
             raise ConfigError(f"{s.at('mode')}: must be refuse or hold, got {mode!r}")
+        in_transaction = s.string("in_transaction", "refuse") or "refuse"
+        if in_transaction not in ("refuse", "hold"):
+            raise ConfigError(f"{s.at('in_transaction')}: must be refuse or hold, got {in_transaction!r}")
         approval = ApprovalRequirement(
             approvers=tuple(approvers),
             approvals=s.integer("approvals", 1, minimum=1, maximum=10),
             expires=s.number("expires", 3600.0, minimum=1.0),
             mode="hold" if mode == "hold" else "refuse",
             timeout=s.number("timeout", 300.0, minimum=0.1),
+            in_transaction="hold" if in_transaction == "hold" else "refuse",
         )
     else:
         for key in approve_keys:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import signal
@@ -18,10 +19,11 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from ..admin.metrics import add_metrics_route
+from ..admin.operations import add_operations_routes
 from ..admin.server import AdminServer
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
-from ..config import ListenerConfig, ProxyConfig
+from ..config import ConfigError, ListenerConfig, ProxyConfig, load_config
 from ..http.proxy import HttpProxy
 from ..identity import TokenVerifier
 from ..logsetup import session_context
@@ -32,6 +34,7 @@ from ..tlsutil import server_context
 from .cancel import CancelRegistry
 from .gates import FrontendGate
 from .link import Link
+from .reload import ReloadError, restart_only_changes
 from .session import Session
 
 if TYPE_CHECKING:
@@ -51,6 +54,27 @@ def stop_event_on_signals() -> asyncio.Event:
     return stop
 
 
+def reload_on_sighup(server: ProxyServer) -> None:
+    """Reload ``server``'s config file on SIGHUP (where the loop supports signal handlers).
+
+    The outcome is logged either way; a failed reload keeps the running config (ProxyServer.reload).
+    """
+    loop = asyncio.get_running_loop()
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def reload() -> None:
+        with contextlib.suppress(ReloadError):  # logged by reload()
+            await server.reload()
+
+    def on_hup() -> None:
+        task = loop.create_task(reload())
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+
+    with contextlib.suppress(NotImplementedError, RuntimeError):
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+
+
 class ProxyServer:
     """Serves every configured listener until closed."""
 
@@ -58,7 +82,10 @@ class ProxyServer:
                  verifier: TokenVerifier | None = None, gates: Sequence[FrontendGate] = (),
                  approval_store: ApprovalStore | None = None) -> None:
         self.config = config
+        self._extra_gates = tuple(gates)
         self.gates = tuple(gates)
+        self._reloading = asyncio.Lock()
+        self.closing = False  # set by close(): /readyz then answers 503
         if audit is None:
             audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
         self.audit: AuditSink = audit
@@ -77,9 +104,12 @@ class ProxyServer:
 
                 self.approval_store = build_approval_store(config, audit=audit)
                 self._owns_approval_store = True
-            gate = PolicyGate(load_policy(config.policy.file), self.approval_store,
-                              audit_allowed=config.policy.audit_allowed, metrics=self.metrics)
-            self.gates = (gate, *self.gates)
+            self.policy_gate: PolicyGate | None = PolicyGate(load_policy(config.policy.file), self.approval_store,
+                                                             audit_allowed=config.policy.audit_allowed,
+                                                             metrics=self.metrics)
+            self.gates = (self.policy_gate, *self.gates)
+        else:
+            self.policy_gate = None
         # Column masking (config `masking:`) judges last, so it rewrites exactly what policy let through.
         self.masking: Masking | None = None
         if config.masking is not None:
@@ -106,6 +136,7 @@ class ProxyServer:
         self.grpc: GrpcProxy | None = None  # the gRPC companion proxy (config `grpc:`), started by start()
 
     def tls_context(self, listener: ListenerConfig) -> ssl.SSLContext | None:
+        """The listener's server context: built at start, replaced by a reload with the new certificate."""
         if listener.tls is None:
             return None
         key = id(listener)
@@ -115,9 +146,85 @@ class ProxyServer:
             self._tls[key] = context
         return context
 
+    @staticmethod
+    async def _check_masking_schema(config: ProxyConfig, masking: Masking) -> None:
+        """Fail closed (ConfigError) on rules that do not fit the live schema, unless explicitly allowed."""
+        from ..masking.check import check_schema
+
+        problems = await check_schema(config, masking.rules)
+        assert config.masking is not None
+        if problems and config.masking.allow_schema_mismatch:
+            for problem in problems:
+                log.warning("%s (masking.allow_schema_mismatch: starting anyway)", problem)
+        elif problems:
+            raise ConfigError("the masking rules do not match the live schema (a misspelt column would stay "
+                              "unmasked; set masking.allow_schema_mismatch to start anyway): " + "; ".join(problems))
+
+    async def reload(self, config: ProxyConfig | None = None) -> None:
+        """Apply ``config`` (default: the config file read again) without dropping open sessions.
+
+        Everything is built and checked before anything is swapped: on any problem the running config
+        stays in force and ReloadError says why. New sessions get the new identity settings, TLS
+        certificates, upstream, limits and masking rules; open sessions get the new policy at their
+        next statement and keep the rest of the config they started with.
+        """
+        async with self._reloading:
+            try:
+                await self._reload(config)
+            except ReloadError as exc:
+                self.metrics.config_reloaded(False)
+                log.error("config reload failed, the running config stays in force: %s", exc)
+                raise
+            self.metrics.config_reloaded(True)
+            log.info("config reloaded%s", f" from {self.config.source}" if self.config.source else "")
+
+    async def _reload(self, config: ProxyConfig | None) -> None:
+        try:
+            if config is None:
+                if self.config.source is None:
+                    raise ReloadError("the running config was not read from a file")
+                config = load_config(self.config.source)
+            changed = restart_only_changes(self.config, config)
+            if changed:
+                raise ReloadError(f"{', '.join(changed)}: changed, and only take effect after a restart")
+            verifier = TokenVerifier(config.identity)
+            contexts = {id(old): server_context(new.tls.cert_file, new.tls.key_file)
+                        for old, new in zip(self.config.listeners, config.listeners, strict=True)
+                        if new.tls is not None}
+            policy = None
+            if config.policy is not None:
+                from ..policy.rules import load_policy
+
+                policy = load_policy(config.policy.file)
+            masking: Masking | None = None
+            if config.masking is not None:
+                from ..masking.engine import Masking
+
+                masking = Masking(config.masking, config.upstream)
+                await self._check_masking_schema(config, masking)
+        except ConfigError as exc:
+            raise ReloadError(str(exc)) from None
+        except (OSError, ValueError) as exc:
+            raise ReloadError(f"listeners: cannot load certificate/key: {exc}") from None
+        # Nothing below can fail: swap it all at once (the loop runs nothing else meanwhile).
+        if self.policy_gate is not None and policy is not None and config.policy is not None:
+            self.policy_gate.use_policy(policy, audit_allowed=config.policy.audit_allowed)
+        self.masking = masking
+        self.gates = (*((self.policy_gate,) if self.policy_gate else ()), *self._extra_gates,
+                      *((masking,) if masking else ()))
+        self.verifier = verifier
+        self._tls.update(contexts)
+        if self.admin is not None:
+            self.admin.service.verifier = verifier
+        if self.http is not None:
+            self.http.verifier = verifier
+        self.config = dataclasses.replace(config, listeners=self.config.listeners)  # the bound listeners
+
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see ``bound_ports``)."""
         loop = asyncio.get_running_loop()
+        if self.masking is not None:
+            await self._check_masking_schema(self.config, self.masking)
         for listener in self.config.listeners:
             self.tls_context(listener)  # fail at start, not at the first client, on a bad cert
             server = await loop.create_server(functools.partial(Link, self._accepted(listener)),
@@ -134,6 +241,7 @@ class ProxyServer:
             self.admin = AdminServer.from_config(self.config, store=self.approval_store, verifier=self.verifier,
                                                  audit=self.audit)
             add_metrics_route(self.admin.app, self.metrics, self.config.admin)
+            add_operations_routes(self.admin.app, self)
             await self.admin.start()
         if self.config.http is not None:  # same verifier, audit log and approval store as the SQL side
             self.http = HttpProxy(self.config.http, verifier=self.verifier, audit=self.audit,
@@ -208,6 +316,7 @@ class ProxyServer:
 
     async def close(self, drain_seconds: float = 5.0) -> None:
         """Stop accepting, give sessions ``drain_seconds`` to finish, then end the rest with FATAL."""
+        self.closing = True
         for server in self._servers:
             server.close()
         if self.admin is not None:

@@ -113,6 +113,7 @@ class Session:
         self.end_reason = "client disconnected"
         self._ended = False
         self._upstream_fatal = False
+        self._client_terminated = False
         self._secret: bytes | None = None
         self._cancel_key: tuple[int, int] | None = None
         self._expiry_timer: asyncio.TimerHandle | None = None
@@ -295,7 +296,7 @@ class Session:
         except UpstreamUnavailable as exc:
             self.server.metrics.upstream_error("connect_failed")
             log.warning("session %s: %s", self.id, exc)
-            raise SessionRefused(errors.UNABLE_TO_CONNECT, str(exc)) from None
+            raise SessionRefused(errors.UNABLE_TO_CONNECT, exc.public) from None  # never the upstream address
         except UpstreamRefused as exc:
             if exc.error.sqlstate in (errors.INVALID_PASSWORD, errors.INVALID_AUTHORIZATION):
                 self.server.metrics.upstream_error("login_refused")
@@ -310,8 +311,8 @@ class Session:
         self.client.write(AuthenticationOk().encode())
         for notice in notices:
             self.client.write(self._scrub(notice))
-        # The session ends at the token's exp plus the same leeway the verifier allowed.
-        self._deadline = identity.expires_at + self.config.identity.leeway_seconds
+        # The session ends at the token's exp: a hard limit (the leeway only covers nbf and iat).
+        self._deadline = identity.expires_at
         delay = max(0.0, self._deadline - time.time())
         self._expiry_timer = asyncio.get_running_loop().call_later(delay, self._on_token_expired)
 
@@ -509,6 +510,7 @@ class Session:
 
     def _on_terminate(self, body: memoryview) -> None:
         self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we
+        self._client_terminated = True  # that close is the client's doing, not an upstream failure
 
     def add_backend_hook(self, msg_type: int, hook: MessageHandler, *, first: bool = False) -> None:
         """Let ``hook`` rewrite every backend message of ``msg_type`` (return None to keep it).
@@ -631,10 +633,12 @@ class Session:
             self._closed.set_result(None)
 
     def _on_upstream_lost(self) -> None:
-        if self._upstream_fatal and not self._ended:
+        if self._client_terminated:
+            pass  # the server closed because the client said Terminate: a clean end
+        elif self._upstream_fatal and not self._ended:
             self.server.metrics.upstream_error("lost")
             self.end_reason = "upstream ended the session with FATAL"
-        if not self._ended and not self._upstream_fatal and not self.client.closed:
+        elif not self._ended and not self._upstream_fatal and not self.client.closed:
             self.server.metrics.upstream_error("lost")
             self.end_reason = "upstream closed the connection"
             self.client.write(errors.fatal(errors.CONNECTION_FAILURE,

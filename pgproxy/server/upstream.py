@@ -48,7 +48,15 @@ class UpstreamRefused(Exception):
 
 
 class UpstreamUnavailable(Exception):
-    """The upstream server could not be reached or spoke nonsense; the message is safe to show."""
+    """The upstream server could not be reached or spoke nonsense.
+
+    ``str()`` is for the proxy's own log and names the upstream address; ``public`` is what a client
+    is told, and never names it (callers learn nothing of the network behind the proxy).
+    """
+
+    def __init__(self, public: str, address: str | None = None) -> None:
+        super().__init__(f"{public} (upstream {address})" if address else public)
+        self.public = public
 
 
 async def connect_upstream(cfg: UpstreamConfig, params: Mapping[str, str], password: str | None,
@@ -60,24 +68,32 @@ async def connect_upstream(cfg: UpstreamConfig, params: Mapping[str, str], passw
     """
     loop = asyncio.get_running_loop()
     timeout = cfg.connect_timeout_seconds
+    address = f"[{cfg.host}]:{cfg.port}" if ":" in cfg.host else f"{cfg.host}:{cfg.port}"
     try:
         _, link = await asyncio.wait_for(loop.create_connection(Link, cfg.host, cfg.port), timeout)
     except (OSError, TimeoutError) as exc:
-        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or str(exc))
-        raise UpstreamUnavailable(f"could not connect to the upstream database at {cfg.host}:{cfg.port}: "
-                                  f"{reason}") from None
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise UpstreamUnavailable(f"could not connect to the upstream database: {reason}", address) from None
     try:
         async with asyncio.timeout(timeout):
             notices = await _login(link, cfg, params, password)
     except TimeoutError:
         link.close()
-        raise UpstreamUnavailable("timed out logging in to the upstream database") from None
+        raise UpstreamUnavailable("timed out logging in to the upstream database", address) from None
+    except UpstreamUnavailable as exc:
+        link.close()
+        raise UpstreamUnavailable(exc.public, address) from None
     except ssl.SSLError as exc:
         link.close()
-        raise UpstreamUnavailable(f"TLS with the upstream database failed: {exc.reason or exc}") from None
+        raise UpstreamUnavailable(f"TLS with the upstream database failed: {exc.reason or 'handshake failed'}",
+                                  f"{address}: {exc}") from None
     except (LinkClosed, ProtocolViolation, OSError) as exc:
         link.close()
-        raise UpstreamUnavailable(f"upstream connection failed during login: {exc or 'closed'}") from None
+        reason = ("the server closed the connection" if isinstance(exc, LinkClosed) else
+                  "invalid message from the server" if isinstance(exc, ProtocolViolation) else
+                  exc.strerror or "network error")
+        raise UpstreamUnavailable(f"upstream connection failed during login: {reason}",
+                                  f"{address}: {exc or 'closed'}") from None
     except BaseException:
         link.close()
         raise

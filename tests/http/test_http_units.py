@@ -168,7 +168,8 @@ def test_check_command_reports_http_problems(data: dict[str, Any], tmp_path: Pat
     path.write_text(yaml.safe_dump(data))
     result = CliRunner().invoke(main, ["check", "-c", str(path)])
     assert result.exit_code == 1
-    assert f"error: http.targets[0].credential: environment variable {CREDENTIAL_ENV} is not set" in result.output
+    assert (f"error: {path}: http.targets[0].credential: environment variable {CREDENTIAL_ENV} is not set"
+            in result.output)
     monkeypatch.setenv(CREDENTIAL_ENV, CREDENTIAL)
     result = CliRunner().invoke(main, ["check", "-c", str(path)])
     assert result.exit_code == 0, result.output

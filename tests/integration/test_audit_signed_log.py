@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -98,6 +99,17 @@ def test_session_recorded_verified_exported_and_replayed(signed: tuple[Any, Path
     assert out.exit_code == 0, out.output
     assert "generate_series" in out.output and "ERROR 22012" in out.output
     assert "application_name=forensics" in out.output
+    # durations read as durations, never as raw floats or JSON
+    assert re.search(r"\[extended, [\d.]+ (ms|s)\]", out.output), out.output
+    assert re.search(r"session_end: .* statements in [\d.]+ (ms|s)", out.output), out.output
+    assert "{" not in out.output.split("session_end")[-1]
+    out = _run("audit", "show", str(log_dir), session, "--json")
+    assert out.exit_code == 0, out.output
+    events = [orjson.loads(line) for line in out.output.splitlines()]
+    assert events[0]["event"] == "session_start" and events[-1]["event"] == "session_end"
+    assert all(isinstance(e["seq"], int) and isinstance(e["ts"], float) for e in events)
+    out = _run("audit", "sessions", str(log_dir), "--json")
+    assert any(s["session"] == session and s["subject"] == "agent-1" for s in orjson.loads(out.output))
 
     bundle = tmp_path / "bundle.json"
     out = _run("audit", "export", str(log_dir), "--session", session, "-o", str(bundle))

@@ -41,6 +41,11 @@ rules:
     approvers: [dba]
     mode: hold
     timeout: 0.5
+  - name: txn-hold
+    match: {classes: [destructive], tables: ["*pg_txhold*"]}
+    action: approve
+    approvers: [dba]
+    in_transaction: hold
   - name: dba-approves
     match: {classes: [destructive, dcl]}
     action: approve
@@ -90,7 +95,7 @@ def gated(proxy, tmp_path_factory) -> Iterator[Gated]:  # type: ignore[no-untype
     dsn = proxy.dsn(tls=False, user="agent_writer", token=token).replace(
         f"port='{proxy.plain_port}'", f"port='{running.ports[1]}'")
     with psycopg.connect(proxy.dsn(tls=False, user="agent_writer"), autocommit=True) as conn:  # no gate there
-        for t in ("pg_policy_t", "pg_hold_t", "pg_quick_t"):
+        for t in ("pg_policy_t", "pg_hold_t", "pg_quick_t", "pg_txhold_t"):
             conn.execute(f"drop table if exists {t}")
             conn.execute(f"create table {t} (x int)")
     yield Gated(running, store, audit, dsn, running.ports[1], token)
@@ -277,19 +282,44 @@ def test_hold_mode_times_out(gated: Gated) -> None:
         with pytest.raises(psycopg.Error) as info:
             conn.execute("delete from pg_quick_t")
         assert info.value.sqlstate == "PXA02" and "timed out" in str(info.value)
+        message = info.value.diag.message_primary or ""
+        approval = _approval_id(info.value)
+        assert f"`pgproxy approvals approve {approval}`" in message and "run the statement again" in message
 
 
-def test_refuse_becomes_hold_inside_a_transaction(gated: Gated) -> None:
+def test_refuse_inside_a_transaction_fails_at_once_with_what_to_do(gated: Gated) -> None:
+    """The default: no silent hold. The error carries the id and says to roll back and run it again."""
     with psycopg.connect(gated.dsn) as conn:
-        conn.execute("insert into pg_policy_t values (7)")  # opens the transaction block
-        thread, box = _run_in_thread(lambda: conn.execute("delete from pg_policy_t where true").rowcount)
-        request = gated.pending("delete from pg_policy_t where true")
-        assert request.rule == "dba-approves" and request.mode == "hold"
+        conn.execute("insert into pg_policy_t values (8)")  # opens the transaction block
+        started = time.monotonic()
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute("delete from pg_policy_t where true")
+        assert time.monotonic() - started < 5
+        assert info.value.sqlstate == "PXA01"
+        message = info.value.diag.message_primary or ""
+        approval = _approval_id(info.value)
+        assert f"pgproxy approvals approve {approval}" in message and "roll back this transaction" in message
+        conn.rollback()
+        assert gated.pending("delete from pg_policy_t where true").id == approval
+        gated.decide(approval)
+        # The agent runs the transaction again: the approved statement runs once, inside it.
+        conn.execute("insert into pg_policy_t values (8)")
+        assert conn.execute("delete from pg_policy_t where true").rowcount >= 1
+        conn.commit()
+    assert gated.status(approval) == "used"
+
+
+def test_in_transaction_hold_waits_for_the_decision(gated: Gated) -> None:
+    with psycopg.connect(gated.dsn) as conn:
+        conn.execute("insert into pg_txhold_t values (7)")  # opens the transaction block
+        thread, box = _run_in_thread(lambda: conn.execute("delete from pg_txhold_t where true").rowcount)
+        request = gated.pending("delete from pg_txhold_t where true")
+        assert request.rule == "txn-hold" and request.mode == "hold"
         gated.decide(request.id)
         thread.join(10)
         assert isinstance(box[0], int) and box[0] >= 1
         conn.commit()
-        assert conn.execute("select count(*) from pg_policy_t").fetchone() == (0,)
+        assert conn.execute("select count(*) from pg_txhold_t").fetchone() == (0,)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,6 +40,7 @@ rules:
     action: approve
     approvers: [dba]
     timeout: 60
+    in_transaction: hold
 default: allow
 """
 
@@ -234,7 +235,7 @@ async def test_held_statement_runs_after_approval_and_fails_after_denial(
     sql = "SELECT id, amount FROM mcp_payouts ORDER BY id"
     seen: set[str] = set()
     async with connect_agent(agent_url(p, p.token(sub="mcp-agent", groups=["agents"]))) as session:
-        # The MCP server runs every query inside BEGIN READ ONLY, so the refuse-mode rule holds the session.
+        # The MCP server runs every query inside BEGIN READ ONLY: with `in_transaction: hold` the session waits.
         call = asyncio.create_task(session.call_tool("query", {"sql": sql}))
         first = await pending_request(p, sql, seen)
         seen.add(first.id)
@@ -300,3 +301,24 @@ async def test_masked_columns_reach_the_agent_masked(
     async with connect_agent(agent_url(p, p.token(sub="dba-bob", groups=["dba"]))) as session:
         rows = await query(session, "SELECT email, ssn FROM mcp_customers ORDER BY id")
         assert rows == [{"email": c[2], "ssn": c[3]} for c in CUSTOMERS]
+
+
+async def test_approval_in_the_servers_transaction_reaches_the_agent_at_once(
+        make_proxy: Callable[..., ProxyUnderTest], connect_agent: Callable[[str], Any], tmp_path: Path) -> None:
+    """The default for refuse-mode rules: no silent hold inside the MCP server's transaction. The agent
+    gets the approval id and what to do at once, and its retry runs once the request is approved."""
+    (tmp_path / "policy.yaml").write_text(POLICY.replace("    in_transaction: hold\n", ""))
+
+    def mutate(data: dict[str, Any]) -> None:
+        data["policy"] = {"file": str(tmp_path / "policy.yaml")}
+        data["approvals"] = {"store": "sqlite", "path": str(tmp_path / "approvals.sqlite3")}
+
+    p = make_proxy(mutate)
+    sql = "SELECT id, amount FROM mcp_payouts ORDER BY id"
+    async with connect_agent(agent_url(p, p.token(sub="mcp-agent", groups=["agents"]))) as session:
+        message = await asyncio.wait_for(refused(session, sql), 10)
+        request = await pending_request(p, sql, set())
+        assert message.startswith(f"approval {request.id} required (rule payouts-need-approval)")
+        assert f"`pgproxy approvals approve {request.id}`" in message and "run it again" in message
+        await decide(p, request.id, approve=True)
+        assert await query(session, sql) == [{"id": 1, "amount": 250}, {"id": 2, "amount": 975}]

@@ -291,6 +291,24 @@ def test_token_expiring_during_the_session(proxy: Any, still_working: None, tls:
     assert len(ends) == 1 and "token expired" in ends[0]["reason"]
 
 
+def test_expiry_is_a_hard_limit_whatever_the_leeway(make_proxy: Callable[..., Any]) -> None:
+    """With 30 s of leeway for clock skew, a token expired 10 s ago is refused, and a session ends at exp."""
+
+    def leeway(data: dict[str, Any]) -> None:
+        data["identity"]["leeway_seconds"] = 30
+
+    p = make_proxy(leeway)
+    with pytest.raises(psycopg.OperationalError, match="token expired"):
+        psycopg.connect(p.dsn(tls=False, token=p.token(ttl=-10)), connect_timeout=10)
+    token = p.token(sub="tok-hard-exp", ttl=2)
+    with psycopg.connect(p.dsn(tls=False, token=token), connect_timeout=10) as conn:
+        conn.execute("select 1")
+        time.sleep(max(0.0, token_exp(token) - time.time()) + 0.5)  # past exp, far inside the leeway
+        with pytest.raises(psycopg.OperationalError) as info:
+            conn.execute("select 'after'")
+        assert info.value.sqlstate == "28000" and "token expired" in str(info.value)
+
+
 def test_token_expiring_during_a_running_statement(proxy: Any, still_working: None) -> None:
     # The statement under way when the token expires completes; the session ends before the next one.
     token = proxy.token(sub="tok-short-busy", ttl=2)

@@ -49,8 +49,8 @@ def test_unreadable_audit_key_and_missing_store_dsn_fail(tmp_path: Path, monkeyp
                      approvals={"store": "postgres", "dsn_env": "PGPROXY_NO_SUCH_DSN"})
     result = CliRunner().invoke(main, ["check", "-c", str(config)])
     assert result.exit_code == 1
-    assert "error: audit.signing_key_file:" in result.output
-    assert "error: approvals.dsn_env: environment variable PGPROXY_NO_SUCH_DSN is not set" in result.output
+    assert f"error: {config}: audit.signing_key_file:" in result.output
+    assert f"error: {config}: approvals.dsn_env: environment variable PGPROXY_NO_SUCH_DSN is not set" in result.output
 
 
 def test_approve_rules_without_an_approvals_section_warn(tmp_path: Path) -> None:
@@ -59,3 +59,34 @@ def test_approve_rules_without_an_approvals_section_warn(tmp_path: Path) -> None
     result = CliRunner().invoke(main, ["check", "-c", str(_config(tmp_path, policy={"file": str(policy)}))])
     assert result.exit_code == 0, result.output
     assert "warning: policy has approve rules but there is no approvals section" in result.output
+
+
+def test_every_error_at_once_with_file_and_field(tmp_path: Path) -> None:
+    config = _config(tmp_path, limits={"max_connections": 0}, logging={"format": "xml"})
+    data = yaml.safe_load(config.read_text())
+    data["listeners"][0]["port"] = "six"
+    data["upstream"]["sslmode"] = "sometimes"
+    data["identity"]["leeway_seconds"] = 600
+    data["admin"] = {"port": 1, "colour": "red"}
+    config.write_text(yaml.safe_dump(data))
+    result = CliRunner().invoke(main, ["check", "-c", str(config)])
+    assert result.exit_code == 1
+    errors = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    expected = ["listeners[0].port:", "identity.leeway_seconds:", "upstream.sslmode:", "limits.max_connections:",
+                "admin.colour: unknown setting", "logging.format:"]
+    for field in expected:
+        assert sum(f"error: {config}: {field}" in line for line in errors) == 1, (field, result.output)
+    assert len(errors) == len(expected), result.output
+
+
+def test_later_problems_name_their_file(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("rules: [{name: x, match: {}, action: explode}]\n")
+    config = _config(tmp_path, policy={"file": str(policy)}, audit={"dir": str(tmp_path / "log")})
+    result = CliRunner().invoke(main, ["check", "-c", str(config)])
+    assert result.exit_code == 1
+    assert f"error: {config}: audit.signing_key_file: required" in result.output
+    config = _config(tmp_path, policy={"file": str(policy)})
+    result = CliRunner().invoke(main, ["check", "-c", str(config)])
+    assert result.exit_code == 1
+    assert f"error: {config}: policy.file: {policy}" in result.output and "action" in result.output

@@ -244,6 +244,7 @@ def test_relative_paths_resolved_against_base_dir(base_dir: Path, tmp_path_facto
         ("identity.audience", "", "identity.audience"),
         ("identity.jwks_file", "missing.json", "identity.jwks_file"),
         ("identity.leeway_seconds", -1, "identity.leeway_seconds"),
+        ("identity.leeway_seconds", 300, "identity.leeway_seconds"),
         ("identity.jwks_timeout_seconds", 0.01, "identity.jwks_timeout_seconds"),
         ("identity.claims", ["sub"], "identity.claims"),
         ("identity.claims.subject", 1, "identity.claims.subject"),

@@ -22,20 +22,23 @@ import time
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from types import ModuleType
-from typing import Any
+from typing import Any, cast
 
 import kubernetes_validate
 import pytest
 import yaml
+from aiohttp import web
 from click.testing import CliRunner
 from compose_spec import PyCompose
 
+from pgproxy.admin.operations import add_operations_routes
 from pgproxy.audit.keys import generate_key
 from pgproxy.cli import main
 from pgproxy.config import ProxyConfig, parse_config
 from pgproxy.identity import TokenVerifier, mint_token
 from pgproxy.masking.rules import load_rules
 from pgproxy.policy.rules import check_policy, load_policy
+from pgproxy.testing import RunningProxy
 from pgproxy.tlsutil import generate_dev_ca_and_cert
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -346,11 +349,26 @@ def test_pod_disruption_budget_keeps_a_replica() -> None:
     assert pdb["maxUnavailable"] < _workload()["spec"]["replicas"]
 
 
-def test_probes_check_the_listener() -> None:
-    listener_ports = {listener["port"] for listener in _k8s_config_data()["listeners"]}
+def _health_routes() -> set[str]:
+    """The GET paths pgproxy's health endpoints are served at (registered as the proxy registers them)."""
+    app = web.Application()
+    add_operations_routes(app, cast(Any, None))
+    return {r.resource.canonical for r in app.router.routes() if r.method == "GET" and r.resource is not None}
+
+
+def test_probes_use_the_health_endpoints() -> None:
+    admin = _k8s_config_data()["admin"]
     container = _container()
+    paths = {}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert _resolve_port(container[probe]["tcpSocket"]["port"], container) in listener_ports, probe
+        get = container[probe]["httpGet"]
+        assert _resolve_port(get["port"], container) == admin["port"], probe
+        assert get["scheme"] == ("HTTPS" if admin.get("tls") else "HTTP"), probe
+        paths[probe] = get["path"]
+    assert set(paths.values()) <= _health_routes() == {"/livez", "/readyz"}
+    # Readiness follows the dependencies; liveness and startup only the process (no restart loops when
+    # the database is down).
+    assert paths == {"startupProbe": "/livez", "readinessProbe": "/readyz", "livenessProbe": "/livez"}
 
 
 def test_ports_agree_between_config_container_and_services() -> None:
@@ -604,8 +622,43 @@ def test_compose_ports_and_healthchecks_match_the_config() -> None:
         assert host_port == container_port, "docs use the same port numbers inside and outside"
         published.add(int(container_port))
     assert published == expected
-    for listener in data["listeners"]:
-        assert f"('127.0.0.1', {listener['port']})" in " ".join(_service("pgproxy")["healthcheck"]["test"])
+    check = " ".join(_service("pgproxy")["healthcheck"]["test"])
+    url = re.search(r"'(https?)://localhost:(\d+)(/\w+)'", check)
+    assert url is not None, check
+    assert url.group(1) == ("https" if data["admin"].get("tls") else "http")
+    assert int(url.group(2)) == data["admin"]["port"] and url.group(3) == "/readyz"
+    assert url.group(3) in _health_routes()
+    cafile = re.search(r"cafile='([^']+)'", check)
+    assert cafile is not None and cafile.group(1).startswith("/etc/pgproxy/keys/")  # the keys volume
+
+
+def test_compose_healthcheck_runs_against_a_real_proxy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The compose healthcheck command, run as the container runs it, against a real admin listener
+    with the compose keys: healthy while the proxy's dependencies work, unhealthy when the upstream is not."""
+    setup = _load_script("compose_setup")
+    keys = tmp_path / "keys"
+    setup.ensure_keys(keys)
+    admin_port, upstream = _free_port(), socket.socket()
+    upstream.bind(("127.0.0.1", 0))
+    upstream.listen()
+    command = _service("pgproxy")["healthcheck"]["test"]
+    assert command[:2] == ["CMD", "python"]
+    script = command[3].replace("/etc/pgproxy/keys/", f"{keys}/").replace(":6480/", f":{admin_port}/")
+    config = parse_config({
+        "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
+        "identity": {"issuer": "i", "audience": "a", "algorithms": ["ES256"],
+                     "jwks_file": str(keys / "identity" / "jwks.json")},
+        "upstream": {"port": upstream.getsockname()[1], "credentials": [{"role": "*"}]},
+        "audit": {"jsonl_path": str(tmp_path / "audit.jsonl")},
+        "approvals": {"store": "sqlite", "path": str(tmp_path / "approvals.sqlite")},
+        "admin": {"host": "127.0.0.1", "port": admin_port, "ui": False,
+                  "tls": {"cert_file": str(keys / "tls" / "server.crt"), "key_file": str(keys / "tls" / "server.key")}},
+    }, tmp_path)
+    with RunningProxy(config):
+        assert subprocess.run([sys.executable, "-c", script], capture_output=True).returncode == 0
+        upstream.close()
+        failed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        assert failed.returncode != 0 and "503" in failed.stderr
 
 
 def _free_port() -> int:

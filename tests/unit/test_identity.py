@@ -269,9 +269,12 @@ async def test_leeway_honoured(es_keys: DevKeys) -> None:
     clock = Clock()
     verifier = TokenVerifier(config(jwks_file=es_keys.jwks_file, leeway_seconds=30), now=clock)
     token = mint(es_keys, ttl_seconds=60, now=clock.t)
-    clock.t += 60 + 20  # expired 20 s ago: within the 30 s leeway
+    exp = jwt.decode(token, options={"verify_signature": False})["exp"]
+    clock.t = exp - 0.5
     assert (await verifier.verify(token)).subject == "alice"
-    clock.t += 15  # now 35 s past exp
+    clock.t = exp  # exactly at exp: expiry is a hard limit, the leeway does not extend it
+    assert await reason(verifier, token) == "token expired"
+    clock.t = exp + 10  # expired 10 s ago, well within the 30 s leeway: still refused
     assert await reason(verifier, token) == "token expired"
 
     clock.t = time.time()

@@ -89,4 +89,4 @@ default: allow
 def test_check_fails_on_an_invalid_policy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = _check(tmp_path, "rules: [{name: x, match: {}, action: perhaps}]\n", monkeypatch)
     assert out.exit_code == 1
-    assert "error: policy.file:" in out.output and "rules[0].action: must be one of" in out.output
+    assert "pgproxy.yaml: policy.file:" in out.output and "rules[0].action: must be one of" in out.output

@@ -6,9 +6,11 @@ import asyncio
 from types import MappingProxyType, SimpleNamespace
 from typing import Any
 
+import pytest
 import yaml
 
 from pgproxy.audit.sink import MemoryAuditSink
+from pgproxy.config import ConfigError
 from pgproxy.identity import Identity
 from pgproxy.policy.approvals import ApprovalRequest, ApprovalStoreUnavailable
 from pgproxy.policy.gate import PolicyGate
@@ -102,11 +104,25 @@ def test_refuse_mode_with_memory_store() -> None:
     assert isinstance(again, Refuse) and again.error.sqlstate == "PXA01"
 
 
-def test_in_a_transaction_refuse_mode_holds_with_a_notice() -> None:
-    verdict = PolicyGate(POLICY, MemoryStore()).inspect(session("T"), Request(0x51, "drop table t"))
+def test_in_a_transaction_refuse_mode_refuses_with_the_id() -> None:
+    verdict = run(PolicyGate(POLICY, MemoryStore()).inspect(session("T"), Request(0x51, "drop table t")))
+    assert isinstance(verdict, Refuse) and verdict.error.sqlstate == "PXA01"
+    message = verdict.error.get("M") or ""
+    assert message.startswith("approval apr_") and "roll back this transaction" in message
+
+
+def test_in_a_transaction_hold_when_the_rule_says_so() -> None:
+    policy = parse_policy(yaml.safe_load(
+        "rules: [{name: a, match: {}, action: approve, approvers: [dba], in_transaction: hold}]"))
+    verdict = PolicyGate(policy, MemoryStore()).inspect(session("T"), Request(0x51, "drop table t"))
     assert isinstance(verdict, Hold) and verdict.notice is not None
     assert (verdict.notice.get("M") or "").startswith("waiting for approval apr_")
     verdict.decision.close()  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.in_transaction: must be refuse or hold"):
+        parse_policy(yaml.safe_load(
+            "rules: [{name: a, match: {}, action: approve, approvers: [dba], in_transaction: wait}]"))
+    with pytest.raises(ConfigError, match=r"rules\[0\]\.in_transaction: only valid with action approve"):
+        parse_policy(yaml.safe_load("rules: [{name: a, match: {}, action: allow, in_transaction: hold}]"))
 
 
 def test_store_unavailable_fails_closed() -> None:
