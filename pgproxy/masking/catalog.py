@@ -1,4 +1,5 @@
-"""The live catalog masking needs: relations and their columns, inheritance, view dependencies, routines.
+"""The live catalog masking needs: relations and their columns, inheritance, view dependencies, user
+functions and operators.
 
 A :class:`CatalogSnapshot` is read from the upstream database (pg_catalog is readable by every role, so
 the session's own role and credential are used) and cached per database; it is re-read after DDL run
@@ -48,11 +49,15 @@ WHERE d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid <> r.ev_clas
 _VIEW_DEFINITIONS = ("SELECT oid::int8, pg_catalog.pg_get_viewdef(oid) FROM pg_catalog.pg_class "
                      "WHERE oid = ANY($1::oid[])")
 _ROUTINES = """
-SELECT DISTINCT lower(p.proname)
-FROM pg_catalog.pg_proc p
-JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal')
+SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+# Operators created outside extensions (an extension's operators implement its types).
+_OPERATORS = """
+SELECT DISTINCT o.oprname::text FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND NOT EXISTS (
+  SELECT FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_operator'::regclass AND d.objid = o.oid
+    AND d.deptype = 'e')
 """
 
 
@@ -87,8 +92,9 @@ class CatalogSnapshot:
     parents: Mapping[int, tuple[int, ...]]  # child oid -> its direct parents
     view_dependencies: Mapping[int, frozenset[tuple[int, int]]]  # view oid -> {(relation oid, attnum)}
     view_definitions: Mapping[int, str]
-    routines: frozenset[str]  # lower-cased names of functions/procedures written in SQL or a PL
+    routines: frozenset[str]  # names of the functions, aggregates and procedures outside the system schemas
     by_name: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    operators: frozenset[str] = frozenset()  # names of operators outside the system schemas and extensions
 
     def find(self, schema: str, name: str) -> Relation | None:
         oid = self.by_name.get((schema, name))
@@ -118,8 +124,9 @@ async def read_catalog(conn: asyncpg.Connection, ruled_tables: Iterable[tuple[st
     wanted = _dependent_views(roots, deps, parents)
     definitions = await _view_definitions(conn, sorted(wanted)) if wanted else {}
     routines = frozenset(r[0] for r in await conn.fetch(_ROUTINES))
+    operators = frozenset(r[0] for r in await conn.fetch(_OPERATORS))
     return CatalogSnapshot(next(_versions), relations, {k: tuple(v) for k, v in parents.items()},
-                           {k: frozenset(v) for k, v in deps.items()}, definitions, routines, by_name)
+                           {k: frozenset(v) for k, v in deps.items()}, definitions, routines, by_name, operators)
 
 
 async def _view_definitions(conn: asyncpg.Connection, oids: list[int]) -> dict[int, str]:
