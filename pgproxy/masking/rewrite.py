@@ -37,6 +37,10 @@ from .masks import Mask
 # attaching it as a partition. Refused when they name a masked relation anywhere.
 _DEFINITION_CHANGES = (ast.AlterTableStmt, ast.RenameStmt, ast.AlterObjectSchemaStmt, ast.CreateTrigStmt,
                        ast.RuleStmt, ast.CreatePolicyStmt, ast.AlterPolicyStmt, ast.CreateStmt)
+# Objects that make later statements call a function the statement does not name.
+_FUNCTION_BACKED = (ast.CreateCastStmt, ast.CreateConversionStmt, ast.CreateTransformStmt, ast.CreateOpClassStmt,
+                    ast.CreateRangeStmt)
+_DEFINED_KINDS = frozenset({ObjectType.OBJECT_OPERATOR, ObjectType.OBJECT_AGGREGATE, ObjectType.OBJECT_TYPE})
 SYSTEM_COLUMNS = frozenset({"tableoid", "ctid", "xmin", "xmax", "cmin", "cmax"})
 _WITH_OWNERS = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
@@ -97,6 +101,9 @@ class _Rewriter:
             raise Refused("creating functions or procedures is not allowed for masked identities")
         if isinstance(stmt, ast.CallStmt):
             raise Refused("CALL runs procedural code the proxy cannot inspect")
+        if isinstance(stmt, _FUNCTION_BACKED) or (isinstance(stmt, ast.DefineStmt) and stmt.kind in _DEFINED_KINDS):
+            raise Refused("creating operators, aggregates, types, casts, conversions, transforms or operator "
+                          "classes is not allowed for masked identities: they call functions by name")
         if isinstance(stmt, _DEFINITION_CHANGES):
             self._check_definition_change(stmt)
         if isinstance(stmt, ast.CopyStmt) and stmt.relation is not None and not stmt.is_from:

@@ -470,6 +470,39 @@ CATALOGS = [
     case("pg_cursors", "SELECT * FROM pg_cursors", expect="refused", control="none"),
 ]
 
+_TS_REWRITE_QUERY = f"'SELECT ''x''::tsquery, quote_literal(ssn)::tsquery FROM {C}'"
+
+FUNCTIONS = [  # functions that run SQL text, read relations or show statement text (functions.py classifies them)
+    case("ts_rewrite", f"SELECT ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY})", expect="refused"),
+    case("ts_rewrite_qualified", f"SELECT pg_catalog.ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY})", expect="refused"),
+    case("ts_rewrite_quoted", f"SELECT \"pg_catalog\".\"ts_rewrite\"('x'::tsquery, {_TS_REWRITE_QUERY})",
+         expect="refused"),
+    case("ts_rewrite_in_from", f"SELECT * FROM ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY}) r", expect="refused"),
+    case("ts_rewrite_in_where", f"SELECT 1 WHERE ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY})::text LIKE '%NID%'",
+         expect="refused", control="ok"),
+    tx("operator_over_ts_rewrite", "CREATE OPERATOR public.@@@ (leftarg = tsquery, rightarg = text, "
+       "function = pg_catalog.ts_rewrite)", f"SELECT 'x'::tsquery @@@ {_TS_REWRITE_QUERY}", expect="refused"),
+    tx("aggregate_over_ts_rewrite", "CREATE AGGREGATE public.tsr(text) (sfunc = pg_catalog.ts_rewrite, "
+       "stype = tsquery, initcond = 'x')", f"SELECT public.tsr(q) FROM (VALUES ({_TS_REWRITE_QUERY})) v(q)",
+       expect="refused"),
+    # Statement text: a rewritten statement carries the mask expressions, keyed-hash pads included.
+    case("backend_activity", "SELECT pg_stat_get_backend_activity(b) FROM pg_stat_get_backend_idset() b",
+         expect="refused", control="ok"),
+    case("stat_get_activity", "SELECT query FROM pg_stat_get_activity(NULL)", expect="refused", control="ok"),
+    case("memory_contexts", "PREPARE mc AS SELECT payer_name FROM maskt.payments",
+         "SELECT ident FROM pg_backend_memory_contexts", expect="refused", control="ok"),
+    case("memory_contexts_function", "SELECT ident FROM pg_catalog.pg_get_backend_memory_contexts()",
+         expect="refused", control="ok"),
+    case("prepared_statement_function", "PREPARE ps AS SELECT payer_name FROM maskt.payments",
+         "SELECT statement FROM pg_prepared_statement()", expect="refused", control="ok"),
+    case("cursor_function", "BEGIN", "DECLARE cf CURSOR FOR SELECT payer_name FROM maskt.payments",
+         "SELECT statement FROM pg_cursor()", "ROLLBACK", expect="refused", control="ok"),
+    case("stat_user_tables", "SELECT * FROM pg_stat_user_tables", expect="refused", control="ok"),
+    case("locks", "SELECT * FROM pg_catalog.pg_locks", expect="refused", control="ok"),
+    case("unknown_builtin", "SELECT pg_catalog.pg_no_such_function()", expect="refused", control="none"),
+    case("mcv_list_items", "SELECT * FROM pg_mcv_list_items(NULL)", expect="refused", control="none"),
+]
+
 RETURNING = [
     tx("update_columns", f"UPDATE {C} SET tier = tier WHERE id = 1 RETURNING email, ssn, salary, birth_date"),
     tx("update_star", f"UPDATE {C} SET tier = tier WHERE id = 1 RETURNING *"),
@@ -717,6 +750,11 @@ def test_notifications(runner: Runner, c: Case) -> None:
 
 @pytest.mark.parametrize("c", CATALOGS, ids=_ids(CATALOGS))
 def test_statistics_and_server_catalogs(runner: Runner, c: Case) -> None:
+    runner.check(c)
+
+
+@pytest.mark.parametrize("c", FUNCTIONS, ids=_ids(FUNCTIONS))
+def test_functions_that_read_past_the_rewrite(runner: Runner, c: Case) -> None:
     runner.check(c)
 
 
