@@ -1,4 +1,5 @@
-"""`pgproxy check` for masking: the rules load, the key is there, and every rule fits the live schema."""
+"""`pgproxy check` for masking: the rules load, the key is there, every rule fits the live schema, and no
+upstream role that masked identities may use can step around masking."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import asyncpg
 from ..config import ConfigError, ProxyConfig
 from ..server.upstream import upstream_dsn
 from .catalog import read_catalog
-from .rules import MaskingRules, load_rules
+from .roles import refusal_message, unmaskable
+from .rules import Audience, MaskingRules, load_rules
 
 
 def check_rules(config: ProxyConfig) -> tuple[MaskingRules | None, list[str]]:
@@ -36,9 +38,9 @@ async def check_live(config: ProxyConfig, rules: MaskingRules, role: str, databa
         return [f"masking: cannot read the live schema as {role!r} in database {database!r}: {exc}"]
     try:
         catalog = await read_catalog(conn, ())
+        problems = await _unmaskable_roles(conn, config, rules, role)
     finally:
         await conn.close()
-    problems = []
     for rule in rules.rules:
         relation = catalog.find(rule.schema, rule.table)
         if relation is None:
@@ -52,3 +54,28 @@ async def check_live(config: ProxyConfig, rules: MaskingRules, role: str, databa
         if reason is not None:
             problems.append(f"{rule.where}: {reason}")
     return problems
+
+
+async def _unmaskable_roles(conn: asyncpg.Connection, config: ProxyConfig, rules: MaskingRules,
+                            role: str) -> list[str]:
+    """The credential roles (and ``role``) some rule may mask that the proxy would refuse at login."""
+    problems = []
+    for name in dict.fromkeys([role, *(c.role for c in config.upstream.credentials if c.role != "*")]):
+        if not any(_may_include(r.applies_to, name) and not (r.exempt.roles and name in r.exempt.roles)
+                   for r in rules.rules):
+            continue
+        try:
+            reasons = await unmaskable(conn, name)
+        except asyncpg.PostgresError as exc:
+            problems.append(f"masking: cannot check the capabilities of role {name!r}: {exc}")
+            continue
+        if reasons:
+            problems.append(f"masking: {refusal_message(name, reasons)} (they are refused at login)")
+    return problems
+
+
+def _may_include(audience: Audience, role: str) -> bool:
+    """Whether some identity logged in as ``role`` may be in ``audience``."""
+    keys = (audience.subjects, audience.groups, audience.roles, audience.agent_ids)
+    return all(k is None for k in keys) or bool(audience.subjects or audience.groups or audience.agent_ids) or (
+        audience.roles is not None and role in audience.roles)
