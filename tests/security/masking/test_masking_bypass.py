@@ -482,6 +482,9 @@ FUNCTIONS = [  # functions that run SQL text, read relations or show statement t
          expect="refused", control="ok"),
     tx("operator_over_ts_rewrite", "CREATE OPERATOR public.@@@ (leftarg = tsquery, rightarg = text, "
        "function = pg_catalog.ts_rewrite)", f"SELECT 'x'::tsquery @@@ {_TS_REWRITE_QUERY}", expect="refused"),
+    case("admin_operator", f"SELECT 'x'::tsquery OPERATOR(maskt.@@@) {_TS_REWRITE_QUERY}", expect="refused"),
+    case("admin_operator_search_path", "SET search_path = maskt, public",
+         f"SELECT 'x'::tsquery @@@ {_TS_REWRITE_QUERY}", expect="refused"),
     tx("aggregate_over_ts_rewrite", "CREATE AGGREGATE public.tsr(text) (sfunc = pg_catalog.ts_rewrite, "
        "stype = tsquery, initcond = 'x')", f"SELECT public.tsr(q) FROM (VALUES ({_TS_REWRITE_QUERY})) v(q)",
        expect="refused"),
