@@ -13,6 +13,7 @@ pgproxy/masking/lineage.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -99,6 +100,11 @@ class CatalogSnapshot:
     def find(self, schema: str, name: str) -> Relation | None:
         oid = self.by_name.get((schema, name))
         return self.relations.get(oid) if oid is not None else None
+
+    @functools.cached_property
+    def column_names(self) -> frozenset[str]:
+        """The names of every relation's columns (``x.name`` is then read as a column, not a function)."""
+        return frozenset(c.name for r in self.relations.values() for c in r.columns)
 
 
 _versions = itertools.count(1)

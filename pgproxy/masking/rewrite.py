@@ -178,6 +178,8 @@ class _Rewriter:
             self._refuse_if(function_refusal(_parts(node.funcname), self.schema.catalog.routines))
         elif isinstance(node, (ast.A_Expr, ast.SubLink)):
             self._check_operator(node)
+        elif isinstance(node, (ast.ColumnRef, ast.A_Indirection)):
+            self._check_attribute_call(node)
         for attr in node_fields(type(node)):
             if attr == "withClause":
                 continue
@@ -251,6 +253,15 @@ class _Rewriter:
         parts = _parts(node.name if isinstance(node, ast.A_Expr) else node.operName)
         if parts and parts[-1] in self.schema.catalog.operators and (len(parts) == 1 or parts[-2] != "pg_catalog"):
             raise Refused(f"the operator {'.'.join(parts)} is user-defined: the proxy cannot see what it reads")
+
+    def _check_attribute_call(self, node: ast.ColumnRef | ast.A_Indirection) -> None:
+        """``x.f`` and ``(x).f`` call the function f(x) when x has no column f: refused for user functions."""
+        names = (node.fields or ())[1:] if isinstance(node, ast.ColumnRef) else node.indirection
+        catalog = self.schema.catalog
+        for name in (getattr(n, "sval", None) for n in names or ()):
+            if name in catalog.routines and name not in catalog.column_names:
+                raise Refused(f".{name} may call the user-defined function {name}() in attribute notation: "
+                              "the proxy cannot see what it reads")
 
     # ----------------------------------------------------------------------------- written relations
 

@@ -437,6 +437,12 @@ PROCEDURAL = [
     case("plpgsql_in_where", f"SELECT id FROM {C} WHERE maskt.plp_email(id) IS NOT NULL", expect="refused"),
     case("sql_function", "SELECT maskt.get_email(1)", expect="refused"),
     case("sql_function_per_row", f"SELECT maskt.get_email(id) FROM {C}", expect="refused"),
+    case("attribute_notation", "SET search_path = maskt, public", f"SELECT c.raw_email FROM {C} c",
+         expect="refused"),
+    case("attribute_notation_parenthesized", "SET search_path = maskt, public",
+         f"SELECT (c).raw_email FROM {C} c", expect="refused"),
+    case("attribute_notation_row", "SET search_path = maskt, public", "SELECT (ROW(1)).raw_email",
+         expect="refused"),
     case("sql_function_search_path", "SET search_path = maskt", "SELECT get_email(1)", expect="refused"),
     case("create_function", "CREATE FUNCTION pg_temp.f() RETURNS text LANGUAGE sql AS "
          f"'SELECT email FROM {C} LIMIT 1'", "SELECT pg_temp.f()", expect="refused"),
