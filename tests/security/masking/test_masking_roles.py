@@ -117,6 +117,17 @@ def test_role_that_steps_around_masking_is_refused_at_login(role: str, roles: Da
     assert len(masked.events("session_start")) == before  # no session started, no statement ran
 
 
+def test_login_is_refused_when_the_capabilities_cannot_be_checked(roles: Database, masked: ProxyUnderTest) -> None:
+    create_role(roles, "mrole_unreadable", "not-the-proxy-credential")  # the proxy cannot log in as it
+    try:
+        error = _login_error(masked, "mrole_unreadable")
+    finally:
+        with psycopg.connect(roles.dsn(), autocommit=True) as conn:
+            conn.execute("DROP ROLE mrole_unreadable")
+    assert (error["C"], error["M"]) == ("57P03", 'pgproxy masking: the capabilities of database role '
+                                                 '"mrole_unreadable" could not be checked'), error
+
+
 def test_exempt_identity_may_still_use_such_a_role(roles: Database, exempt: ProxyUnderTest) -> None:
     token = exempt.token(sub="exempt-reader", roles=("mrole_read_files",), groups=("dba",))
     with psycopg.connect(exempt.dsn(user="mrole_read_files", token=token, tls=False)) as conn:
