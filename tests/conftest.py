@@ -64,8 +64,7 @@ def upstream_roles(database: Database) -> str:
     for role in AGENT_ROLES:
         create_role(database, role, password)
     with psycopg.connect(database.dsn(), autocommit=True) as conn:
-        conn.execute("GRANT pg_read_server_files TO agent_writer")
-        for role in AGENT_ROLES:
+        for role in AGENT_ROLES:  # ordinary roles: masked identities use them (tests/security/masking)
             conn.execute(f"GRANT ALL ON SCHEMA public TO {role}")
     os.environ[UPSTREAM_PASSWORD_ENV] = password
     os.environ[SUPERUSER_PASSWORD_ENV] = database.password

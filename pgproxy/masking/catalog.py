@@ -1,4 +1,5 @@
-"""The live catalog masking needs: relations and their columns, inheritance, view dependencies, routines.
+"""The live catalog masking needs: relations and their columns, inheritance, view dependencies, user
+functions and operators.
 
 A :class:`CatalogSnapshot` is read from the upstream database (pg_catalog is readable by every role, so
 the session's own role and credential are used) and cached per database; it is re-read after DDL run
@@ -12,6 +13,7 @@ pgproxy/masking/lineage.py).
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -58,11 +60,15 @@ WHERE c.relkind IN ('r', 'v', 'm', 'p', 'f', 'S')
 _VIEWS_FINGERPRINT = ("SELECT md5(coalesce(string_agg(ev_class::text || '.' || xmin::text, ',' ORDER BY oid), '')) "
                       "FROM pg_catalog.pg_rewrite")
 _ROUTINES = """
-SELECT DISTINCT lower(p.proname)
-FROM pg_catalog.pg_proc p
-JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
-JOIN pg_catalog.pg_language l ON l.oid = p.prolang
-WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND l.lanname NOT IN ('c', 'internal')
+SELECT DISTINCT p.proname::text FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+"""
+# Operators created outside extensions (an extension's operators implement its types).
+_OPERATORS = """
+SELECT DISTINCT o.oprname::text FROM pg_catalog.pg_operator o JOIN pg_catalog.pg_namespace n ON n.oid = o.oprnamespace
+WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') AND NOT EXISTS (
+  SELECT FROM pg_catalog.pg_depend d WHERE d.classid = 'pg_catalog.pg_operator'::regclass AND d.objid = o.oid
+    AND d.deptype = 'e')
 """
 
 
@@ -97,8 +103,9 @@ class CatalogSnapshot:
     parents: Mapping[int, tuple[int, ...]]  # child oid -> its direct parents
     view_dependencies: Mapping[int, frozenset[tuple[int, int]]]  # view oid -> {(relation oid, attnum)}
     view_definitions: Mapping[int, str]
-    routines: frozenset[str]  # lower-cased names of functions/procedures written in SQL or a PL
+    routines: frozenset[str]  # names of the functions, aggregates and procedures outside the system schemas
     by_name: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    operators: frozenset[str] = frozenset()  # names of operators outside the system schemas and extensions
     names: frozenset[tuple[str, str]] = frozenset()  # (schema, name) of every relation, any kind
     unqualified: frozenset[str] = frozenset()  # their names alone
     views_fingerprint: str = ""  # _VIEWS_FINGERPRINT when the snapshot began to be read
@@ -115,6 +122,11 @@ class CatalogSnapshot:
     def find(self, schema: str, name: str) -> Relation | None:
         oid = self.by_name.get((schema, name))
         return self.relations.get(oid) if oid is not None else None
+
+    @functools.cached_property
+    def column_names(self) -> frozenset[str]:
+        """The names of every relation's columns (``x.name`` is then read as a column, not a function)."""
+        return frozenset(c.name for r in self.relations.values() for c in r.columns)
 
 
 _versions = itertools.count(1)
@@ -141,11 +153,12 @@ async def read_catalog(conn: asyncpg.Connection, ruled_tables: Iterable[tuple[st
     wanted = _dependent_views(roots, deps, parents)
     definitions = await _view_definitions(conn, sorted(wanted)) if wanted else {}
     routines = frozenset(r[0] for r in await conn.fetch(_ROUTINES))
+    operators = frozenset(r[0] for r in await conn.fetch(_OPERATORS))
     names = frozenset((r[0], r[1]) for r in await conn.fetch(_NAMES))
     view_names = frozenset(r.name for r in relations.values() if r.kind in ("v", "m"))
     return CatalogSnapshot(next(_versions), relations, {k: tuple(v) for k, v in parents.items()},
                            {k: frozenset(v) for k, v in deps.items()}, definitions, routines, by_name,
-                           names, frozenset(name for _, name in names), views_fingerprint, view_names)
+                           operators, names, frozenset(name for _, name in names), views_fingerprint, view_names)
 
 
 async def _view_definitions(conn: asyncpg.Connection, oids: list[int]) -> dict[int, str]:

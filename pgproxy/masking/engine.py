@@ -30,10 +30,12 @@ from ..server.upstream import upstream_dsn
 from .catalog import CatalogCache, CatalogSnapshot, MaskedSchema, resolve
 from .masks import MaskKey
 from .rewrite import Rewritten, rewrite
+from .roles import RoleCheck, refusal_message
 from .rules import ColumnRule, MaskingRules, load_rules
 from .wire import WireMasker
 
 if TYPE_CHECKING:
+    from ..identity import Identity
     from ..server.session import Session
 
 log = logging.getLogger(__name__)
@@ -61,6 +63,7 @@ class Masking:
         self.channels = frozenset(config.notification_channels)
         self.catalogs = CatalogCache(config.catalog_refresh_seconds,
                                      {(r.schema, r.table) for r in self.rules.rules})
+        self.roles = RoleCheck(config.catalog_refresh_seconds)
         self._schemas: dict[tuple[int, tuple[str, ...]], MaskedSchema] = {}
         self._rewrites: OrderedDict[tuple[int, tuple[str, ...], str], Rewritten] = OrderedDict()
 
@@ -77,6 +80,22 @@ class Masking:
         masking = SessionMasking(self, session, rules)
         masking.install()
         return masking
+
+    async def refuse_role(self, identity: Identity, role: str, database: str) -> tuple[str, str] | None:
+        """(SQLSTATE, reason) when a masked identity may not log in as ``role``; None when it may."""
+        if not self.rules.for_identity(identity, role):
+            return None
+        try:
+            reasons = await self.roles.reasons(database, role, functools.partial(self.connect, role, database))
+        except (TimeoutError, OSError, asyncpg.PostgresError, ConfigError) as exc:
+            log.error("masking: cannot check the capabilities of role %r: %s", role, exc)
+            return errors.CANNOT_CONNECT_NOW, f'the capabilities of database role "{role}" could not be checked'
+        return (errors.INVALID_AUTHORIZATION, refusal_message(role, reasons)) if reasons else None
+
+    async def connect(self, role: str, database: str) -> Any:
+        """A catalog connection upstream as ``role`` (its own credential)."""
+        dsn = upstream_dsn(self.upstream, role, database)
+        return await asyncpg.connect(dsn, timeout=self.upstream.connect_timeout_seconds)
 
     def inspect(self, session: Session, request: Request) -> Verdict:
         masking = session.masking
@@ -151,8 +170,7 @@ class SessionMasking:
         return self._schema
 
     async def _connect(self) -> Any:
-        dsn = upstream_dsn(self.engine.upstream, self.session.db_role, self.session.database)
-        return await asyncpg.connect(dsn, timeout=self.engine.upstream.connect_timeout_seconds)
+        return await self.engine.connect(self.session.db_role, self.session.database)
 
     def _on_ready(self, body: memoryview) -> None:
         if self.ddl_pending and self.session.tracker.transaction_status == "I":

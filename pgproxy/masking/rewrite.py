@@ -9,8 +9,8 @@ whole-row references and functions therefore all operate on masked values. ``COP
 columns read in conditions, SET values and RETURNING are replaced by their masked values.
 
 What cannot be seen through is refused (:class:`Refused`): DO, CREATE FUNCTION/PROCEDURE, CALL, calls of
-user-defined SQL/PL functions, functions that run SQL text or read raw pages, catalog views exposing
-column statistics or statement text, EXPLAIN and CREATE VIEW/RULE/MATERIALIZED VIEW over masked
+functions and system relations not classified safe (pgproxy/masking/functions.py), user-defined
+operators, EXPLAIN and CREATE VIEW/RULE/MATERIALIZED VIEW over masked
 relations (their output would show the mask expressions, including keyed-hash pads), ambiguous
 unqualified names, views whose definitions could not be analysed.
 
@@ -26,35 +26,21 @@ from pglast import ast, parse_sql
 from pglast.enums.parsenodes import ObjectType
 from pglast.parser import ParseError
 
-from ..policy.classify import dotted_name, iter_nodes, node_fields
+from ..policy.classify import iter_nodes, node_fields
 from .catalog import MaskedRelation, MaskedSchema
+from .functions import function_refusal, relation_refusal
 from .masks import Mask
 from .sqltext import server_sql
 
-REFUSED_FUNCTIONS = frozenset({
-    # run SQL text or read whole tables the rewrite cannot see into
-    "query_to_xml", "query_to_xmlschema", "query_to_xml_and_xmlschema", "table_to_xml", "table_to_xmlschema",
-    "table_to_xml_and_xmlschema", "cursor_to_xml", "cursor_to_xmlschema", "database_to_xml",
-    "database_to_xmlschema", "database_to_xml_and_xmlschema", "schema_to_xml", "schema_to_xmlschema",
-    "schema_to_xml_and_xmlschema", "ts_stat", "xpath_table", "crosstab", "crosstab2", "crosstab3", "crosstab4",
-    "connectby",
-    # statement text (rewritten statements carry mask expressions)
-    "current_query", "pg_stat_get_activity", "pg_stat_statements",
-    # raw storage
-    "get_raw_page", "heap_page_items", "heap_page_item_attrs", "tuple_data_split", "bt_page_items",
-    "brin_page_items", "gin_leafpage_items", "gist_page_items", "hash_page_items", "pg_read_file",
-    "pg_read_binary_file",
-})
-REFUSED_FUNCTION_PREFIXES = ("dblink",)
-REFUSED_RELATIONS = frozenset({
-    "pg_stats", "pg_statistic", "pg_stats_ext", "pg_stats_ext_exprs", "pg_statistic_ext_data",
-    "pg_stat_activity", "pg_stat_statements", "pg_stat_statements_info", "pg_prepared_statements", "pg_cursors",
-})
 # Statements that change how a relation's data can be reached: renaming or retyping a masked column,
 # moving the table, generated columns, triggers, rules, row-level policies, foreign keys into it,
 # attaching it as a partition. Refused when they name a masked relation anywhere.
 _DEFINITION_CHANGES = (ast.AlterTableStmt, ast.RenameStmt, ast.AlterObjectSchemaStmt, ast.CreateTrigStmt,
                        ast.RuleStmt, ast.CreatePolicyStmt, ast.AlterPolicyStmt, ast.CreateStmt)
+# Objects that make later statements call a function the statement does not name.
+_FUNCTION_BACKED = (ast.CreateCastStmt, ast.CreateConversionStmt, ast.CreateTransformStmt, ast.CreateOpClassStmt,
+                    ast.CreateRangeStmt)
+_DEFINED_KINDS = frozenset({ObjectType.OBJECT_OPERATOR, ObjectType.OBJECT_AGGREGATE, ObjectType.OBJECT_TYPE})
 SYSTEM_COLUMNS = frozenset({"tableoid", "ctid", "xmin", "xmax", "cmin", "cmax"})
 _WITH_OWNERS = (ast.SelectStmt, ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
@@ -120,6 +106,9 @@ class _Rewriter:
             raise Refused("creating functions or procedures is not allowed for masked identities")
         if isinstance(stmt, ast.CallStmt):
             raise Refused("CALL runs procedural code the proxy cannot inspect")
+        if isinstance(stmt, _FUNCTION_BACKED) or (isinstance(stmt, ast.DefineStmt) and stmt.kind in _DEFINED_KINDS):
+            raise Refused("creating operators, aggregates, types, casts, conversions, transforms or operator "
+                          "classes is not allowed for masked identities: they call functions by name")
         if isinstance(stmt, _DEFINITION_CHANGES):
             self._check_definition_change(stmt)
         if isinstance(stmt, ast.CopyStmt) and stmt.relation is not None and not stmt.is_from:
@@ -188,10 +177,14 @@ class _Rewriter:
             node.larg = self.from_item(node.larg, ctes)
             node.rarg = self.from_item(node.rarg, ctes)
         elif isinstance(node, ast.RangeVar):
-            if node.relname in REFUSED_RELATIONS and node.schemaname in (None, "pg_catalog"):
-                raise Refused(f"{node.relname} exposes column statistics or statement text")
+            if node.relname not in ctes or node.schemaname is not None:
+                self._refuse_if(relation_refusal(node.schemaname, node.relname or ""))
         elif isinstance(node, ast.FuncCall):
-            self._check_function(node)
+            self._refuse_if(function_refusal(_parts(node.funcname), self.schema.catalog.routines))
+        elif isinstance(node, (ast.A_Expr, ast.SubLink)):
+            self._check_operator(node)
+        elif isinstance(node, (ast.ColumnRef, ast.A_Indirection)):
+            self._check_attribute_call(node)
         for attr in node_fields(type(node)):
             if attr == "withClause":
                 continue
@@ -259,13 +252,25 @@ class _Rewriter:
     def _mark(self, node: ast.Node) -> None:
         self._inserted.update(id(n) for n in iter_nodes(node))
 
-    def _check_function(self, call: ast.FuncCall) -> None:
-        name = dotted_name(call.funcname).lower()
-        schema, _, base = name.rpartition(".")
-        if base in REFUSED_FUNCTIONS or base.startswith(REFUSED_FUNCTION_PREFIXES):
-            raise Refused(f"{base}() reads data the proxy cannot mask")
-        if base in self.schema.catalog.routines and schema not in ("pg_catalog", "information_schema"):
-            raise Refused(f"{base}() is a user-defined function: the proxy cannot see what it reads")
+    @staticmethod
+    def _refuse_if(reason: str | None) -> None:
+        if reason is not None:
+            raise Refused(reason)
+
+    def _check_operator(self, node: ast.A_Expr | ast.SubLink) -> None:
+        """A user-defined operator (not an extension's) may run any function, e.g. one refused by name."""
+        parts = _parts(node.name if isinstance(node, ast.A_Expr) else node.operName)
+        if parts and parts[-1] in self.schema.catalog.operators and (len(parts) == 1 or parts[-2] != "pg_catalog"):
+            raise Refused(f"the operator {'.'.join(parts)} is user-defined: the proxy cannot see what it reads")
+
+    def _check_attribute_call(self, node: ast.ColumnRef | ast.A_Indirection) -> None:
+        """``x.f`` and ``(x).f`` call the function f(x) when x has no column f: refused for user functions."""
+        names = (node.fields or ())[1:] if isinstance(node, ast.ColumnRef) else node.indirection
+        catalog = self.schema.catalog
+        for name in (getattr(n, "sval", None) for n in names or ()):
+            if name in catalog.routines and name not in catalog.column_names:
+                raise Refused(f".{name} may call the user-defined function {name}() in attribute notation: "
+                              "the proxy cannot see what it reads")
 
     # ----------------------------------------------------------------------------- written relations
 
@@ -394,6 +399,11 @@ def _persisting(stmt: ast.Node) -> str | None:
     if isinstance(stmt, ast.CreateTableAsStmt) and stmt.objtype == ObjectType.OBJECT_MATVIEW:
         return "CREATE MATERIALIZED VIEW"
     return None
+
+
+def _parts(name: object) -> tuple[str, ...]:
+    """The dotted parts of a function or operator name node list."""
+    return tuple(str(getattr(p, "sval", "")) for p in name or ()) if isinstance(name, (tuple, list)) else ()
 
 
 def _quote(name: str | None) -> str:

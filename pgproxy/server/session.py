@@ -285,6 +285,11 @@ class Session:
         params["user"] = role
         # PostgreSQL's default database is the user's name: here, the role we log in as.
         params["database"] = upstream_cfg.database or startup.params.get("database") or role
+        if self.server.masking is not None:  # a role that can step around masking: refused before any statement
+            refused = await self.server.masking.refuse_role(identity, role, params["database"])
+            if refused is not None:
+                self.auth_failed = True
+                raise self._refuse_login(identity, user, refused[1], refused[0], f"pgproxy masking: {refused[1]}")
         self.identity = identity
         self.database, self.db_role = params["database"], role
         self._secret = password.encode() if password else None

@@ -26,6 +26,9 @@ def masking_schema(database: Database, upstream_roles: str) -> Database:
     with psycopg.connect(database.dsn(), autocommit=True) as conn:
         for statement in schema_sql():
             conn.execute(statement)
+        # Monitoring privileges: every session's statement text and memory contexts become readable, which
+        # the masking layer must refuse (a rewritten statement carries the keyed-hash pads).
+        conn.execute("GRANT pg_read_all_stats TO agent_reader, agent_writer")
     return database
 
 

@@ -118,6 +118,10 @@ def schema_sql() -> list[str]:
               DECLARE e text;
               BEGIN SELECT email INTO e FROM {s}.customers WHERE id = $1; RAISE NOTICE 'email is %', e; RETURN e; END
               $f$""",
+        f"""CREATE FUNCTION {s}.raw_email(anyelement) RETURNS text LANGUAGE sql STABLE
+              AS 'SELECT email FROM {s}.customers WHERE id = 1'""",  # callable as x.raw_email
+        # An operator an administrator created over a function that runs SQL text (refused by name).
+        f"CREATE OPERATOR {s}.@@@ (leftarg = tsquery, rightarg = text, function = pg_catalog.ts_rewrite)",
         f"""CREATE FUNCTION {s}.notify_change() RETURNS trigger LANGUAGE plpgsql AS $f$
               BEGIN PERFORM pg_notify('{NOTIFY_CHANNEL}', NEW.email); RETURN NEW; END $f$""",
         f"""CREATE TRIGGER customers_notify AFTER UPDATE ON {s}.customers

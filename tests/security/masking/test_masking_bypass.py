@@ -437,6 +437,12 @@ PROCEDURAL = [
     case("plpgsql_in_where", f"SELECT id FROM {C} WHERE maskt.plp_email(id) IS NOT NULL", expect="refused"),
     case("sql_function", "SELECT maskt.get_email(1)", expect="refused"),
     case("sql_function_per_row", f"SELECT maskt.get_email(id) FROM {C}", expect="refused"),
+    case("attribute_notation", "SET search_path = maskt, public", f"SELECT c.raw_email FROM {C} c",
+         expect="refused"),
+    case("attribute_notation_parenthesized", "SET search_path = maskt, public",
+         f"SELECT (c).raw_email FROM {C} c", expect="refused"),
+    case("attribute_notation_row", "SET search_path = maskt, public", "SELECT (ROW(1)).raw_email",
+         expect="refused"),
     case("sql_function_search_path", "SET search_path = maskt", "SELECT get_email(1)", expect="refused"),
     case("create_function", "CREATE FUNCTION pg_temp.f() RETURNS text LANGUAGE sql AS "
          f"'SELECT email FROM {C} LIMIT 1'", "SELECT pg_temp.f()", expect="refused"),
@@ -468,6 +474,42 @@ CATALOGS = [
     case("pg_stat_activity", "SELECT query FROM pg_stat_activity", expect="refused", control="none"),
     case("pg_prepared_statements", "SELECT * FROM pg_prepared_statements", expect="refused", control="none"),
     case("pg_cursors", "SELECT * FROM pg_cursors", expect="refused", control="none"),
+]
+
+_TS_REWRITE_QUERY = f"'SELECT ''x''::tsquery, quote_literal(ssn)::tsquery FROM {C}'"
+
+FUNCTIONS = [  # functions that run SQL text, read relations or show statement text (functions.py classifies them)
+    case("ts_rewrite", f"SELECT ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY})", expect="refused"),
+    case("ts_rewrite_qualified", f"SELECT pg_catalog.ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY})", expect="refused"),
+    case("ts_rewrite_quoted", f"SELECT \"pg_catalog\".\"ts_rewrite\"('x'::tsquery, {_TS_REWRITE_QUERY})",
+         expect="refused"),
+    case("ts_rewrite_in_from", f"SELECT * FROM ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY}) r", expect="refused"),
+    case("ts_rewrite_in_where", f"SELECT 1 WHERE ts_rewrite('x'::tsquery, {_TS_REWRITE_QUERY})::text LIKE '%NID%'",
+         expect="refused", control="ok"),
+    tx("operator_over_ts_rewrite", "CREATE OPERATOR public.@@@ (leftarg = tsquery, rightarg = text, "
+       "function = pg_catalog.ts_rewrite)", f"SELECT 'x'::tsquery @@@ {_TS_REWRITE_QUERY}", expect="refused"),
+    case("admin_operator", f"SELECT 'x'::tsquery OPERATOR(maskt.@@@) {_TS_REWRITE_QUERY}", expect="refused"),
+    case("admin_operator_search_path", "SET search_path = maskt, public",
+         f"SELECT 'x'::tsquery @@@ {_TS_REWRITE_QUERY}", expect="refused"),
+    tx("aggregate_over_ts_rewrite", "CREATE AGGREGATE public.tsr(text) (sfunc = pg_catalog.ts_rewrite, "
+       "stype = tsquery, initcond = 'x')", f"SELECT public.tsr(q) FROM (VALUES ({_TS_REWRITE_QUERY})) v(q)",
+       expect="refused"),
+    # Statement text: a rewritten statement carries the mask expressions, keyed-hash pads included.
+    case("backend_activity", "SELECT pg_stat_get_backend_activity(b) FROM pg_stat_get_backend_idset() b",
+         expect="refused", control="ok"),
+    case("stat_get_activity", "SELECT query FROM pg_stat_get_activity(NULL)", expect="refused", control="ok"),
+    case("memory_contexts", "PREPARE mc AS SELECT payer_name FROM maskt.payments",
+         "SELECT ident FROM pg_backend_memory_contexts", expect="refused", control="ok"),
+    case("memory_contexts_function", "SELECT ident FROM pg_catalog.pg_get_backend_memory_contexts()",
+         expect="refused", control="ok"),
+    case("prepared_statement_function", "PREPARE ps AS SELECT payer_name FROM maskt.payments",
+         "SELECT statement FROM pg_prepared_statement()", expect="refused", control="ok"),
+    case("cursor_function", "BEGIN", "DECLARE cf CURSOR FOR SELECT payer_name FROM maskt.payments",
+         "SELECT statement FROM pg_cursor()", "ROLLBACK", expect="refused", control="ok"),
+    case("stat_user_tables", "SELECT * FROM pg_stat_user_tables", expect="refused", control="ok"),
+    case("locks", "SELECT * FROM pg_catalog.pg_locks", expect="refused", control="ok"),
+    case("unknown_builtin", "SELECT pg_catalog.pg_no_such_function()", expect="refused", control="none"),
+    case("mcv_list_items", "SELECT * FROM pg_mcv_list_items(NULL)", expect="refused", control="none"),
 ]
 
 RETURNING = [
@@ -717,6 +759,11 @@ def test_notifications(runner: Runner, c: Case) -> None:
 
 @pytest.mark.parametrize("c", CATALOGS, ids=_ids(CATALOGS))
 def test_statistics_and_server_catalogs(runner: Runner, c: Case) -> None:
+    runner.check(c)
+
+
+@pytest.mark.parametrize("c", FUNCTIONS, ids=_ids(FUNCTIONS))
+def test_functions_that_read_past_the_rewrite(runner: Runner, c: Case) -> None:
     runner.check(c)
 
 
