@@ -198,7 +198,8 @@ class SessionMasking:
             return
         names = {name for qualified in rewritten.relations
                  for name in _masked_names(schema, qualified)}
-        n = sum(1 for f in RowDescription.decode(body).fields if f.table_oid == 0 and f.name in names)
+        n = sum(1 for f in RowDescription.decode(body, tracker.server_codec).fields
+                if f.table_oid == 0 and f.name in names)
         if len(self._masked_columns) > 1024:
             self._masked_columns.clear()
         self._masked_columns[sql] = n

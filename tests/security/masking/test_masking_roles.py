@@ -151,11 +151,12 @@ def test_check_flags_roles_that_cannot_be_masked(roles: Database, masked: ProxyU
         result = CliRunner().invoke(main, ["check", "-c", str(config), "--database", roles.database])
         return result.exit_code, result.output
 
-    assert check(PLAIN) == (0, f"{tmp_path / 'pgproxy.yaml'}: OK\n")
+    config_file = tmp_path / "pgproxy.yaml"
+    assert check(PLAIN) == (0, f"{config_file}: OK\n")
     code, output = check(PLAIN, "mrole_program", "mrole_bypassrls")
     assert code == 1, output
-    assert ('error: masking: database role "mrole_program" can step around masking, so masked identities may not '
-            "use it: it is a member of pg_execute_server_program") in output
+    assert (f'error: {config_file}: masking: database role "mrole_program" can step around masking, so masked '
+            "identities may not use it: it is a member of pg_execute_server_program") in output
     assert 'database role "mrole_bypassrls" can step around masking, so masked identities may not use it: it has '\
            "BYPASSRLS (they are refused at login)" in output
     assert PLAIN not in output
