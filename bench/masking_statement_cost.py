@@ -2,7 +2,7 @@
 """Per-statement cost of reading statements the server's way, for a masked identity (a benchmark).
 
 What it does: starts a throwaway cluster with a small ``items`` table (one masked column) and a view over
-it, and ``pgproxy serve`` with a masking rule (the helpers of bench/pgbench_compare.py), then runs one
+it, and ``pgproxy serve`` with a masking rule (``start_masked_stack`` of bench/masking_throughput.py), then runs one
 client (psycopg, extended protocol) sending short statements with a fresh literal each, as LLM-written
 SQL has, over these paths, interleaved, the order rotated every round:
 
@@ -24,35 +24,17 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
-import os
-import secrets
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import psycopg
-import yaml
-from pgbench_compare import (
-    AUDIENCE,
-    BENCH_DB,
-    BENCH_ROLE,
-    ISSUER,
-    Endpoint,
-    ProxyProcess,
-    log,
-    machine_facts,
-    pg_env,
-    start_bench_database,
-)
-
-from pgproxy.identity import mint_token
-from pgproxy.identity.minting import PRIVATE_KEY_FILENAME
+from masking_throughput import start_masked_stack
+from pgbench_compare import BENCH_DB, BENCH_ROLE, Endpoint, log, machine_facts
 
 REPO = Path(__file__).resolve().parent.parent
-KEY_ENV = "PGPROXY_BENCH_MASKING_KEY"
 RULES = {"tables": {"public.items": {"applies_to": {"groups": ["agents"]}, "exempt": {"groups": ["dba"]},
                                       "columns": {"email": {"mask": "email"}}}}}
 TABLE = "SELECT id, email FROM items WHERE id = {n}"
@@ -69,37 +51,14 @@ PATHS = {
 
 
 def set_up(stack: contextlib.ExitStack) -> dict[str, Endpoint]:
-    workdir = Path(tempfile.mkdtemp(prefix="pgproxy-stmtbench-"))
-    stack.callback(shutil.rmtree, workdir, True)
-    _, db, password, _ = start_bench_database(stack)
-    with psycopg.connect(db.dsn(user=BENCH_ROLE, password=password, database=BENCH_DB), autocommit=True) as conn:
+    def load(conn: psycopg.Connection[Any]) -> None:
         conn.execute("CREATE TABLE items AS SELECT g AS id, 'user' || g || '@example.com' AS email "
                      "FROM generate_series(1, 10000) g")
         conn.execute("ALTER TABLE items ADD PRIMARY KEY (id)")
         conn.execute("CREATE VIEW items_v AS SELECT id, email FROM items")
         conn.execute("VACUUM ANALYZE items")
-    proxy_dir = workdir / "proxy"
-    proxy_dir.mkdir()
-    proxy = ProxyProcess(proxy_dir, db, password, None, 6 * 3600)
-    stack.callback(proxy.stop)
-    rules = proxy_dir / "masking_rules"
-    rules.mkdir()
-    (rules / "items.yaml").write_text(yaml.safe_dump(RULES))
-    config = yaml.safe_load(proxy.config_file.read_text())
-    config["masking"] = {"rules_dir": str(rules), "key_env": KEY_ENV}
-    proxy.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
-    os.environ[KEY_ENV] = secrets.token_hex(32)
-    log("starting pgproxy ...")
-    proxy.start()
-    key_file = proxy_dir / "keys" / PRIVATE_KEY_FILENAME
 
-    def token(group: str) -> str:
-        return mint_token(key_file, issuer=ISSUER, audience=AUDIENCE, subject=f"bench-{group}", groups=[group],
-                          db_role=[BENCH_ROLE], ttl_seconds=6 * 3600)
-
-    return {"direct": Endpoint("direct", db.port, pg_env(db.port, password, "disable")),
-            "proxy exempt": Endpoint("proxy exempt", proxy.port, pg_env(proxy.port, token("dba"), "disable")),
-            "proxy masked": Endpoint("proxy masked", proxy.port, pg_env(proxy.port, token("agents"), "disable"))}
+    return {e.name: e for e in start_masked_stack(stack, load, RULES, "pgproxy-stmtbench-")}
 
 
 def run_path(endpoint: Endpoint, template: str, setting: str | None, statements: int, offset: int) -> float:

@@ -28,6 +28,7 @@ import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import psycopg
@@ -83,26 +84,25 @@ def fetch_psycopg(path: Endpoint, query: str) -> int:
 FETCHERS: dict[str, Callable[[Endpoint, str], int]] = {CLIENTS[0]: fetch_asyncpg, CLIENTS[1]: fetch_psycopg}
 
 
-def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Endpoint]:
-    workdir = Path(tempfile.mkdtemp(prefix="pgproxy-maskbench-"))
+def start_masked_stack(stack: contextlib.ExitStack, load: Callable[[psycopg.Connection[Any]], None],
+                       rules: dict[str, Any], prefix: str) -> list[Endpoint]:
+    """A cluster loaded by ``load`` (as the bench role) and ``pgproxy serve`` with ``rules`` (group ``agents``
+    masked, ``dba`` exempt): the endpoints direct, proxy exempt and proxy masked."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     stack.callback(shutil.rmtree, workdir, True)
     _, db, password, _ = start_bench_database(stack)
-    log(f"loading {args.rows} rows ...")
     with psycopg.connect(db.dsn(user=BENCH_ROLE, password=password, database=BENCH_DB), autocommit=True) as conn:
-        conn.execute("CREATE TABLE items AS SELECT g AS id, 'user' || g || '@example.com' AS email, "
-                     "lpad((g::bigint * 7919 %% 1000000000)::text, 9, '0') AS ssn, "
-                     "(ARRAY['north', 'south', 'east', 'west'])[1 + g %% 4] AS region, "
-                     "(g %% 10000)::numeric / 100 AS amount FROM generate_series(1, %s) g", (args.rows,))
-        conn.execute("VACUUM ANALYZE items")
+        load(conn)
     proxy_dir = workdir / "proxy"
     proxy_dir.mkdir()
     proxy = ProxyProcess(proxy_dir, db, password, None, 6 * 3600)
     stack.callback(proxy.stop)
-    rules = proxy_dir / "masking_rules"
-    rules.mkdir()
-    (rules / "items.yaml").write_text(yaml.safe_dump(RULES))
+    rules_dir = proxy_dir / "masking_rules"
+    rules_dir.mkdir()
+    (rules_dir / "rules.yaml").write_text(yaml.safe_dump(rules))
     config = yaml.safe_load(proxy.config_file.read_text())
-    config["masking"] = {"rules_dir": str(rules), "key_env": KEY_ENV}
+    config["masking"] = {"rules_dir": str(rules_dir), "key_env": KEY_ENV, "schema_role": BENCH_ROLE,
+                         "schema_database": BENCH_DB}
     proxy.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
     os.environ[KEY_ENV] = secrets.token_hex(32)
     log("starting pgproxy ...")
@@ -116,6 +116,18 @@ def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Endpoi
     return [Endpoint("direct", db.port, pg_env(db.port, password, "disable")),
             Endpoint("proxy exempt", proxy.port, pg_env(proxy.port, token("dba"), "disable")),
             Endpoint("proxy masked", proxy.port, pg_env(proxy.port, token("agents"), "disable"))]
+
+
+def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> list[Endpoint]:
+    def load(conn: psycopg.Connection[Any]) -> None:
+        log(f"loading {args.rows} rows ...")
+        conn.execute("CREATE TABLE items AS SELECT g AS id, 'user' || g || '@example.com' AS email, "
+                     "lpad((g::bigint * 7919 %% 1000000000)::text, 9, '0') AS ssn, "
+                     "(ARRAY['north', 'south', 'east', 'west'])[1 + g %% 4] AS region, "
+                     "(g %% 10000)::numeric / 100 AS amount FROM generate_series(1, %s) g", (args.rows,))
+        conn.execute("VACUUM ANALYZE items")
+
+    return start_masked_stack(stack, load, RULES, "pgproxy-maskbench-")
 
 
 def check_masking(paths: list[Endpoint]) -> None:

@@ -295,7 +295,7 @@ class ProxyProcess:
                                          start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while time.monotonic() < deadline:
-            if "pgproxy listening on ports" in tail(self.log_file, 200):
+            if "listening on ports" in tail(self.log_file, 200):
                 return
             if self.proc.poll() is not None:
                 break
