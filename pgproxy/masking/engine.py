@@ -32,7 +32,7 @@ from .masks import MaskKey
 from .rewrite import Rewritten, rewrite
 from .roles import RoleCheck, refusal_message
 from .rules import ColumnRule, MaskingRules, load_rules
-from .wire import WireMasker
+from .wire import WireMasker, may_return_rows
 
 if TYPE_CHECKING:
     from ..identity import Identity
@@ -226,7 +226,7 @@ class SessionMasking:
     def inspect(self, request: Request) -> Verdict:
         if request.msg_type == _FUNCTION:
             return refusal("the fast-path function call is not available to masked identities")
-        if request.msg_type == _EXECUTE and not request.described:
+        if request.msg_type == _EXECUTE and not request.described and may_return_rows(request.server_text()):
             return refusal("the rows of an Execute whose portal was never described cannot be checked: "
                            "send Describe (of the statement or the portal) before Execute")
         if request.msg_type not in (_QUERY, _PARSE):

@@ -14,10 +14,14 @@ so the audit log only ever sees what the client sees.
 
 from __future__ import annotations
 
+import functools
 import re
 import struct
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
+
+from pglast import ast, parse_sql
+from pglast.parser import ParseError
 
 from ..protocol.messages import NotificationResponse, RowDescription
 from ..protocol.tracker import ExchangeTracker, Kind
@@ -36,6 +40,28 @@ _VALUE_DETAILS = (
 )
 # A plan: per column index, the mask and whether the values come in text format (None: unknown).
 Plan = tuple[tuple[int, Mask, bool], ...]
+
+
+_ROW_STATEMENTS = (ast.SelectStmt, ast.VariableShowStmt, ast.FetchStmt, ast.ExplainStmt, ast.ExecuteStmt,
+                   ast.CallStmt)
+_RETURNING_STATEMENTS = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+
+
+@functools.lru_cache(maxsize=4096)
+def may_return_rows(sql: str) -> bool:
+    """Whether running ``sql`` may send DataRows (a query, SHOW, FETCH, EXPLAIN, EXECUTE, CALL, RETURNING);
+    a text that does not parse may."""
+    try:
+        statements = parse_sql(sql)
+    except ParseError:
+        return True
+    for raw in statements:
+        stmt = raw.stmt
+        if isinstance(stmt, _ROW_STATEMENTS):
+            return True
+        if isinstance(stmt, _RETURNING_STATEMENTS) and getattr(stmt, "returningClause", None):
+            return True
+    return False
 
 
 def hide_value_detail(detail: str) -> str | None:

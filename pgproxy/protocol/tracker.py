@@ -387,6 +387,8 @@ class ExchangeTracker:
             portal = self.portals.get(name) if raw[:1] == b"P" else None
             statement = portal.statement_name if portal is not None else None
             self._described_portals.add(name)
+            if statement is not None:  # its rows have these columns in every later portal too (pgjdbc)
+                self._described_statements.add(statement)
         self._push(Pending(_DESCRIBE, statement_name=statement))
 
     def _query(self, body: memoryview) -> None:

@@ -443,3 +443,23 @@ def test_non_utf8_session_errors_and_columns_pass_through(proxies: tuple[ProxyUn
             else:
                 assert rows == [(1, CANARY)]
             assert conn.execute("SELECT 'ça va'").fetchone() == ("ça va",)
+
+
+def test_statement_described_through_a_portal_needs_no_describe_again(
+        proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
+    """pgjdbc describes a named statement's first portal, then binds and executes it without Describe."""
+    guarded, _ = proxies
+    sock = _raw(guarded)
+    try:
+        sock.sendall(_parse("SELECT id, ssn FROM rd_customers", "s3") + _bind("s3") + _describe("P") + _execute()
+                     + SYNC)
+        first = rawwire.read_until_ready(sock)
+        sock.sendall(_bind("s3") + _execute() + SYNC)
+        again = rawwire.read_until_ready(sock)
+    finally:
+        sock.close()
+    for answer in (first, again):
+        assert not [body for t, body in answer if t == "E"], answer
+        rows = rawwire.rows_of(answer)
+        assert [r[0] for r in rows] == ["1"]
+        _assert_no_canary(rows)
