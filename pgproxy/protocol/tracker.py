@@ -50,6 +50,7 @@ _TRANSACTION_STATES = frozenset(b"ITE")
 
 
 _PARSE_CACHE_LIMIT = 1024
+_SINCE_READY_LIMIT = 4096  # statements run since the last ReadyForQuery that are remembered one by one
 _PARSE_CACHE_MAX_BODY = 4096  # bytes: the cache holds at most ~4 MiB per session
 
 
@@ -207,8 +208,9 @@ class ExchangeTracker:
         # Statements and portals Described (in requests already sent): their rows' columns are known.
         self._described_statements: set[str] = set()
         self._described_portals: set[str] = set()
-        self.ready_seq = -1  # the last request answered by a ReadyForQuery
-        self.settings_changed_seq = -2  # the last request that may have changed a lexer setting
+        # (sequence number, text) of the statements run since the last ReadyForQuery: one of them may
+        # change a setting the server lexes with, which it reports only at its next ReadyForQuery.
+        self._since_ready: deque[tuple[int, str | None]] = deque()
         self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
@@ -482,28 +484,41 @@ class ExchangeTracker:
         queue = self.queue
         if queue and queue[0].kind in _SYNC_POINTS:
             ready = queue.popleft()
-            self.ready_seq = ready.seq
+            since = self._since_ready
+            while since and since[0][0] <= ready.seq:
+                since.popleft()
             self._finish(ready)
         else:
             self.desyncs += 1
 
-    def may_change_settings(self) -> None:
-        """The request just tracked may change a setting the server lexes with (SET, a function...):
-        its value is known again only at a ReadyForQuery after it (PostgreSQL reports changes there)."""
+    def note_run(self, text: str | None) -> None:
+        """The request just tracked runs ``text`` (None: code whose effect is unknown, e.g. a fast-path
+        call). Until a ReadyForQuery answers it, the settings it may change are not reported yet."""
         if self.last_request is not None:
-            self.settings_changed_seq = self.last_request.seq
+            since = self._since_ready
+            since.append((self.last_request.seq, text))
+            if len(since) > _SINCE_READY_LIMIT and text is not None:  # a long pipeline without Sync:
+                since.clear()  # keep it bounded, as one entry of unknown effect (the settings wait for a Sync)
+                since.append((self.last_request.seq, None))
 
-    @property
-    def settings_known(self) -> bool:
+    def settings_known(self, may_change: Callable[[str], bool]) -> bool:
         """No request since the last ReadyForQuery may have changed standard_conforming_strings or
-        client_encoding: the values last reported are the ones the server applies to the next text."""
-        return self.settings_changed_seq <= self.ready_seq
+        client_encoding (``may_change`` judges a text): the values last reported are those the server
+        applies to the next text."""
+        return self._last_change(may_change) < 0
 
-    @property
-    def settings_will_be_known(self) -> bool:
+    def settings_will_be_known(self, may_change: Callable[[str], bool]) -> bool:
         """A request already sent ends with a ReadyForQuery after the last possible change."""
-        changed = self.settings_changed_seq
+        changed = self._last_change(may_change)
         return any(p.kind in _SYNC_POINTS and p.seq >= changed for p in self.queue)
+
+    def _last_change(self, may_change: Callable[[str], bool]) -> int:
+        """The sequence number of the last request since the last ReadyForQuery that may change a
+        setting (-1: none). Judged only when a text needs the settings: rarely."""
+        for seq, text in reversed(self._since_ready):
+            if text is None or may_change(text):
+                return seq
+        return -1
 
     def _parameter_status(self, body: memoryview) -> None:
         """Follow the settings the server's lexer reads the client's bytes with: so must we."""

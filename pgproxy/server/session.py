@@ -427,10 +427,10 @@ class Session:
 
     def _judge(self, msg_type: int, body: memoryview, first_gate: int) -> Verdict:
         """The first verdict of the gates from ``first_gate`` on (remembering which gate gave it)."""
-        if (msg_type in _TEXT_TYPES and not self.tracker.settings_known
-                and not is_lexer_neutral(_statement_bytes(msg_type, body))):
+        if (msg_type in _TEXT_TYPES and not is_lexer_neutral(_statement_bytes(msg_type, body))
+                and not self.tracker.settings_known(may_change_settings)):
             # An earlier request may have changed a setting the server reads this text with.
-            if self.tracker.settings_will_be_known:  # wait for the server to report them
+            if self.tracker.settings_will_be_known(may_change_settings):  # wait for the server's report
                 self._held_gate = -1  # then every gate judges it
                 return Hold(self._settled())
             return Refuse(errors.error(
@@ -447,7 +447,8 @@ class Session:
         return None
 
     def _follow_settings(self, msg_type: int, body: memoryview) -> None:
-        """Note requests that may change the lexer settings; prepared statements keep their reading."""
+        """Note what each request runs (a later text may need the settings it changes); prepared
+        statements keep the reading of their Parse."""
         tracker = self.tracker
         pending = tracker.last_request
         if pending is None:  # the server will not run it (skipping to Sync, or in COPY)
@@ -460,15 +461,13 @@ class Session:
             sql, name = pending.portal.sql, pending.portal.statement_name
         elif pending.result is not None and msg_type != 0x46:  # Query, Execute
             sql, name = pending.result.sql, pending.result.statement_name
-        else:
-            tracker.may_change_settings()
+        else:  # a fast-path call: unknown effect
+            tracker.note_run(None)
             return
         if msg_type == 0x51:
-            text = server_reading_or_none(sql, tracker.standard_conforming_strings)
+            tracker.note_run(server_reading_or_none(sql, tracker.standard_conforming_strings))
         else:
-            text = tracker.readings.get(name or "", sql) if tracker.readings else sql
-        if text is None or may_change_settings(text):
-            tracker.may_change_settings()
+            tracker.note_run(tracker.readings.get(name or "", sql) if tracker.readings else sql)
 
     def _remember_reading(self, body: memoryview) -> None:
         """A prepared statement keeps the reading of its Parse (the settings may change before Bind)."""
@@ -487,7 +486,7 @@ class Session:
 
     async def _settled(self) -> None:
         """Resolves once the server reported the settings that apply to the next text."""
-        if not self.tracker.settings_known:
+        if not self.tracker.settings_known(may_change_settings):
             self._settings_waiter = asyncio.get_running_loop().create_future()
             await self._settings_waiter
 
@@ -553,7 +552,7 @@ class Session:
         if len(queue) < MAX_OUTSTANDING_REQUESTS // 2:
             self.client.resume_reading("backlog")
         waiter = self._settings_waiter
-        if waiter is not None and not waiter.done() and self.tracker.settings_known:
+        if waiter is not None and not waiter.done() and self.tracker.settings_known(may_change_settings):
             waiter.set_result(None)
         if not queue:  # idle
             self.last_activity = time.monotonic()
