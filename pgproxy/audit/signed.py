@@ -39,7 +39,6 @@ from .logformat import (
     segment_name,
 )
 from .merkle import CompactTree, leaf_hash
-from .redact import redact_event
 from .sink import AuditUnavailable
 from .verify import final_tree, verify_log
 from .witness import Witness
@@ -150,8 +149,6 @@ class SignedAuditLog:
     def emit(self, event: dict[str, Any]) -> None:
         if self._closed:
             raise AuditUnavailable("audit log is closed")
-        if event.get("event") == "statement":
-            redact_event(event)
         try:
             line = canonical({"event": event, "prev": self._prev, "seq": self._tree.size})
         except (TypeError, orjson.JSONEncodeError) as exc:

@@ -1,9 +1,9 @@
 """Where session and statement events go: the seam between the proxy and the audit log.
 
-The proxy calls ``emit`` with plain dicts that are already safe to store (no tokens, no upstream
-credentials; masking applies before this point). ``emit`` never blocks the event loop: the JSON-lines
-sink buffers in memory and writes in batches. A sink that cannot write raises ``AuditUnavailable`` so
-the caller can refuse to run statements it could not record (fail closed).
+The proxy reaches its sink through ``events.AuditEmitter``, which stamps, redacts and numbers every
+event (no tokens, no upstream credentials; masking applies before this point). ``emit`` never blocks
+the event loop: the JSON-lines sink buffers in memory and writes in batches. A sink that cannot
+write raises ``AuditUnavailable`` so the caller can refuse to run statements it could not record (fail closed).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
+from .logformat import canonical
 
 
 class AuditUnavailable(Exception):
@@ -72,11 +72,13 @@ class JsonLinesAuditSink:
         if self._broken is not None:
             raise AuditUnavailable(self._broken)
         lines = self._lines
-        lines.append(orjson.dumps(event, default=str))
+        lines.append(canonical(event))
         if len(lines) >= self._batch_size:
             self.flush()
 
     def flush(self) -> None:
+        if self._broken is not None:
+            raise AuditUnavailable(self._broken)
         lines, self._lines = self._lines, []
         if not lines:
             return

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from ..admin.metrics import add_metrics_route
 from ..admin.server import AdminServer
+from ..audit.events import AuditEmitter, as_emitter
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
 from ..config import ListenerConfig, ProxyConfig
@@ -60,9 +61,10 @@ class ProxyServer:
         self.gates = tuple(gates)
         if audit is None:
             audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
-        self.audit: AuditSink = audit
+        # Every event of every producer passes the one emitter: timestamps, redaction, session numbering.
+        self.audit: AuditEmitter = as_emitter(audit)
         self.metrics = ProxyMetrics()  # served at /metrics on the admin listener (docs/operations.md)
-        self.metrics.watch_audit(audit)
+        self.metrics.watch_audit(self.audit.sink)
         # The policy gate (config `policy:`) runs first; its approvals go to ``approval_store``, else to
         # the store of the `approvals:` section, else every approval is refused (fail closed).
         self.approval_store = approval_store
@@ -74,7 +76,7 @@ class ProxyServer:
             if self.approval_store is None and config.approvals is not None:
                 from ..policy.approval_factory import build_approval_store
 
-                self.approval_store = build_approval_store(config, audit=audit)
+                self.approval_store = build_approval_store(config, audit=self.audit)
                 self._owns_approval_store = True
             gate = PolicyGate(load_policy(config.policy.file), self.approval_store,
                               audit_allowed=config.policy.audit_allowed, metrics=self.metrics)
@@ -89,7 +91,7 @@ class ProxyServer:
         if config.http is not None and self.approval_store is None and config.approvals is not None:
             from ..policy.approval_factory import build_approval_store
 
-            self.approval_store = build_approval_store(config, audit=audit)  # HTTP approvals use it too
+            self.approval_store = build_approval_store(config, audit=self.audit)  # HTTP approvals use it too
             self._owns_approval_store = True
         self.verifier = verifier or TokenVerifier(config.identity)
         self.cancels = CancelRegistry()

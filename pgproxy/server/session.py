@@ -316,8 +316,8 @@ class Session:
         assert self.upstream is not None
         client, upstream = self.client, self.upstream
         max_size = self.config.limits.max_message_bytes
-        if getattr(self.server.audit, "capture_results", False):  # the signed audit log records results
-            capture = ResultCapture(self.tracker, getattr(self.server.audit, "max_result_rows", 20))
+        if self.server.audit.capture_results:  # the signed audit log records results
+            capture = ResultCapture(self.tracker, self.server.audit.max_result_rows)
             for msg_type, hook in ((0x54, capture.on_row_description), (0x44, capture.on_data_row),
                                    (0x4E, capture.on_notice), (0x64, capture.on_copy_data)):
                 self._backend_hooks.setdefault(msg_type, []).append(hook)
@@ -588,8 +588,7 @@ class Session:
         return event
 
     def _audit(self, event: dict[str, Any]) -> None:
-        event["ts"] = time.time()
-        event["session"] = self.id
+        event["session"] = self.id  # the emitter stamps ts
         try:
             self.server.audit.emit(event)
         except AuditUnavailable as exc:

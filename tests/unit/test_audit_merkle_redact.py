@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from pgproxy.audit.events import TERMINAL_KINDS, AuditEmitter, EventKind, event_kind
 from pgproxy.audit.merkle import (
     CompactTree,
     TreeView,
@@ -19,6 +20,7 @@ from pgproxy.audit.merkle import (
     verify_inclusion,
 )
 from pgproxy.audit.redact import redact_event, redact_text
+from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import ConfigError, parse_config
 
 # The RFC 6962 / 9162 test vectors used by certificate-transparency implementations.
@@ -115,3 +117,32 @@ def test_audit_config(tmp_path: Path) -> None:
     ]:
         with pytest.raises(ConfigError, match=message):
             _config(audit, tmp_path)
+
+
+@pytest.mark.parametrize("kind", list(EventKind))
+def test_emitter_redacts_every_event_kind_in_nested_fields(kind: EventKind) -> None:
+    sink = MemoryAuditSink()
+    emitter = AuditEmitter(sink, clock=lambda: 42.0)
+    secret = "ALTER ROLE x PASSWORD 'hunter2hunter2'"
+    emitter.emit({"event": kind.value, "session": "s1", "sql": secret, "params": [secret],
+                  "request": {"body": {"json": {"q": secret, "k": ["AKIAABCDEFGHIJKLMNOP"]}}}, "ts": 1.0})
+    stored = sink.events[0]
+    assert "hunter2" not in repr(stored) and "AKIAABCDEFGHIJKLMNOP" not in repr(stored)
+    assert stored["request"]["body"]["json"]["k"] == ["[redacted:aws_access_key]"]
+    assert stored["ts"] == 42.0  # the emitter owns timestamps
+    assert stored["session_seq"] == 0
+    assert ("session_records" in stored) == (kind in TERMINAL_KINDS)
+
+
+def test_emitter_refuses_unknown_kinds_and_numbers_sessions_separately() -> None:
+    sink = MemoryAuditSink()
+    emitter = AuditEmitter(sink)
+    with pytest.raises(ValueError):
+        emitter.emit({"event": "something_else"})
+    for sid in ("a", "b", "a", "a"):
+        emitter.emit({"event": "statement", "session": sid, "sql": "select 1"})
+    emitter.emit({"event": "session_end", "session": "a"})
+    assert [(e["session"], e["session_seq"]) for e in sink.events] == [("a", 0), ("b", 0), ("a", 1), ("a", 2),
+                                                                      ("a", 3)]
+    assert sink.events[-1]["session_records"] == 4
+    assert event_kind(sink.events[0]) is EventKind.STATEMENT and event_kind({"event": "x"}) is None

@@ -1,0 +1,117 @@
+"""Audit event kinds and the one emitter every event passes through on its way to a sink.
+
+Producers (sessions, the policy gate, approval stores, the HTTP proxy) build an event as a dict whose
+``event`` is one of ``EventKind``; ``AuditEmitter.emit`` then, for every kind and every sink:
+
+- stamps ``ts`` (the time the event was recorded);
+- redacts secrets in every string the event holds (``redact.redact_event``), so an
+  ``ALTER ROLE ... PASSWORD '...'`` is never stored, whether it reaches the log as a ``statement``,
+  a ``policy_decision`` or an ``approval_requested``;
+- numbers the records of each session (``session_seq``, from 0) and gives the session's terminal
+  record (``session_end``, or ``auth_failed`` for a refused login) ``session_records``, the session's
+  record count: an evidence bundle proves with them that it holds every record of a session, in order;
+- keeps the failure state: after a sink failed, ``check`` raises ``AuditUnavailable`` until a write
+  succeeds again, so callers can refuse work before it runs rather than after.
+
+Both file sinks store an event as canonical JSON (``logformat.canonical``); readers map records back to
+a kind with ``event_kind``.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Any
+
+from .redact import redact_event
+from .sink import AuditSink, AuditUnavailable
+
+
+class EventKind(StrEnum):
+    SESSION_START = "session_start"
+    AUTH_FAILED = "auth_failed"
+    STATEMENT = "statement"
+    SESSION_END = "session_end"
+    POLICY_DECISION = "policy_decision"
+    POLICY_APPROVAL = "policy_approval"
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_DECIDED = "approval_decided"
+    APPROVAL_USED = "approval_used"
+    HTTP_EXCHANGE = "http_exchange"
+    HTTP_AUTH_FAILED = "http_auth_failed"
+    LOG_RECOVERED = "log_recovered"
+
+
+# The last record of a proxy session: nothing of the session follows it.
+TERMINAL_KINDS = frozenset({EventKind.SESSION_END, EventKind.AUTH_FAILED})
+
+
+def event_kind(event: Any) -> EventKind | None:
+    """The kind of a decoded event (a record's ``event`` object); None for anything unknown."""
+    if not isinstance(event, dict):
+        return None
+    try:
+        return EventKind(str(event.get("event")))
+    except ValueError:
+        return None
+
+
+class AuditEmitter:
+    """The proxy's view of its audit sink (an ``AuditSink`` itself): see the module docstring."""
+
+    def __init__(self, sink: AuditSink, *, clock: Callable[[], float] = time.time) -> None:
+        self.sink = sink
+        self.clock = clock
+        self._session_counts: dict[str, int] = {}
+        self._broken: str | None = None
+
+    # Result capture settings of the signed log, read by sessions.
+    @property
+    def capture_results(self) -> bool:
+        return bool(getattr(self.sink, "capture_results", False))
+
+    @property
+    def max_result_rows(self) -> int:
+        return int(getattr(self.sink, "max_result_rows", 20))
+
+    def emit(self, event: dict[str, Any]) -> None:
+        kind = EventKind(event["event"])  # an unknown kind is a programming error: ValueError
+        event["ts"] = self.clock()
+        redact_event(event)
+        session = event.get("session")
+        if isinstance(session, str):
+            n = self._session_counts.pop(session, 0)
+            event["session_seq"] = n
+            if kind in TERMINAL_KINDS:
+                event["session_records"] = n + 1
+            else:
+                self._session_counts[session] = n + 1
+        try:
+            self.sink.emit(event)
+        except AuditUnavailable as exc:
+            self._broken = str(exc)
+            raise
+        self._broken = None
+
+    def check(self) -> None:
+        """Raise ``AuditUnavailable`` while the sink is failing (retrying a flush first)."""
+        if self._broken is None:
+            return
+        self.flush()
+
+    def flush(self) -> None:
+        try:
+            self.sink.flush()
+        except AuditUnavailable as exc:
+            self._broken = str(exc)
+            raise
+        self._broken = None
+
+    def close(self) -> None:
+        self.sink.close()
+
+
+def as_emitter(sink: AuditSink) -> AuditEmitter:
+    """``sink`` behind an emitter (itself when it already is one)."""
+    return sink if isinstance(sink, AuditEmitter) else AuditEmitter(sink)
