@@ -10,10 +10,14 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from .config import ConfigError, ProxyConfig, load_config
+
+if TYPE_CHECKING:
+    from .audit.verify import TrustAnchor
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                              help="Config file (default: $PGPROXY_CONFIG).")
@@ -237,6 +241,22 @@ def audit() -> None:
 _pubkey_option = click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(exists=True, dir_okay=False),
                               help="Trusted public key (FILE.pub from keygen; repeatable for rotated keys).")
 _log_dir = click.argument("directory", type=click.Path(exists=True, file_okay=False))
+_anchor_config_option = click.option("--config", "-c", "anchor_config", default=None,
+                                     type=click.Path(exists=True, dir_okay=False),
+                                     help="The proxy's config: trust its signing key and audit.trusted_keys.")
+
+
+def _config_anchor(config_path: str | None) -> TrustAnchor | None:
+    """The trust anchor a proxy config pins (``--config``), or None."""
+    if config_path is None:
+        return None
+    from .audit.keys import KeyError_
+    from .audit.verify import config_anchor
+
+    try:
+        return config_anchor(_load(config_path).audit, config_path)
+    except KeyError_ as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @audit.command("keygen")
@@ -256,11 +276,14 @@ def audit_keygen(out: str) -> None:
 @_log_dir
 @click.option("--witness", default=None, help="Witness directory or PostgreSQL DSN holding published checkpoints.")
 @_pubkey_option
-def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str]) -> None:
-    """Verify a log: signatures, hash chain, Merkle roots, truncation, forks. Exit 1 on any problem."""
+@_anchor_config_option
+def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str], anchor_config: str | None) -> None:
+    """Verify a log against a pinned key (--config, --pubkey or --witness): signatures, hash chain, Merkle
+    roots, truncation, forks. Exit 1 on any problem, including a key that is not pinned."""
     from .audit.verify import verify_log
 
     report = verify_log(Path(directory), pubkeys=[Path(p) for p in pubkeys], witness=witness,
+                        anchor=_config_anchor(anchor_config),
                         progress=lambda n: click.echo(f"  {n} records checked ...", err=True))
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -268,7 +291,8 @@ def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str]) ->
         click.echo(f"TAMPERED: {p}", err=True)
     cp = report.latest_checkpoint
     summary = (f"log {report.log_id}: {report.records} records, {report.checkpoints} valid checkpoint(s)"
-               + (f", latest signs {cp.tree_size} records (key {cp.key_id})" if cp else ""))
+               + (f", latest signs {cp.tree_size} records (key {cp.key_id})" if cp else "")
+               + f"; trust anchor: {report.anchor or 'none'}")
     if not report.ok:
         click.echo(f"FAILED: {summary}: {len(report.problems)} problem(s)")
         sys.exit(1)
@@ -302,12 +326,15 @@ def audit_show(directory: str, session: str) -> None:
 @click.option("--session", required=True, help="Session id (see `pgproxy audit sessions`).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
 @_pubkey_option
-def audit_export(directory: str, session: str, output: str, pubkeys: Sequence[str]) -> None:
-    """Write one session's records with inclusion proofs and the signed checkpoint to a bundle."""
+@_anchor_config_option
+def audit_export(directory: str, session: str, output: str, pubkeys: Sequence[str], anchor_config: str | None) -> None:
+    """Write one session's records with inclusion proofs and the signed checkpoint to a bundle (the log is
+    verified first, against the key pinned by --config or --pubkey)."""
     from .audit.bundle import BundleError, export_session
 
     try:
         info = export_session(Path(directory), session, Path(output), pubkeys=[Path(p) for p in pubkeys],
+                              anchor=_config_anchor(anchor_config),
                               progress=lambda text: click.echo(text, err=True))
     except BundleError as exc:
         raise click.ClickException(str(exc)) from None
@@ -318,20 +345,23 @@ def audit_export(directory: str, session: str, output: str, pubkeys: Sequence[st
 @audit.command("verify-bundle")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
 @_pubkey_option
-def audit_verify_bundle(bundle: str, pubkeys: Sequence[str]) -> None:
-    """Check a bundle offline: checkpoint signature and every record's inclusion proof."""
+@_anchor_config_option
+def audit_verify_bundle(bundle: str, pubkeys: Sequence[str], anchor_config: str | None) -> None:
+    """Check a bundle offline against a pinned key (--pubkey or --config): checkpoint signature, every
+    record's inclusion proof, and that it holds every record of the session, in order."""
     from .audit.bundle import verify_bundle
 
-    report = verify_bundle(Path(bundle), pubkeys=[Path(p) for p in pubkeys])
+    report = verify_bundle(Path(bundle), pubkeys=[Path(p) for p in pubkeys], anchor=_config_anchor(anchor_config))
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     for p in report.problems:
         click.echo(f"TAMPERED: {p}", err=True)
     if not report.ok:
-        click.echo(f"FAILED: bundle for session {report.session}: {len(report.problems)} problem(s)")
+        click.echo(f"FAILED: bundle for session {report.session}: {len(report.problems)} problem(s); "
+                   f"trust anchor: {report.anchor or 'none'}")
         sys.exit(1)
-    click.echo(f"OK: session {report.session}: {report.records} records included in the signed log "
-               f"(key {report.key_id}{', trusted' if report.trusted else ''})")
+    click.echo(f"OK: session {report.session}: all {report.records} records of the session, in order, included in "
+               f"the signed log (key {report.key_id}); trust anchor: {report.anchor}")
 
 
 @audit.command("replay")
@@ -360,7 +390,8 @@ def audit_replay(bundle: str, target: str, commit: bool, pubkeys: Sequence[str],
 
     try:
         report = run_replay(Path(bundle), target, commit=commit, pubkeys=tuple(Path(p) for p in pubkeys),
-                            progress=progress, masking=masking)
+                            progress=progress, masking=masking,
+                            anchor=_config_anchor(config_path) if not pubkeys else None)
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped; "

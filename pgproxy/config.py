@@ -155,6 +155,9 @@ class AuditConfig:
     witness_dir: Path | None = None
     witness_dsn: str | None = None
     max_result_rows: int = 20
+    # Public keys of earlier signing keys (after a rotation): with the signing key's own, the keys the
+    # proxy and `pgproxy audit verify --config` trust; the log's own keys/ directory is never trusted.
+    trusted_keys: tuple[Path, ...] = ()
 
 
 APPROVAL_STORES = ("sqlite", "postgres")
@@ -496,6 +499,7 @@ def _audit(s: Section) -> AuditConfig:
         witness_dir=s.path_("witness_dir", must_exist=False),
         witness_dsn=s.string("witness_dsn"),
         max_result_rows=s.integer("max_result_rows", 20, maximum=100_000),
+        trusted_keys=tuple(_key_path(s, i, v) for i, v in enumerate(s.items("trusted_keys"))),
     )
     s.done()
     if audit.jsonl_path is not None and audit.dir is not None:
@@ -503,12 +507,22 @@ def _audit(s: Section) -> AuditConfig:
     if audit.dir is not None and audit.signing_key_file is None:
         raise ConfigError(f"{s.at('signing_key_file')}: required with dir (create one with `pgproxy audit keygen`)")
     if audit.dir is None:
-        for key in ("signing_key_file", "witness_dir", "witness_dsn"):
-            if getattr(audit, key) is not None:
+        for key in ("signing_key_file", "witness_dir", "witness_dsn", "trusted_keys"):
+            if getattr(audit, key):
                 raise ConfigError(f"{s.at(key)}: only used with dir (the signed audit log)")
     if audit.witness_dir is not None and audit.witness_dsn is not None:
         raise ConfigError(f"{s.path}: set witness_dir or witness_dsn, not both")
     return audit
+
+
+def _key_path(s: Section, index: int, value: Any) -> Path:
+    where = f"{s.at('trusted_keys')}[{index}]"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a public key file path")
+    p = Path(value) if Path(value).is_absolute() else s.base_dir / value
+    if not p.exists():
+        raise ConfigError(f"{where}: file not found: {p}")
+    return p
 
 
 def _approvals(s: Section) -> ApprovalsConfig:

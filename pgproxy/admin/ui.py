@@ -163,7 +163,8 @@ class AdminUI:
         self.secure_cookies = config.admin.tls is not None
         self.roles = roles_from_config(config)
         audit = config.audit
-        self.audit = (AuditLogView(audit.dir, (audit.signing_key_file,) if audit.signing_key_file else ())
+        self.audit = (AuditLogView(audit.dir, ((audit.signing_key_file,) if audit.signing_key_file else ())
+                                   + audit.trusted_keys)
                       if audit.dir is not None else None)
         self.jsonl_path = audit.jsonl_path
         self.sessions = UiSessions()

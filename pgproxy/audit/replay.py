@@ -27,6 +27,7 @@ from ..protocol.messages import Bind, ErrorResponse, Execute, Parse, Query, Sync
 from ..server.link import Link
 from ..server.upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 from .bundle import BundleError, verify_bundle
+from .verify import TrustAnchor
 
 if TYPE_CHECKING:
     from ..masking.replay import ReplayMasking
@@ -148,8 +149,8 @@ def _target(dsn: str) -> tuple[UpstreamConfig, dict[str, str], str | None]:
 
 async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
                         progress: Callable[[ReplayOutcome, int, int], None] | None = None,
-                        masking: ReplayMasking | None = None) -> ReplayReport:
-    checked = verify_bundle(path, pubkeys=pubkeys)
+                        masking: ReplayMasking | None = None, anchor: TrustAnchor | None = None) -> ReplayReport:
+    checked = verify_bundle(path, pubkeys=pubkeys, anchor=anchor)
     if not checked.ok:
         raise ReplayError(f"the bundle does not verify: {checked.problems[0]}")
     statements = [e for e in checked.events if e.get("event") == "statement"]
@@ -231,9 +232,9 @@ async def _replay_one(conn: _Conn, event: dict[str, Any], rewrite: Rewrite | Non
 
 def run_replay(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
                progress: Callable[[ReplayOutcome, int, int], None] | None = None,
-               masking: ReplayMasking | None = None) -> ReplayReport:
+               masking: ReplayMasking | None = None, anchor: TrustAnchor | None = None) -> ReplayReport:
     try:
         return asyncio.run(replay_bundle(path, dsn, commit=commit, pubkeys=pubkeys, progress=progress,
-                                         masking=masking))
+                                         masking=masking, anchor=anchor))
     except BundleError as exc:
         raise ReplayError(str(exc)) from None

@@ -20,7 +20,7 @@ import logging
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from .logformat import (
 )
 from .merkle import CompactTree, leaf_hash
 from .sink import AuditUnavailable
-from .verify import final_tree, verify_log
+from .verify import TrustAnchor, final_tree, verify_log
 from .witness import Witness
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ class SignedAuditLog:
     def __init__(self, directory: Path, signing_key: Ed25519PrivateKey, *, checkpoint_every_records: int = 1000,
                  checkpoint_every_seconds: float = 60.0, fsync: str = "interval",
                  segment_max_bytes: int = 64 * 1024 * 1024, witness: Witness | None = None,
-                 max_result_rows: int = 20) -> None:
+                 max_result_rows: int = 20, trusted_keys: Iterable[Path] = ()) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
         self.directory = directory
@@ -67,6 +67,12 @@ class SignedAuditLog:
         self._fsync = fsync
         self._segment_max = segment_max_bytes
         self._witness = witness
+        # The keys whose checkpoints this process continues: its own and earlier (rotated) ones, never
+        # whatever the directory's keys/ claims.
+        own = signing_key.public_key()
+        keys = TrustAnchor.from_files(trusted_keys, "audit.trusted_keys").keys
+        keys[key_id(own)] = own
+        self._anchor = TrustAnchor(keys, f"the proxy's signing key and audit.trusted_keys (key id {', '.join(keys)})")
         self._pending: list[bytes] = []
         self._broken: str | None = None
         self._fd: int | None = None
@@ -106,7 +112,7 @@ class SignedAuditLog:
 
     def _reopen(self) -> None:
         """Continue an existing log: verify it, set a torn tail aside, refuse a log that fails."""
-        report = verify_log(self.directory, pubkeys=(), keep_leaves=False)
+        report = verify_log(self.directory, anchor=self._anchor, keep_leaves=False)
         self.log_id = report.log_id
         torn = report.torn_tail
         problems = report.problems

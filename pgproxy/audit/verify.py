@@ -17,6 +17,7 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..config import AuditConfig
 from .keys import Checkpoint, KeyError_, key_id, load_public_key
 from .logformat import CHECKPOINTS_FILE, KEYS_DIR, genesis_hash, iter_lines, read_checkpoint_lines, read_meta
 from .merkle import CompactTree, leaf_hash
@@ -37,6 +38,8 @@ class VerifyReport:
     leaves: list[bytes] = field(default_factory=list)
     roots: dict[int, bytes] = field(default_factory=dict)  # root at each checkpointed size
     last_hash: str = ""
+    anchor: str = ""  # where the trusted keys came from
+    keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)  # the keys checkpoints were checked with
 
     @property
     def ok(self) -> bool:
@@ -49,17 +52,56 @@ class VerifyReport:
             self.problems.append("... further problems not shown")
 
 
-def load_keyring(directory: Path, pubkeys: Iterable[Path]) -> tuple[dict[str, Ed25519PublicKey], bool]:
-    """Keys by id: the given files (trusted) or else the log's ``keys/`` directory (self-asserted)."""
-    files = list(pubkeys)
-    trusted = bool(files)
+@dataclass(frozen=True)
+class TrustAnchor:
+    """The public keys a verification trusts and where they came from (reported with every result)."""
+
+    keys: dict[str, Ed25519PublicKey]
+    source: str
+
+    @classmethod
+    def from_files(cls, files: Iterable[Path], source: str) -> TrustAnchor:
+        keys = {}
+        for f in files:
+            k = load_public_key(f)
+            keys[key_id(k)] = k
+        return cls(keys, f"{source} (key id {', '.join(keys)})")
+
+
+def config_anchor(cfg: AuditConfig, where: str) -> TrustAnchor:
+    """The keys the proxy's config pins: its signing key and ``trusted_keys`` (earlier, rotated keys)."""
+    files = ([cfg.signing_key_file] if cfg.signing_key_file is not None else []) + list(cfg.trusted_keys)
     if not files:
-        files = sorted((directory / KEYS_DIR).glob("*.pub"))
+        raise KeyError_(f"{where}: audit.signing_key_file is not set: the config pins no key")
+    return TrustAnchor.from_files(files, f"{where} (audit.signing_key_file, audit.trusted_keys)")
+
+
+def log_keyring(directory: Path) -> dict[str, Ed25519PublicKey]:
+    """The keys in the log's own ``keys/`` directory: self-asserted, never a trust anchor by themselves."""
     keys = {}
-    for f in files:
+    for f in sorted((directory / KEYS_DIR).glob("*.pub")):
         k = load_public_key(f)
         keys[key_id(k)] = k
-    return keys, trusted
+    return keys
+
+
+def _witness_anchor(report: VerifyReport, desc: str, entries: list[tuple[str, Any]]) -> TrustAnchor | None:
+    """Keys of ``keys/`` whose ids sign the witness's checkpoints: the witness, kept off the proxy host,
+    pins them. None (with a problem) when the witness holds nothing to pin a key with."""
+    ids = sorted({str(data.get("key_id")) for _, data in entries if isinstance(data, dict)})
+    if not ids:
+        report.problem(f"witness {desc}: holds no checkpoint of this log, so it pins no key")
+        return None
+    try:
+        own = log_keyring(report.directory)
+    except KeyError_ as exc:
+        report.problem(str(exc))
+        return None
+    unknown = [i for i in ids if i not in own]
+    if unknown:
+        report.problem(f"witness {desc}: checkpoints signed by key id {', '.join(unknown)}, whose public key is not "
+                       "in the log's keys/ (pass --pubkey)")
+    return TrustAnchor({i: own[i] for i in ids if i in own}, f"witness {desc} (key id {', '.join(ids)})")
 
 
 def _load_checkpoints(report: VerifyReport, source: str, entries: Iterable[tuple[str, Any]],
@@ -82,21 +124,45 @@ def _load_checkpoints(report: VerifyReport, source: str, entries: Iterable[tuple
     return good
 
 
-def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), witness: str | None = None,
-               progress: Callable[[int], None] | None = None, keep_leaves: bool = False) -> VerifyReport:
+def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), anchor: TrustAnchor | None = None,
+               witness: str | None = None, progress: Callable[[int], None] | None = None,
+               keep_leaves: bool = False) -> VerifyReport:
+    """Check a log against pinned keys: ``anchor`` (e.g. the config's), else ``pubkeys``, else the witness.
+
+    Without any of them the log's own ``keys/`` are used to report everything else, and the missing
+    pin is itself a problem: whoever rewrote the log could have put their key there.
+    """
     report = VerifyReport(directory)
     try:
         report.log_id = read_meta(directory)["log_id"]
     except (OSError, ValueError) as exc:
         report.problem(f"{directory}: cannot read the log's metadata: {exc}")
         return report
+    files = list(pubkeys)
+    witnessed_entries: list[tuple[str, Any]] = []
+    desc = ""
+    if witness is not None:
+        from .witness import read_witness
+
+        try:
+            desc, witnessed_entries = read_witness(witness, report.log_id)
+        except Exception as exc:
+            report.problem(f"witness {witness}: cannot read checkpoints: {exc}")
+            witness = None
     try:
-        keys, trusted = load_keyring(directory, pubkeys)
+        if anchor is None and files:
+            anchor = TrustAnchor.from_files(files, "--pubkey " + ", ".join(map(str, files)))
+        if anchor is None and witness is not None:
+            anchor = _witness_anchor(report, desc, witnessed_entries)
+        if anchor is None:
+            report.problem("the signing key is not pinned: the log's own keys/ prove nothing (whoever rewrote the "
+                           "log could have put their key there); pass --pubkey, --config or --witness")
+            anchor = TrustAnchor(log_keyring(directory), "none: the log's own keys/ (self-asserted)")
     except KeyError_ as exc:
         report.problem(str(exc))
         return report
-    if not trusted:
-        report.warnings.append("checked against the log's own keyring (keys/); pass --pubkey to pin the key")
+    keys = anchor.keys
+    report.anchor, report.keys = anchor.source, keys
     cp_entries: list[tuple[str, Any]] = []
     cp_path = directory / CHECKPOINTS_FILE
     for line_no, data, complete in read_checkpoint_lines(cp_path):
@@ -110,17 +176,10 @@ def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), witness: str | 
             report.problem(f"{where}: checkpoint is not valid JSON")
     checkpoints = _load_checkpoints(report, "log", cp_entries, keys)
     if witness is not None:
-        from .witness import read_witness
-
-        try:
-            desc, entries = read_witness(witness, report.log_id)
-        except Exception as exc:
-            report.problem(f"witness {witness}: cannot read checkpoints: {exc}")
-        else:
-            witnessed = _load_checkpoints(report, desc, entries, keys)
-            if not witnessed:
-                report.warnings.append(f"witness {desc}: holds no checkpoint of this log")
-            checkpoints += witnessed
+        witnessed = _load_checkpoints(report, desc, witnessed_entries, keys)
+        if not witnessed:
+            report.warnings.append(f"witness {desc}: holds no checkpoint of this log")
+        checkpoints += witnessed
     report.checkpoints = len(checkpoints)
     by_size: dict[int, list[tuple[str, Checkpoint]]] = {}
     for where, cp in checkpoints:

@@ -6,16 +6,20 @@ Real sessions through the real proxy, then the stored bytes and the `pgproxy aud
 from __future__ import annotations
 
 import copy
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import psycopg
 import pytest
+import yaml
 from click.testing import CliRunner
 
-from pgproxy.audit.keys import generate_key
+from pgproxy.audit.keys import generate_key, load_private_key
 from pgproxy.audit.logformat import iter_records
+from pgproxy.audit.signed import SignedAuditLog
 from pgproxy.cli import main
 from pgproxy.config import parse_config
 from pgproxy.testing import RunningProxy
@@ -122,3 +126,129 @@ def test_every_record_of_a_session_is_numbered_and_the_end_counts_them(proxy: An
     events = [rec["event"] for _, rec in iter_records(tmp_path / "log") if rec["event"].get("session") == sid]
     assert [e["session_seq"] for e in events] == list(range(len(events)))
     assert events[-1]["event"] == "session_end" and events[-1]["session_records"] == len(events)
+
+
+# ------------------------------------------------------------------------------------------ pinned keys
+
+
+def _config_file(data: dict[str, Any], path: Path) -> Path:
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _forge(original: Path, forged: Path, attacker_key: Path) -> None:
+    """Re-sign the log end to end with another key: same log id, records of the attacker's choosing,
+    the attacker's checkpoints and public key in keys/."""
+    forged.mkdir()
+    shutil.copy(original / "log.json", forged / "log.json")
+    log = SignedAuditLog(forged, load_private_key(attacker_key), fsync="always")
+    for _, rec in iter_records(original):
+        event = rec["event"]
+        if event["event"] == "statement" and "secret_table" in event.get("sql", ""):
+            continue  # what the attacker wants gone
+        log.emit(event)
+    log.close()
+    shutil.rmtree(original)
+    forged.rename(original)
+
+
+def test_a_log_resigned_with_another_key_fails_verify_and_serve(proxy: Any, tmp_path: Path,
+                                                                  signing_key: tuple[Path, Path]) -> None:
+    key, pub = signing_key
+    p = _signed(proxy, tmp_path, key, witness_dir=str(tmp_path / "witness"))
+    try:
+        _session(p, "select 1", "select 'secret_table'")
+    finally:
+        p.running.stop()
+    config = _config_file(p.config_data, tmp_path / "proxy.yaml")
+    log_dir = tmp_path / "log"
+
+    # The genuine log: trusted only through a pin, and the output says which one.
+    out = _run("audit", "verify", str(log_dir))
+    assert out.exit_code == 1 and "not pinned" in out.output and "trust anchor: none" in out.output
+    for pin, anchor in ((["--config", str(config)], f"trust anchor: {config}"),
+                        (["--pubkey", str(pub)], f"trust anchor: --pubkey {pub}"),
+                        (["--witness", str(tmp_path / "witness")], "trust anchor: witness")):
+        out = _run("audit", "verify", str(log_dir), *pin)
+        assert out.exit_code == 0 and anchor in out.output, out.output
+
+    attacker_key = tmp_path / "attacker.key"
+    generate_key(attacker_key)
+    _forge(log_dir, tmp_path / "forged", attacker_key)
+    out = _run("audit", "verify", str(log_dir))
+    assert out.exit_code == 1 and "not pinned" in out.output  # the attacker's key in keys/ proves nothing
+    for pin in (["--config", str(config)], ["--pubkey", str(pub)], ["--witness", str(tmp_path / "witness")]):
+        out = _run("audit", "verify", str(log_dir), *pin)
+        assert out.exit_code == 1 and "signed by unknown key id" in out.output, out.output
+
+    # The proxy holds the real key: it refuses to continue a log whose checkpoints it did not sign.
+    out = CliRunner().invoke(main, ["serve", "-c", str(config)])
+    assert out.exit_code != 0
+    assert "fails verification, refusing to append" in out.output and "signed by unknown key id" in out.output
+
+
+# ------------------------------------------------------------------------------------ complete bundles
+
+
+def _bundle_of_refusal(proxy: Any, tmp_path: Path, key: Path, pub: Path) -> tuple[Path, dict[str, Any]]:
+    def mutate(data: dict[str, Any]) -> None:
+        _policy(data, tmp_path)
+        data["audit"] = {"dir": str(tmp_path / "log"), "signing_key_file": str(key), "fsync": "always"}
+
+    p = _start(proxy, tmp_path, mutate)
+    try:
+        _alter_role_through(p)
+    finally:
+        p.running.stop()
+    session = next(sid for sid in _session_ids(tmp_path / "log"))
+    bundle = tmp_path / "bundle.json"
+    out = _run("audit", "export", str(tmp_path / "log"), "--session", session, "-o", str(bundle), "--pubkey", str(pub))
+    assert out.exit_code == 0, out.output
+    return bundle, orjson.loads(bundle.read_bytes())
+
+
+def _kinds(data: dict[str, Any]) -> list[str]:
+    return [orjson.loads(r["record"])["event"]["event"] for r in data["records"]]
+
+
+def test_a_bundle_missing_reordering_or_repeating_records_fails(proxy: Any, tmp_path: Path,
+                                                                 signing_key: tuple[Path, Path]) -> None:
+    key, pub = signing_key
+    bundle, data = _bundle_of_refusal(proxy, tmp_path, key, pub)
+    kinds = _kinds(data)
+    assert kinds[0] == "session_start" and kinds[-1] == "session_end" and "policy_decision" in kinds
+    out = _run("audit", "verify-bundle", str(bundle), "--pubkey", str(pub))
+    assert out.exit_code == 0 and f"all {len(kinds)} records of the session, in order" in out.output, out.output
+    out = _run("audit", "verify-bundle", str(bundle))  # the bundle's own key is no anchor
+    assert out.exit_code == 1 and "not pinned" in out.output
+
+    refused = next(i for i, r in enumerate(data["records"]) if '"refused":true' in r["record"])
+    decision = kinds.index("policy_decision")
+    records = data["records"]
+    variants = {
+        "refusal removed": [r for i, r in enumerate(records) if i not in (decision, refused)],
+        "session_end removed": records[:-1],
+        "reordered": [records[0], records[2], records[1], *records[3:]],
+        "duplicated": [*records[:2], records[1], *records[2:]],
+    }
+    for name, changed in variants.items():
+        forged = tmp_path / f"{name.replace(' ', '_')}.json"
+        forged.write_bytes(orjson.dumps({**data, "records": changed}))
+        out = _run("audit", "verify-bundle", str(forged), "--pubkey", str(pub))
+        assert out.exit_code == 1, (name, out.output)
+        assert "TAMPERED" in out.output, (name, out.output)
+
+
+def test_export_refuses_a_session_that_has_not_ended(proxy: Any, tmp_path: Path,
+                                                     signing_key: tuple[Path, Path]) -> None:
+    key, pub = signing_key
+    p = _signed(proxy, tmp_path, key, checkpoint_every_records=1)
+    try:
+        with psycopg.connect(**p.conninfo(), autocommit=True) as conn:
+            conn.execute("select 1")
+            session = _session_ids(tmp_path / "log")[0]
+            out = _run("audit", "export", str(tmp_path / "log"), "--session", session, "-o",
+                       str(tmp_path / "b.json"), "--pubkey", str(pub))
+            assert out.exit_code == 1 and "has not ended yet" in out.output, out.output
+    finally:
+        p.running.stop()
