@@ -6,6 +6,7 @@ A log directory holds:
 - ``segment-<first record number, 12 digits>.jsonl``: records, one canonical JSON object per line;
 - ``checkpoints.jsonl``: signed checkpoints, one canonical JSON object per line;
 - ``keys/<key id>.pub``: the public keys that signed checkpoints (PEM);
+- ``lock``: locked by the writing process (its pid and host inside), so a second writer is refused;
 - ``*.torn`` files: bytes of an incomplete final record set aside when the log was reopened after a crash.
 
 See docs/audit.md for the exact encoding.
@@ -27,6 +28,7 @@ BUNDLE_FORMAT = "pgproxy-audit-bundle/v1"
 META_FILE = "log.json"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 KEYS_DIR = "keys"
+LOCK_FILE = "lock"  # held (flock) by the one process writing the log
 SEGMENT_RE = re.compile(r"^segment-(\d{12})\.jsonl$")
 
 

@@ -15,10 +15,12 @@ Used from the event loop's thread only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -31,6 +33,7 @@ from .keys import Checkpoint, key_id, public_pem, sign_checkpoint
 from .logformat import (
     CHECKPOINTS_FILE,
     KEYS_DIR,
+    LOCK_FILE,
     LOG_FORMAT,
     META_FILE,
     canonical,
@@ -46,6 +49,22 @@ from .witness import Witness
 log = logging.getLogger(__name__)
 
 FSYNC_POLICIES = ("always", "interval", "never")
+
+
+def _lock_directory(directory: Path) -> int:
+    """Take the log directory's exclusive lock (held until the fd closes): a second writer would fork
+    the hash chain, so it is refused with who holds the lock."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise AuditUnavailable(f"audit log {directory} is in use by another writer ({holder}); two writers would "
+                               "fork the log: give every proxy process its own audit.dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
 
 
 class SignedAuditLog:
@@ -82,6 +101,17 @@ class SignedAuditLog:
         self._closed = False
         self.on_write: Callable[[float], None] | None = None  # told each batch's write+fsync time (metrics)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = _lock_directory(directory)
+        try:
+            self._open(signing_key)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # ------------------------------------------------------------------------------------ opening
+
+    def _open(self, signing_key: Ed25519PrivateKey) -> None:
+        directory = self.directory
         (directory / KEYS_DIR).mkdir(exist_ok=True)
         pub = directory / KEYS_DIR / f"{key_id(signing_key.public_key())}.pub"
         if not pub.exists():
@@ -98,8 +128,6 @@ class SignedAuditLog:
             self._prev = genesis_hash(self.log_id)
         self._written = self._tree.size
         self._cp_fd = os.open(directory / CHECKPOINTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-
-    # ------------------------------------------------------------------------------------ opening
 
     @staticmethod
     def _write_file(path: Path, data: bytes) -> None:
@@ -190,6 +218,7 @@ class SignedAuditLog:
             os.close(self._cp_fd)
             if self._witness is not None:
                 self._witness.close()
+            os.close(self._lock_fd)  # releases the directory's lock
 
     # ------------------------------------------------------------------------------------ writing
 

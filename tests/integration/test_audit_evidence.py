@@ -6,7 +6,10 @@ Real sessions through the real proxy, then the stored bytes and the `pgproxy aud
 from __future__ import annotations
 
 import copy
+import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -252,3 +255,26 @@ def test_export_refuses_a_session_that_has_not_ended(proxy: Any, tmp_path: Path,
             assert out.exit_code == 1 and "has not ended yet" in out.output, out.output
     finally:
         p.running.stop()
+
+
+# ------------------------------------------------------------------------------------ one writer per dir
+
+
+def test_a_second_serve_on_the_same_audit_dir_refuses(proxy: Any, tmp_path: Path,
+                                                      signing_key: tuple[Path, Path]) -> None:
+    key, pub = signing_key
+    p = _signed(proxy, tmp_path, key)
+    config = _config_file(p.config_data, tmp_path / "proxy.yaml")
+    try:
+        second = subprocess.run([sys.executable, "-m", "pgproxy", "serve", "-c", str(config)], capture_output=True,
+                                text=True, timeout=60)
+        assert second.returncode != 0
+        assert f"in use by another writer (pid {os.getpid()} on " in second.stderr, second.stderr
+        assert "give every proxy process its own audit.dir" in second.stderr
+        _session(p, "select 1")  # the first proxy is unaffected
+    finally:
+        p.running.stop()
+    # Once the first has stopped, the directory is free, and the log is whole.
+    SignedAuditLog(tmp_path / "log", load_private_key(key)).close()
+    out = _run("audit", "verify", str(tmp_path / "log"), "--pubkey", str(pub))
+    assert out.exit_code == 0, out.output
