@@ -278,3 +278,38 @@ def test_a_second_serve_on_the_same_audit_dir_refuses(proxy: Any, tmp_path: Path
     SignedAuditLog(tmp_path / "log", load_private_key(key)).close()
     out = _run("audit", "verify", str(tmp_path / "log"), "--pubkey", str(pub))
     assert out.exit_code == 0, out.output
+
+
+# ----------------------------------------------------------------------------------------------- replay
+
+
+def test_replay_compares_command_tags_and_row_counts(proxy: Any, tmp_path: Path,
+                                                     signing_key: tuple[Path, Path]) -> None:
+    key, pub = signing_key
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS evidence_rows")
+        admin.execute("CREATE TABLE evidence_rows AS SELECT g AS id FROM generate_series(1, 1000) g")
+        admin.execute("GRANT ALL ON evidence_rows TO agent_writer")
+    p = _signed(proxy, tmp_path, key)
+    try:
+        with psycopg.connect(**p.conninfo(user="agent_writer", token=p.token(roles=("agent_writer",))),
+                             autocommit=True) as conn:
+            conn.execute("DELETE FROM evidence_rows")
+    finally:
+        p.running.stop()
+    session = _session_ids(tmp_path / "log")[0]
+    bundle = tmp_path / "bundle.json"
+    out = _run("audit", "export", str(tmp_path / "log"), "--session", session, "-o", str(bundle), "--pubkey", str(pub))
+    assert out.exit_code == 0, out.output
+
+    # Against the same 1000 rows, the DELETE matches (rolled back); against an empty table it deletes
+    # nothing: the same (empty) row digest, but a different effect.
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as admin:
+        admin.execute("INSERT INTO evidence_rows SELECT g FROM generate_series(1, 1000) g")
+    out = _run("audit", "replay", str(bundle), "--target", proxy.database.dsn(), "--pubkey", str(pub))
+    assert out.exit_code == 0 and "MATCH: DELETE FROM evidence_rows (DELETE 1000)" in out.output, out.output
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as admin:
+        admin.execute("TRUNCATE evidence_rows")
+    out = _run("audit", "replay", str(bundle), "--target", proxy.database.dsn(), "--pubkey", str(pub))
+    assert out.exit_code == 1, out.output
+    assert "DIFFER: DELETE FROM evidence_rows (command tags DELETE 0 (recorded DELETE 1000))" in out.output
