@@ -192,7 +192,8 @@ class ProxyServer:
                 for session in list(self.sessions):
                     if session.upstream is not None:
                         session.terminate(errors.CANNOT_CONNECT_NOW,
-                                          "the audit log is unavailable; refusing to continue")
+                                          "the audit log is unavailable; refusing to continue (a statement in "
+                                          "progress may have run on the database)")
             except Exception as exc:  # the sink reports itself broken; sessions then fail closed
                 log.error("audit flush failed: %s", exc)
 

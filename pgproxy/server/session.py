@@ -376,6 +376,7 @@ class Session:
         if time.time() >= self._deadline:
             self._expire()
             raise _Ended()
+        self._check_audit()
         verdict: Verdict = None
         first_gate = 0
         if self._decided is not _UNDECIDED:  # the held request, now decided: later gates still judge it
@@ -587,6 +588,16 @@ class Session:
             event.update(result_fields(r, bind))
         return event
 
+    def _check_audit(self) -> None:
+        """Refuse a statement before it reaches the server while the audit log cannot record it."""
+        try:
+            self.server.audit.check()
+        except AuditUnavailable as exc:
+            log.error("session %s: %s", self.id, exc)
+            self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; the statement was NOT sent to "
+                                                      "the database (safe to retry once the log is back)")
+            raise _Ended() from None
+
     def _audit(self, event: dict[str, Any]) -> None:
         event["session"] = self.id  # the emitter stamps ts
         try:
@@ -598,7 +609,10 @@ class Session:
             if self.upstream is None:
                 raise SessionRefused(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable") from None
             if not self._ended:
-                self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; refusing to continue")
+                ran = event["event"] == "statement" and not event.get("refused")
+                self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; refusing to continue"
+                               + ("; the last statement DID run on the database (its effects stand: check them "
+                                  "before retrying), but could not be recorded" if ran else ""))
 
 
 def _chain(first: MessageHandler, second: MessageHandler, body: memoryview) -> bytes | None:
