@@ -10,11 +10,11 @@ Producers (sessions, the policy gate, approval stores, the HTTP proxy) build an 
 - numbers the records of each session (``session_seq``, from 0) and gives the session's terminal
   record (``session_end``, or ``auth_failed`` for a refused login) ``session_records``, the session's
   record count: an evidence bundle proves with them that it holds every record of a session, in order;
+- encodes it once (canonical JSON: the bytes both file sinks store);
 - keeps the failure state: after a sink failed, ``check`` raises ``AuditUnavailable`` until a write
   succeeds again, so callers can refuse work before it runs rather than after.
 
-Both file sinks store an event as canonical JSON (``logformat.canonical``); readers map records back to
-a kind with ``event_kind``.
+Readers map stored records back to a kind with ``event_kind``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,9 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Any
 
+import orjson
+
+from .logformat import canonical
 from .redact import redact_event
 from .sink import AuditSink, AuditUnavailable
 
@@ -42,6 +45,8 @@ class EventKind(StrEnum):
     HTTP_AUTH_FAILED = "http_auth_failed"
     LOG_RECOVERED = "log_recovered"
 
+
+_KINDS = {k.value: k for k in EventKind}  # faster than EventKind(value) on the per-statement path
 
 # The last record of a proxy session: nothing of the session follows it.
 TERMINAL_KINDS = frozenset({EventKind.SESSION_END, EventKind.AUTH_FAILED})
@@ -75,10 +80,11 @@ class AuditEmitter:
     def max_result_rows(self) -> int:
         return int(getattr(self.sink, "max_result_rows", 20))
 
-    def emit(self, event: dict[str, Any]) -> None:
-        kind = EventKind(event["event"])  # an unknown kind is a programming error: ValueError
+    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
+        kind = _KINDS.get(event["event"])
+        if kind is None:  # a programming error
+            raise ValueError(f"unknown audit event kind {event['event']!r}")
         event["ts"] = self.clock()
-        redact_event(event)
         session = event.get("session")
         if isinstance(session, str):
             n = self._session_counts.pop(session, 0)
@@ -87,8 +93,13 @@ class AuditEmitter:
                 event["session_records"] = n + 1
             else:
                 self._session_counts[session] = n + 1
+        redact_event(event)
         try:
-            self.sink.emit(event)
+            encoded = canonical(event)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
+        try:
+            self.sink.emit(event, encoded)
         except AuditUnavailable as exc:
             self._broken = str(exc)
             raise

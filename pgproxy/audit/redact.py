@@ -25,9 +25,13 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], int], ...] = (
 )
 
 
+# No detector matches fewer characters (``password ''``): shorter strings, most result cells, are skipped.
+_MIN_SECRET_CHARS = 11
+
+
 def redact_text(text: str) -> str:
     """``text`` with every detected secret replaced; the same object when nothing was found."""
-    if not _PRECHECK.search(text):
+    if len(text) < _MIN_SECRET_CHARS or not _PRECHECK.search(text):
         return text
     for kind, pattern, keep in _DETECTORS:
         replacement = f"[redacted:{kind}]"
@@ -52,6 +56,10 @@ def _redact_sql(sql: str) -> str:
     return redacted
 
 
+# Fields that only ever hold what the proxy or the server generates (kinds, ids, command tags, digests).
+_GENERATED = frozenset({"event", "session", "protocol", "tags", "row_digest", "sqlstate", "severity"})
+
+
 def redact_value(value: Any) -> Any:
     """``value`` with every string in it (recursively through lists and dicts) redacted."""
     if isinstance(value, str):
@@ -59,8 +67,10 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: redact_value(v) for k, v in value.items()}
+        return {k: v if k in _GENERATED else redact_value(v) for k, v in value.items()}
     return value
+
+
 
 
 def redact_event(event: dict[str, Any]) -> dict[str, Any]:
@@ -68,6 +78,6 @@ def redact_event(event: dict[str, Any]) -> dict[str, Any]:
     for key, value in event.items():
         if key == "sql" and isinstance(value, str):
             event[key] = _redact_sql(value)
-        elif isinstance(value, (str, list, dict)):
+        elif key not in _GENERATED and isinstance(value, (str, list, dict)):
             event[key] = redact_value(value)
     return event

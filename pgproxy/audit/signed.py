@@ -36,19 +36,24 @@ from .logformat import (
     LOCK_FILE,
     LOG_FORMAT,
     META_FILE,
+    RESUME_FILE,
     canonical,
     genesis_hash,
     list_segments,
+    segment_first,
     segment_name,
 )
 from .merkle import CompactTree, leaf_hash
 from .sink import AuditUnavailable
-from .verify import TrustAnchor, final_tree, verify_log
+from .verify import ResumePoint, TrustAnchor, final_tree, verify_log
 from .witness import Witness
 
 log = logging.getLogger(__name__)
 
 FSYNC_POLICIES = ("always", "interval", "never")
+
+
+RESUME_EVERY_RECORDS = 10_000  # save a resume point at the first checkpoint this many records after the last
 
 
 def _lock_directory(directory: Path) -> int:
@@ -99,6 +104,8 @@ class SignedAuditLog:
         self._offset = 0
         self._checkpoint_due = False
         self._closed = False
+        self._last_line: tuple[int, int, int] | None = None  # (segment's first record, offset, length)
+        self._resume_size = 0  # records covered by the saved resume point
         self.on_write: Callable[[float], None] | None = None  # told each batch's write+fsync time (metrics)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_fd = _lock_directory(directory)
@@ -139,8 +146,20 @@ class SignedAuditLog:
             os.close(fd)
 
     def _reopen(self) -> None:
-        """Continue an existing log: verify it, set a torn tail aside, refuse a log that fails."""
-        report = verify_log(self.directory, anchor=self._anchor, keep_leaves=False)
+        """Continue an existing log: check every checkpoint's signature and the records after the resume
+        point (all of them without one), set a torn tail aside, refuse a log that fails."""
+        point = ResumePoint.load(self.directory / RESUME_FILE)
+        started = time.perf_counter()
+        report = verify_log(self.directory, anchor=self._anchor, keep_leaves=False, resume=point)
+        if report.resumed:
+            assert point is not None
+            self._resume_size = point.tree_size
+            log.info("audit log %s: resumed at record %d, verified the %d record(s) after it in %.3f s",
+                     self.directory, point.tree_size, report.records - point.tree_size,
+                     time.perf_counter() - started)
+        elif point is not None:
+            log.warning("audit log %s: %s does not match the signed log; verified all %d records", self.directory,
+                        RESUME_FILE, report.records)
         self.log_id = report.log_id
         torn = report.torn_tail
         problems = report.problems
@@ -149,6 +168,9 @@ class SignedAuditLog:
                                    f"{problems[0]} (run `pgproxy audit verify {self.directory}`)")
         self._tree = final_tree(report)
         self._prev = report.last_hash or genesis_hash(self.log_id)
+        if report.last_line is not None:
+            line = report.last_line
+            self._last_line = (segment_first(line.path), line.offset, len(line.data))
         if report.latest_checkpoint is not None:
             self._cp_size = report.latest_checkpoint.tree_size
         segments = list_segments(self.directory)
@@ -180,11 +202,14 @@ class SignedAuditLog:
 
     # -------------------------------------------------------------------------------------- sink
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
         if self._closed:
             raise AuditUnavailable("audit log is closed")
         try:
-            line = canonical({"event": event, "prev": self._prev, "seq": self._tree.size})
+            if encoded is not None:  # canonical JSON sorts "event" < "prev" < "seq": the same bytes
+                line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev.encode("ascii"), self._tree.size)
+            else:
+                line = canonical({"event": event, "prev": self._prev, "seq": self._tree.size})
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
         h = leaf_hash(line)
@@ -210,6 +235,7 @@ class SignedAuditLog:
         try:
             self._write_pending()
             self._checkpoint()
+            self._save_resume()
         finally:
             self._closed = True
             if self._fd is not None:
@@ -254,6 +280,8 @@ class SignedAuditLog:
             raise self._fail("writing records", exc) from None
         self._offset += len(data)
         self._written += len(pending)
+        assert self._segment is not None
+        self._last_line = (segment_first(self._segment), self._offset - len(pending[-1]) - 1, len(pending[-1]))
         pending.clear()
         if self.on_write is not None:
             self.on_write(time.perf_counter() - started)
@@ -280,6 +308,24 @@ class SignedAuditLog:
         self._cp_size, self._cp_time, self._checkpoint_due = cp.tree_size, time.monotonic(), False
         if self._witness is not None:
             self._witness.publish(cp)
+        if self._written - self._resume_size >= RESUME_EVERY_RECORDS:
+            self._save_resume()
+
+    def _save_resume(self) -> None:
+        """Note where a reopening writer may resume: at the checkpoint just signed over every written
+        record. Best effort (no fsync): a missing or stale point only means reading more on reopen."""
+        if self._last_line is None or self._pending or self._cp_size != self._written:
+            return
+        first, offset, length = self._last_line
+        point = ResumePoint(self._written, tuple(self._tree.frontier), first, offset, length)
+        tmp = self.directory / f"{RESUME_FILE}.tmp"
+        try:
+            tmp.write_bytes(canonical(point.to_json()) + b"\n")
+            os.replace(tmp, self.directory / RESUME_FILE)
+        except OSError as exc:
+            log.warning("audit log %s: cannot save the resume point: %s", self.directory, exc.strerror)
+            return
+        self._resume_size = self._written
 
     @property
     def size(self) -> int:

@@ -22,8 +22,9 @@ class AuditUnavailable(Exception):
 
 
 class AuditSink(Protocol):
-    def emit(self, event: dict[str, Any]) -> None:
-        """Accept one event; raise AuditUnavailable when it cannot be recorded."""
+    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
+        """Accept one event (``encoded``: its canonical JSON, when the caller has it); raise
+        AuditUnavailable when it cannot be recorded."""
 
     def flush(self) -> None:
         """Make every accepted event durable as far as the sink's policy says."""
@@ -37,7 +38,7 @@ class MemoryAuditSink:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
         self.events.append(event)
 
     def flush(self) -> None:
@@ -68,11 +69,11 @@ class JsonLinesAuditSink:
         """Events accepted but not written yet."""
         return len(self._lines)
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
         if self._broken is not None:
             raise AuditUnavailable(self._broken)
         lines = self._lines
-        lines.append(canonical(event))
+        lines.append(encoded if encoded is not None else canonical(event))
         if len(lines) >= self._batch_size:
             self.flush()
 

@@ -23,6 +23,7 @@ from click.testing import CliRunner
 from pgproxy.audit.keys import generate_key, load_private_key
 from pgproxy.audit.logformat import iter_records
 from pgproxy.audit.signed import SignedAuditLog
+from pgproxy.audit.sink import AuditUnavailable
 from pgproxy.cli import main
 from pgproxy.config import parse_config
 from pgproxy.testing import RunningProxy
@@ -313,3 +314,62 @@ def test_replay_compares_command_tags_and_row_counts(proxy: Any, tmp_path: Path,
     out = _run("audit", "replay", str(bundle), "--target", proxy.database.dsn(), "--pubkey", str(pub))
     assert out.exit_code == 1, out.output
     assert "DIFFER: DELETE FROM evidence_rows (command tags DELETE 0 (recorded DELETE 1000))" in out.output
+
+
+# ------------------------------------------------------------------------------------------------ resume
+
+
+def _fill(directory: Path, key: Path, records: int, **kwargs: Any) -> None:
+    log = SignedAuditLog(directory, load_private_key(key), checkpoint_every_records=500, **kwargs)
+    for i in range(records):
+        log.emit({"event": "statement", "session": f"s{i // 50}", "ts": 1.0, "sql": f"select {i}"})
+    log.close()
+
+
+def test_reopening_resumes_at_the_saved_checkpoint_and_verifies_only_the_tail(
+        tmp_path: Path, signing_key: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    key, pub = signing_key
+    directory = tmp_path / "log"
+    _fill(directory, key, 3000)
+    caplog.set_level("INFO", logger="pgproxy.audit.signed")
+    log = SignedAuditLog(directory, load_private_key(key))
+    for i in range(7):
+        log.emit({"event": "statement", "session": "t", "ts": 1.0, "sql": f"select {i}"})
+    log.close()
+    assert "resumed at record 3000, verified the 0 record(s) after it" in caplog.text
+    caplog.clear()
+    SignedAuditLog(directory, load_private_key(key)).close()
+    assert "resumed at record 3007, verified the 0 record(s) after it" in caplog.text
+    out = _run("audit", "verify", str(directory), "--pubkey", str(pub))
+    assert out.exit_code == 0 and "3007 records" in out.output, out.output
+
+
+def test_reopening_verifies_the_tail_and_ignores_a_resume_point_that_lies(
+        tmp_path: Path, signing_key: tuple[Path, Path], caplog: pytest.LogCaptureFixture) -> None:
+    key, _ = signing_key
+    directory = tmp_path / "log"
+    _fill(directory, key, 1200)
+    saved = (directory / "resume.json").read_bytes()
+    assert orjson.loads(saved)["tree_size"] == 1200
+    _fill(directory, key, 10)  # records 1200..1209; the resume point moves on to 1210 at close
+    caplog.set_level("INFO", logger="pgproxy.audit.signed")
+
+    # A resume point that does not hash to a signed root is ignored: the whole log is read.
+    lie = {**orjson.loads(saved), "frontier": ["00" * 32] * 4}
+    (directory / "resume.json").write_bytes(orjson.dumps(lie))
+    SignedAuditLog(directory, load_private_key(key)).close()
+    assert "resume.json does not match the signed log; verified all 1210 records" in caplog.text
+
+    # From an older resume point, the records after it are read and checked ...
+    (directory / "resume.json").write_bytes(saved)
+    SignedAuditLog(directory, load_private_key(key)).close()
+    assert "resumed at record 1200, verified the 10 record(s) after it" in caplog.text
+    # ... so one deleted there stops the proxy from starting.
+    (directory / "resume.json").write_bytes(saved)
+    seg = sorted(directory.glob("segment-*.jsonl"))[-1]
+    lines = seg.read_bytes().splitlines(keepends=True)
+    assert b'"seq":1205' in lines[-5]
+    del lines[-5]
+    seg.write_bytes(b"".join(lines))
+    with pytest.raises(AuditUnavailable, match=r"fails verification, refusing to append: .*record 1206"):
+        SignedAuditLog(directory, load_private_key(key))
