@@ -364,6 +364,105 @@ def audit_verify_bundle(bundle: str, pubkeys: Sequence[str], anchor_config: str 
                f"the signed log (key {report.key_id}); trust anchor: {report.anchor}")
 
 
+def _store(config_path: str | None, dsn: str | None) -> tuple[str, str]:
+    """(DSN, schema) of the central audit store: ``--dsn``, else the config's audit.store_dsn_env."""
+    config = _load(config_path) if config_path is not None or dsn is None else None
+    schema = config.audit.store_schema if config is not None else "pgproxy_audit"
+    if dsn is not None:
+        return dsn, schema
+    assert config is not None
+    if config.audit.store_dsn_env is None:
+        raise click.ClickException("audit.store_dsn_env is not set: pass --dsn")
+    try:
+        return config.audit.store_dsn(), schema
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+_store_dsn_option = click.option("--dsn", default=None, help="The central store's DSN (default: the config's "
+                                                               "audit.store_dsn_env).")
+
+
+@audit.command("search")
+@config_option
+@_store_dsn_option
+@click.option("--subject", default=None, help="Records of sessions (or exchanges) of this token subject.")
+@click.option("--agent", "agent_id", default=None, help="... of this agent id.")
+@click.option("--tool-call", "tool_call_id", default=None, help="... of this tool-call id.")
+@click.option("--table", default=None, help="Policy decisions on statements touching this table.")
+@click.option("--class", "statement_class", default=None, help="Policy decisions on this statement class.")
+@click.option("--decision", default=None, help="Policy decision: allow, deny, approve, refuse.")
+@click.option("--kind", default=None, help="Event kind, e.g. statement, session_start, policy_decision.")
+@click.option("--session", default=None, help="One session id.")
+@click.option("--since", default=None, help="From this time (ISO 8601, UTC unless a zone is given, or epoch).")
+@click.option("--until", default=None, help="Before this time.")
+@click.option("--text", default=None, help="Words in the statement text (full-text match).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_search(config_path: str | None, dsn: str | None, since: str | None, until: str | None, limit: int,
+                 as_json: bool, **filters: str | None) -> None:
+    """Search the central audit store (every replica's shipped log), oldest first."""
+    import orjson
+
+    from .audit.store import SearchFilters, parse_time, search
+    from .audit.timeline import format_when
+
+    store_dsn, schema = _store(config_path, dsn)
+    try:
+        query = SearchFilters(**filters, since=parse_time(since) if since else None,
+                              until=parse_time(until) if until else None, limit=limit)
+    except ValueError as exc:
+        raise click.ClickException(f"--since/--until: {exc}") from None
+    try:
+        hits = search(store_dsn, schema, query)
+    except Exception as exc:  # psycopg errors: the store is down or not set up
+        raise click.ClickException(f"cannot search the audit store: {exc}") from None
+    for h in hits:
+        if as_json:
+            click.echo(orjson.dumps(h.to_json()).decode())
+        else:
+            click.echo(f"{format_when(h.ts)}  {h.log_id[:8]}#{h.seq}  {h.session or '-'}  {h.kind}"
+                       + (f"  {h.subject}" if h.subject else "") + (f"  [{h.decision}]" if h.decision else "")
+                       + (f"  {h.sql}" if h.sql else ""))
+    if not as_json:
+        click.echo(f"{len(hits)} record(s)" + (" (--limit reached)" if len(hits) == limit else ""), err=True)
+
+
+@audit.command("check-store")
+@_anchor_config_option
+@_store_dsn_option
+@_pubkey_option
+@click.option("--log-id", default=None, help="Check one log (default: every log in the store).")
+def audit_check_store(anchor_config: str | None, dsn: str | None, pubkeys: Sequence[str], log_id: str | None) -> None:
+    """Check the central store's rows against the signed checkpoints (pinned by --config or --pubkey):
+    every shipped record, its hash chain and Merkle roots. Exit 1 on any problem."""
+    from .audit.keys import KeyError_
+    from .audit.store import check_store
+    from .audit.verify import TrustAnchor
+
+    store_dsn, schema = _store(anchor_config, dsn)
+    try:
+        anchor = (TrustAnchor.from_files([Path(p) for p in pubkeys], "--pubkey " + ", ".join(pubkeys)) if pubkeys
+                  else _config_anchor(anchor_config))
+    except KeyError_ as exc:
+        raise click.ClickException(str(exc)) from None
+    if anchor is None:
+        raise click.ClickException("the signing key is not pinned: pass --config or --pubkey")
+    try:
+        report = check_store(store_dsn, schema, anchor, log_id=log_id,
+                             progress=lambda n: click.echo(f"  {n} records checked ...", err=True))
+    except Exception as exc:
+        raise click.ClickException(f"cannot read the audit store: {exc}") from None
+    for p in report.problems:
+        click.echo(f"TAMPERED: {p}", err=True)
+    summary = (f"{len(report.logs)} log(s), {sum(report.logs.values())} records, {report.checkpoints} valid "
+               f"checkpoint(s); trust anchor: {report.anchor}")
+    if not report.ok:
+        click.echo(f"FAILED: {summary}: {len(report.problems)} problem(s)")
+        sys.exit(1)
+    click.echo(f"OK: {summary}")
+
+
 @audit.command("replay")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
 @click.option("--target", required=True, help="DSN of a sandbox database to replay against.")

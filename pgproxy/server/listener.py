@@ -22,6 +22,7 @@ from ..admin.server import AdminServer
 from ..audit.events import AuditEmitter, as_emitter
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
+from ..audit.store import StoreShipper
 from ..config import ListenerConfig, ProxyConfig
 from ..http.proxy import HttpProxy
 from ..identity import TokenVerifier
@@ -65,6 +66,9 @@ class ProxyServer:
         self.audit: AuditEmitter = as_emitter(audit)
         self.metrics = ProxyMetrics()  # served at /metrics on the admin listener (docs/operations.md)
         self.metrics.watch_audit(self.audit.sink)
+        self.shipper: StoreShipper | None = None  # the signed log's copy in the central store, if configured
+        if config.audit.dir is not None and config.audit.store_dsn_env is not None:
+            self.shipper = StoreShipper(config.audit.dir, config.audit.store_dsn(), config.audit.store_schema)
         # The policy gate (config `policy:`) runs first; its approvals go to ``approval_store``, else to
         # the store of the `approvals:` section, else every approval is refused (fail closed).
         self.approval_store = approval_store
@@ -117,6 +121,8 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see ``bound_ports``)."""
         loop = asyncio.get_running_loop()
+        if self.shipper is not None:
+            self.shipper.start()
         for listener in self.config.listeners:
             self.tls_context(listener)  # fail at start, not at the first client, on a bad cert
             server = await loop.create_server(functools.partial(Link, self._accepted(listener)),
@@ -230,3 +236,5 @@ class ProxyServer:
             except Exception as exc:
                 log.warning("closing the approval store failed: %s", exc)
         self.audit.close()
+        if self.shipper is not None:  # one last pass over what the log now holds
+            await asyncio.to_thread(self.shipper.close)
