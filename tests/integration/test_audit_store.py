@@ -3,6 +3,7 @@ outage without gaps, searchable, and checked against the signed roots."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import secrets
 from pathlib import Path
@@ -60,10 +61,8 @@ def _serve(proxy: Any, data: dict[str, Any], *sessions: tuple[str, list[str]]) -
                                                             tool_call_id=f"call-{subject}")),
                                  autocommit=True) as conn:
                 for sql in statements:
-                    try:
+                    with contextlib.suppress(psycopg.errors.InsufficientPrivilege):  # the denied DDL
                         conn.execute(sql.encode())  # type: ignore[call-overload]
-                    except psycopg.errors.InsufficientPrivilege:
-                        pass  # the denied DDL
     finally:
         running.stop()
 
