@@ -46,6 +46,10 @@ class EventKind(StrEnum):
     LOG_RECOVERED = "log_recovered"
 
 
+# Sessions numbered at once. Beyond it the least recently active one's numbering restarts at 0, which
+# a bundle of an HTTP caller accepts as a new run (and a proxy session's bundle reports as incomplete).
+MAX_OPEN_SESSIONS = 200_000
+
 _KINDS = {k.value: k for k in EventKind}  # faster than EventKind(value) on the per-statement path
 
 # The last record of a proxy session: nothing of the session follows it.
@@ -92,7 +96,10 @@ class AuditEmitter:
             if kind in TERMINAL_KINDS:
                 event["session_records"] = n + 1
             else:
-                self._session_counts[session] = n + 1
+                counts = self._session_counts
+                counts[session] = n + 1  # re-inserted: the dict is ordered by last activity
+                if len(counts) > MAX_OPEN_SESSIONS:  # HTTP callers' sessions never end: forget the stalest
+                    del counts[next(iter(counts))]
         redact_event(event)
         try:
             encoded = canonical(event)

@@ -146,3 +146,15 @@ def test_emitter_refuses_unknown_kinds_and_numbers_sessions_separately() -> None
                                                                       ("a", 3)]
     assert sink.events[-1]["session_records"] == 4
     assert event_kind(sink.events[0]) is EventKind.STATEMENT and event_kind({"event": "x"}) is None
+
+
+def test_emitter_forgets_the_stalest_open_session_beyond_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pgproxy.audit.events as events
+
+    monkeypatch.setattr(events, "MAX_OPEN_SESSIONS", 2)
+    sink = MemoryAuditSink()
+    emitter = AuditEmitter(sink)
+    for sid in ("http-a", "http-b", "http-a", "http-c", "http-a", "http-b"):
+        emitter.emit({"event": "http_exchange", "session": sid})
+    # http-b was the stalest when http-c arrived: its numbering starts again
+    assert [e["session_seq"] for e in sink.events] == [0, 0, 1, 0, 2, 0]
