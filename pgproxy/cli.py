@@ -157,6 +157,11 @@ def _check_audit_and_approvals(config: ProxyConfig) -> list[str]:
             load_private_key(audit.signing_key_file)
         except KeyError_ as exc:
             problems.append(f"audit.signing_key_file: {exc}")
+    if audit.store_dsn_env is not None:
+        try:
+            audit.store_dsn()
+        except ConfigError as exc:
+            problems.append(str(exc))
     if config.approvals is not None and config.approvals.store == "postgres":
         try:
             config.approvals.dsn()

@@ -45,11 +45,13 @@ def test_unreadable_audit_key_and_missing_store_dsn_fail(tmp_path: Path, monkeyp
     bad_key = tmp_path / "audit.key"
     bad_key.write_text("not a key")
     monkeypatch.delenv("PGPROXY_NO_SUCH_DSN", raising=False)
-    config = _config(tmp_path, audit={"dir": str(tmp_path / "log"), "signing_key_file": str(bad_key)},
+    config = _config(tmp_path, audit={"dir": str(tmp_path / "log"), "signing_key_file": str(bad_key),
+                                      "store_dsn_env": "PGPROXY_NO_SUCH_DSN"},
                      approvals={"store": "postgres", "dsn_env": "PGPROXY_NO_SUCH_DSN"})
     result = CliRunner().invoke(main, ["check", "-c", str(config)])
     assert result.exit_code == 1
     assert "error: audit.signing_key_file:" in result.output
+    assert "error: audit.store_dsn_env: environment variable PGPROXY_NO_SUCH_DSN is not set" in result.output
     assert "error: approvals.dsn_env: environment variable PGPROXY_NO_SUCH_DSN is not set" in result.output
 
 
