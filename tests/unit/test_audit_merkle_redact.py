@@ -114,6 +114,10 @@ def test_audit_config(tmp_path: Path) -> None:
         ({"dir": "log", "signing_key_file": "missing"}, "audit.signing_key_file: file not found"),
         ({"jsonl_path": "a.jsonl", "witness_dir": "w"}, "audit.witness_dir: only used with dir"),
         ({"dir": "log", "signing_key_file": "k", "max_result_rows": -1}, "audit.max_result_rows: must be"),
+        ({"dir": "log", "signing_key_file": "k", "trusted_keys": ["gone.pub"]},
+         r"audit.trusted_keys\[0\]: file not found"),
+        ({"jsonl_path": "a.jsonl", "store_dsn_env": "X"}, "audit.store_dsn_env: only used with dir"),
+        ({"dir": "log", "signing_key_file": "k", "store_schema": "a;b"}, "audit.store_schema: must be a plain"),
     ]:
         with pytest.raises(ConfigError, match=message):
             _config(audit, tmp_path)
