@@ -166,6 +166,11 @@ class SignedAuditLog:
         if problems:
             raise AuditUnavailable(f"audit log {self.directory} fails verification, refusing to append: "
                                    f"{problems[0]} (run `pgproxy audit verify {self.directory}`)")
+        if report.records and report.latest_checkpoint is None:  # e.g. a rewritten log, checkpoints removed
+            raise AuditUnavailable(f"audit log {self.directory} holds {report.records} records but no checkpoint "
+                                   "signed by this proxy's keys: refusing to sign a history it cannot vouch for "
+                                   "(after a crash before the first checkpoint: check the records, then move "
+                                   "the directory aside)")
         self._tree = final_tree(report)
         self._prev = report.last_hash or genesis_hash(self.log_id)
         if report.last_line is not None:

@@ -185,10 +185,14 @@ def test_a_log_resigned_with_another_key_fails_verify_and_serve(proxy: Any, tmp_
         out = _run("audit", "verify", str(log_dir), *pin)
         assert out.exit_code == 1 and "signed by unknown key id" in out.output, out.output
 
-    # The proxy holds the real key: it refuses to continue a log whose checkpoints it did not sign.
+    # The proxy holds the real key: it refuses to continue a log whose checkpoints it did not sign ...
     out = CliRunner().invoke(main, ["serve", "-c", str(config)])
     assert out.exit_code != 0
     assert "fails verification, refusing to append" in out.output and "signed by unknown key id" in out.output
+    # ... and one whose checkpoints were removed: it would otherwise sign the forged records itself.
+    (log_dir / "checkpoints.jsonl").write_bytes(b"")
+    out = CliRunner().invoke(main, ["serve", "-c", str(config)])
+    assert out.exit_code != 0 and "no checkpoint signed by this proxy's keys" in out.output, out.output
 
 
 # ------------------------------------------------------------------------------------ complete bundles
