@@ -37,7 +37,7 @@ from .verify import MAX_PROBLEMS, TrustAnchor
 
 log = logging.getLogger(__name__)
 
-BATCH = 2000  # records per transaction
+BATCH = 5000  # records per transaction
 
 
 def schema_sql(schema: str) -> list[str]:
@@ -52,7 +52,7 @@ def schema_sql(schema: str) -> list[str]:
             doc tsvector GENERATED ALWAYS AS (to_tsvector('simple', coalesce(sql, ''))) STORED,
             PRIMARY KEY (log_id, seq))""",
         f"CREATE INDEX IF NOT EXISTS records_ts ON {r} (ts)",
-        f"CREATE INDEX IF NOT EXISTS records_session ON {r} (log_id, session, seq)",
+        f"CREATE INDEX IF NOT EXISTS records_session ON {r} (session, log_id, seq)",
         f"CREATE INDEX IF NOT EXISTS records_subject ON {r} (subject) WHERE subject IS NOT NULL",
         f"CREATE INDEX IF NOT EXISTS records_agent ON {r} (agent_id) WHERE agent_id IS NOT NULL",
         f"CREATE INDEX IF NOT EXISTS records_tool_call ON {r} (tool_call_id) WHERE tool_call_id IS NOT NULL",
@@ -173,9 +173,10 @@ class StoreShipper:
                     if complete]
         new_cps = [Checkpoint.from_json(orjson.loads(d)) for d in cp_lines[self._checkpoint_lines:]]
         with conn.transaction(), conn.cursor() as cur:
-            if rows:
-                cur.executemany(f"INSERT INTO {self.schema}.records ({', '.join(COLUMNS)}) VALUES "
-                                f"({', '.join(['%s'] * len(COLUMNS))}) ON CONFLICT DO NOTHING", rows)
+            if rows:  # COPY: the records after the store's last one, so none can be there already
+                with cur.copy(f"COPY {self.schema}.records ({', '.join(COLUMNS)}) FROM STDIN") as copy:
+                    for row in rows:
+                        copy.write_row(row)
             if new_cps:
                 cur.executemany(f"INSERT INTO {self.schema}.checkpoints VALUES (%s, %s, %s, %s, %s, %s) "
                                 "ON CONFLICT DO NOTHING",
