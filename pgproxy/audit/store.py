@@ -28,7 +28,6 @@ from .logformat import (
     genesis_hash,
     iter_lines,
     list_segments,
-    read_checkpoint_lines,
     read_meta,
     segment_first,
 )
@@ -105,7 +104,8 @@ class StoreShipper:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._cursor: tuple[int, int, int] | None = None  # (segment's first record, offset, next seq)
-        self._checkpoint_lines = 0
+        self._cp_offset = 0  # bytes of checkpoints.jsonl shipped (or known to be in the store)
+        self._cp_shipped = 0  # the store's largest checkpointed tree size for this log
         self._thread = threading.Thread(target=self._run, name="pgproxy-audit-store", daemon=True)
 
     def start(self) -> None:
@@ -130,7 +130,7 @@ class StoreShipper:
                     with conn.transaction():
                         for statement in schema_sql(self.schema):
                             conn.execute(statement)
-                    self._cursor, self._checkpoint_lines = None, 0
+                    self._cursor, self._cp_offset = None, 0
                 while self.ship_once(conn) >= BATCH and not self._stop.is_set():
                     pass
                 self.error = None
@@ -155,6 +155,9 @@ class StoreShipper:
             row = conn.execute(f"SELECT coalesce(max(seq) + 1, 0) FROM {self.schema}.records WHERE log_id = %s",
                                (log_id,)).fetchone()
             self._cursor = _locate(self.directory, int(row[0]))
+            row = conn.execute(f"SELECT coalesce(max(tree_size), 0) FROM {self.schema}.checkpoints "
+                               "WHERE log_id = %s", (log_id,)).fetchone()
+            self._cp_shipped = int(row[0])
         first, offset, next_seq = self._cursor
         rows = []
         for line in iter_lines(self.directory, (first, offset)):
@@ -169,9 +172,7 @@ class StoreShipper:
             first, offset = segment_first(line.path), line.offset + len(line.data) + 1
             if len(rows) >= BATCH:
                 break
-        cp_lines = [data for _, data, complete in read_checkpoint_lines(self.directory / CHECKPOINTS_FILE)
-                    if complete]
-        new_cps = [Checkpoint.from_json(orjson.loads(d)) for d in cp_lines[self._checkpoint_lines:]]
+        cp_offset, new_cps = self._new_checkpoints()
         with conn.transaction(), conn.cursor() as cur:
             if rows:  # COPY: the records after the store's last one, so none can be there already
                 with cur.copy(f"COPY {self.schema}.records ({', '.join(COLUMNS)}) FROM STDIN") as copy:
@@ -183,9 +184,24 @@ class StoreShipper:
                                 [(c.log_id, c.tree_size, c.root, c.timestamp_ms, c.key_id, c.signature)
                                  for c in new_cps])
         self._cursor = (first, offset, next_seq)
-        self._checkpoint_lines = len(cp_lines)
+        self._cp_offset = cp_offset
+        if new_cps:
+            self._cp_shipped = max(self._cp_shipped, max(c.tree_size for c in new_cps))
         self.shipped = next_seq
         return len(rows)
+
+
+    def _new_checkpoints(self) -> tuple[int, list[Checkpoint]]:
+        """Complete checkpoint lines after the shipped offset (those the store lacks); the new offset."""
+        try:
+            with (self.directory / CHECKPOINTS_FILE).open("rb") as f:
+                f.seek(self._cp_offset)
+                data = f.read()
+        except FileNotFoundError:
+            return self._cp_offset, []
+        end = data.rfind(b"\n") + 1  # a line still being written waits for the next pass
+        cps = [Checkpoint.from_json(orjson.loads(line)) for line in data[:end].split(b"\n") if line]
+        return self._cp_offset + end, [c for c in cps if c.tree_size > self._cp_shipped]
 
 
 def _locate(directory: Path, seq: int) -> tuple[int, int, int]:
