@@ -58,12 +58,7 @@ TERMINAL_KINDS = frozenset({EventKind.SESSION_END, EventKind.AUTH_FAILED})
 
 def event_kind(event: Any) -> EventKind | None:
     """The kind of a decoded event (a record's ``event`` object); None for anything unknown."""
-    if not isinstance(event, dict):
-        return None
-    try:
-        return EventKind(str(event.get("event")))
-    except ValueError:
-        return None
+    return _KINDS.get(event.get("event")) if isinstance(event, dict) else None
 
 
 class AuditEmitter:
@@ -85,6 +80,8 @@ class AuditEmitter:
         return int(getattr(self.sink, "max_result_rows", 20))
 
     def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
+        """Stamp, number, redact and encode ``event`` (``encoded`` is ignored: encoding is ours), then
+        hand it to the sink; ``AuditUnavailable`` when the sink cannot record it."""
         kind = _KINDS.get(event["event"])
         if kind is None:  # a programming error
             raise ValueError(f"unknown audit event kind {event['event']!r}")
