@@ -58,7 +58,7 @@ TERMINAL_KINDS = frozenset({EventKind.SESSION_END, EventKind.AUTH_FAILED})
 
 def event_kind(event: Any) -> EventKind | None:
     """The kind of a decoded event (a record's ``event`` object); None for anything unknown."""
-    return _KINDS.get(event.get("event")) if isinstance(event, dict) else None
+    return _KINDS.get(str(event.get("event"))) if isinstance(event, dict) else None
 
 
 class AuditEmitter:
