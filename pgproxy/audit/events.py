@@ -109,6 +109,11 @@ class AuditEmitter:
             raise
         self._broken = None
 
+    @property
+    def problem(self) -> str | None:
+        """Why events cannot be recorded now (the last failure of the sink), or None."""
+        return self._broken
+
     def check(self) -> None:
         """Raise ``AuditUnavailable`` while the sink is failing (retrying a flush first)."""
         if self._broken is None:

@@ -162,3 +162,21 @@ def test_emitter_forgets_the_stalest_open_session_beyond_its_limit(monkeypatch: 
         emitter.emit({"event": "http_exchange", "session": sid})
     # http-b was the stalest when http-c arrived: its numbering starts again
     assert [e["session_seq"] for e in sink.events] == [0, 0, 1, 0, 2, 0]
+
+
+def test_emitter_reports_a_failing_sink_until_it_writes_again(tmp_path: Path) -> None:
+    from pgproxy.audit.sink import AuditUnavailable, JsonLinesAuditSink
+
+    sink = JsonLinesAuditSink(tmp_path / "audit.jsonl")
+    emitter = AuditEmitter(sink)
+    emitter.emit({"event": "statement", "session": "s", "sql": "select 1"})
+    emitter.check()  # nothing failed: no exception
+    assert emitter.problem is None
+    sink._file.close()
+    sink._file = open("/dev/full", "ab")  # noqa: SIM115  # a full disk: every write fails with ENOSPC
+    with pytest.raises(AuditUnavailable):
+        emitter.flush()
+    assert emitter.problem is not None
+    with pytest.raises(AuditUnavailable):  # checked before a statement is forwarded
+        emitter.check()
+    sink._file.close()
