@@ -173,7 +173,7 @@ def test_emitter_reports_a_failing_sink_until_it_writes_again(tmp_path: Path) ->
     emitter.check()  # nothing failed: no exception
     assert emitter.problem is None
     sink._file.close()
-    sink._file = open("/dev/full", "ab")  # noqa: SIM115  # a full disk: every write fails with ENOSPC
+    sink._file = open("/dev/full", "ab", buffering=0)  # noqa: SIM115  # a full disk: writes fail (ENOSPC)
     with pytest.raises(AuditUnavailable):
         emitter.flush()
     assert emitter.problem is not None
