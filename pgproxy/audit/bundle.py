@@ -164,8 +164,9 @@ def verify_bundle(path: Path, *, pubkeys: Iterable[Path] = (), anchor: TrustAnch
 def _check_complete(report: BundleReport) -> None:
     """Every record of the session, in order: session_seq 0..n-1, and a terminal record counting n.
 
-    An HTTP caller's "session" (all exchanges of one token) has no terminal record, and its numbering
-    starts again at 0 when the proxy restarts: each run must be contiguous, and the tail cannot be proven.
+    An HTTP or gRPC caller's "session" (all exchanges of one token) has no terminal record, and its
+    numbering starts again at 0 when the proxy restarts: each run must be contiguous, and the tail cannot
+    be proven.
     """
     events = report.events
     http = event_kind(events[0]) not in (EventKind.SESSION_START, EventKind.AUTH_FAILED)
@@ -190,8 +191,8 @@ def _check_complete(report: BundleReport) -> None:
             report.problems.append(f"record {last['index']}: the session's {last.get('event')} counts "
                                    f"{last.get('session_records')} records, the bundle holds {expected}")
     elif http:
-        report.warnings.append(f"an HTTP caller's records have no end record: the bundle proves its {expected} "
-                               "records are complete and in order, not that none followed")
+        report.warnings.append(f"an HTTP or gRPC caller's records have no end record: the bundle proves its "
+                               f"{expected} records are complete and in order, not that none followed")
     else:
         report.problems.append(f"the bundle ends at record {last['index']} ({last.get('event')}), not at the session's "
                                "end: records after it may have been removed")

@@ -43,6 +43,8 @@ class EventKind(StrEnum):
     APPROVAL_USED = "approval_used"
     HTTP_EXCHANGE = "http_exchange"
     HTTP_AUTH_FAILED = "http_auth_failed"
+    GRPC_CALL = "grpc_call"  # the gRPC companion proxy's records
+    GRPC_AUTH_FAILED = "grpc_auth_failed"
     LOG_RECOVERED = "log_recovered"
 
 
