@@ -26,7 +26,6 @@ import jinja2
 from aiohttp import web
 
 from pgproxy.admin.audit_view import AuditLogView
-from pgproxy.audit.store import Hit, SearchFilters, parse_time, search
 from pgproxy.audit.timeline import format_when
 from pgproxy.config import ProxyConfig
 from pgproxy.identity import Identity, TokenError
@@ -387,6 +386,8 @@ class AdminUI:
 
     async def _search(self, request: web.Request) -> web.Response:
         """The central store's records matching the form's filters (docs/audit.md#central-store)."""
+        from pgproxy.audit.store import Hit, SearchFilters, parse_time, search
+
         session = await self._required(request)
         if not isinstance(session, UiSession):
             return session

@@ -22,7 +22,6 @@ from ..admin.server import AdminServer
 from ..audit.events import AuditEmitter, as_emitter
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
-from ..audit.store import StoreShipper
 from ..config import ListenerConfig, ProxyConfig
 from ..http.proxy import HttpProxy
 from ..identity import TokenVerifier
@@ -64,11 +63,13 @@ class ProxyServer:
             audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
         # Every event of every producer passes the one emitter: timestamps, redaction, session numbering.
         self.audit: AuditEmitter = as_emitter(audit)
+        audit = self.audit
         self.metrics = ProxyMetrics()  # served at /metrics on the admin listener (docs/operations.md)
         self.metrics.watch_audit(self.audit.sink)
-        self.shipper: StoreShipper | None = None  # the signed log's copy in the central store, if configured
-        if config.audit.dir is not None and config.audit.store_dsn_env is not None:
-            self.shipper = StoreShipper(config.audit.dir, config.audit.store_dsn(), config.audit.store_schema)
+        from ..audit.store import StoreShipper  # the signed log's copy in the central store, if configured
+
+        self.shipper = (StoreShipper(config.audit.dir, config.audit.store_dsn(), config.audit.store_schema)
+                        if config.audit.dir is not None and config.audit.store_dsn_env is not None else None)
         # The policy gate (config `policy:`) runs first; its approvals go to ``approval_store``, else to
         # the store of the `approvals:` section, else every approval is refused (fail closed).
         self.approval_store = approval_store
@@ -80,7 +81,7 @@ class ProxyServer:
             if self.approval_store is None and config.approvals is not None:
                 from ..policy.approval_factory import build_approval_store
 
-                self.approval_store = build_approval_store(config, audit=self.audit)
+                self.approval_store = build_approval_store(config, audit=audit)
                 self._owns_approval_store = True
             gate = PolicyGate(load_policy(config.policy.file), self.approval_store,
                               audit_allowed=config.policy.audit_allowed, metrics=self.metrics)
@@ -95,7 +96,7 @@ class ProxyServer:
         if config.http is not None and self.approval_store is None and config.approvals is not None:
             from ..policy.approval_factory import build_approval_store
 
-            self.approval_store = build_approval_store(config, audit=self.audit)  # HTTP approvals use it too
+            self.approval_store = build_approval_store(config, audit=audit)  # HTTP approvals use it too
             self._owns_approval_store = True
         self.verifier = verifier or TokenVerifier(config.identity)
         self.cancels = CancelRegistry()
@@ -121,8 +122,6 @@ class ProxyServer:
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see ``bound_ports``)."""
         loop = asyncio.get_running_loop()
-        if self.shipper is not None:
-            self.shipper.start()
         for listener in self.config.listeners:
             self.tls_context(listener)  # fail at start, not at the first client, on a bad cert
             server = await loop.create_server(functools.partial(Link, self._accepted(listener)),
@@ -132,6 +131,8 @@ class ProxyServer:
             log.info("listening on %s:%d (%s)", listener.host, server.sockets[0].getsockname()[1],
                      "tls" if listener.tls else "plaintext")
         self._flusher = asyncio.create_task(self._flush_audit_periodically())
+        if self.shipper is not None:
+            self.shipper.start()
         limits = self.config.limits
         if limits.idle_timeout_seconds or limits.idle_in_transaction_timeout_seconds:
             self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
