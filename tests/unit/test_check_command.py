@@ -45,13 +45,11 @@ def test_unreadable_audit_key_and_missing_store_dsn_fail(tmp_path: Path, monkeyp
     bad_key = tmp_path / "audit.key"
     bad_key.write_text("not a key")
     monkeypatch.delenv("PGPROXY_NO_SUCH_DSN", raising=False)
-    config = _config(tmp_path, audit={"dir": str(tmp_path / "log"), "signing_key_file": str(bad_key),
-                                      "store_dsn_env": "PGPROXY_NO_SUCH_DSN"},
+    config = _config(tmp_path, audit={"dir": str(tmp_path / "log"), "signing_key_file": str(bad_key)},
                      approvals={"store": "postgres", "dsn_env": "PGPROXY_NO_SUCH_DSN"})
     result = CliRunner().invoke(main, ["check", "-c", str(config)])
     assert result.exit_code == 1
     assert "error: audit.signing_key_file:" in result.output
-    assert "error: audit.store_dsn_env: environment variable PGPROXY_NO_SUCH_DSN is not set" in result.output
     assert "error: approvals.dsn_env: environment variable PGPROXY_NO_SUCH_DSN is not set" in result.output
 
 
@@ -61,3 +59,15 @@ def test_approve_rules_without_an_approvals_section_warn(tmp_path: Path) -> None
     result = CliRunner().invoke(main, ["check", "-c", str(_config(tmp_path, policy={"file": str(policy)}))])
     assert result.exit_code == 0, result.output
     assert "warning: policy has approve rules but there is no approvals section" in result.output
+
+
+def test_unset_audit_store_dsn_fails(tmp_path: Path, monkeypatch: Any) -> None:
+    from pgproxy.audit.keys import generate_key
+
+    generate_key(tmp_path / "audit.key")
+    monkeypatch.delenv("PGPROXY_NO_SUCH_STORE_DSN", raising=False)
+    config = _config(tmp_path, audit={"dir": str(tmp_path / "log"), "signing_key_file": str(tmp_path / "audit.key"),
+                                      "store_dsn_env": "PGPROXY_NO_SUCH_STORE_DSN"})
+    result = CliRunner().invoke(main, ["check", "-c", str(config)])
+    assert result.exit_code == 1
+    assert "audit.store_dsn_env: environment variable PGPROXY_NO_SUCH_STORE_DSN is not set" in result.output
