@@ -10,7 +10,7 @@ Producers (sessions, the policy gate, approval stores, the HTTP proxy) build an 
 - numbers the records of each session (``session_seq``, from 0) and gives the session's terminal
   record (``session_end``, or ``auth_failed`` for a refused login) ``session_records``, the session's
   record count: an evidence bundle proves with them that it holds every record of a session, in order;
-- encodes it once (canonical JSON: the bytes both file sinks store);
+- encodes it once (canonical JSON: the bytes both file sinks store, through their ``emit_encoded``);
 - keeps the failure state: after a sink failed, ``check`` raises ``AuditUnavailable`` until a write
   succeeds again, so callers can refuse work before it runs rather than after.
 
@@ -69,6 +69,7 @@ class AuditEmitter:
     def __init__(self, sink: AuditSink, *, clock: Callable[[], float] = time.time) -> None:
         self.sink = sink
         self.clock = clock
+        self._emit_encoded: Callable[[dict[str, Any], bytes], None] | None = getattr(sink, "emit_encoded", None)
         self._session_counts: dict[str, int] = {}
         self._broken: str | None = None
 
@@ -81,9 +82,9 @@ class AuditEmitter:
     def max_result_rows(self) -> int:
         return int(getattr(self.sink, "max_result_rows", 20))
 
-    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
-        """Stamp, number, redact and encode ``event`` (``encoded`` is ignored: encoding is ours), then
-        hand it to the sink; ``AuditUnavailable`` when the sink cannot record it."""
+    def emit(self, event: dict[str, Any]) -> None:
+        """Stamp, number, redact and encode ``event``, then hand it to the sink; ``AuditUnavailable``
+        when the sink cannot record it."""
         kind = _KINDS.get(event["event"])
         if kind is None:  # a programming error
             raise ValueError(f"unknown audit event kind {event['event']!r}")
@@ -100,12 +101,17 @@ class AuditEmitter:
                 if len(counts) > MAX_OPEN_SESSIONS:  # HTTP callers' sessions never end: forget the stalest
                     del counts[next(iter(counts))]
         redact_event(event)
+        encoded = b""
+        if self._emit_encoded is not None:
+            try:
+                encoded = canonical(event)
+            except (TypeError, orjson.JSONEncodeError) as exc:
+                raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
         try:
-            encoded = canonical(event)
-        except (TypeError, orjson.JSONEncodeError) as exc:
-            raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
-        try:
-            self.sink.emit(event, encoded)
+            if self._emit_encoded is not None:
+                self._emit_encoded(event, encoded)
+            else:
+                self.sink.emit(event)
         except AuditUnavailable as exc:
             self._broken = str(exc)
             raise

@@ -207,16 +207,19 @@ class SignedAuditLog:
 
     # -------------------------------------------------------------------------------------- sink
 
-    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
-        if self._closed:
-            raise AuditUnavailable("audit log is closed")
+    def emit(self, event: dict[str, Any]) -> None:
         try:
-            if encoded is not None:  # canonical JSON sorts "event" < "prev" < "seq": the same bytes
-                line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev.encode("ascii"), self._tree.size)
-            else:
-                line = canonical({"event": event, "prev": self._prev, "seq": self._tree.size})
+            encoded = canonical(event)
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
+        self.emit_encoded(event, encoded)
+
+    def emit_encoded(self, event: dict[str, Any], encoded: bytes) -> None:
+        """``emit`` with the event already encoded (canonical JSON)."""
+        if self._closed:
+            raise AuditUnavailable("audit log is closed")
+        # Canonical JSON sorts "event" < "prev" < "seq": these are the bytes of canonical(record).
+        line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev.encode("ascii"), self._tree.size)
         h = leaf_hash(line)
         self._tree.append(h)
         self._prev = h.hex()

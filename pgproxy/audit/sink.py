@@ -22,9 +22,11 @@ class AuditUnavailable(Exception):
 
 
 class AuditSink(Protocol):
-    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
-        """Accept one event (``encoded``: its canonical JSON, when the caller has it); raise
-        AuditUnavailable when it cannot be recorded."""
+    """Sinks that store bytes also offer ``emit_encoded(event, encoded)``: the emitter then hands them
+    the event's canonical JSON, encoded once."""
+
+    def emit(self, event: dict[str, Any]) -> None:
+        """Accept one event; raise AuditUnavailable when it cannot be recorded."""
 
     def flush(self) -> None:
         """Make every accepted event durable as far as the sink's policy says."""
@@ -38,7 +40,7 @@ class MemoryAuditSink:
     def __init__(self) -> None:
         self.events: list[dict[str, Any]] = []
 
-    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
+    def emit(self, event: dict[str, Any]) -> None:
         self.events.append(event)
 
     def flush(self) -> None:
@@ -69,11 +71,15 @@ class JsonLinesAuditSink:
         """Events accepted but not written yet."""
         return len(self._lines)
 
-    def emit(self, event: dict[str, Any], encoded: bytes | None = None) -> None:
+    def emit(self, event: dict[str, Any]) -> None:
+        self.emit_encoded(event, canonical(event))
+
+    def emit_encoded(self, event: dict[str, Any], encoded: bytes) -> None:
+        """``emit`` with the event already encoded (canonical JSON)."""
         if self._broken is not None:
             raise AuditUnavailable(self._broken)
         lines = self._lines
-        lines.append(encoded if encoded is not None else canonical(event))
+        lines.append(encoded)
         if len(lines) >= self._batch_size:
             self.flush()
 
