@@ -56,8 +56,8 @@ def _redact_sql(sql: str) -> str:
     return redacted
 
 
-# Fields that only ever hold what the proxy or the server generates (kinds, ids, command tags, digests).
-_GENERATED = frozenset({"event", "session", "protocol", "tags", "row_digest", "sqlstate", "severity"})
+# Top-level event fields that only ever hold what the proxy or the server generates (kind, id, tags).
+_GENERATED = frozenset({"event", "session", "protocol", "tags"})
 
 
 def redact_value(value: Any) -> Any:
@@ -67,7 +67,7 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, list):
         return [redact_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: v if k in _GENERATED else redact_value(v) for k, v in value.items()}
+        return {k: redact_value(v) for k, v in value.items()}
     return value
 
 

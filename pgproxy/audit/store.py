@@ -32,7 +32,7 @@ from .logformat import (
     segment_first,
 )
 from .merkle import CompactTree, leaf_hash
-from .verify import MAX_PROBLEMS, TrustAnchor
+from .verify import TrustAnchor, note_problem
 
 log = logging.getLogger(__name__)
 
@@ -325,10 +325,7 @@ class StoreReport:
         return not self.problems
 
     def problem(self, text: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(text)
-        elif len(self.problems) == MAX_PROBLEMS:
-            self.problems.append("... further problems not shown")
+        note_problem(self.problems, text)
 
 
 def check_store(dsn: str, schema: str, anchor: TrustAnchor, *, log_id: str | None = None,

@@ -58,10 +58,15 @@ class VerifyReport:
         return not self.problems
 
     def problem(self, text: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(text)
-        elif len(self.problems) == MAX_PROBLEMS:
-            self.problems.append("... further problems not shown")
+        note_problem(self.problems, text)
+
+
+def note_problem(problems: list[str], text: str) -> None:
+    """Add ``text`` to a report's problems, up to MAX_PROBLEMS (then one line saying more were found)."""
+    if len(problems) < MAX_PROBLEMS:
+        problems.append(text)
+    elif len(problems) == MAX_PROBLEMS:
+        problems.append("... further problems not shown")
 
 
 @dataclass(frozen=True)

@@ -180,3 +180,12 @@ def test_emitter_reports_a_failing_sink_until_it_writes_again(tmp_path: Path) ->
     with pytest.raises(AuditUnavailable):  # checked before a statement is forwarded
         emitter.check()
     sink._file.close()
+
+
+def test_nested_fields_named_like_generated_ones_are_redacted_too() -> None:
+    sink = MemoryAuditSink()
+    AuditEmitter(sink).emit({"event": "http_exchange", "session": "http-1",
+                             "request": {"body": {"json": {"session": "Bearer abcdefghijklmnopqrstuvwx",
+                                                           "tags": ["AKIAABCDEFGHIJKLMNOP"]}}}})
+    assert sink.events[0]["request"]["body"]["json"] == {"session": "Bearer [redacted:bearer_token]",
+                                                         "tags": ["[redacted:aws_access_key]"]}
