@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from pgproxy.audit.events import AuditEmitter
 from pgproxy.audit.sink import JsonLinesAuditSink
 from pgproxy.config import parse_config
 from pgproxy.metrics import ProxyMetrics
@@ -107,7 +108,7 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
         from pgproxy.policy.rules import load_policy
 
         gates = (PolicyGate(load_policy(policy), None, metrics=metrics),)
-    server = SimpleNamespace(config=config, gates=gates, audit=audit, cancels=None, metrics=metrics)
+    server = SimpleNamespace(config=config, gates=gates, audit=AuditEmitter(audit), cancels=None, metrics=metrics)
     client, upstream = Link(), Link()
     client.connection_made(NullTransport())  # type: ignore[arg-type]
     upstream.connection_made(NullTransport())  # type: ignore[arg-type]

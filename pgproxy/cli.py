@@ -12,12 +12,16 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from . import __version__
 from .config import ConfigError, ProxyConfig, load_config
 from .people_cli import connect, login, logout
+
+if TYPE_CHECKING:
+    from .audit.verify import TrustAnchor
 
 config_option = click.option("-c", "--config", "config_path", type=click.Path(dir_okay=False),
                              help="Config file (default: $PGPROXY_CONFIG).")
@@ -185,6 +189,11 @@ def _check_audit_and_approvals(config: ProxyConfig) -> list[str]:
             load_private_key(audit.signing_key_file)
         except KeyError_ as exc:
             problems.append(f"audit.signing_key_file: {exc}")
+    if audit.store_dsn_env is not None:
+        try:
+            audit.store_dsn()
+        except ConfigError as exc:
+            problems.append(str(exc))
     if config.approvals is not None and config.approvals.store == "postgres":
         try:
             config.approvals.dsn()
@@ -269,6 +278,22 @@ def audit() -> None:
 _pubkey_option = click.option("--pubkey", "pubkeys", multiple=True, type=click.Path(exists=True, dir_okay=False),
                               help="Trusted public key (FILE.pub from keygen; repeatable for rotated keys).")
 _log_dir = click.argument("directory", type=click.Path(exists=True, file_okay=False))
+_anchor_config_option = click.option("--config", "-c", "anchor_config", default=None,
+                                     type=click.Path(exists=True, dir_okay=False),
+                                     help="The proxy's config: trust its signing key and audit.trusted_keys.")
+
+
+def _config_anchor(config_path: str | None) -> TrustAnchor | None:
+    """The trust anchor a proxy config pins (``--config``), or None."""
+    if config_path is None:
+        return None
+    from .audit.keys import KeyError_
+    from .audit.verify import config_anchor
+
+    try:
+        return config_anchor(_load(config_path).audit, config_path)
+    except KeyError_ as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @audit.command("keygen")
@@ -288,11 +313,14 @@ def audit_keygen(out: str) -> None:
 @_log_dir
 @click.option("--witness", default=None, help="Witness directory or PostgreSQL DSN holding published checkpoints.")
 @_pubkey_option
-def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str]) -> None:
-    """Verify a log: signatures, hash chain, Merkle roots, truncation, forks. Exit 1 on any problem."""
+@_anchor_config_option
+def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str], anchor_config: str | None) -> None:
+    """Verify a log against a pinned key (--config, --pubkey or --witness): signatures, hash chain, Merkle
+    roots, truncation, forks. Exit 1 on any problem, including a key that is not pinned."""
     from .audit.verify import verify_log
 
     report = verify_log(Path(directory), pubkeys=[Path(p) for p in pubkeys], witness=witness,
+                        anchor=_config_anchor(anchor_config),
                         progress=lambda n: click.echo(f"  {n} records checked ...", err=True))
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
@@ -300,7 +328,8 @@ def audit_verify(directory: str, witness: str | None, pubkeys: Sequence[str]) ->
         click.echo(f"TAMPERED: {p}", err=True)
     cp = report.latest_checkpoint
     summary = (f"log {report.log_id}: {report.records} records, {report.checkpoints} valid checkpoint(s)"
-               + (f", latest signs {cp.tree_size} records (key {cp.key_id})" if cp else ""))
+               + (f", latest signs {cp.tree_size} records (key {cp.key_id})" if cp else "")
+               + f"; trust anchor: {report.anchor or 'none'}")
     if not report.ok:
         click.echo(f"FAILED: {summary}: {len(report.problems)} problem(s)")
         sys.exit(1)
@@ -338,12 +367,15 @@ def audit_show(directory: str, session: str, as_json: bool) -> None:
 @click.option("--session", required=True, help="Session id (see `pgproxy audit sessions`).")
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False))
 @_pubkey_option
-def audit_export(directory: str, session: str, output: str, pubkeys: Sequence[str]) -> None:
-    """Write one session's records with inclusion proofs and the signed checkpoint to a bundle."""
+@_anchor_config_option
+def audit_export(directory: str, session: str, output: str, pubkeys: Sequence[str], anchor_config: str | None) -> None:
+    """Write one session's records with inclusion proofs and the signed checkpoint to a bundle (the log is
+    verified first, against the key pinned by --config or --pubkey)."""
     from .audit.bundle import BundleError, export_session
 
     try:
         info = export_session(Path(directory), session, Path(output), pubkeys=[Path(p) for p in pubkeys],
+                              anchor=_config_anchor(anchor_config),
                               progress=lambda text: click.echo(text, err=True))
     except BundleError as exc:
         raise click.ClickException(str(exc)) from None
@@ -354,20 +386,122 @@ def audit_export(directory: str, session: str, output: str, pubkeys: Sequence[st
 @audit.command("verify-bundle")
 @click.argument("bundle", type=click.Path(exists=True, dir_okay=False))
 @_pubkey_option
-def audit_verify_bundle(bundle: str, pubkeys: Sequence[str]) -> None:
-    """Check a bundle offline: checkpoint signature and every record's inclusion proof."""
+@_anchor_config_option
+def audit_verify_bundle(bundle: str, pubkeys: Sequence[str], anchor_config: str | None) -> None:
+    """Check a bundle offline against a pinned key (--pubkey or --config): checkpoint signature, every
+    record's inclusion proof, and that it holds every record of the session, in order."""
     from .audit.bundle import verify_bundle
 
-    report = verify_bundle(Path(bundle), pubkeys=[Path(p) for p in pubkeys])
+    report = verify_bundle(Path(bundle), pubkeys=[Path(p) for p in pubkeys], anchor=_config_anchor(anchor_config))
     for w in report.warnings:
         click.echo(f"warning: {w}", err=True)
     for p in report.problems:
         click.echo(f"TAMPERED: {p}", err=True)
     if not report.ok:
-        click.echo(f"FAILED: bundle for session {report.session}: {len(report.problems)} problem(s)")
+        click.echo(f"FAILED: bundle for session {report.session}: {len(report.problems)} problem(s); "
+                   f"trust anchor: {report.anchor or 'none'}")
         sys.exit(1)
-    click.echo(f"OK: session {report.session}: {report.records} records included in the signed log "
-               f"(key {report.key_id}{', trusted' if report.trusted else ''})")
+    click.echo(f"OK: session {report.session}: all {report.records} records of the session, in order, included in "
+               f"the signed log (key {report.key_id}); trust anchor: {report.anchor}")
+
+
+def _store(config_path: str | None, dsn: str | None) -> tuple[str, str]:
+    """(DSN, schema) of the central audit store: ``--dsn``, else the config's audit.store_dsn_env."""
+    config = _load(config_path) if config_path is not None or dsn is None else None
+    schema = config.audit.store_schema if config is not None else "pgproxy_audit"
+    if dsn is not None:
+        return dsn, schema
+    assert config is not None
+    if config.audit.store_dsn_env is None:
+        raise click.ClickException("audit.store_dsn_env is not set: pass --dsn")
+    try:
+        return config.audit.store_dsn(), schema
+    except ConfigError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+_store_dsn_option = click.option("--dsn", default=None, help="The central store's DSN (default: the config's "
+                                                               "audit.store_dsn_env).")
+
+
+@audit.command("search")
+@config_option
+@_store_dsn_option
+@click.option("--subject", default=None, help="Records of sessions (or exchanges) of this token subject.")
+@click.option("--agent", "agent_id", default=None, help="... of this agent id.")
+@click.option("--tool-call", "tool_call_id", default=None, help="... of this tool-call id.")
+@click.option("--table", default=None, help="Policy decisions on statements touching this table.")
+@click.option("--class", "statement_class", default=None, help="Policy decisions on this statement class.")
+@click.option("--decision", default=None, help="Policy decision: allow, deny, approve, refuse.")
+@click.option("--kind", default=None, help="Event kind, e.g. statement, session_start, policy_decision.")
+@click.option("--session", default=None, help="One session id.")
+@click.option("--since", default=None, help="From this time (ISO 8601, UTC unless a zone is given, or epoch).")
+@click.option("--until", default=None, help="Before this time.")
+@click.option("--text", default=None, help="Words in the statement text (full-text match).")
+@click.option("--limit", default=100, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per line.")
+def audit_search(config_path: str | None, dsn: str | None, since: str | None, until: str | None, limit: int,
+                 as_json: bool, **filters: str | None) -> None:
+    """Search the central audit store (every replica's shipped log), oldest first."""
+    import orjson
+
+    from .audit.store import SearchFilters, parse_time, search
+    from .audit.timeline import format_when
+
+    store_dsn, schema = _store(config_path, dsn)
+    try:
+        query = SearchFilters(**filters, since=parse_time(since) if since else None,
+                              until=parse_time(until) if until else None, limit=limit)
+    except ValueError as exc:
+        raise click.ClickException(f"--since/--until: {exc}") from None
+    try:
+        hits = search(store_dsn, schema, query)
+    except Exception as exc:  # psycopg errors: the store is down or not set up
+        raise click.ClickException(f"cannot search the audit store: {exc}") from None
+    for h in hits:
+        if as_json:
+            click.echo(orjson.dumps(h.to_json()).decode())
+        else:
+            click.echo(f"{format_when(h.ts)}  {h.log_id[:8]}#{h.seq}  {h.session or '-'}  {h.kind}"
+                       + (f"  {h.subject}" if h.subject else "") + (f"  [{h.decision}]" if h.decision else "")
+                       + (f"  {h.sql}" if h.sql else ""))
+    if not as_json:
+        click.echo(f"{len(hits)} record(s)" + (" (--limit reached)" if len(hits) == limit else ""), err=True)
+
+
+@audit.command("check-store")
+@_anchor_config_option
+@_store_dsn_option
+@_pubkey_option
+@click.option("--log-id", default=None, help="Check one log (default: every log in the store).")
+def audit_check_store(anchor_config: str | None, dsn: str | None, pubkeys: Sequence[str], log_id: str | None) -> None:
+    """Check the central store's rows against the signed checkpoints (pinned by --config or --pubkey):
+    every shipped record, its hash chain and Merkle roots. Exit 1 on any problem."""
+    from .audit.keys import KeyError_
+    from .audit.store import check_store
+    from .audit.verify import TrustAnchor
+
+    store_dsn, schema = _store(anchor_config, dsn)
+    try:
+        anchor = (TrustAnchor.from_files([Path(p) for p in pubkeys], "--pubkey " + ", ".join(pubkeys)) if pubkeys
+                  else _config_anchor(anchor_config))
+    except KeyError_ as exc:
+        raise click.ClickException(str(exc)) from None
+    if anchor is None:
+        raise click.ClickException("the signing key is not pinned: pass --config or --pubkey")
+    try:
+        report = check_store(store_dsn, schema, anchor, log_id=log_id,
+                             progress=lambda n: click.echo(f"  {n} records checked ...", err=True))
+    except Exception as exc:
+        raise click.ClickException(f"cannot read the audit store: {exc}") from None
+    for p in report.problems:
+        click.echo(f"TAMPERED: {p}", err=True)
+    summary = (f"{len(report.logs)} log(s), {sum(report.logs.values())} records, {report.checkpoints} valid "
+               f"checkpoint(s); trust anchor: {report.anchor}")
+    if not report.ok:
+        click.echo(f"FAILED: {summary}: {len(report.problems)} problem(s)")
+        sys.exit(1)
+    click.echo(f"OK: {summary}")
 
 
 @audit.command("replay")
@@ -396,7 +530,8 @@ def audit_replay(bundle: str, target: str, commit: bool, pubkeys: Sequence[str],
 
     try:
         report = run_replay(Path(bundle), target, commit=commit, pubkeys=tuple(Path(p) for p in pubkeys),
-                            progress=progress, masking=masking)
+                            progress=progress, masking=masking,
+                            anchor=_config_anchor(config_path) if not pubkeys else None)
     except ReplayError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{report.count('match')} matched, {report.count('differ')} differ, {report.count('skipped')} skipped; "

@@ -162,6 +162,19 @@ class AuditConfig:
     witness_dir: Path | None = None
     witness_dsn: str | None = None
     max_result_rows: int = 20
+    # Public keys of earlier signing keys (after a rotation): with the signing key's own, the keys the
+    # proxy and `pgproxy audit verify --config` trust; the log's own keys/ directory is never trusted.
+    trusted_keys: tuple[Path, ...] = ()
+    # The central store (docs/audit.md#central-store): records and checkpoints shipped to PostgreSQL.
+    store_dsn_env: str | None = None  # environment variable holding the store's DSN
+    store_schema: str = "pgproxy_audit"
+
+    def store_dsn(self) -> str:
+        """The central store's DSN from ``store_dsn_env``."""
+        value = os.environ.get(self.store_dsn_env or "")
+        if not value:
+            raise ConfigError(f"audit.store_dsn_env: environment variable {self.store_dsn_env} is not set")
+        return value
 
 
 APPROVAL_STORES = ("sqlite", "postgres")
@@ -577,6 +590,9 @@ def _audit(s: Section) -> AuditConfig:
         witness_dir=s.path_("witness_dir", must_exist=False),
         witness_dsn=s.string("witness_dsn"),
         max_result_rows=s.integer("max_result_rows", 20, maximum=100_000),
+        trusted_keys=tuple(_key_path(s, i, v) for i, v in enumerate(s.items("trusted_keys"))),
+        store_dsn_env=s.string("store_dsn_env"),
+        store_schema=s.string("store_schema", "pgproxy_audit") or "pgproxy_audit",
     )
     s.done()
     if audit.jsonl_path is not None and audit.dir is not None:
@@ -584,12 +600,24 @@ def _audit(s: Section) -> AuditConfig:
     if audit.dir is not None and audit.signing_key_file is None:
         raise ConfigError(f"{s.at('signing_key_file')}: required with dir (create one with `pgproxy audit keygen`)")
     if audit.dir is None:
-        for key in ("signing_key_file", "witness_dir", "witness_dsn"):
-            if getattr(audit, key) is not None:
+        for key in ("signing_key_file", "witness_dir", "witness_dsn", "trusted_keys", "store_dsn_env"):
+            if getattr(audit, key):
                 raise ConfigError(f"{s.at(key)}: only used with dir (the signed audit log)")
     if audit.witness_dir is not None and audit.witness_dsn is not None:
         raise ConfigError(f"{s.path}: set witness_dir or witness_dsn, not both")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]{0,62}", audit.store_schema):
+        raise ConfigError(f"{s.at('store_schema')}: must be a plain identifier (letters, digits, _; at most 63)")
     return audit
+
+
+def _key_path(s: Section, index: int, value: Any) -> Path:
+    where = f"{s.at('trusted_keys')}[{index}]"
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a public key file path")
+    p = Path(value) if Path(value).is_absolute() else s.base_dir / value
+    if not p.exists():
+        raise ConfigError(f"{where}: file not found: {p}")
+    return p
 
 
 def _approvals(s: Section) -> ApprovalsConfig:

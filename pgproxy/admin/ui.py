@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -40,6 +41,8 @@ from pgproxy.policy.approvals import (
     ApprovalStoreUnavailable,
 )
 
+log = logging.getLogger(__name__)
+
 HERE = Path(__file__).parent
 SESSION_COOKIE = "pgproxy_ui"
 LOGIN_COOKIE = "pgproxy_ui_login"  # double-submit CSRF token of the login form (no session yet)
@@ -49,6 +52,9 @@ MAX_SESSION_SECONDS = 12 * 3600.0
 MAX_REASON_CHARS = 2000
 MAX_TOKEN_CHARS = 16 * 1024
 HISTORY_LIMIT = 100
+SEARCH_LIMIT = 200  # records per search page
+SEARCH_FIELDS = ("subject", "agent", "tool_call", "table", "class", "decision", "kind", "session", "since", "until",
+                 "text")
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; "
                                "frame-ancestors 'none'; base-uri 'none'",
@@ -168,9 +174,11 @@ class AdminUI:
         self.secure_cookies = config.admin.tls is not None
         self.roles = roles_from_config(config)
         audit = config.audit
-        self.audit = (AuditLogView(audit.dir, (audit.signing_key_file,) if audit.signing_key_file else ())
+        self.audit = (AuditLogView(audit.dir, ((audit.signing_key_file,) if audit.signing_key_file else ())
+                                   + audit.trusted_keys)
                       if audit.dir is not None else None)
         self.jsonl_path = audit.jsonl_path
+        self.store = (audit.store_dsn(), audit.store_schema) if audit.store_dsn_env is not None else None
         self.sessions = UiSessions()
         self.env = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
         self.env.filters["utc"] = format_when
@@ -188,6 +196,7 @@ class AdminUI:
             ("GET", "/ui/oidc/start", self._oidc_start), ("GET", "/ui/oidc/callback", self._oidc_callback),
             ("GET", "/ui/approvals", self._approvals), ("POST", "/ui/approvals/{id}/decide", self._decide),
             ("GET", "/ui/sessions", self._session_list), ("GET", "/ui/sessions/{session}", self._session_page),
+            ("GET", "/ui/search", self._search),
         ]
         for method, path, handler in pages:
             app.router.add_route(method, path, self._guarded(handler))
@@ -451,3 +460,34 @@ class AdminUI:
         start = view.records[0].event.get("ts")
         return self._render("session.html", view=view, start=start if isinstance(start, (int, float)) else None,
                             **self._chrome(session))
+
+    async def _search(self, request: web.Request) -> web.Response:
+        """The central store's records matching the form's filters (docs/audit.md#central-store)."""
+        from pgproxy.audit.store import Hit, SearchFilters, parse_time, search
+
+        session = await self._required(request)
+        if not isinstance(session, UiSession):
+            return session
+        self._analysts_only(session)
+        form = {k: v.strip() for k, v in request.query.items() if k in SEARCH_FIELDS and v.strip()}
+        if self.store is None:
+            return self._render("search.html", form=form, hits=None, searched=False, **self._chrome(session),
+                                unavailable="the central audit store is not configured (audit.store_dsn_env)")
+        hits: list[Hit] | None = None
+        if form:
+            try:
+                filters = SearchFilters(
+                    subject=form.get("subject"), agent_id=form.get("agent"), tool_call_id=form.get("tool_call"),
+                    table=form.get("table"), statement_class=form.get("class"), decision=form.get("decision"),
+                    kind=form.get("kind"), session=form.get("session"), text=form.get("text"),
+                    since=parse_time(form["since"]) if "since" in form else None,
+                    until=parse_time(form["until"]) if "until" in form else None, limit=SEARCH_LIMIT)
+            except ValueError as exc:
+                raise PageError(400, f"since/until: {exc}") from None
+            try:
+                hits = await asyncio.to_thread(search, self.store[0], self.store[1], filters)
+            except Exception as exc:  # psycopg: the store is down
+                log.warning("audit store search failed: %s", exc)
+                raise PageError(503, "the central audit store is unavailable") from None
+        return self._render("search.html", form=form, hits=hits, searched=bool(form), unavailable=None,
+                            limit=SEARCH_LIMIT, **self._chrome(session))

@@ -23,8 +23,8 @@ def sink_from_config(cfg: AuditConfig) -> AuditSink:
                                   checkpoint_every_seconds=cfg.checkpoint_every_seconds, fsync=cfg.fsync,
                                   segment_max_bytes=cfg.segment_max_bytes,
                                   witness=open_witness(cfg.witness_dir, cfg.witness_dsn),
-                                  max_result_rows=cfg.max_result_rows)
-        except (OSError, AuditUnavailable) as exc:
+                                  max_result_rows=cfg.max_result_rows, trusted_keys=cfg.trusted_keys)
+        except (OSError, AuditUnavailable, KeyError_) as exc:
             raise ConfigError(f"audit.dir: {exc}") from None
     if cfg.jsonl_path is not None:
         return JsonLinesAuditSink(cfg.jsonl_path)

@@ -6,6 +6,9 @@ A log directory holds:
 - ``segment-<first record number, 12 digits>.jsonl``: records, one canonical JSON object per line;
 - ``checkpoints.jsonl``: signed checkpoints, one canonical JSON object per line;
 - ``keys/<key id>.pub``: the public keys that signed checkpoints (PEM);
+- ``resume.json``: the Merkle frontier at a checkpoint and where its last record lies, so that a writer
+  reopening the log verifies only what follows (see ``verify.ResumePoint``);
+- ``lock``: locked by the writing process (its pid and host inside), so a second writer is refused;
 - ``*.torn`` files: bytes of an incomplete final record set aside when the log was reopened after a crash.
 
 See docs/audit.md for the exact encoding.
@@ -27,6 +30,8 @@ BUNDLE_FORMAT = "pgproxy-audit-bundle/v1"
 META_FILE = "log.json"
 CHECKPOINTS_FILE = "checkpoints.jsonl"
 KEYS_DIR = "keys"
+RESUME_FILE = "resume.json"  # where a reopening writer resumes (a cache, checked against the signed roots)
+LOCK_FILE = "lock"  # held (flock) by the one process writing the log
 SEGMENT_RE = re.compile(r"^segment-(\d{12})\.jsonl$")
 
 
@@ -51,6 +56,11 @@ def read_meta(directory: Path) -> dict[str, Any]:
     return data
 
 
+def segment_first(segment: Path) -> int:
+    """The number of a segment's first record, from its name."""
+    return int(segment.name.split("-")[1].split(".")[0])
+
+
 def list_segments(directory: Path) -> list[tuple[int, Path]]:
     """(first record number, path) of every segment, in order."""
     found = []
@@ -71,11 +81,15 @@ class RawLine:
     last_in_log: bool  # the final line of the last segment
 
 
-def iter_lines(directory: Path) -> Iterator[RawLine]:
-    """Every line of every segment, in log order."""
-    segments = list_segments(directory)
-    for i, (_, path) in enumerate(segments):
-        data = path.read_bytes()
+def iter_lines(directory: Path, start: tuple[int, int] = (0, 0)) -> Iterator[RawLine]:
+    """Every line of every segment, in log order; from ``start`` = (a segment's first record number,
+    byte offset in it) on, when given (line numbers then count from there)."""
+    segments = [(first, path) for first, path in list_segments(directory) if first >= start[0]]
+    for i, (first, path) in enumerate(segments):
+        skip = start[1] if first == start[0] else 0
+        with path.open("rb") as f:
+            f.seek(skip)
+            data = f.read()
         pos, line_no = 0, 0
         n = len(data)
         while pos < n:
@@ -85,7 +99,7 @@ def iter_lines(directory: Path) -> Iterator[RawLine]:
             if not complete:
                 end = n
             last = i == len(segments) - 1 and end >= n - 1
-            yield RawLine(path, line_no, pos, data[pos:end], complete, last)
+            yield RawLine(path, line_no, skip + pos, data[pos:end], complete, last)
             pos = end + 1
 
 

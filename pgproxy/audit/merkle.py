@@ -58,6 +58,19 @@ class CompactTree:
             n >>= 1
         self.size += 1
 
+    @property
+    def frontier(self) -> list[bytes]:
+        return list(self._frontier)
+
+    @classmethod
+    def restore(cls, size: int, frontier: Sequence[bytes]) -> CompactTree:
+        """The tree of ``size`` leaves whose frontier is ``frontier`` (one root per set bit of ``size``)."""
+        if size < 0 or len(frontier) != size.bit_count() or any(len(h) != 32 for h in frontier):
+            raise ValueError(f"not the frontier of a tree of {size} leaves")
+        tree = cls()
+        tree.size, tree._frontier = size, list(frontier)
+        return tree
+
     def root(self) -> bytes:
         frontier = self._frontier
         if not frontier:

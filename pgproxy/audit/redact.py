@@ -1,7 +1,7 @@
 """Secret detectors: replace obvious secrets in recorded SQL and parameters with ``[redacted:kind]``.
 
-Applied by the signed audit log to ``sql`` and ``params`` of every statement event before it is
-stored. One combined pre-check keeps the common case (no secret) to a single regex search.
+Applied by the audit emitter (``events.AuditEmitter``) to every string of every event, in every sink,
+before it is stored. One combined pre-check keeps the common case (no secret) to a single regex search.
 """
 
 from __future__ import annotations
@@ -25,9 +25,13 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], int], ...] = (
 )
 
 
+# No detector matches fewer characters (``password ''``): shorter strings, most result cells, are skipped.
+_MIN_SECRET_CHARS = 11
+
+
 def redact_text(text: str) -> str:
     """``text`` with every detected secret replaced; the same object when nothing was found."""
-    if not _PRECHECK.search(text):
+    if len(text) < _MIN_SECRET_CHARS or not _PRECHECK.search(text):
         return text
     for kind, pattern, keep in _DETECTORS:
         replacement = f"[redacted:{kind}]"
@@ -41,19 +45,39 @@ _SQL_CACHE_LIMIT = 1024
 _SQL_CACHE_MAX_CHARS = 4096
 
 
+def _redact_sql(sql: str) -> str:
+    redacted = _SQL_CACHE.get(sql)
+    if redacted is None:
+        redacted = redact_text(sql)
+        if len(sql) <= _SQL_CACHE_MAX_CHARS:
+            if len(_SQL_CACHE) >= _SQL_CACHE_LIMIT:
+                _SQL_CACHE.clear()
+            _SQL_CACHE[sql] = redacted
+    return redacted
+
+
+# Top-level event fields that only ever hold what the proxy or the server generates (kind, id, tags).
+_GENERATED = frozenset({"event", "session", "protocol", "tags"})
+
+
+def redact_value(value: Any) -> Any:
+    """``value`` with every string in it (recursively through lists and dicts) redacted."""
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, list):
+        return [redact_value(v) for v in value]
+    if isinstance(value, dict):
+        return {k: redact_value(v) for k, v in value.items()}
+    return value
+
+
+
+
 def redact_event(event: dict[str, Any]) -> dict[str, Any]:
-    """Redact ``sql`` and ``params`` of a statement event in place (other events pass through)."""
-    sql = event.get("sql")
-    if isinstance(sql, str):
-        redacted = _SQL_CACHE.get(sql)
-        if redacted is None:
-            redacted = redact_text(sql)
-            if len(sql) <= _SQL_CACHE_MAX_CHARS:
-                if len(_SQL_CACHE) >= _SQL_CACHE_LIMIT:
-                    _SQL_CACHE.clear()
-                _SQL_CACHE[sql] = redacted
-        event["sql"] = redacted
-    params = event.get("params")
-    if isinstance(params, list):
-        event["params"] = [redact_text(p) if isinstance(p, str) else p for p in params]
+    """Redact every string value of ``event`` in place; ``sql`` (recurring statement text) is cached."""
+    for key, value in event.items():
+        if key == "sql" and isinstance(value, str):
+            event[key] = _redact_sql(value)
+        elif key not in _GENERATED and isinstance(value, (str, list, dict)):
+            event[key] = redact_value(value)
     return event

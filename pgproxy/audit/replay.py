@@ -23,10 +23,11 @@ import asyncpg
 
 from ..config import UpstreamConfig
 from ..masking.rewrite import Rewritten
-from ..protocol.messages import Bind, ErrorResponse, Execute, Parse, Query, Sync, Terminate
+from ..protocol.messages import Bind, CommandComplete, ErrorResponse, Execute, Parse, Query, Sync, Terminate
 from ..server.link import Link
 from ..server.upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 from .bundle import BundleError, verify_bundle
+from .verify import TrustAnchor
 
 if TYPE_CHECKING:
     from ..masking.replay import ReplayMasking
@@ -83,32 +84,44 @@ def _skip_reason(event: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclass
+class _Ran:
+    """What the target answered to one request, up to ReadyForQuery."""
+
+    digest: str  # SHA-256 over the DataRow messages, as the audit log's row_digest
+    rows: int  # DataRow messages
+    error: ErrorResponse | None  # the first error
+    tags: list[str]  # command tags, e.g. ["DELETE 0"]
+
+
 class _Conn:
     def __init__(self, link: Link) -> None:
         self.link = link
 
-    async def until_ready(self) -> tuple[str, int, ErrorResponse | None]:
-        """Read to ReadyForQuery: (digest of DataRow messages, rows, first error)."""
+    async def until_ready(self) -> _Ran:
         digest = hashlib.sha256()
         rows = 0
         error: ErrorResponse | None = None
+        tags: list[str] = []
         while True:
             msg_type, body = await self.link.read_message(MESSAGE_LIMIT)
             if msg_type == 0x44:
                 digest.update(b"D" + (len(body) + 4).to_bytes(4, "big"))
                 digest.update(body)
                 rows += 1
+            elif msg_type == 0x43:
+                tags.append(CommandComplete.decode(body).tag)
             elif msg_type == 0x45 and error is None:
                 error = ErrorResponse.decode(body)
             elif msg_type == 0x5A:
-                return digest.hexdigest(), rows, error
+                return _Ran(digest.hexdigest(), rows, error, tags)
 
-    async def simple(self, sql: str) -> tuple[str, int, ErrorResponse | None]:
+    async def simple(self, sql: str) -> _Ran:
         self.link.write(Query(sql).encode())
         return await self.until_ready()
 
     async def extended(self, sql: str, params: list[bytes | None], param_formats: list[int],
-                       result_formats: list[int], param_types: list[int]) -> tuple[str, int, ErrorResponse | None]:
+                       result_formats: list[int], param_types: list[int]) -> _Ran:
         self.link.write(Parse("", sql, tuple(param_types)).encode()
                         + Bind("", "", tuple(param_formats), tuple(params), tuple(result_formats)).encode()
                         + Execute("", 0).encode() + Sync().encode())
@@ -148,8 +161,8 @@ def _target(dsn: str) -> tuple[UpstreamConfig, dict[str, str], str | None]:
 
 async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
                         progress: Callable[[ReplayOutcome, int, int], None] | None = None,
-                        masking: ReplayMasking | None = None) -> ReplayReport:
-    checked = verify_bundle(path, pubkeys=pubkeys)
+                        masking: ReplayMasking | None = None, anchor: TrustAnchor | None = None) -> ReplayReport:
+    checked = verify_bundle(path, pubkeys=pubkeys, anchor=anchor)
     if not checked.ok:
         raise ReplayError(f"the bundle does not verify: {checked.problems[0]}")
     statements = [e for e in checked.events if e.get("event") == "statement"]
@@ -163,7 +176,7 @@ async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: 
     report = ReplayReport()
     try:
         await conn.until_ready()  # ParameterStatus, BackendKeyData, ReadyForQuery after the login
-        _, _, err = await conn.simple("BEGIN")
+        err = (await conn.simple("BEGIN")).error
         if err is not None:
             raise ReplayError(f"cannot start the replay transaction: {err.message}")
         for n, event in enumerate(statements, 1):
@@ -171,7 +184,7 @@ async def replay_bundle(path: Path, dsn: str, *, commit: bool = False, pubkeys: 
             report.outcomes.append(outcome)
             if progress is not None:
                 progress(outcome, n, len(statements))
-        _, _, err = await conn.simple("COMMIT" if commit else "ROLLBACK")
+        err = (await conn.simple("COMMIT" if commit else "ROLLBACK")).error
         report.committed = commit and err is None
     finally:
         link.write(Terminate().encode())
@@ -209,14 +222,19 @@ async def _replay_one(conn: _Conn, event: dict[str, Any], rewrite: Rewrite | Non
     await conn.simple("SAVEPOINT pgproxy_replay")
     if event.get("protocol") == "extended":
         values, formats = _params(event)
-        digest, rows, error = await conn.extended(run_sql, values, formats, list(event.get("result_formats") or []),
-                                                  [int(t) for t in event.get("param_types") or []])
+        ran = await conn.extended(run_sql, values, formats, list(event.get("result_formats") or []),
+                                  [int(t) for t in event.get("param_types") or []])
     else:
-        digest, rows, error = await conn.simple(run_sql)
+        ran = await conn.simple(run_sql)
+    digest, rows, error = ran.digest, ran.rows, ran.error
     await conn.simple(("ROLLBACK TO" if error is not None else "RELEASE") + " SAVEPOINT pgproxy_replay")
     recorded = event.get("result") or {}
     recorded_error = (event.get("error") or {}).get("sqlstate")
     differences = []
+    recorded_tags = event.get("tags")
+    if isinstance(recorded_tags, list) and ran.tags != recorded_tags:  # e.g. DELETE 0 where DELETE 1000 ran
+        differences.append(f"command tags {', '.join(ran.tags) or 'none'} (recorded "
+                           f"{', '.join(map(str, recorded_tags)) or 'none'})")
     if digest != recorded.get("row_digest"):
         differences.append(f"rows differ: {rows} rows, digest {digest[:16]}... (recorded {recorded.get('rows_sent')} "
                            f"rows, {str(recorded.get('row_digest'))[:16]}...)")
@@ -226,14 +244,15 @@ async def _replay_one(conn: _Conn, event: dict[str, Any], rewrite: Rewrite | Non
                            + (f": {error.message}" if error is not None else ""))
     if differences:
         return ReplayOutcome(index, sql, "differ", "; ".join(differences))
-    return ReplayOutcome(index, sql, "match", f"{rows} rows" + (f", error {replay_error}" if replay_error else ""))
+    return ReplayOutcome(index, sql, "match", (", ".join(ran.tags) or f"{rows} rows")
+                         + (f", error {replay_error}" if replay_error else ""))
 
 
 def run_replay(path: Path, dsn: str, *, commit: bool = False, pubkeys: tuple[Path, ...] = (),
                progress: Callable[[ReplayOutcome, int, int], None] | None = None,
-               masking: ReplayMasking | None = None) -> ReplayReport:
+               masking: ReplayMasking | None = None, anchor: TrustAnchor | None = None) -> ReplayReport:
     try:
         return asyncio.run(replay_bundle(path, dsn, commit=commit, pubkeys=pubkeys, progress=progress,
-                                         masking=masking))
+                                         masking=masking, anchor=anchor))
     except BundleError as exc:
         raise ReplayError(str(exc)) from None

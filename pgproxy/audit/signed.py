@@ -15,12 +15,14 @@ Used from the event loop's thread only.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
 import secrets
+import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -31,22 +33,43 @@ from .keys import Checkpoint, key_id, public_pem, sign_checkpoint
 from .logformat import (
     CHECKPOINTS_FILE,
     KEYS_DIR,
+    LOCK_FILE,
     LOG_FORMAT,
     META_FILE,
+    RESUME_FILE,
     canonical,
     genesis_hash,
     list_segments,
+    segment_first,
     segment_name,
 )
 from .merkle import CompactTree, leaf_hash
-from .redact import redact_event
 from .sink import AuditUnavailable
-from .verify import final_tree, verify_log
+from .verify import ResumePoint, TrustAnchor, final_tree, verify_log
 from .witness import Witness
 
 log = logging.getLogger(__name__)
 
 FSYNC_POLICIES = ("always", "interval", "never")
+
+
+RESUME_EVERY_RECORDS = 10_000  # save a resume point at the first checkpoint this many records after the last
+
+
+def _lock_directory(directory: Path) -> int:
+    """Take the log directory's exclusive lock (held until the fd closes): a second writer would fork
+    the hash chain, so it is refused with who holds the lock."""
+    fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+        os.close(fd)
+        raise AuditUnavailable(f"audit log {directory} is in use by another writer ({holder}); two writers would "
+                               "fork the log: give every proxy process its own audit.dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    return fd
 
 
 class SignedAuditLog:
@@ -57,7 +80,7 @@ class SignedAuditLog:
     def __init__(self, directory: Path, signing_key: Ed25519PrivateKey, *, checkpoint_every_records: int = 1000,
                  checkpoint_every_seconds: float = 60.0, fsync: str = "interval",
                  segment_max_bytes: int = 64 * 1024 * 1024, witness: Witness | None = None,
-                 max_result_rows: int = 20) -> None:
+                 max_result_rows: int = 20, trusted_keys: Iterable[Path] = ()) -> None:
         if fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(FSYNC_POLICIES)}")
         self.directory = directory
@@ -68,6 +91,12 @@ class SignedAuditLog:
         self._fsync = fsync
         self._segment_max = segment_max_bytes
         self._witness = witness
+        # The keys whose checkpoints this process continues: its own and earlier (rotated) ones, never
+        # whatever the directory's keys/ claims.
+        own = signing_key.public_key()
+        keys = TrustAnchor.from_files(trusted_keys, "audit.trusted_keys").keys
+        keys[key_id(own)] = own
+        self._anchor = TrustAnchor(keys, f"the proxy's signing key and audit.trusted_keys (key id {', '.join(keys)})")
         self._pending: list[bytes] = []
         self._broken: str | None = None
         self._fd: int | None = None
@@ -75,8 +104,21 @@ class SignedAuditLog:
         self._offset = 0
         self._checkpoint_due = False
         self._closed = False
+        self._last_line: tuple[int, int, int] | None = None  # (segment's first record, offset, length)
+        self._resume_size = 0  # records covered by the saved resume point
         self.on_write: Callable[[float], None] | None = None  # told each batch's write+fsync time (metrics)
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._lock_fd = _lock_directory(directory)
+        try:
+            self._open(signing_key)
+        except BaseException:
+            os.close(self._lock_fd)
+            raise
+
+    # ------------------------------------------------------------------------------------ opening
+
+    def _open(self, signing_key: Ed25519PrivateKey) -> None:
+        directory = self.directory
         (directory / KEYS_DIR).mkdir(exist_ok=True)
         pub = directory / KEYS_DIR / f"{key_id(signing_key.public_key())}.pub"
         if not pub.exists():
@@ -94,8 +136,6 @@ class SignedAuditLog:
         self._written = self._tree.size
         self._cp_fd = os.open(directory / CHECKPOINTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
-    # ------------------------------------------------------------------------------------ opening
-
     @staticmethod
     def _write_file(path: Path, data: bytes) -> None:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -106,16 +146,36 @@ class SignedAuditLog:
             os.close(fd)
 
     def _reopen(self) -> None:
-        """Continue an existing log: verify it, set a torn tail aside, refuse a log that fails."""
-        report = verify_log(self.directory, pubkeys=(), keep_leaves=False)
+        """Continue an existing log: check every checkpoint's signature and the records after the resume
+        point (all of them without one), set a torn tail aside, refuse a log that fails."""
+        point = ResumePoint.load(self.directory / RESUME_FILE)
+        started = time.perf_counter()
+        report = verify_log(self.directory, anchor=self._anchor, keep_leaves=False, resume=point)
+        if report.resumed:
+            assert point is not None
+            self._resume_size = point.tree_size
+            log.info("audit log %s: resumed at record %d, verified the %d record(s) after it in %.3f s",
+                     self.directory, point.tree_size, report.records - point.tree_size,
+                     time.perf_counter() - started)
+        elif point is not None:
+            log.warning("audit log %s: %s does not match the signed log; verified all %d records", self.directory,
+                        RESUME_FILE, report.records)
         self.log_id = report.log_id
         torn = report.torn_tail
         problems = report.problems
         if problems:
             raise AuditUnavailable(f"audit log {self.directory} fails verification, refusing to append: "
                                    f"{problems[0]} (run `pgproxy audit verify {self.directory}`)")
+        if report.records and report.latest_checkpoint is None:  # e.g. a rewritten log, checkpoints removed
+            raise AuditUnavailable(f"audit log {self.directory} holds {report.records} records but no checkpoint "
+                                   "signed by this proxy's keys: refusing to sign a history it cannot vouch for "
+                                   "(after a crash before the first checkpoint: check the records, then move "
+                                   "the directory aside)")
         self._tree = final_tree(report)
         self._prev = report.last_hash or genesis_hash(self.log_id)
+        if report.last_line is not None:
+            line = report.last_line
+            self._last_line = (segment_first(line.path), line.offset, len(line.data))
         if report.latest_checkpoint is not None:
             self._cp_size = report.latest_checkpoint.tree_size
         segments = list_segments(self.directory)
@@ -148,14 +208,18 @@ class SignedAuditLog:
     # -------------------------------------------------------------------------------------- sink
 
     def emit(self, event: dict[str, Any]) -> None:
-        if self._closed:
-            raise AuditUnavailable("audit log is closed")
-        if event.get("event") == "statement":
-            redact_event(event)
         try:
-            line = canonical({"event": event, "prev": self._prev, "seq": self._tree.size})
+            encoded = canonical(event)
         except (TypeError, orjson.JSONEncodeError) as exc:
             raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
+        self.emit_encoded(event, encoded)
+
+    def emit_encoded(self, event: dict[str, Any], encoded: bytes) -> None:
+        """``emit`` with the event already encoded (canonical JSON)."""
+        if self._closed:
+            raise AuditUnavailable("audit log is closed")
+        # Canonical JSON sorts "event" < "prev" < "seq": these are the bytes of canonical(record).
+        line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev.encode("ascii"), self._tree.size)
         h = leaf_hash(line)
         self._tree.append(h)
         self._prev = h.hex()
@@ -179,6 +243,7 @@ class SignedAuditLog:
         try:
             self._write_pending()
             self._checkpoint()
+            self._save_resume()
         finally:
             self._closed = True
             if self._fd is not None:
@@ -187,6 +252,7 @@ class SignedAuditLog:
             os.close(self._cp_fd)
             if self._witness is not None:
                 self._witness.close()
+            os.close(self._lock_fd)  # releases the directory's lock
 
     # ------------------------------------------------------------------------------------ writing
 
@@ -222,6 +288,8 @@ class SignedAuditLog:
             raise self._fail("writing records", exc) from None
         self._offset += len(data)
         self._written += len(pending)
+        assert self._segment is not None
+        self._last_line = (segment_first(self._segment), self._offset - len(pending[-1]) - 1, len(pending[-1]))
         pending.clear()
         if self.on_write is not None:
             self.on_write(time.perf_counter() - started)
@@ -248,6 +316,24 @@ class SignedAuditLog:
         self._cp_size, self._cp_time, self._checkpoint_due = cp.tree_size, time.monotonic(), False
         if self._witness is not None:
             self._witness.publish(cp)
+        if self._written - self._resume_size >= RESUME_EVERY_RECORDS:
+            self._save_resume()
+
+    def _save_resume(self) -> None:
+        """Note where a reopening writer may resume: at the checkpoint just signed over every written
+        record. Best effort (no fsync): a missing or stale point only means reading more on reopen."""
+        if self._last_line is None or self._pending or self._cp_size != self._written:
+            return
+        first, offset, length = self._last_line
+        point = ResumePoint(self._written, tuple(self._tree.frontier), first, offset, length)
+        tmp = self.directory / f"{RESUME_FILE}.tmp"
+        try:
+            tmp.write_bytes(canonical(point.to_json()) + b"\n")
+            os.replace(tmp, self.directory / RESUME_FILE)
+        except OSError as exc:
+            log.warning("audit log %s: cannot save the resume point: %s", self.directory, exc.strerror)
+            return
+        self._resume_size = self._written
 
     @property
     def size(self) -> int:

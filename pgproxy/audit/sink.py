@@ -1,9 +1,9 @@
 """Where session and statement events go: the seam between the proxy and the audit log.
 
-The proxy calls ``emit`` with plain dicts that are already safe to store (no tokens, no upstream
-credentials; masking applies before this point). ``emit`` never blocks the event loop: the JSON-lines
-sink buffers in memory and writes in batches. A sink that cannot write raises ``AuditUnavailable`` so
-the caller can refuse to run statements it could not record (fail closed).
+The proxy reaches its sink through ``events.AuditEmitter``, which stamps, redacts and numbers every
+event (no tokens, no upstream credentials; masking applies before this point). ``emit`` never blocks
+the event loop: the JSON-lines sink buffers in memory and writes in batches. A sink that cannot
+write raises ``AuditUnavailable`` so the caller can refuse to run statements it could not record (fail closed).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
-import orjson
+from .logformat import canonical
 
 
 class AuditUnavailable(Exception):
@@ -22,6 +22,9 @@ class AuditUnavailable(Exception):
 
 
 class AuditSink(Protocol):
+    """Sinks that store bytes also offer ``emit_encoded(event, encoded)``: the emitter then hands them
+    the event's canonical JSON, encoded once."""
+
     def emit(self, event: dict[str, Any]) -> None:
         """Accept one event; raise AuditUnavailable when it cannot be recorded."""
 
@@ -74,14 +77,20 @@ class JsonLinesAuditSink:
         return self._broken
 
     def emit(self, event: dict[str, Any]) -> None:
+        self.emit_encoded(event, canonical(event))
+
+    def emit_encoded(self, event: dict[str, Any], encoded: bytes) -> None:
+        """``emit`` with the event already encoded (canonical JSON)."""
         if self._broken is not None:
             raise AuditUnavailable(self._broken)
         lines = self._lines
-        lines.append(orjson.dumps(event, default=str))
+        lines.append(encoded)
         if len(lines) >= self._batch_size:
             self.flush()
 
     def flush(self) -> None:
+        if self._broken is not None:
+            raise AuditUnavailable(self._broken)
         lines, self._lines = self._lines, []
         if not lines:
             return

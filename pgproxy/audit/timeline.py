@@ -13,9 +13,10 @@ from typing import Any
 
 import orjson
 
+from .events import EventKind, event_kind
 from .logformat import iter_records
 
-_BASE_KEYS = {"event", "ts", "session"}
+_BASE_KEYS = {"event", "ts", "session", "session_seq"}
 
 
 def format_when(ts: Any) -> str:
@@ -42,17 +43,17 @@ def list_sessions(directory: Path) -> list[dict[str, Any]]:
                                                    "end": None, "subject": None, "role": None, "client": None,
                                                    "statements": 0, "events": 0, "reason": None})
         s["events"] += 1
-        kind = event.get("event")
-        if kind in ("session_start", "auth_failed"):
+        kind = event_kind(event)
+        if kind in (EventKind.SESSION_START, EventKind.AUTH_FAILED):
             ident = event.get("identity") or {}
             s["subject"] = ident.get("subject") if isinstance(ident, dict) else None
             s["role"] = event.get("upstream_role") or event.get("user")
             s["client"] = event.get("client")
-            if kind == "auth_failed":
+            if kind is EventKind.AUTH_FAILED:
                 s["reason"] = f"auth failed: {event.get('reason')}"
-        elif kind == "statement":
+        elif kind is EventKind.STATEMENT:
             s["statements"] += 1
-        elif kind == "session_end":
+        elif kind is EventKind.SESSION_END:
             s["end"] = event.get("ts")
             s["reason"] = event.get("reason")
     return sorted(sessions.values(), key=lambda s: s["start"] or 0)

@@ -17,8 +17,19 @@ from typing import Any
 import orjson
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
+from ..config import AuditConfig
 from .keys import Checkpoint, KeyError_, key_id, load_public_key
-from .logformat import CHECKPOINTS_FILE, KEYS_DIR, genesis_hash, iter_lines, read_checkpoint_lines, read_meta
+from .logformat import (
+    CHECKPOINTS_FILE,
+    KEYS_DIR,
+    RawLine,
+    genesis_hash,
+    iter_lines,
+    read_checkpoint_lines,
+    read_meta,
+    segment_first,
+    segment_name,
+)
 from .merkle import CompactTree, leaf_hash
 
 MAX_PROBLEMS = 20
@@ -37,29 +48,77 @@ class VerifyReport:
     leaves: list[bytes] = field(default_factory=list)
     roots: dict[int, bytes] = field(default_factory=dict)  # root at each checkpointed size
     last_hash: str = ""
+    anchor: str = ""  # where the trusted keys came from
+    resumed: bool = False  # only the records after a resume point were read
+    last_line: RawLine | None = None  # the last complete record's line
+    keys: dict[str, Ed25519PublicKey] = field(default_factory=dict)  # the keys checkpoints were checked with
 
     @property
     def ok(self) -> bool:
         return not self.problems
 
     def problem(self, text: str) -> None:
-        if len(self.problems) < MAX_PROBLEMS:
-            self.problems.append(text)
-        elif len(self.problems) == MAX_PROBLEMS:
-            self.problems.append("... further problems not shown")
+        note_problem(self.problems, text)
 
 
-def load_keyring(directory: Path, pubkeys: Iterable[Path]) -> tuple[dict[str, Ed25519PublicKey], bool]:
-    """Keys by id: the given files (trusted) or else the log's ``keys/`` directory (self-asserted)."""
-    files = list(pubkeys)
-    trusted = bool(files)
+def note_problem(problems: list[str], text: str) -> None:
+    """Add ``text`` to a report's problems, up to MAX_PROBLEMS (then one line saying more were found)."""
+    if len(problems) < MAX_PROBLEMS:
+        problems.append(text)
+    elif len(problems) == MAX_PROBLEMS:
+        problems.append("... further problems not shown")
+
+
+@dataclass(frozen=True)
+class TrustAnchor:
+    """The public keys a verification trusts and where they came from (reported with every result)."""
+
+    keys: dict[str, Ed25519PublicKey]
+    source: str
+
+    @classmethod
+    def from_files(cls, files: Iterable[Path], source: str) -> TrustAnchor:
+        keys = {}
+        for f in files:
+            k = load_public_key(f)
+            keys[key_id(k)] = k
+        return cls(keys, f"{source} (key id {', '.join(keys)})")
+
+
+def config_anchor(cfg: AuditConfig, where: str) -> TrustAnchor:
+    """The keys the proxy's config pins: its signing key and ``trusted_keys`` (earlier, rotated keys)."""
+    files = ([cfg.signing_key_file] if cfg.signing_key_file is not None else []) + list(cfg.trusted_keys)
     if not files:
-        files = sorted((directory / KEYS_DIR).glob("*.pub"))
+        raise KeyError_(f"{where}: audit.signing_key_file is not set: the config pins no key")
+    return TrustAnchor.from_files(files, f"{where} (audit.signing_key_file, audit.trusted_keys)")
+
+
+def log_keyring(directory: Path) -> dict[str, Ed25519PublicKey]:
+    """The keys in the log's own ``keys/`` directory: self-asserted, never a trust anchor by themselves."""
     keys = {}
-    for f in files:
+    for f in sorted((directory / KEYS_DIR).glob("*.pub")):
         k = load_public_key(f)
         keys[key_id(k)] = k
-    return keys, trusted
+    return keys
+
+
+def _witness_anchor(report: VerifyReport, desc: str, entries: list[tuple[str, Any]]) -> TrustAnchor | None:
+    """Keys of ``keys/`` whose ids sign the witness's checkpoints: the witness, kept off the proxy host,
+    pins them. None (with a problem) when the witness holds nothing to pin a key with."""
+    ids = sorted({str(data.get("key_id")) for _, data in entries if isinstance(data, dict)})
+    if not ids:
+        report.problem(f"witness {desc}: holds no checkpoint of this log, so it pins no key")
+        return None
+    try:
+        own = log_keyring(report.directory)
+    except KeyError_ as exc:
+        report.problem(str(exc))
+        return None
+    unknown = [i for i in ids if i not in own]
+    if unknown:
+        report.problem(f"witness {desc}: checkpoints signed by key id {', '.join(unknown)}, whose public key is not "
+                       "in the log's keys/ (pass --pubkey)")
+    return TrustAnchor({i: own[i] for i in ids if i in own}, f"witness {desc} (key id {', '.join(ids)})")
 
 
 def _load_checkpoints(report: VerifyReport, source: str, entries: Iterable[tuple[str, Any]],
@@ -82,21 +141,49 @@ def _load_checkpoints(report: VerifyReport, source: str, entries: Iterable[tuple
     return good
 
 
-def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), witness: str | None = None,
-               progress: Callable[[int], None] | None = None, keep_leaves: bool = False) -> VerifyReport:
+def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), anchor: TrustAnchor | None = None,
+               witness: str | None = None, progress: Callable[[int], None] | None = None,
+               keep_leaves: bool = False, resume: ResumePoint | None = None) -> VerifyReport:
+    """Check a log against pinned keys: ``anchor`` (e.g. the config's), else ``pubkeys``, else the witness.
+
+    Without any of them the log's own ``keys/`` are used to report everything else, and the missing
+    pin is itself a problem: whoever rewrote the log could have put their key there.
+
+    With ``resume`` (a writer reopening its log), every checkpoint's signature is still checked, but only
+    the records after the resume point are read; a resume point that does not match a signed checkpoint
+    and the bytes on disk is ignored (``report.resumed`` is then False) and the whole log is read.
+    """
     report = VerifyReport(directory)
     try:
         report.log_id = read_meta(directory)["log_id"]
     except (OSError, ValueError) as exc:
         report.problem(f"{directory}: cannot read the log's metadata: {exc}")
         return report
+    files = list(pubkeys)
+    witnessed_entries: list[tuple[str, Any]] = []
+    desc = ""
+    if witness is not None:
+        from .witness import read_witness
+
+        try:
+            desc, witnessed_entries = read_witness(witness, report.log_id)
+        except Exception as exc:
+            report.problem(f"witness {witness}: cannot read checkpoints: {exc}")
+            witness = None
     try:
-        keys, trusted = load_keyring(directory, pubkeys)
+        if anchor is None and files:
+            anchor = TrustAnchor.from_files(files, "--pubkey " + ", ".join(map(str, files)))
+        if anchor is None and witness is not None:
+            anchor = _witness_anchor(report, desc, witnessed_entries)
+        if anchor is None:
+            report.problem("the signing key is not pinned: the log's own keys/ prove nothing (whoever rewrote the "
+                           "log could have put their key there); pass --pubkey, --config or --witness")
+            anchor = TrustAnchor(log_keyring(directory), "none: the log's own keys/ (self-asserted)")
     except KeyError_ as exc:
         report.problem(str(exc))
         return report
-    if not trusted:
-        report.warnings.append("checked against the log's own keyring (keys/); pass --pubkey to pin the key")
+    keys = anchor.keys
+    report.anchor, report.keys = anchor.source, keys
     cp_entries: list[tuple[str, Any]] = []
     cp_path = directory / CHECKPOINTS_FILE
     for line_no, data, complete in read_checkpoint_lines(cp_path):
@@ -110,22 +197,17 @@ def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), witness: str | 
             report.problem(f"{where}: checkpoint is not valid JSON")
     checkpoints = _load_checkpoints(report, "log", cp_entries, keys)
     if witness is not None:
-        from .witness import read_witness
-
-        try:
-            desc, entries = read_witness(witness, report.log_id)
-        except Exception as exc:
-            report.problem(f"witness {witness}: cannot read checkpoints: {exc}")
-        else:
-            witnessed = _load_checkpoints(report, desc, entries, keys)
-            if not witnessed:
-                report.warnings.append(f"witness {desc}: holds no checkpoint of this log")
-            checkpoints += witnessed
+        witnessed = _load_checkpoints(report, desc, witnessed_entries, keys)
+        if not witnessed:
+            report.warnings.append(f"witness {desc}: holds no checkpoint of this log")
+        checkpoints += witnessed
     report.checkpoints = len(checkpoints)
     by_size: dict[int, list[tuple[str, Checkpoint]]] = {}
     for where, cp in checkpoints:
         by_size.setdefault(cp.tree_size, []).append((where, cp))
-    _scan_records(report, by_size, progress, keep_leaves)
+    resumed = _resumable(report, resume, by_size) if resume is not None and not keep_leaves else None
+    report.resumed = resumed is not None
+    _scan_records(report, by_size, progress, keep_leaves, resumed)
     total = report.records
     for where, cp in checkpoints:
         if cp.tree_size > total:
@@ -152,13 +234,16 @@ def verify_log(directory: Path, *, pubkeys: Iterable[Path] = (), witness: str | 
 
 
 def _scan_records(report: VerifyReport, by_size: dict[int, list[tuple[str, Checkpoint]]],
-                  progress: Callable[[int], None] | None, keep_leaves: bool) -> None:
-    tree = CompactTree()
-    prev = genesis_hash(report.log_id)
-    expected = 0
+                  progress: Callable[[int], None] | None, keep_leaves: bool, resume: _Resumed | None = None) -> None:
+    if resume is None:
+        tree, prev, lines = CompactTree(), genesis_hash(report.log_id), iter_lines(report.directory)
+    else:
+        tree, prev = resume.tree, resume.last_hash
+        lines = iter_lines(report.directory, (resume.point.segment_first, resume.next_offset))
+    start = expected = tree.size
     seen: set[int] = set()
     in_order = True
-    for line in iter_lines(report.directory):
+    for line in lines:
         where = f"{line.path.name}:{line.line_no}"
         if not line.complete:
             if line.last_in_log:
@@ -166,8 +251,8 @@ def _scan_records(report: VerifyReport, by_size: dict[int, list[tuple[str, Check
             else:
                 report.problem(f"{where}: incomplete line inside the log")
             break
-        if line.line_no == 1:
-            first = int(line.path.name.split("-")[1].split(".")[0])
+        if line.offset == 0:
+            first = segment_first(line.path)
             if first != expected:
                 report.problem(f"{line.path.name}: segment should start at record {first} but follows record "
                                f"{expected - 1} (missing or extra segment)")
@@ -196,6 +281,7 @@ def _scan_records(report: VerifyReport, by_size: dict[int, list[tuple[str, Check
             seen.add(seq)
         h = leaf_hash(line.data)
         prev = h.hex()
+        report.last_line = line
         tree.append(h)
         if keep_leaves:
             report.leaves.append(h)
@@ -213,12 +299,83 @@ def _scan_records(report: VerifyReport, by_size: dict[int, list[tuple[str, Check
         if progress is not None and size % 10000 == 0:
             progress(size)
     report.records = tree.size
-    missing = [i for i in range(expected) if i not in seen]
+    missing = [i for i in range(start, expected) if i not in seen]
     if missing:
         shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
         report.problem(f"record(s) {shown} missing from the log (deleted)")
     report.last_hash = prev
     report.__dict__["_tree"] = tree
+
+
+@dataclass(frozen=True)
+class ResumePoint:
+    """Where a writer stopped at a checkpoint: the tree's frontier and where its last record lies.
+
+    Stored in ``resume.json`` (a cache: nothing in it is trusted before it matches a signed checkpoint's
+    root and the record bytes on disk).
+    """
+
+    tree_size: int
+    frontier: tuple[bytes, ...]
+    segment_first: int  # first record number of the segment holding record tree_size - 1
+    offset: int  # byte offset of that record's line in the segment
+    length: int  # its length, without the newline
+
+    def to_json(self) -> dict[str, Any]:
+        return {"tree_size": self.tree_size, "frontier": [h.hex() for h in self.frontier],
+                "segment_first": self.segment_first, "offset": self.offset, "length": self.length}
+
+    @classmethod
+    def load(cls, path: Path) -> ResumePoint | None:
+        """The resume point in ``path``; None when missing or unreadable (the log is then read in full)."""
+        try:
+            data = orjson.loads(path.read_bytes())
+            return cls(int(data["tree_size"]), tuple(bytes.fromhex(h) for h in data["frontier"]),
+                       int(data["segment_first"]), int(data["offset"]), int(data["length"]))
+        except (OSError, ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+            return None
+
+
+@dataclass
+class _Resumed:
+    point: ResumePoint
+    tree: CompactTree
+    last_hash: str
+
+    @property
+    def next_offset(self) -> int:
+        return self.point.offset + self.point.length + 1
+
+
+def _resumable(report: VerifyReport, point: ResumePoint,
+               by_size: dict[int, list[tuple[str, Checkpoint]]]) -> _Resumed | None:
+    """``point`` when its frontier hashes to a signed checkpoint's root and its last record is on disk
+    where it says, as a whole record with the right number; else None."""
+    try:
+        tree = CompactTree.restore(point.tree_size, point.frontier)
+    except ValueError:
+        return None
+    signed = by_size.get(point.tree_size, [])
+    if not signed or any(cp.root != tree.root().hex() for _, cp in signed):
+        return None
+    path = report.directory / segment_name(point.segment_first)
+    try:
+        with path.open("rb") as f:
+            f.seek(max(point.offset - 1, 0))
+            data = f.read(point.length + 2 if point.offset else point.length + 1)
+    except OSError:
+        return None
+    line = data[1:] if point.offset else data
+    if (point.offset and data[:1] != b"\n") or line[-1:] != b"\n":
+        return None
+    line = line[:-1]
+    try:
+        rec = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(rec, dict) or rec.get("seq") != point.tree_size - 1:
+        return None
+    return _Resumed(point, tree, leaf_hash(line).hex())
 
 
 def final_tree(report: VerifyReport) -> CompactTree:

@@ -14,7 +14,7 @@ from typing import Any
 
 import orjson
 
-from ..audit.redact import redact_text
+from ..audit.redact import redact_text, redact_value
 from .jsonmask import JsonPath, mask_json
 
 # Header values never recorded (replaced by "[redacted]"), whatever they hold.
@@ -52,15 +52,7 @@ class BodyTap:
         return self.size > len(self._head)
 
 
-def redact_json(value: Any) -> Any:
-    """Secret detectors (``pgproxy.audit.redact``) applied to every string of a JSON value."""
-    if isinstance(value, str):
-        return redact_text(value)
-    if isinstance(value, list):
-        return [redact_json(v) for v in value]
-    if isinstance(value, dict):
-        return {k: redact_json(v) for k, v in value.items()}
-    return value
+redact_json = redact_value  # the secret detectors applied to every string of a JSON value
 
 
 def _looks_like_json(content_type: str, head: bytes) -> bool:

@@ -308,6 +308,7 @@ class PolicyGate:
                                  "kind": request.kind, "sql": request.sql, "decision": decision, "rule": rule}
         if classification is not None:
             event["classes"] = sorted(classification.classes)
+            event["tables"] = list(classification.tables)
             event["reasons"] = list(classification.reasons)
         if approval_id is not None:
             event["approval_id"] = approval_id

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from ..admin.metrics import add_metrics_route
 from ..admin.operations import add_operations_routes
 from ..admin.server import AdminServer
+from ..audit.events import AuditEmitter, as_emitter
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
 from ..config import ConfigError, ListenerConfig, ProxyConfig, load_config
@@ -88,9 +89,15 @@ class ProxyServer:
         self.closing = False  # set by close(): /readyz then answers 503
         if audit is None:
             audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
-        self.audit: AuditSink = audit
+        # Every event of every producer passes the one emitter: timestamps, redaction, session numbering.
+        self.audit: AuditEmitter = as_emitter(audit)
+        audit = self.audit
         self.metrics = ProxyMetrics()  # served at /metrics on the admin listener (docs/operations.md)
-        self.metrics.watch_audit(audit)
+        self.metrics.watch_audit(self.audit.sink)
+        from ..audit.store import StoreShipper  # the signed log's copy in the central store, if configured
+
+        self.shipper = (StoreShipper(config.audit.dir, config.audit.store_dsn(), config.audit.store_schema)
+                        if config.audit.dir is not None and config.audit.store_dsn_env is not None else None)
         # The policy gate (config `policy:`) runs first; its approvals go to ``approval_store``, else to
         # the store of the `approvals:` section, else every approval is refused (fail closed).
         self.approval_store = approval_store
@@ -234,6 +241,8 @@ class ProxyServer:
             log.info("listening on %s:%d (%s)", listener.host, server.sockets[0].getsockname()[1],
                      "tls" if listener.tls else "plaintext")
         self._flusher = asyncio.create_task(self._flush_audit_periodically())
+        if self.shipper is not None:
+            self.shipper.start()
         limits = self.config.limits
         if limits.idle_timeout_seconds or limits.idle_in_transaction_timeout_seconds:
             self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
@@ -307,7 +316,8 @@ class ProxyServer:
                 for session in list(self.sessions):
                     if session.upstream is not None:
                         session.terminate(errors.CANNOT_CONNECT_NOW,
-                                          "the audit log is unavailable; refusing to continue")
+                                          "the audit log is unavailable; refusing to continue (a statement in "
+                                          "progress may have run on the database)")
             except Exception as exc:  # the sink reports itself broken; sessions then fail closed
                 log.error("audit flush failed: %s", exc)
 
@@ -347,3 +357,5 @@ class ProxyServer:
             except Exception as exc:
                 log.warning("closing the approval store failed: %s", exc)
         self.audit.close()
+        if self.shipper is not None:  # one last pass over what the log now holds
+            await asyncio.to_thread(self.shipper.close)

@@ -327,8 +327,8 @@ class Session:
         assert self.upstream is not None
         client, upstream = self.client, self.upstream
         max_size = self.config.limits.max_message_bytes
-        if getattr(self.server.audit, "capture_results", False):  # the signed audit log records results
-            capture = ResultCapture(self.tracker, getattr(self.server.audit, "max_result_rows", 20))
+        if self.server.audit.capture_results:  # the signed audit log records results
+            capture = ResultCapture(self.tracker, self.server.audit.max_result_rows)
             for msg_type, hook in ((0x54, capture.on_row_description), (0x44, capture.on_data_row),
                                    (0x4E, capture.on_notice), (0x64, capture.on_copy_data)):
                 self._backend_hooks.setdefault(msg_type, []).append(hook)
@@ -387,6 +387,7 @@ class Session:
         if time.time() >= self._deadline:
             self._expire()
             raise _Ended()
+        self._check_audit()
         verdict: Verdict = None
         first_gate = 0
         if self._decided is not _UNDECIDED:  # the held request, now decided: later gates still judge it
@@ -681,9 +682,18 @@ class Session:
             event.update(result_fields(r, bind, encoding=self.tracker.server_codec))
         return event
 
+    def _check_audit(self) -> None:
+        """Refuse a statement before it reaches the server while the audit log cannot record it."""
+        try:
+            self.server.audit.check()
+        except AuditUnavailable as exc:
+            log.error("session %s: %s", self.id, exc)
+            self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; the statement was NOT sent to "
+                                                      "the database (safe to retry once the log is back)")
+            raise _Ended() from None
+
     def _audit(self, event: dict[str, Any]) -> None:
-        event["ts"] = time.time()
-        event["session"] = self.id
+        event["session"] = self.id  # the emitter stamps ts
         try:
             self.server.audit.emit(event)
         except AuditUnavailable as exc:
@@ -693,7 +703,10 @@ class Session:
             if self.upstream is None:
                 raise SessionRefused(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable") from None
             if not self._ended:
-                self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; refusing to continue")
+                ran = event["event"] == "statement" and not event.get("refused")
+                self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; refusing to continue"
+                               + ("; the last statement DID run on the database (its effects stand: check them "
+                                  "before retrying), but could not be recorded" if ran else ""))
 
 
 def _statement_bytes(msg_type: int, body: memoryview) -> bytes:

@@ -71,10 +71,10 @@ async def test_refuse_mode_then_approve_with_the_cli_runs_once(
     assert approval_in_details(err.value) != approval_id
     assert upstream.state.refunds == [(42, 1000)]
 
-    ran = [c for c in calls(proxy.audit) if c["status"]["code"] == "OK"]
+    ran = [c for c in calls(proxy.audit.sink) if c["status"]["code"] == "OK"]
     assert len(ran) == 1 and ran[0]["decision"] == {"action": "approve", "rule": "refunds", "approval_id": approval_id}
-    assert isinstance(proxy.audit, MemoryAuditSink)
-    outcomes = [e["outcome"] for e in proxy.audit.events if e.get("event") == "policy_approval"
+    assert isinstance(proxy.audit.sink, MemoryAuditSink)
+    outcomes = [e["outcome"] for e in proxy.audit.sink.events if e.get("event") == "policy_approval"
                 and e["approval_id"] == approval_id]
     assert outcomes == ["required", "used"]
 

@@ -44,7 +44,7 @@ async def test_unary_call_is_relayed_with_the_credential_and_masked(
     assert reply.customer.email == "ann@example.com"  # masked in the audit log only
     seen = upstream.state.metadata[-1]
     assert seen["x-api-key"] == CREDENTIAL and "authorization" not in seen
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["method"] == "/shop.v1.Orders/GetOrder" and record["kind"] == "unary"
     assert record["status"] == {"code": "OK", "message": "", "by": "upstream"}
     assert record["request"]["messages"]["messages"][0]["json"] == {"id": "7", "note": "hi"}
@@ -63,7 +63,7 @@ async def test_upstream_status_and_message_are_relayed(proxy: ProxyServer, order
         await orders.GetOrder(shop_pb2.GetOrderRequest(id=404), metadata=bearer(token(dev_keys)))
     assert err.value.code() == grpc.StatusCode.NOT_FOUND and err.value.details() == "no order 404"
     call_id = dict(err.value.trailing_metadata())["pgproxy-call-id"]
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["call"] == call_id
     assert record["status"]["code"] == "NOT_FOUND" and record["status"]["by"] == "upstream"
 
@@ -81,8 +81,8 @@ async def test_bad_tokens_are_unauthenticated(proxy: ProxyServer, orders: Any, u
         await orders.GetOrder(shop_pb2.GetOrderRequest(id=1), metadata=metadata, timeout=5)
     assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
     assert ("missing bearer token" if case == "missing" else "invalid token") in (err.value.details() or "")
-    assert not upstream.state.metadata and not calls(proxy.audit)
-    assert [e["event"] for e in proxy.audit.events] == ["grpc_auth_failed"]  # type: ignore[attr-defined]
+    assert not upstream.state.metadata and not calls(proxy.audit.sink)
+    assert [e["event"] for e in proxy.audit.sink.events] == ["grpc_auth_failed"]  # type: ignore[attr-defined]
 
 
 async def test_policy_deny_and_unknown_service(proxy: ProxyServer, channel: grpc.aio.Channel,
@@ -91,7 +91,7 @@ async def test_policy_deny_and_unknown_service(proxy: ProxyServer, channel: grpc
         await orders.DeleteOrder(shop_pb2.GetOrderRequest(id=1), metadata=bearer(token(dev_keys)))
     assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert err.value.details() == "pgproxy policy no-deletes: deletes are not allowed"
-    assert calls(proxy.audit)[-1]["decision"] == {"action": "deny", "rule": "no-deletes"}
+    assert calls(proxy.audit.sink)[-1]["decision"] == {"action": "deny", "rule": "no-deletes"}
     unknown = channel.unary_unary("/other.v1.Things/Get")
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await unknown(b"", metadata=bearer(token(dev_keys)))
@@ -104,7 +104,7 @@ async def test_server_streaming_in_order_with_a_capped_record(proxy: ProxyServer
     got = [o async for o in orders.ListOrders(shop_pb2.ListRequest(count=40), metadata=bearer(token(dev_keys)))]
     assert [o.id for o in got] == list(range(40))
     assert all(o.customer.card == "[masked]" for o in got)
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["kind"] == "server_streaming"
     stream = record["response"]["messages"]
     assert stream["count"] == 40 and stream["messages_omitted"] == 35  # audit_messages: 5
@@ -123,7 +123,7 @@ async def test_client_streaming(proxy: ProxyServer, orders: Any, dev_keys: DevKe
 
     summary = await orders.Upload(send(), metadata=bearer(token(dev_keys)))
     assert summary.count == 12 and summary.bytes == 12_000
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["kind"] == "client_streaming" and record["request"]["messages"]["count"] == 12
     assert record["request"]["messages"]["sha256"] == stream_digest([c.SerializeToString() for c in chunks])
     assert record["response"]["messages"]["messages"][0]["json"]["sha256"] == summary.sha256
@@ -139,7 +139,7 @@ async def test_bidirectional_stream_answers_each_message_before_the_next(proxy: 
     await call.done_writing()
     assert await call.read() == grpc.aio.EOF
     assert await call.code() == grpc.StatusCode.OK
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["kind"] == "bidi_streaming"
     assert record["request"]["messages"]["count"] == record["response"]["messages"]["count"] == 5
 
@@ -152,7 +152,7 @@ async def test_error_in_the_middle_of_a_stream(proxy: ProxyServer, orders: Any, 
             got.append(o.id)
     assert got == [0, 1, 2]
     assert err.value.code() == grpc.StatusCode.ABORTED and err.value.details() == "stopped at 3"
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["status"]["code"] == "ABORTED" and record["response"]["messages"]["count"] == 3
 
 
@@ -164,8 +164,8 @@ async def test_deadline_is_passed_upstream(proxy: ProxyServer, orders: Any, upst
     assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
     assert asyncio.get_running_loop().time() - started < 2
     await asyncio.wait_for(upstream.state.cancelled.wait(), 3)  # the upstream call ended too
-    await _until(lambda: bool(calls(proxy.audit)))
-    assert calls(proxy.audit)[-1]["status"]["code"] in ("DEADLINE_EXCEEDED", "CANCELLED")
+    await _until(lambda: bool(calls(proxy.audit.sink)))
+    assert calls(proxy.audit.sink)[-1]["status"]["code"] in ("DEADLINE_EXCEEDED", "CANCELLED")
 
 
 async def test_cancelled_stream_is_cancelled_upstream(proxy: ProxyServer, orders: Any, upstream: Upstream,
@@ -174,8 +174,8 @@ async def test_cancelled_stream_is_cancelled_upstream(proxy: ProxyServer, orders
     assert (await call.read()).id == 0
     call.cancel()
     await asyncio.wait_for(upstream.state.cancelled.wait(), 3)
-    await _until(lambda: bool(calls(proxy.audit)))
-    assert calls(proxy.audit)[-1]["status"]["code"] == "CANCELLED"
+    await _until(lambda: bool(calls(proxy.audit.sink)))
+    assert calls(proxy.audit.sink)[-1]["status"]["code"] == "CANCELLED"
 
 
 async def test_backpressure_a_slow_reader_holds_the_upstream_back(proxy: ProxyServer, orders: Any,
@@ -203,7 +203,7 @@ async def test_down_upstream_is_unavailable(start_proxy: Any, dev_keys: DevKeys)
             await shop_pb2_grpc.EchoStub(ch).Echo(shop_pb2.EchoRequest(text="x"), metadata=bearer(token(dev_keys)),
                                                   timeout=10)
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["target"] == "down" and record["status"]["code"] == "UNAVAILABLE" and "response" not in record
     assert record["request"]["messages"]["messages"][0]["omitted"] == "undecodable message"  # no descriptors
 
@@ -219,7 +219,7 @@ async def test_undecodable_request_is_refused(proxy: ProxyServer, channel: grpc.
         await raw(unknown_field, metadata=bearer(token(dev_keys)))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert not upstream.state.metadata  # neither reached the upstream
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["status"]["by"] == "proxy" and record["request"]["messages"]["count"] == 0
 
 
@@ -235,7 +235,7 @@ async def test_without_descriptors_digest_mode_relays_and_records_digests(
         reply = await shop_pb2_grpc.OrdersStub(ch).GetOrder(shop_pb2.GetOrderRequest(id=3),
                                                             metadata=bearer(token(dev_keys)))
     assert reply.customer.card == "4111111111111111"
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     message = record["response"]["messages"]["messages"][0]
     assert message == {"bytes": reply.ByteSize(), "sha256": hashlib.sha256(reply.SerializeToString()).hexdigest(),
                        "omitted": "undecodable message"}
@@ -266,7 +266,7 @@ async def test_descriptors_by_server_reflection(start_proxy: Any, dev_keys: DevK
         reply = await shop_pb2_grpc.OrdersStub(ch).GetOrder(shop_pb2.GetOrderRequest(id=5),
                                                             metadata=bearer(token(dev_keys)))
     assert reply.customer.card == "[masked]"
-    assert calls(proxy.audit)[-1]["response"]["messages"]["messages"][0]["json"]["customer"]["email"] == "[masked]"
+    assert calls(proxy.audit.sink)[-1]["response"]["messages"]["messages"][0]["json"]["customer"]["email"] == "[masked]"
 
 
 async def test_message_size_limit(start_proxy: Any, upstream: Upstream, dev_keys: DevKeys) -> None:
@@ -298,7 +298,7 @@ async def test_credential_echoed_by_the_upstream_is_starred_out(proxy: ProxyServ
                                                                  ("x-api-key", "caller-chosen")))
     # The upstream got the proxy's credential (not the caller's value), echoed it, and the caller sees stars.
     assert reply.metadata["x-api-key"] == "*" * len(CREDENTIAL) and reply.metadata["x-trace"] == "t1"
-    record = calls(proxy.audit)[-1]
+    record = calls(proxy.audit.sink)[-1]
     assert record["response"]["credential_scrubbed"] == 1 and CREDENTIAL not in json.dumps(record)
 
 
@@ -389,7 +389,7 @@ async def test_undecodable_response_is_not_relayed(start_proxy: Any, dev_keys: D
                                                             metadata=bearer(token(dev_keys)))
         assert err.value.code() == grpc.StatusCode.INTERNAL and "cannot be decoded as shop.v1.Order" in str(
             err.value.details())
-        record = calls(proxy.audit)[-1]
+        record = calls(proxy.audit.sink)[-1]
         assert record["status"]["code"] == "INTERNAL" and record["status"]["by"] == "proxy"
     finally:
         await broken.stop(0)
@@ -407,8 +407,8 @@ async def test_undecodable_message_in_a_client_stream_ends_the_call(proxy: Proxy
         await upload(messages(), metadata=bearer(token(dev_keys)), timeout=5)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request message 2 cannot be decoded as shop.v1.Chunk" in str(err.value.details())
-    await _until(lambda: bool(calls(proxy.audit)))
-    record = calls(proxy.audit)[-1]
+    await _until(lambda: bool(calls(proxy.audit.sink)))
+    record = calls(proxy.audit.sink)[-1]
     assert record["status"]["code"] == "INVALID_ARGUMENT" and record["request"]["messages"]["count"] == 1
 
 

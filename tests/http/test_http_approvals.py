@@ -27,8 +27,8 @@ def store(server: ProxyServer) -> ApprovalStore:
 
 
 def audit(server: ProxyServer) -> MemoryAuditSink:
-    assert isinstance(server.audit, MemoryAuditSink)
-    return server.audit
+    assert isinstance(server.audit.sink, MemoryAuditSink)
+    return server.audit.sink
 
 
 async def test_refuse_mode_then_approve_with_the_cli_runs_once(

@@ -35,7 +35,7 @@ async def test_credential_is_injected_and_never_reaches_the_caller(
     assert body["headers"]["Authorization"] == "Bearer " + "*" * len(CREDENTIAL)
     assert echoed_header == "Bearer " + "*" * len(CREDENTIAL)
     assert body["headers"]["Accept-Encoding"] == "identity"
-    record = json.dumps(exchanges(proxy.audit)[-1])
+    record = json.dumps(exchanges(proxy.audit.sink)[-1])
     assert CREDENTIAL not in record and jwt not in record
 
 
@@ -53,13 +53,13 @@ async def test_small_answers_are_sent_whole_and_head_keeps_the_upstream_length(
         assert r.headers["X-Echo-Auth"] == "Bearer " + "*" * len(CREDENTIAL)
     echoed = json.loads(body)
     assert echoed["method"] == "GET" and echoed["headers"]["Authorization"] == "Bearer " + "*" * len(CREDENTIAL)
-    record = exchanges(proxy.audit)[-1]
+    record = exchanges(proxy.audit.sink)[-1]
     assert record["response"]["body"]["bytes"] == len(body) and record["response"]["body"]["credential_scrubbed"] == 2
     assert record["response"]["body"]["sha256"] == hashlib.sha256(body).hexdigest()
     async with client.head(f"{base(proxy)}/api/echo/size", headers=headers) as r:
         assert r.status == 200 and await r.read() == b""
         assert int(r.headers["Content-Length"]) == len(body) + 1  # "HEAD" where the GET said "GET"
-    record = exchanges(proxy.audit)[-1]
+    record = exchanges(proxy.audit.sink)[-1]
     assert record["method"] == "HEAD" and record["response"]["body"]["bytes"] == 0
 
 
@@ -75,7 +75,7 @@ async def test_caller_cannot_override_the_credential(start_proxy: StartProxy, cl
         body = await r.json()
     assert body["headers"]["X-Api-Key"] == "*" * len(CREDENTIAL)
     assert "Authorization" not in body["headers"]  # the caller's token is not forwarded either
-    record = exchanges(proxy.audit)[-1]
+    record = exchanges(proxy.audit.sink)[-1]
     assert record["request"]["headers"]["x-api-key"] == "[redacted]"
     assert record["request"]["headers"]["authorization"] == "[redacted]"
 
@@ -89,7 +89,7 @@ async def test_masking_in_the_audit_log_and_for_the_caller(proxy: ProxyServer, c
     # caller: true for the e-mail only; the SSNs reach the caller but not the log.
     assert received["customer"] == {"name": "Ann", "email": "[masked]"}
     assert [i["ssn"] for i in received["items"]] == ["111-22-3333", "444-55-6666"]
-    record = exchanges(proxy.audit)[-1]
+    record = exchanges(proxy.audit.sink)[-1]
     body = record["response"]["body"]
     assert body["json"]["customer"]["email"] == "[masked]"
     assert [i["ssn"] for i in body["json"]["items"]] == ["[masked]", "[masked]"]
@@ -105,10 +105,10 @@ async def test_masking_in_the_audit_log_and_for_the_caller(proxy: ProxyServer, c
     payload = {"customer": {"email": "bob@example.com"}, "note": "password 'hunter2' AKIAABCDEFGHIJKLMNOP"}
     async with client.post(f"{base(proxy)}/api/echo/x", json=payload, headers=bearer(token(dev_keys))) as r:
         assert r.status == 200
-    stored = exchanges(proxy.audit)[-1]["request"]["body"]
+    stored = exchanges(proxy.audit.sink)[-1]["request"]["body"]
     assert stored["json"]["customer"]["email"] == "[masked]" and stored["masked"] == ["$.customer.email"]
     assert "AKIAABCDEFGHIJKLMNOP" not in json.dumps(stored) and "[redacted:aws_access_key]" in json.dumps(stored)
-    assert CUSTOMER["customer"]["email"] not in json.dumps(exchanges(proxy.audit))
+    assert CUSTOMER["customer"]["email"] not in json.dumps(exchanges(proxy.audit.sink))
 
 
 async def test_policy_deny_and_unknown_target(proxy: ProxyServer, client: aiohttp.ClientSession,
@@ -120,7 +120,7 @@ async def test_policy_deny_and_unknown_target(proxy: ProxyServer, client: aiohtt
     assert body["error"] == "pgproxy policy no-deletes: deletes are not allowed" and body["status"] == 403
     async with client.get(f"{base(proxy)}/nope/x", headers=headers) as r:
         assert r.status == 404 and (await r.json())["error"] == "unknown target 'nope'"
-    record = exchanges(proxy.audit)[-2]
+    record = exchanges(proxy.audit.sink)[-2]
     assert record["decision"] == {"action": "deny", "rule": "no-deletes"} and "response" not in record
     assert record["error"]["status"] == 403
 
@@ -134,7 +134,7 @@ async def test_upstream_down_is_502_and_slow_is_504(proxy: ProxyServer, client: 
     async with client.get(f"{base(proxy)}/api/slow", headers=headers) as r:  # read_timeout_seconds: 1
         assert r.status == 504
         assert (await r.json())["error"] == "upstream api did not answer in time"
-    statuses = [e["error"]["status"] for e in exchanges(proxy.audit)[-2:]]
+    statuses = [e["error"]["status"] for e in exchanges(proxy.audit.sink)[-2:]]
     assert statuses == [502, 504]
 
 
@@ -186,7 +186,7 @@ async def test_large_bodies_stream_both_ways(proxy: ProxyServer, client: aiohttp
     assert size == n and digest.hexdigest() == expected
     # Client, proxy and upstream share this process: nothing held a body (50 MB) in memory.
     assert peak < 16 * 1024 * 1024, f"peak traced memory {peak / 1e6:.1f} MB"
-    up, down = exchanges(proxy.audit)[-2:]
+    up, down = exchanges(proxy.audit.sink)[-2:]
     assert up["request"]["body"]["bytes"] == n and up["request"]["body"]["sha256"] == expected
     assert down["response"]["body"]["bytes"] == n and down["response"]["body"]["sha256"] == expected
     assert down["response"]["body"]["omitted"] == "binary body"
@@ -202,7 +202,7 @@ async def test_response_over_the_limit_is_cut_not_completed(start_proxy: StartPr
         async with client.get(f"{base(proxy)}/api/big?n=1000000", headers=bearer(token(dev_keys))) as r:
             assert r.status == 200
             await r.read()
-    record = exchanges(proxy.audit)[-1]
+    record = exchanges(proxy.audit.sink)[-1]
     assert record["error"]["status"] == 502 and "over the limit of 100000" in record["error"]["message"]
 
 

@@ -80,7 +80,7 @@ async def test_refused_tokens(proxy: ProxyServer, client: aiohttp.ClientSession,
         assert r.headers["WWW-Authenticate"].startswith("Bearer ")
         body = await r.json()
     assert body["status"] == 401 and body["error"].startswith(reason), body
-    audit = proxy.audit
+    audit = proxy.audit.sink
     assert isinstance(audit, MemoryAuditSink)
     assert not exchanges(audit)  # nothing was forwarded
     failed = [e for e in audit.events if e.get("event") == "http_auth_failed"]
@@ -165,7 +165,7 @@ async def test_paths_that_could_dodge_the_policy_are_refused(proxy: ProxyServer,
     writer.close()
     assert head.startswith(b"HTTP/1.1 400 "), head
     assert json.loads(body)["error"].startswith("refused path: ")
-    assert not exchanges(proxy.audit)[-1].get("response")
+    assert not exchanges(proxy.audit.sink)[-1].get("response")
 
 
 async def test_upstream_cookies_are_not_kept_for_other_callers(start_proxy: StartProxy,

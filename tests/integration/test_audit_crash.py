@@ -49,8 +49,8 @@ def cleanup() -> Iterator[list[subprocess.Popen[str]]]:
         p.wait(10)
 
 
-def _conninfo(proxy: Any, port: int) -> dict[str, str]:
-    info = proxy.conninfo(tls=False)
+def _conninfo(proxy: Any, port: int, **kwargs: Any) -> dict[str, str]:
+    info = proxy.conninfo(tls=False, **kwargs)
     info["port"] = str(port)
     return info
 
@@ -105,3 +105,30 @@ def test_unwritable_log_fails_closed_and_recovers(proxy: Any, tmp_path: Path,
     sqls = [r["event"].get("sql") for _, r in iter_records(tmp_path / "log")]
     assert "select 'after recovery'" in sqls
     assert os.path.getsize(segment) > limit
+
+
+def test_a_statement_is_checked_against_the_log_before_it_runs(proxy: Any, tmp_path: Path,
+                                                               cleanup: list[subprocess.Popen[str]]) -> None:
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as admin:
+        admin.execute("DROP TABLE IF EXISTS audit_gate_rows")
+        admin.execute("CREATE TABLE audit_gate_rows (id int)")
+        admin.execute("GRANT ALL ON audit_gate_rows TO agent_writer")
+    process, port, _ = _start(proxy, tmp_path, fsync="always")
+    cleanup.append(process)
+    writer = {"user": "agent_writer", "token": proxy.token(roles=("agent_writer",))}
+    with psycopg.connect(**_conninfo(proxy, port, **writer), autocommit=True) as first, \
+            psycopg.connect(**_conninfo(proxy, port, **writer), autocommit=True) as second:  # type: ignore[arg-type]
+        segment = list_segments(tmp_path / "log")[-1][1]
+        resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (segment.stat().st_size, resource.RLIM_INFINITY))
+        try:
+            # It ran (and committed) before its record failed: the client is told so, not to retry.
+            with pytest.raises(psycopg.OperationalError, match="the last statement DID run on the database"):
+                first.execute("INSERT INTO audit_gate_rows VALUES (1)")
+            # While the log is failing, another session's statement never reaches the server.
+            with pytest.raises(psycopg.OperationalError, match="the audit log is unavailable") as refused:
+                second.execute("INSERT INTO audit_gate_rows VALUES (2)")
+        finally:
+            resource.prlimit(process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+    assert "NOT sent to the database" in str(refused.value) or "refusing to continue" in str(refused.value)
+    with psycopg.connect(proxy.database.dsn()) as admin:
+        assert admin.execute("SELECT array_agg(id) FROM audit_gate_rows").fetchone() == ([1],)

@@ -112,7 +112,7 @@ def test_session_recorded_verified_exported_and_replayed(signed: tuple[Any, Path
     assert any(s["session"] == session and s["subject"] == "agent-1" for s in orjson.loads(out.output))
 
     bundle = tmp_path / "bundle.json"
-    out = _run("audit", "export", str(log_dir), "--session", session, "-o", str(bundle))
+    out = _run("audit", "export", str(log_dir), "--session", session, "-o", str(bundle), "--pubkey", str(pub))
     assert out.exit_code == 0, out.output
     offline = tmp_path / "offline"
     offline.mkdir()
@@ -120,7 +120,7 @@ def test_session_recorded_verified_exported_and_replayed(signed: tuple[Any, Path
     shutil.copy(pub, offline / "key.pub")
     out = _run("audit", "verify-bundle", str(offline / "bundle.json"), "--pubkey", str(offline / "key.pub"))
     assert out.exit_code == 0, out.output
-    assert "trusted" in out.output
+    assert "trust anchor: --pubkey" in out.output and "all 7 records of the session, in order" in out.output
 
     # A forged record in the bundle fails its inclusion proof.
     data = orjson.loads(bundle.read_bytes())
@@ -130,7 +130,8 @@ def test_session_recorded_verified_exported_and_replayed(signed: tuple[Any, Path
     out = _run("audit", "verify-bundle", str(forged))
     assert out.exit_code == 1 and "not included in the signed tree" in out.output
 
-    out = _run("audit", "replay", str(offline / "bundle.json"), "--target", p.database.dsn())
+    out = _run("audit", "replay", str(offline / "bundle.json"), "--target", p.database.dsn(),
+               "--pubkey", str(offline / "key.pub"))
     assert out.exit_code == 0, out.output
     assert "0 differ" in out.output and "MATCH" in out.output
     matched = out.output.count("MATCH")

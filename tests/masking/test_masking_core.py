@@ -244,8 +244,9 @@ def test_replay_applies_the_proxys_masks(masked_proxy: ProxyUnderTest, tmp_path:
     session = next(line.split()[0] for line in sessions.output.splitlines()[1:] if line.strip())
     bundle = tmp_path / "bundle.json"
     assert runner.invoke(main, ["audit", "export", str(tmp_path / "log"), "--session", session,
-                                "-o", str(bundle)]).exit_code == 0
-    plain = runner.invoke(main, ["audit", "replay", str(bundle), "--target", masked_proxy.database.dsn()])
+                                "-o", str(bundle), "--config", str(config_file)]).exit_code == 0
+    plain = runner.invoke(main, ["audit", "replay", str(bundle), "--target", masked_proxy.database.dsn(),
+                                 "--pubkey", f"{key}.pub"])
     assert plain.exit_code == 0, plain.output
     assert "1 matched, 0 differ, 1 skipped" in plain.output and "read masked relations" in plain.output
     masked = runner.invoke(main, ["audit", "replay", str(bundle), "--target", masked_proxy.database.dsn(),

@@ -24,6 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from pgproxy.audit.events import AuditEmitter
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
 from pgproxy.metrics import ProxyMetrics
@@ -409,7 +410,7 @@ def _fatal_codes(data: bytes) -> list[str]:
 
 
 async def _run_session(client_chunks: list[bytes], server_chunks: list[bytes]) -> tuple[bytes, bool]:
-    server = SimpleNamespace(config=_CONFIG, gates=(), audit=MemoryAuditSink(), cancels=CancelRegistry(),
+    server = SimpleNamespace(config=_CONFIG, gates=(), audit=AuditEmitter(MemoryAuditSink()), cancels=CancelRegistry(),
                              metrics=ProxyMetrics())
     client, upstream = Link(), Link()
     client_t, upstream_t = RecordingTransport(), RecordingTransport()

@@ -176,7 +176,11 @@ def test_torn_tail_after_checkpoint_is_not_tampering(log: tuple[Path, Path, Path
 def test_key_rotation_keeps_old_checkpoints_verifiable(log: tuple[Path, Path, Path], tmp_path: Path) -> None:
     directory, _, pub = log
     new_pub, _ = generate_key(tmp_path / "new")
-    _write_log(directory, tmp_path / "new", sessions=1)
+    from pgproxy.audit.sink import AuditUnavailable
+
+    with pytest.raises(AuditUnavailable, match="signed by unknown key id"):  # the old key must be trusted
+        _write_log(directory, tmp_path / "new", sessions=1)
+    _write_log(directory, tmp_path / "new", sessions=1, trusted_keys=[pub])
     assert _verify(directory, "--pubkey", str(pub)).exit_code == 1  # new checkpoints: unknown to the old key
     out = _verify(directory, "--pubkey", str(pub), "--pubkey", str(new_pub))
     assert out.exit_code == 0, out.output

@@ -289,3 +289,42 @@ def test_jsonl_audit_says_the_signed_log_is_not_configured(admin: Admin, context
         page.click("#nav-sessions")
         expect(page.locator("#no-signed-log")).to_contain_text("signed audit log is not configured")
         expect(page.locator("#no-signed-log")).to_contain_text("audit.jsonl")
+
+
+def test_search_the_central_store_with_filters(admin: Admin, context: BrowserContext, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    schema = "ui_store_" + secrets.token_hex(3)
+    monkeypatch.setenv("PGPROXY_TEST_UI_STORE_DSN", admin.proxy.database.dsn())
+    generate_key(tmp_path / "audit.key")
+    data = copy.deepcopy(admin.proxy.config_data)
+    data["audit"] = {"dir": str(tmp_path / "log"), "signing_key_file": str(tmp_path / "audit.key"),
+                     "fsync": "always", "store_dsn_env": "PGPROXY_TEST_UI_STORE_DSN", "store_schema": schema}
+    data["admin"] = {"host": "127.0.0.1", "port": 0, "analyst_groups": ["auditors"]}
+    with RunningProxy(parse_config(data, Path.cwd())) as running:
+        assert running.server is not None and running.server.admin is not None
+        under = ProxyUnderTest(running, admin.proxy.audit, admin.proxy.keys, admin.proxy.tls, admin.proxy.database,
+                               data)
+        for subject, sql in (("agent-searched", "select 'needle'"), ("agent-other", "select 'haystack'")):
+            with psycopg.connect(**under.conninfo(token=under.token(sub=subject)), autocommit=True) as conn:
+                conn.execute(sql.encode())  # type: ignore[call-overload]
+        deadline = time.monotonic() + 15  # shipped in the background, about once a second
+        with psycopg.connect(admin.proxy.database.dsn()) as store:
+            while store.execute(f"SELECT count(*) FROM {schema}.records WHERE kind = 'session_end'"
+                                ).fetchone() != (2,):
+                assert time.monotonic() < deadline, "records were not shipped"
+                time.sleep(0.2)
+        base = f"http://127.0.0.1:{running.server.admin.port}"
+        page = context.new_page()
+        page.goto(base + "/ui/login")
+        page.fill("#token", admin.person("auditor-sam", ["auditors"]))
+        page.click("#login-form button[type=submit]")
+        page.click("#nav-search")
+        page.fill("#search-subject", "agent-searched")
+        page.fill("#search-kind", "statement")
+        page.click("#search-form button[type=submit]")
+        expect(page.locator("#hits .hit")).to_have_count(1)
+        expect(page.locator("#hits .sql")).to_have_text("select 'needle'")
+        page.goto(base + "/ui/search?text=haystack&kind=statement")
+        expect(page.locator("#hits .sql")).to_have_text("select 'haystack'")
+        page.goto(base + "/ui/search?subject=nobody")
+        expect(page.locator("#no-hits")).to_be_visible()

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+from pgproxy.audit.events import TERMINAL_KINDS, AuditEmitter, EventKind, event_kind
 from pgproxy.audit.merkle import (
     CompactTree,
     TreeView,
@@ -19,6 +20,7 @@ from pgproxy.audit.merkle import (
     verify_inclusion,
 )
 from pgproxy.audit.redact import redact_event, redact_text
+from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import ConfigError, parse_config
 
 # The RFC 6962 / 9162 test vectors used by certificate-transparency implementations.
@@ -112,6 +114,78 @@ def test_audit_config(tmp_path: Path) -> None:
         ({"dir": "log", "signing_key_file": "missing"}, "audit.signing_key_file: file not found"),
         ({"jsonl_path": "a.jsonl", "witness_dir": "w"}, "audit.witness_dir: only used with dir"),
         ({"dir": "log", "signing_key_file": "k", "max_result_rows": -1}, "audit.max_result_rows: must be"),
+        ({"dir": "log", "signing_key_file": "k", "trusted_keys": ["gone.pub"]},
+         r"audit.trusted_keys\[0\]: file not found"),
+        ({"jsonl_path": "a.jsonl", "store_dsn_env": "X"}, "audit.store_dsn_env: only used with dir"),
+        ({"dir": "log", "signing_key_file": "k", "store_schema": "a;b"}, "audit.store_schema: must be a plain"),
     ]:
         with pytest.raises(ConfigError, match=message):
             _config(audit, tmp_path)
+
+
+@pytest.mark.parametrize("kind", list(EventKind))
+def test_emitter_redacts_every_event_kind_in_nested_fields(kind: EventKind) -> None:
+    sink = MemoryAuditSink()
+    emitter = AuditEmitter(sink, clock=lambda: 42.0)
+    secret = "ALTER ROLE x PASSWORD 'hunter2hunter2'"
+    emitter.emit({"event": kind.value, "session": "s1", "sql": secret, "params": [secret],
+                  "request": {"body": {"json": {"q": secret, "k": ["AKIAABCDEFGHIJKLMNOP"]}}}, "ts": 1.0})
+    stored = sink.events[0]
+    assert "hunter2" not in repr(stored) and "AKIAABCDEFGHIJKLMNOP" not in repr(stored)
+    assert stored["request"]["body"]["json"]["k"] == ["[redacted:aws_access_key]"]
+    assert stored["ts"] == 42.0  # the emitter owns timestamps
+    assert stored["session_seq"] == 0
+    assert ("session_records" in stored) == (kind in TERMINAL_KINDS)
+
+
+def test_emitter_refuses_unknown_kinds_and_numbers_sessions_separately() -> None:
+    sink = MemoryAuditSink()
+    emitter = AuditEmitter(sink)
+    with pytest.raises(ValueError):
+        emitter.emit({"event": "something_else"})
+    for sid in ("a", "b", "a", "a"):
+        emitter.emit({"event": "statement", "session": sid, "sql": "select 1"})
+    emitter.emit({"event": "session_end", "session": "a"})
+    assert [(e["session"], e["session_seq"]) for e in sink.events] == [("a", 0), ("b", 0), ("a", 1), ("a", 2),
+                                                                      ("a", 3)]
+    assert sink.events[-1]["session_records"] == 4
+    assert event_kind(sink.events[0]) is EventKind.STATEMENT and event_kind({"event": "x"}) is None
+
+
+def test_emitter_forgets_the_stalest_open_session_beyond_its_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    import pgproxy.audit.events as events
+
+    monkeypatch.setattr(events, "MAX_OPEN_SESSIONS", 2)
+    sink = MemoryAuditSink()
+    emitter = AuditEmitter(sink)
+    for sid in ("http-a", "http-b", "http-a", "http-c", "http-a", "http-b"):
+        emitter.emit({"event": "http_exchange", "session": sid})
+    # http-b was the stalest when http-c arrived: its numbering starts again
+    assert [e["session_seq"] for e in sink.events] == [0, 0, 1, 0, 2, 0]
+
+
+def test_emitter_reports_a_failing_sink_until_it_writes_again(tmp_path: Path) -> None:
+    from pgproxy.audit.sink import AuditUnavailable, JsonLinesAuditSink
+
+    sink = JsonLinesAuditSink(tmp_path / "audit.jsonl")
+    emitter = AuditEmitter(sink)
+    emitter.emit({"event": "statement", "session": "s", "sql": "select 1"})
+    emitter.check()  # nothing failed: no exception
+    assert emitter.problem is None
+    sink._file.close()
+    sink._file = open("/dev/full", "ab", buffering=0)  # noqa: SIM115  # a full disk: writes fail (ENOSPC)
+    with pytest.raises(AuditUnavailable):
+        emitter.flush()
+    assert emitter.problem is not None
+    with pytest.raises(AuditUnavailable):  # checked before a statement is forwarded
+        emitter.check()
+    sink._file.close()
+
+
+def test_nested_fields_named_like_generated_ones_are_redacted_too() -> None:
+    sink = MemoryAuditSink()
+    AuditEmitter(sink).emit({"event": "http_exchange", "session": "http-1",
+                             "request": {"body": {"json": {"session": "Bearer abcdefghijklmnopqrstuvwx",
+                                                           "tags": ["AKIAABCDEFGHIJKLMNOP"]}}}})
+    assert sink.events[0]["request"]["body"]["json"] == {"session": "Bearer [redacted:bearer_token]",
+                                                         "tags": ["[redacted:aws_access_key]"]}

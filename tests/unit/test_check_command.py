@@ -41,6 +41,18 @@ def test_valid_config_passes(tmp_path: Path) -> None:
     assert result.output.strip().endswith(": OK")
 
 
+def test_unset_audit_store_dsn_fails(tmp_path: Path, monkeypatch: Any) -> None:
+    from pgproxy.audit.keys import generate_key
+
+    generate_key(tmp_path / "audit.key")
+    monkeypatch.delenv("PGPROXY_NO_SUCH_STORE_DSN", raising=False)
+    config = _config(tmp_path, audit={"dir": str(tmp_path / "log"), "signing_key_file": str(tmp_path / "audit.key"),
+                                      "store_dsn_env": "PGPROXY_NO_SUCH_STORE_DSN"})
+    result = CliRunner().invoke(main, ["check", "-c", str(config)])
+    assert result.exit_code == 1
+    assert "audit.store_dsn_env: environment variable PGPROXY_NO_SUCH_STORE_DSN is not set" in result.output
+
+
 def test_unreadable_audit_key_and_missing_store_dsn_fail(tmp_path: Path, monkeypatch: Any) -> None:
     bad_key = tmp_path / "audit.key"
     bad_key.write_text("not a key")
