@@ -9,8 +9,10 @@ of policy and masking, so:
 
 * :func:`is_lexer_neutral` says whether a text reads the same under every setting (ASCII, no
   backslash): nearly every statement. Those are judged at once, even in a pipeline.
-* Any other text is judged only once the settings that apply to it are known (the session waits until
-  every earlier request was answered: the server reports both settings with ParameterStatus), and then
+* Any other text is judged only once the settings that apply to it are known: any statement may change
+  them (SET, set_config(), a trigger or a function it calls), and the server reports a change with
+  ParameterStatus at its next ReadyForQuery, so the session waits for the ReadyForQuery after the last
+  statement that ran before the text. Then
   :func:`server_reading` gives the text as the server reads it, in the default (standard) form that
   pglast parses: with ``standard_conforming_strings`` off, libpg_query (the server's own lexer and
   grammar, in pglast) parses it with that setting and deparses the tree; E'' literals are written out
@@ -28,7 +30,7 @@ import pglast.parser
 
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse
-from .classify import SqlSyntaxError, classify
+from .classify import SqlSyntaxError
 
 # libpg_query parser option: parse as if standard_conforming_strings = off (pg_query.h).
 _DISABLE_STANDARD_CONFORMING_STRINGS = 32
@@ -90,30 +92,6 @@ def _read_without_standard_strings(sql: str) -> str:
         lib.pg_query_free_protobuf_parse_result(result)
     reading: str = pglast.parser.deparse_protobuf(tree)
     return reading
-
-
-def server_reading_or_none(sql: str, standard_conforming_strings: bool) -> str | None:
-    """:func:`server_reading`, or None when the proxy cannot read the text."""
-    try:
-        return server_reading(sql, standard_conforming_strings=standard_conforming_strings)
-    except SqlSyntaxError:
-        return None
-
-
-# Statements that may change standard_conforming_strings or client_encoding when they run: SET, RESET,
-# DISCARD and set_config(); COMMIT / ROLLBACK (they undo SET LOCAL or a SET in the transaction); code
-# (DO, CALL, prepared statements, fast-path calls). Any other function call may be user code that runs SET.
-_MAY_CHANGE_SETTINGS = frozenset({"session", "transaction", "procedural", "execute", "function_call"})
-
-
-@functools.lru_cache(maxsize=4096)
-def may_change_settings(sql: str) -> bool:
-    """Whether running ``sql`` (read the server's way) may change a setting the server lexes with."""
-    try:
-        classification = classify(sql)
-    except SqlSyntaxError:
-        return True  # unknown: assume it does
-    return bool(classification.functions) or not _MAY_CHANGE_SETTINGS.isdisjoint(classification.classes)
 
 
 def unparsed_error(exc: SqlSyntaxError, why: str) -> ErrorResponse:

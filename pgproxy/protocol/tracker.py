@@ -50,7 +50,6 @@ _TRANSACTION_STATES = frozenset(b"ITE")
 
 
 _PARSE_CACHE_LIMIT = 1024
-_SINCE_READY_LIMIT = 4096  # statements run since the last ReadyForQuery that are remembered one by one
 _PARSE_CACHE_MAX_BODY = 4096  # bytes: the cache holds at most ~4 MiB per session
 
 
@@ -208,9 +207,8 @@ class ExchangeTracker:
         # Statements and portals Described (in requests already sent): their rows' columns are known.
         self._described_statements: set[str] = set()
         self._described_portals: set[str] = set()
-        # (sequence number, text) of the statements run since the last ReadyForQuery: one of them may
-        # change a setting the server lexes with, which it reports only at its next ReadyForQuery.
-        self._since_ready: deque[tuple[int, str | None]] = deque()
+        self._ready_seq = 0  # the last request a ReadyForQuery answered (0: the startup)
+        self._last_run_seq = -1  # the last request that ran a statement (note_run)
         self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
@@ -484,41 +482,29 @@ class ExchangeTracker:
         queue = self.queue
         if queue and queue[0].kind in _SYNC_POINTS:
             ready = queue.popleft()
-            since = self._since_ready
-            while since and since[0][0] <= ready.seq:
-                since.popleft()
+            self._ready_seq = ready.seq
             self._finish(ready)
         else:
             self.desyncs += 1
 
-    def note_run(self, text: str | None) -> None:
-        """The request just tracked runs ``text`` (None: code whose effect is unknown, e.g. a fast-path
-        call). Until a ReadyForQuery answers it, the settings it may change are not reported yet."""
+    def note_run(self) -> None:
+        """The request just tracked runs a statement (Bind plans it, Execute, Query and a fast-path call
+        run it). Any statement may change a setting the server lexes with (SET, set_config(), and also a
+        trigger or a function it calls), and PostgreSQL reports the change only at its next ReadyForQuery."""
         if self.last_request is not None:
-            since = self._since_ready
-            since.append((self.last_request.seq, text))
-            if len(since) > _SINCE_READY_LIMIT and text is not None:  # a long pipeline without Sync:
-                since.clear()  # keep it bounded, as one entry of unknown effect (the settings wait for a Sync)
-                since.append((self.last_request.seq, None))
+            self._last_run_seq = self.last_request.seq
 
-    def settings_known(self, may_change: Callable[[str], bool]) -> bool:
-        """No request since the last ReadyForQuery may have changed standard_conforming_strings or
-        client_encoding (``may_change`` judges a text): the values last reported are those the server
-        applies to the next text."""
-        return self._last_change(may_change) < 0
+    @property
+    def settings_known(self) -> bool:
+        """No statement ran since the last ReadyForQuery: the standard_conforming_strings and
+        client_encoding last reported are those the server applies to the next text."""
+        return self._last_run_seq <= self._ready_seq
 
-    def settings_will_be_known(self, may_change: Callable[[str], bool]) -> bool:
-        """A request already sent ends with a ReadyForQuery after the last possible change."""
-        changed = self._last_change(may_change)
-        return any(p.kind in _SYNC_POINTS and p.seq >= changed for p in self.queue)
-
-    def _last_change(self, may_change: Callable[[str], bool]) -> int:
-        """The sequence number of the last request since the last ReadyForQuery that may change a
-        setting (-1: none). Judged only when a text needs the settings: rarely."""
-        for seq, text in reversed(self._since_ready):
-            if text is None or may_change(text):
-                return seq
-        return -1
+    @property
+    def settings_will_be_known(self) -> bool:
+        """A request already sent ends with a ReadyForQuery after the last statement that ran."""
+        last = self._last_run_seq
+        return any(p.kind in _SYNC_POINTS and p.seq >= last for p in self.queue)
 
     def _parameter_status(self, body: memoryview) -> None:
         """Follow the settings the server's lexer reads the client's bytes with: so must we."""

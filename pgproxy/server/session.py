@@ -22,7 +22,7 @@ from ..audit.sink import AuditUnavailable
 from ..config import ConfigError, ListenerConfig
 from ..identity import Identity, TokenError
 from ..policy.classify import SqlSyntaxError
-from ..policy.reading import is_lexer_neutral, may_change_settings, server_reading, server_reading_or_none
+from ..policy.reading import is_lexer_neutral, server_reading
 from ..protocol import errors
 from ..protocol.codec import ProtocolViolation
 from ..protocol.framing import HOLD, MessageHandler, MessageRelay
@@ -428,16 +428,16 @@ class Session:
 
     def _judge(self, msg_type: int, body: memoryview, first_gate: int) -> Verdict:
         """The first verdict of the gates from ``first_gate`` on (remembering which gate gave it)."""
-        if (msg_type in _TEXT_TYPES and not is_lexer_neutral(_statement_bytes(msg_type, body))
-                and not self.tracker.settings_known(may_change_settings)):
-            # An earlier request may have changed a setting the server reads this text with.
-            if self.tracker.settings_will_be_known(may_change_settings):  # wait for the server's report
+        if (msg_type in _TEXT_TYPES and not self.tracker.settings_known
+                and not is_lexer_neutral(_statement_bytes(msg_type, body))):
+            # An earlier statement may have changed a setting the server reads this text with.
+            if self.tracker.settings_will_be_known:  # wait for the server's report
                 self._held_gate = -1  # then every gate judges it
                 return Hold(self._settled())
             return Refuse(errors.error(
                 errors.INSUFFICIENT_PRIVILEGE,
                 "pgproxy cannot read this statement as the server will: an earlier statement in this pipeline "
-                "may change standard_conforming_strings or client_encoding",
+                "may have changed standard_conforming_strings or client_encoding",
                 hint="Send a Sync (end the pipeline) before statements with backslashes or non-ASCII text."))
         request = self._request(msg_type, body)
         for index in range(first_gate, len(self.gates)):
@@ -448,27 +448,14 @@ class Session:
         return None
 
     def _follow_settings(self, msg_type: int, body: memoryview) -> None:
-        """Note what each request runs (a later text may need the settings it changes); prepared
+        """Note requests that run statements (a later text may need the settings they change); prepared
         statements keep the reading of their Parse."""
-        tracker = self.tracker
-        pending = tracker.last_request
-        if pending is None:  # the server will not run it (skipping to Sync, or in COPY)
+        if self.tracker.last_request is None:  # the server will not run it (skipping to Sync, or in COPY)
             return
         if msg_type == _PARSE:
             self._remember_reading(body)
-            return
-        name: str | None
-        if pending.portal is not None:  # Bind
-            sql, name = pending.portal.sql, pending.portal.statement_name
-        elif pending.result is not None and msg_type != 0x46:  # Query, Execute
-            sql, name = pending.result.sql, pending.result.statement_name
-        else:  # a fast-path call: unknown effect
-            tracker.note_run(None)
-            return
-        if msg_type == 0x51:
-            tracker.note_run(server_reading_or_none(sql, tracker.standard_conforming_strings))
         else:
-            tracker.note_run(tracker.readings.get(name or "", sql) if tracker.readings else sql)
+            self.tracker.note_run()
 
     def _remember_reading(self, body: memoryview) -> None:
         """A prepared statement keeps the reading of its Parse (the settings may change before Bind)."""
@@ -487,7 +474,7 @@ class Session:
 
     async def _settled(self) -> None:
         """Resolves once the server reported the settings that apply to the next text."""
-        if not self.tracker.settings_known(may_change_settings):
+        if not self.tracker.settings_known:
             self._settings_waiter = asyncio.get_running_loop().create_future()
             await self._settings_waiter
 
@@ -553,7 +540,7 @@ class Session:
         if len(queue) < MAX_OUTSTANDING_REQUESTS // 2:
             self.client.resume_reading("backlog")
         waiter = self._settings_waiter
-        if waiter is not None and not waiter.done() and self.tracker.settings_known(may_change_settings):
+        if waiter is not None and not waiter.done() and self.tracker.settings_known:
             waiter.set_result(None)
         if not queue:  # idle
             self.last_activity = time.monotonic()

@@ -161,6 +161,31 @@ def test_scs_off_in_the_same_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderT
     assert rows and rows[0][0] == "x' AS a, "
 
 
+def test_scs_off_by_a_trigger_in_the_same_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderTest],
+                                                   proxy: ProxyUnderTest) -> None:
+    """Any statement may change the setting: here a plain INSERT, through a trigger created upstream."""
+    guarded, _ = proxies
+    with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+        direct.execute("CREATE OR REPLACE FUNCTION public.rd_scs_off() RETURNS trigger LANGUAGE plpgsql AS "
+                       "$$ BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); RETURN NEW; END $$")
+        direct.execute("CREATE TRIGGER rd_scs_off BEFORE INSERT ON public.rd_victim "
+                       "FOR EACH ROW EXECUTE FUNCTION public.rd_scs_off()")
+    sock = _raw(guarded)
+    try:
+        sock.sendall(rawwire.query("INSERT INTO rd_victim VALUES (2)") + rawwire.query(SCS_ATTACK))
+        first = rawwire.read_until_ready(sock)
+        second = rawwire.read_until_ready(sock)
+    finally:
+        sock.close()
+        with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
+            direct.execute("DROP TRIGGER rd_scs_off ON public.rd_victim")
+            direct.execute("DROP FUNCTION public.rd_scs_off()")
+    assert not rawwire.errors_in(b"".join(rawwire.message(t, b) for t, b in first)), first
+    rows = rawwire.rows_of(second)
+    _assert_no_canary(rows)
+    assert rows and rows[0][0] == "x' AS a, "
+
+
 def test_scs_off_extended_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
     """psycopg 3 pipeline mode: SET and the statement as Parse/Bind/Execute. With no Sync between them the
     server reports the new setting only after the statement, so the proxy refuses it, saying why; with a
@@ -189,13 +214,14 @@ def test_scs_off_cannot_hide_a_destructive_statement(proxies: tuple[ProxyUnderTe
     guarded, _ = proxies
     with psycopg.connect(proxy.database.dsn(), autocommit=True) as conn:
         conn.execute("INSERT INTO public.rd_victim VALUES (1)")
+        before = conn.execute("SELECT count(*) FROM public.rd_victim").fetchone()
     with _connect(guarded) as conn:
         conn.execute("SET standard_conforming_strings = off")
         result = _exec_simple(conn, r"SELECT 'x\' AS a, '; TRUNCATE rd_victim; -- '")
     assert result[0][0] == "error" and result[0][1] == b"42501", result
     assert b"agents-no-destruction" in result[0][2]
     with psycopg.connect(proxy.database.dsn()) as conn:
-        assert conn.execute("SELECT count(*) FROM public.rd_victim").fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM public.rd_victim").fetchone() == before
 
 
 def test_prepared_statement_keeps_the_reading_of_its_parse(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
