@@ -206,8 +206,6 @@ class Relay:
             while data := await reader.read(65536):
                 writer.write(data)
                 await writer.drain()
-            if writer.can_write_eof():
-                writer.write_eof()
 
     async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
         try:
@@ -215,9 +213,16 @@ class Relay:
         except OSError:
             c_writer.close()
             return
-        await asyncio.gather(self._pipe(c_reader, s_writer), self._pipe(s_reader, c_writer))
-        for w in (c_writer, s_writer):
-            w.close()
+        # when either side closes (or fails), close both, as the server's own socket would
+        pipes = [asyncio.ensure_future(self._pipe(c_reader, s_writer)),
+                 asyncio.ensure_future(self._pipe(s_reader, c_writer))]
+        try:
+            await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pipe in pipes:
+                pipe.cancel()
+            for w in (c_writer, s_writer):
+                w.close()
 
     def start(self) -> None:
         server = self.loop.run_until_complete(asyncio.start_server(self._handle, "127.0.0.1", 0))
@@ -361,14 +366,16 @@ def run_pytest(python: Path, root: Path, args: Sequence[str], env: dict[str, str
     """pytest in ``root`` with a JUnit XML report, read per test."""
     out.mkdir(parents=True)
     junit = out / "junit.xml"
-    cmd = [str(python), "-m", "pytest", "-q", "--timeout=300", f"--junitxml={junit}",
+    cmd = [str(python), "-m", "pytest", "-q", "--timeout=300", f"--junitxml={junit}", f"-ocache_dir={out / 'cache'}",
            *args]
     started = time.monotonic()
-    proc = subprocess.run(cmd, env=env, cwd=root, text=True, capture_output=True, timeout=SUITE_TIMEOUT_S)
+    with (out / "pytest.out").open("w") as output:  # written as the suite runs: tail it to follow
+        proc = subprocess.run(cmd, env=env, cwd=root, stdout=output, stderr=subprocess.STDOUT,
+                              timeout=SUITE_TIMEOUT_S)
     outcome = Outcome(seconds=time.monotonic() - started)
-    (out / "pytest.out").write_text(proc.stdout + proc.stderr)
     if not junit.exists():
-        outcome.note = f"pytest exited {proc.returncode}: {(proc.stdout + proc.stderr)[-800:]}"
+        text = (out / "pytest.out").read_text(errors="replace")
+        outcome.note = f"pytest exited {proc.returncode}: {text[-800:]}"
         return outcome
     for case in ET.parse(junit).getroot().iter("testcase"):
         test_id = f"{case.get('classname')}::{case.get('name')}"
