@@ -176,12 +176,14 @@ def prepare_asyncpg(work: Path, python: Path) -> Path:
 
 
 def prepare_psycopg(work: Path, repo: Path, tag: str) -> Path:
-    """psycopg's tests/ (and its pytest configuration) at ``tag`` from a local git clone."""
+    """psycopg's tests/, tools/ and pytest configuration at ``tag`` from a local git clone."""
     root = work / f"psycopg-{tag}-tests"
-    if (root / "tests" / "conftest.py").exists():
+    if (root / "tools" / "pproxy_fix.py").exists():
         return root
     root.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", tag, "tests", "pyproject.toml"],
+    # tools/ holds the helper the network-failure tests start (pproxy_fix.py)
+    archive = subprocess.run(["git", "-C", str(repo), "archive", "--format=tar", tag, "tests", "tools",
+                              "pyproject.toml"],
                              capture_output=True, check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
     return root
@@ -246,6 +248,7 @@ class Proxy:
 
     def __init__(self, workdir: Path, db: Database) -> None:
         self.workdir = workdir
+        self.audit_dir = workdir / "audit"
         keys = generate_dev_keys(workdir / "keys")
         password_file = workdir / "upstream-password"
         password_file.write_text(db.password)
@@ -258,7 +261,7 @@ class Proxy:
                          "jwks_file": str(keys.jwks_file)},
             "upstream": {"host": db.host, "port": db.port, "sslmode": "disable",
                          "credentials": [{"role": SUPERUSER, "password_file": str(password_file)}]},
-            "audit": {"dir": str(workdir / "audit"), "signing_key_file": str(workdir / "audit.key")},
+            "audit": {"dir": str(self.audit_dir), "signing_key_file": str(workdir / "audit.key")},
             "policy": {"file": str(workdir / "policy.yaml")},
         }
         self.config_file = workdir / "pgproxy.yaml"
@@ -310,8 +313,8 @@ class Endpoint:
         return env
 
     def dsn(self, database: str = "postgres") -> str:
-        return (f"host=127.0.0.1 port={self.port} user={SUPERUSER} password={self.password} dbname={database} "
-                "sslmode=disable gssencmode=disable")
+        """The suites' test DSN; the password comes from PGPASSWORD (psycopg tests unset it to log in without)."""
+        return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={database} sslmode=disable"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +336,16 @@ class Outcome:
 
 
 _PG_REGRESS_LINE = re.compile(r"^(?:test\s+|\s+)(\S+)\s+\.\.\.\s+(ok|FAILED|failed \(ignored\))", re.M)
+
+
+def merge(rounds: Sequence[Outcome]) -> Outcome:
+    """One outcome over several rounds: a test whose result changed between rounds is ``flaky``."""
+    merged = Outcome(seconds=sum(o.seconds for o in rounds), note=" ".join(o.note for o in rounds if o.note))
+    for test in {t for o in rounds for t in o.results}:
+        seen = [o.results.get(test, "missing") for o in rounds]
+        merged.results[test] = seen[0] if len(set(seen)) == 1 else f"flaky ({seen.count('failed')}/{len(seen)} failed)"
+        merged.messages[test] = next((o.messages[test] for o in rounds if test in o.messages), "")
+    return merged
 
 
 def run_pg_regress(endpoint: Endpoint, src: Path, dlpath: Path, out: Path) -> Outcome:
@@ -456,6 +469,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--psycopg-tag", default=PSYCOPG_TAG, help="psycopg release whose tests (and client) to use")
     p.add_argument("--pytest-args-psycopg", default="-m 'not mypy'", help="extra pytest arguments for psycopg")
     p.add_argument("--pytest-args-asyncpg", default="", help="extra pytest arguments for asyncpg")
+    p.add_argument("--rounds", type=int, default=1, help="run each suite this often per path (finds flaky tests)")
     p.add_argument("--out", type=Path, help="also write the Markdown report here")
     args = p.parse_args(argv)
     args.suites = [s.strip() for s in args.suites.split(",") if s.strip()]
@@ -504,10 +518,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         version = run(["psql", "-XAtc", "SHOW server_version", endpoints["relay"].dsn()]).stdout.strip()
         for suite in args.suites:
             # one at a time: the suites share the cluster and the CPU
-            results[suite] = {path: run_suite(suite, endpoints[path], prepared, run_dir / suite / path, args)
-                              for path in PATHS}
+            rounds: dict[str, list[Outcome]] = {path: [] for path in PATHS}
+            for n in range(args.rounds):  # interleaved, so a neighbour's load hits both paths alike
+                for path in PATHS:
+                    out = run_dir / suite / path / (f"round-{n + 1}" if args.rounds > 1 else "")
+                    rounds[path].append(run_suite(suite, endpoints[path], prepared, out, args))
+            results[suite] = {path: merge(rounds[path]) for path in PATHS}
+        proxy.stop()  # its last checkpoint is signed on shutdown
+        verified = subprocess.run([str(PGPROXY_BIN), "audit", "verify", str(proxy.audit_dir), "--pubkey",
+                                   str(proxy.audit_dir.parent / "audit.key.pub")], text=True, capture_output=True)
     facts = [f"PostgreSQL {version}; psycopg {args.psycopg_tag} tests (pytest `{args.pytest_args_psycopg}`); "
-             f"asyncpg {ASYNCPG_VERSION} tests; outputs in `{run_dir}`."]
+             f"asyncpg {ASYNCPG_VERSION} tests; outputs in `{run_dir}`.",
+             f"Signed audit log of the proxy runs, `pgproxy audit verify` (exit {verified.returncode}): "
+             + " ".join((verified.stdout + verified.stderr).strip().splitlines()[-1:])]
     text = report(results, facts)
     print(text)
     if args.out is not None:
