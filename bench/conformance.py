@@ -17,7 +17,7 @@ registries, with their own clients), builds ``regress.so`` with PGXS and caches 
 ``--psycopg-repo``. Every listener binds port 0 on 127.0.0.1.
 
 Run: ``.venv/bin/python bench/conformance.py [--suites pg_regress,asyncpg,psycopg]
-[--psycopg-repo DIR] [--pytest-args-psycopg '-m "not slow"'] [--out FILE]`` (see bench/README.md).
+[--psycopg-repo DIR] [--rounds N] [--pytest-args-psycopg ARGS] [--out FILE]`` (see bench/README.md).
 """
 
 from __future__ import annotations
@@ -467,7 +467,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="cache for downloads, builds and the suites' venv; each run's output goes in runs/")
     p.add_argument("--psycopg-repo", type=Path, help="a git clone of github.com/psycopg/psycopg (needed for psycopg)")
     p.add_argument("--psycopg-tag", default=PSYCOPG_TAG, help="psycopg release whose tests (and client) to use")
-    p.add_argument("--pytest-args-psycopg", default="-m 'not mypy'", help="extra pytest arguments for psycopg")
+    p.add_argument("--pytest-args-psycopg", default="-m 'not slow and not mypy'",
+                   help="extra pytest arguments for psycopg ('-m \"not mypy\"' adds the slow tests: much longer)")
     p.add_argument("--pytest-args-asyncpg", default="", help="extra pytest arguments for asyncpg")
     p.add_argument("--rounds", type=int, default=1, help="run each suite this often per path (finds flaky tests)")
     p.add_argument("--out", type=Path, help="also write the Markdown report here")
@@ -515,7 +516,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         stack.callback(proxy.stop)
         endpoints = {"relay": Endpoint("relay", relay.port, db.password),
                      "proxy": Endpoint("proxy", proxy.port, proxy.token)}
-        version = run(["psql", "-XAtc", "SHOW server_version", endpoints["relay"].dsn()]).stdout.strip()
+        version = run(["psql", "-XAtc", "SHOW server_version"], env=endpoints["relay"].env()).stdout.strip()
         for suite in args.suites:
             # one at a time: the suites share the cluster and the CPU
             rounds: dict[str, list[Outcome]] = {path: [] for path in PATHS}
