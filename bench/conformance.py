@@ -145,9 +145,10 @@ def prepare_venv(work: Path, psycopg_tag: str) -> Path:
     if not python.exists():
         log(f"creating {venv} ...")
         run([sys.executable, "-m", "venv", str(venv)])
-    # both projects' test dependencies (a no-op when already installed)
+    # both projects' test dependencies (a no-op when already installed); not uvloop: pproxy, which
+    # psycopg's network-failure tests start, then finds no event loop
     run([str(python), "-m", "pip", "install", "-q", f"psycopg[binary]=={psycopg_tag}", "psycopg-pool",
-         f"asyncpg=={ASYNCPG_VERSION}", "pytest<9.1", "pytest-timeout", "anyio", "pproxy", "distro~=1.9.0", "uvloop"],
+         f"asyncpg=={ASYNCPG_VERSION}", "pytest<9.1", "pytest-timeout", "anyio", "pproxy", "distro~=1.9.0"],
         timeout=1800)
     return python
 
@@ -531,7 +532,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     facts = [f"PostgreSQL {version}; psycopg {args.psycopg_tag} tests (pytest `{args.pytest_args_psycopg}`); "
              f"asyncpg {ASYNCPG_VERSION} tests; outputs in `{run_dir}`.",
              f"Signed audit log of the proxy runs, `pgproxy audit verify` (exit {verified.returncode}): "
-             + " ".join((verified.stdout + verified.stderr).strip().splitlines()[-1:])]
+             + " ".join((verified.stdout.strip() or verified.stderr.strip()).splitlines()[-1:])]
     text = report(results, facts)
     print(text)
     if args.out is not None:
