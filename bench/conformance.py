@@ -305,17 +305,23 @@ class Endpoint:
     port: int
     password: str
 
-    def env(self, **extra: str) -> dict[str, str]:
+    def env(self) -> dict[str, str]:
+        """libpq variables for psql/pg_regress and asyncpg's suite (which reads PGHOST and the rest)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PSYCOPG"))}
         env.update({"PGHOST": "127.0.0.1", "PGPORT": str(self.port), "PGUSER": SUPERUSER,
                     "PGPASSWORD": self.password, "PGSSLMODE": "disable", "PGGSSENCMODE": "disable",
                     "PGCONNECT_TIMEOUT": "30"})
-        env.update(extra)
         return env
 
     def dsn(self, database: str = "postgres") -> str:
-        """The suites' test DSN; the password comes from PGPASSWORD (psycopg tests unset it to log in without)."""
-        return f"host=127.0.0.1 port={self.port} user={SUPERUSER} dbname={database} sslmode=disable"
+        return (f"host=127.0.0.1 port={self.port} user={SUPERUSER} password={self.password} dbname={database} "
+                "sslmode=disable")
+
+    def dsn_only_env(self) -> dict[str, str]:
+        """psycopg's suite: the DSN in PSYCOPG_TEST_DSN and no PG* variables (its conninfo tests read them)."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PG", "PSYCOPG"))}
+        env["PSYCOPG_TEST_DSN"] = self.dsn()
+        return env
 
 
 # --------------------------------------------------------------------------------------------------
@@ -417,9 +423,8 @@ def run_suite(suite: str, endpoint: Endpoint, prepared: dict[str, Any], out: Pat
         outcome = run_pytest(prepared["python"], prepared[suite], ["tests", *shlex.split(args.pytest_args_asyncpg)],
                              endpoint.env(), out)
     else:
-        env = endpoint.env(PSYCOPG_TEST_DSN=endpoint.dsn())
         outcome = run_pytest(prepared["python"], prepared[suite], ["tests", *shlex.split(args.pytest_args_psycopg)],
-                             env, out)
+                             endpoint.dsn_only_env(), out)
     log(f"{suite} through the {endpoint.name}: {outcome.count('passed')} passed, {outcome.count('failed')} failed, "
         f"{outcome.count('skipped')} skipped in {outcome.seconds:.0f} s {outcome.note}")
     return outcome
