@@ -68,6 +68,10 @@ _PARSE = 0x50
 _UNDECIDED = object()
 # Requests a client may have outstanding before we stop reading it until the server catches up.
 MAX_OUTSTANDING_REQUESTS = 10_000
+# Upstream bytes relayed per event-loop turn. A read brings up to 256 KiB (thousands of rows or CopyData
+# messages); relayed in one go it would make every other connection on the loop (a cancel request among
+# them) wait behind it. Slices of this size keep that wait around a millisecond.
+UPSTREAM_SLICE_BYTES = 16 * 1024
 
 
 class SessionRefused(Exception):
@@ -127,6 +131,8 @@ class Session:
         self._held_gate = 0  # index of the gate that held the current request
         self._hold_task: asyncio.Future[None] | None = None
         self._settings_waiter: asyncio.Future[None] | None = None  # a text waits for the lexer settings
+        self._upstream_rest = b""  # a large upstream chunk relayed in slices (UPSTREAM_SLICE_BYTES) ...
+        self._upstream_at = 0  # ... from this offset on
 
     # ------------------------------------------------------------------------------------------ driver
 
@@ -518,6 +524,35 @@ class Session:
             handlers.update(self._backend_handlers())
 
     def _on_upstream_data(self, data: bytes) -> None:
+        """Relay a chunk from the server: a large one in slices, one per loop turn, reading paused meanwhile."""
+        if self._upstream_at < len(self._upstream_rest):  # still relaying an earlier chunk: keep the order
+            self._upstream_rest = self._upstream_rest[self._upstream_at:] + data
+            self._upstream_at = 0
+        elif len(data) <= UPSTREAM_SLICE_BYTES:
+            self._relay_upstream(data)
+        else:
+            self._upstream_rest, self._upstream_at = data, 0
+            assert self.upstream is not None
+            self.upstream.pause_reading("slice")
+            self._relay_upstream_slice()
+
+    def _relay_upstream_slice(self) -> None:
+        start = self._upstream_at
+        rest = self._upstream_rest
+        if start >= len(rest):  # relayed already (the upstream closed) or dropped (the session ended)
+            return
+        self._upstream_at = end = start + UPSTREAM_SLICE_BYTES
+        self._relay_upstream(rest[start:end])
+        if self._ended:
+            self._upstream_rest = b""
+        elif end < len(rest):
+            asyncio.get_running_loop().call_soon(self._relay_upstream_slice)
+        else:
+            self._upstream_rest = b""
+            if self.upstream is not None:
+                self.upstream.resume_reading("slice")
+
+    def _relay_upstream(self, data: bytes) -> None:
         try:
             out = self._back.feed(data)
             if self.tracker.finished:  # recorded before the client sees the answers (fsync: always holds)
@@ -625,6 +660,9 @@ class Session:
             self._closed.set_result(None)
 
     def _on_upstream_lost(self) -> None:
+        if self._upstream_at < len(self._upstream_rest) and not self._ended:  # what the server sent first
+            rest, self._upstream_rest = self._upstream_rest[self._upstream_at:], b""
+            self._relay_upstream(rest)
         if self._client_terminated:
             pass  # the server closed because the client said Terminate: a clean end
         elif self._upstream_fatal and not self._ended:
