@@ -280,7 +280,7 @@ class Proxy:
                                          start_new_session=True)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            found = re.search(r"pgproxy listening on ports (\d+)", self.log_file.read_text(errors="replace"))
+            found = re.search(r"pgproxy (?:\S+ )?listening on ports (\d+)", self.log_file.read_text(errors="replace"))
             if found:
                 self.port = int(found.group(1))
                 return
