@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -56,33 +55,28 @@ def _libpq(info: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in info.items() if k != "log_dir"}
 
 
-def _cancel_during_copy(conninfo: dict[str, str], rows: int = ROWS) -> tuple[float, bool]:
-    """(seconds ``cancel_safe`` took, whether it cancelled) for a COPY TO STDOUT the client stopped reading
-    after one row: meanwhile the server keeps sending, into the socket buffers on the way."""
+def _cancel_during_copy(conninfo: dict[str, str], rows: int = ROWS) -> bool:
+    """Whether ``cancel_safe`` cancelled a COPY TO STDOUT the client stopped reading after one row (meanwhile
+    the server keeps sending, into the socket buffers on the way) before the server finished it."""
     with psycopg.connect(**_libpq(conninfo)) as conn:  # type: ignore[arg-type]
         with conn.cursor().copy(f"COPY (SELECT generate_series(1, {rows})) TO STDOUT") as cp:
             cp.read_row()
-            started = time.monotonic()
             conn.cancel_safe()
-            took = time.monotonic() - started
-            cancelled = False
             try:
                 while cp.read():
                     pass
             except psycopg.errors.QueryCanceled:
-                cancelled = True
-        return took, cancelled
+                return True
+        return False
 
 
 @pytest.mark.timeout(120)
-def test_cancel_lands_quickly_while_copy_out_streams(proxy_process: dict[str, str]) -> None:
-    # Measured on 2 cores: straight to PostgreSQL 3-12 ms; through the proxy relaying whole 256 KiB reads
-    # 140-290 ms (median ~180 ms) and 4 of 30 COPYs ran to the end; relaying 16 KiB slices 3-31 ms
-    # (median ~14 ms). The median keeps one slow run on a busy machine from failing the test.
-    runs = [_cancel_during_copy(proxy_process) for _ in range(9)]
-    seconds = sorted(took for took, _ in runs)
-    assert all(cancelled for _, cancelled in runs), runs
-    assert seconds[len(seconds) // 2] < 0.06, seconds
+def test_cancel_lands_while_copy_out_streams(proxy_process: dict[str, str]) -> None:
+    """psycopg's test_copy_out_error_with_copy_not_finished, repeated: the cancel must reach the server
+    while it still streams. With whole 256 KiB reads relayed per loop turn it took 140-290 ms and 4 of 30
+    COPYs ran to the end (so this failed about 3 times in 4); timings are in bench/results/conformance.md."""
+    outcomes = [_cancel_during_copy(proxy_process) for _ in range(9)]
+    assert all(outcomes), outcomes
 
 
 def test_large_results_relayed_in_slices_arrive_whole_and_in_order(proxy: Any, proxy_process: dict[str, str]) -> None:
