@@ -99,6 +99,17 @@ def _raw(p: ProxyUnderTest, user: str = "agent_reader", **params: str) -> socket
     return rawwire.login(p.plain_port, user, p.database.database, token, **params)
 
 
+def _two_queries_in_one_write(p: ProxyUnderTest, first: str | bytes,
+                              second: str | bytes) -> tuple[list[tuple[str, bytes]], list[tuple[str, bytes]]]:
+    """Send two simple Queries in one write (a pipeline) and read both answers."""
+    sock = _raw(p)
+    try:
+        sock.sendall(rawwire.query(first) + rawwire.query(second))
+        return rawwire.read_until_ready(sock), rawwire.read_until_ready(sock)
+    finally:
+        sock.close()
+
+
 def _assert_no_canary(data: Any) -> None:
     text = repr(data)
     assert CANARY not in text and REVERSED not in text, text
@@ -148,13 +159,7 @@ def test_scs_off_every_way(proxies: tuple[ProxyUnderTest, ProxyUnderTest], how: 
 def test_scs_off_in_the_same_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
     """The SET and the statement in one write: the statement is judged once the SET was answered."""
     guarded, _ = proxies
-    sock = _raw(guarded)
-    try:
-        sock.sendall(rawwire.query("SET standard_conforming_strings = off") + rawwire.query(SCS_ATTACK))
-        first = rawwire.read_until_ready(sock)
-        second = rawwire.read_until_ready(sock)
-    finally:
-        sock.close()
+    first, second = _two_queries_in_one_write(guarded, "SET standard_conforming_strings = off", SCS_ATTACK)
     assert not rawwire.errors_in(b"".join(rawwire.message(t, b) for t, b in first))
     rows = rawwire.rows_of(second)
     _assert_no_canary(rows)
@@ -170,13 +175,9 @@ def test_scs_off_by_a_trigger_in_the_same_pipeline(proxies: tuple[ProxyUnderTest
                        "$$ BEGIN PERFORM set_config('standard_conforming_strings', 'off', false); RETURN NEW; END $$")
         direct.execute("CREATE TRIGGER rd_scs_off BEFORE INSERT ON public.rd_victim "
                        "FOR EACH ROW EXECUTE FUNCTION public.rd_scs_off()")
-    sock = _raw(guarded)
     try:
-        sock.sendall(rawwire.query("INSERT INTO rd_victim VALUES (2)") + rawwire.query(SCS_ATTACK))
-        first = rawwire.read_until_ready(sock)
-        second = rawwire.read_until_ready(sock)
+        first, second = _two_queries_in_one_write(guarded, "INSERT INTO rd_victim VALUES (2)", SCS_ATTACK)
     finally:
-        sock.close()
         with psycopg.connect(proxy.database.dsn(), autocommit=True) as direct:
             direct.execute("DROP TRIGGER rd_scs_off ON public.rd_victim")
             direct.execute("DROP FUNCTION public.rd_scs_off()")
@@ -247,13 +248,7 @@ SJIS_ATTACK = (b"SELECT E'\xe3\x81\x9c\\' AS a, reverse(ssn) AS c FROM rd_custom
 
 def test_client_encoding_change_in_the_same_pipeline(proxies: tuple[ProxyUnderTest, ProxyUnderTest]) -> None:
     guarded, _ = proxies
-    sock = _raw(guarded)
-    try:
-        sock.sendall(rawwire.query("SET client_encoding = 'SJIS'") + rawwire.query(SJIS_ATTACK))
-        rawwire.read_until_ready(sock)
-        answer = rawwire.read_until_ready(sock)
-    finally:
-        sock.close()
+    _, answer = _two_queries_in_one_write(guarded, "SET client_encoding = 'SJIS'", SJIS_ATTACK)
     data = b"".join(body for _, body in answer)
     assert CANARY.encode() not in data and REVERSED.encode() not in data, answer
 
