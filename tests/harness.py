@@ -177,3 +177,24 @@ class ProxyServers:
     async def close(self) -> None:
         for server in self.started:
             await server.close(drain_seconds=0)
+
+
+def companion_config(keys: DevKeys, tmp_path: Path, name: str, section: dict[str, Any]) -> dict[str, Any]:
+    """A full proxy config for a companion proxy's tests: ``section`` under ``name`` (``http`` or ``grpc``),
+    the PostgreSQL side on loopback plaintext, JSON-lines audit and SQLite approvals under ``tmp_path``."""
+    return {
+        "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
+        "identity": {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["ES256"],
+                     "jwks_file": str(keys.jwks_file), "leeway_seconds": 0, "default_db_role": "agent_reader"},
+        "upstream": {"credentials": [{"role": "*"}]},
+        "audit": {"jsonl_path": str(tmp_path / "audit.jsonl")},
+        "approvals": {"store": "sqlite", "path": str(tmp_path / "approvals.sqlite3")},
+        name: section,
+    }
+
+
+def companion_token(keys: DevKeys, sub: str = "agent-1", groups: tuple[str, ...] = ("agents",), ttl: float = 600,
+                    **claims: Any) -> str:
+    """A caller's token for the companion proxies (no database role)."""
+    return mint_token(keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject=sub, groups=list(groups),
+                      ttl_seconds=ttl, extra_claims=claims)

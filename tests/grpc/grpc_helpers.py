@@ -29,9 +29,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_reflection.v1alpha import reflection
 from grpc_tools import protoc
+from harness import companion_config, companion_token
 
 from pgproxy.audit.sink import AuditSink, MemoryAuditSink
-from pgproxy.identity import DevKeys, mint_token
+from pgproxy.identity import DevKeys
 from pgproxy.server.listener import ProxyServer
 from pgproxy.tlsutil import DevTLS
 
@@ -56,8 +57,6 @@ shop_pb2_grpc: Any = importlib.import_module("shop_pb2_grpc")
 
 StartProxy = Callable[..., Awaitable[ProxyServer]]
 
-ISSUER = "https://issuer.test"
-AUDIENCE = "pgproxy-test"
 CREDENTIAL_ENV = "PGPROXY_TEST_GRPC_CREDENTIAL"
 CREDENTIAL = "sk-live-GRPC-UPSTREAM-0123456789"
 
@@ -217,21 +216,10 @@ def config_data(keys: DevKeys, upstream: str, tmp_path: Path, **grpc_section: An
         "audit_messages": 5,
     }
     section.update(grpc_section)
-    return {
-        "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
-        "identity": {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["ES256"],
-                     "jwks_file": str(keys.jwks_file), "leeway_seconds": 0, "default_db_role": "agent_reader"},
-        "upstream": {"credentials": [{"role": "*"}]},
-        "audit": {"jsonl_path": str(tmp_path / "audit.jsonl")},
-        "approvals": {"store": "sqlite", "path": str(tmp_path / "approvals.sqlite3")},
-        "grpc": section,
-    }
+    return companion_config(keys, tmp_path, "grpc", section)
 
 
-def token(keys: DevKeys, sub: str = "agent-1", groups: tuple[str, ...] = ("agents",), ttl: float = 600,
-          **claims: Any) -> str:
-    return mint_token(keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject=sub, groups=list(groups),
-                      ttl_seconds=ttl, extra_claims=claims)
+token = companion_token
 
 
 def bearer(jwt: str) -> tuple[tuple[str, str]]:

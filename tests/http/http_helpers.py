@@ -9,16 +9,15 @@ from pathlib import Path
 from typing import Any
 
 from aiohttp import web
+from harness import companion_config, companion_token
 
 from pgproxy.audit.sink import AuditSink, MemoryAuditSink
-from pgproxy.identity import DevKeys, mint_token
+from pgproxy.identity import DevKeys
 from pgproxy.server.listener import ProxyServer
 
 # The `start_proxy` fixture's type (tests/http/conftest.py): start a ProxyServer with a changed config.
 StartProxy = Callable[..., Awaitable[ProxyServer]]
 
-ISSUER = "https://issuer.test"
-AUDIENCE = "pgproxy-test"
 CREDENTIAL_ENV = "PGPROXY_TEST_HTTP_CREDENTIAL"
 CREDENTIAL = "sk-live-UPSTREAM-0123456789abcdef"
 CUSTOMER = {"customer": {"name": "Ann", "email": "ann@example.com"},
@@ -110,21 +109,10 @@ def config_data(keys: DevKeys, upstream_url: str, tmp_path: Path, **http: Any) -
         "default": "allow",
     }
     section.update(http)
-    return {
-        "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
-        "identity": {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["ES256"],
-                     "jwks_file": str(keys.jwks_file), "leeway_seconds": 0, "default_db_role": "agent_reader"},
-        "upstream": {"credentials": [{"role": "*"}]},
-        "audit": {"jsonl_path": str(tmp_path / "audit.jsonl")},
-        "approvals": {"store": "sqlite", "path": str(tmp_path / "approvals.sqlite3")},
-        "http": section,
-    }
+    return companion_config(keys, tmp_path, "http", section)
 
 
-def token(keys: DevKeys, sub: str = "agent-1", groups: tuple[str, ...] = ("agents",), ttl: float = 600,
-          **claims: Any) -> str:
-    return mint_token(keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject=sub, groups=list(groups),
-                      ttl_seconds=ttl, extra_claims=claims)
+token = companion_token
 
 
 def base(server: ProxyServer) -> str:

@@ -19,7 +19,8 @@ import aiohttp
 import pytest
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
-from http_helpers import AUDIENCE, ISSUER, StartProxy, base, bearer, exchanges, token
+from harness import AUDIENCE, ISSUER
+from http_helpers import StartProxy, base, bearer, exchanges, token
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.cli import main
