@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -144,21 +143,12 @@ def check(config_path: str | None, offline: bool, role: str | None, database: st
 
 def _load_for_check(config_path: str | None) -> ProxyConfig:
     """The config, or exit 1 after printing every error in it (file and field in each line)."""
-    from .config import CONFIG_ENV_VAR, config_errors, load_yaml
-
-    path = config_path or os.environ.get(CONFIG_ENV_VAR)
-    if not path:
-        raise click.ClickException(f"no config file: pass -c FILE or set {CONFIG_ENV_VAR}")
     try:
-        data = load_yaml(Path(path))
+        return load_config(config_path)
     except ConfigError as exc:
-        raise click.ClickException(str(exc)) from None
-    errors = config_errors(data, Path(path).resolve().parent)
-    if errors:
-        for error in errors:
-            click.echo(f"error: {path}: {error}", err=True)
+        for line in exc.lines:
+            click.echo(f"error: {line}", err=True)
         sys.exit(1)
-    return _load(path)
 
 
 def _check_masking(config: ProxyConfig, offline: bool, role: str | None, database: str | None) -> list[str]:

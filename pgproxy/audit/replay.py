@@ -20,10 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from pydantic import ValidationError
 
-from ..config import UpstreamConfig
+from ..config import UpstreamConfig, UpstreamCredential
 from ..masking.rewrite import Rewritten
 from ..protocol.messages import Bind, CommandComplete, ErrorResponse, Execute, Parse, Query, Sync, Terminate
+from ..schema import error_lines
 from ..server.link import Link
 from ..server.upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 from .bundle import BundleError, verify_bundle
@@ -152,9 +154,13 @@ def _target(dsn: str) -> tuple[UpstreamConfig, dict[str, str], str | None]:
     sslmode = info.get("sslmode", "disable")
     if sslmode in ("prefer", "allow"):
         sslmode = "disable"
-    cfg = UpstreamConfig(host=info.get("host", "127.0.0.1"), port=int(info.get("port", "5432")),
-                         sslmode=sslmode, sslrootcert=Path(info["sslrootcert"]) if "sslrootcert" in info else None)
     user = info.get("user", "postgres")
+    try:
+        cfg = UpstreamConfig(host=info.get("host", "127.0.0.1"), port=int(info.get("port", "5432")),
+                             sslmode=sslmode, sslrootcert=Path(info["sslrootcert"]) if "sslrootcert" in info else None,
+                             credentials=(UpstreamCredential(role=user),))  # its password comes from the DSN
+    except ValidationError as exc:
+        raise ReplayError(f"invalid --target: {'; '.join(error_lines(exc))}") from None
     params = {"user": user, "database": info.get("dbname", user), "application_name": "pgproxy-audit-replay"}
     return cfg, params, info.get("password")
 

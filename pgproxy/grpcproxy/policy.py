@@ -20,10 +20,11 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from ..config import ConfigError, Section
+from ..config import ConfigError
 from ..http.policy import CALLER_KEYS, CallerMatch, caller_match, match_lists, parse_rules
 from ..identity import Identity
 from ..policy.rules import Decision, Rule
+from ..sections import Section
 
 MATCH_KEYS = ("targets", "services", "methods", *CALLER_KEYS)
 

@@ -1,52 +1,69 @@
 """The ``http:`` config section: listener, targets (upstream, credential, limits, masks) and policy.
 
-Parsed by ``pgproxy.config.parse_config`` with the same dotted-path errors as every other section
+Part of the config schema (`pgproxy.config`), with the same field-path errors as every other section
 (``http.targets[0].credential.kind: ...``). Credentials are never in the file, only the environment
-variable or file that holds them; they are read when the proxy starts.
+variable or file that holds them; they are read when the proxy starts. `Companion` is the part the
+HTTP and gRPC sections share: the listener, the targets' names, and the rules read by the policy parser.
 """
 
 from __future__ import annotations
 
 import base64
-import re
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 from urllib.parse import urlsplit
 
-from ..config import ConfigError, ListenerConfig, Section, parse_listener, read_secret, secure_url
+from pydantic import AfterValidator, Field, PlainValidator, PrivateAttr
+
+from ..config import ConfigError, ListenerConfig, read_secret, secure_url
+from ..schema import Between, ExistingFile, Flag, Int, Matches, Number, Problem, Schema, Text, non_empty
+from ..sections import Section
 from .jsonmask import JsonPath, parse_path
 
 if TYPE_CHECKING:
     from .policy import HttpPolicy
 
-CREDENTIAL_KINDS = ("header", "bearer", "basic")
-MASK_DIRECTIONS = ("request", "response")
-_TARGET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
-_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 # Credentials shorter than this are not searched for in responses (a 2-character secret would scrub
 # innocent text); they are still injected and still kept out of the audit log.
 MIN_SCRUB_CHARS = 6
-T = TypeVar("T")
+TargetName = Annotated[str, Matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}",
+                                    "letters, digits, '.', '_' and '-' only (it is a URL path segment)")]
+HeaderName = Annotated[str, Matches(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "not a valid header name")]
+Timeout = Annotated[Number, Between(0.01)]
 
 
-@dataclass(frozen=True)
-class CredentialConfig:
-    """What the proxy adds to each upstream request on the caller's behalf."""
+def _json_path(value: Any) -> JsonPath:
+    if isinstance(value, JsonPath):
+        return value
+    if not isinstance(value, str):
+        raise ValueError("expected a string such as $.customer.email")
+    return parse_path(value)
 
-    kind: str  # header | bearer | basic
-    where: str  # dotted config path, for errors
-    header: str = "Authorization"  # kind header: the header that carries the value
-    username: str | None = None  # kind basic
-    value_env: str | None = None
-    value_file: Path | None = None
+
+JsonPathField = Annotated[JsonPath, PlainValidator(_json_path)]
+
+
+class CredentialConfig(Schema):
+    """What the proxy adds to each upstream request on the caller's behalf: exactly one of `value_env`, `value_file`."""
+
+    kind: Literal["header", "bearer", "basic"]
+    """`bearer` and `basic` fill `Authorization`; `header` puts the value in `header`."""
+    header: HeaderName = "Authorization"
+    """`header` only: the header that carries the value."""
+    username: Text | None = None
+    """`basic` only (and required with it): the user name."""
+    value_env: Text | None = None
+    """Environment variable holding the secret."""
+    value_file: ExistingFile | None = None
+    """File holding the secret (trailing newline dropped)."""
+    _where: str = PrivateAttr(default="credential")  # its field path, for errors when it is read
 
     def resolve(self) -> tuple[str, str, tuple[str, ...]]:
         """(header name, header value, strings that must never reach the caller or the log)."""
-        value = read_secret(self.where, self.value_env, self.value_file)
+        value = read_secret(self._where, self.value_env, self.value_file)
         if not value:
-            raise ConfigError(f"{self.where}: the credential is empty")
+            raise ConfigError(f"{self._where}: the credential is empty")
         if self.kind == "bearer":
             return "Authorization", f"Bearer {value}", (value,)
         if self.kind == "basic":
@@ -54,157 +71,154 @@ class CredentialConfig:
             return "Authorization", f"Basic {encoded}", (value, encoded)
         return self.header, value, (value,)
 
+    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+        if (self.value_env is None) == (self.value_file is None):
+            yield ("", "set exactly one of value_env or value_file")
+        if self.kind == "basic" and self.username is None:
+            yield ("username", "required with kind basic")
+        if self.kind != "basic" and self.username is not None:
+            yield ("username", "only used with kind basic")
+        if self.kind != "header" and "header" in self.model_fields_set:
+            yield ("header", f"only used with kind header ({self.kind} uses Authorization)")
 
-@dataclass(frozen=True)
-class MaskRule:
+
+class MaskRule(Schema):
     """JSON field paths replaced by ``"[masked]"`` in the audit log (and, with ``caller``, in responses)."""
 
-    paths: tuple[JsonPath, ...]
-    request: bool = True
-    response: bool = True
-    caller: bool = False  # also mask the response body the caller receives
+    paths: Annotated[tuple[JsonPathField, ...], AfterValidator(non_empty(
+        "required (JSON field paths, e.g. $.customer.email, items[*].ssn)"))]
+    """JSON field paths such as `$.customer.email` or `items[*].ssn`."""
+    in_: tuple[Literal["request", "response"], ...] = Field(("request", "response"), alias="in")
+    """The bodies masked."""
+    caller: Flag = False
+    """Also mask the response body the caller receives (responses only)."""
+
+    @property
+    def request(self) -> bool:
+        return "request" in self.in_
+
+    @property
+    def response(self) -> bool:
+        return "response" in self.in_
+
+    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+        if self.caller and not self.response:
+            yield ("caller", "only applies to responses (add response to `in`)")
 
 
-@dataclass(frozen=True)
-class TargetConfig:
+class TargetConfig(Schema):
     """One upstream HTTP service, reached at ``/<name>/...`` on the HTTP listener."""
 
-    name: str
-    upstream: str  # base URL, no trailing slash
+    name: TargetName
+    """The first path segment callers use; unique."""
+    upstream: Annotated[Text, AfterValidator(lambda url: url.rstrip("/"))]
+    """Base URL such as `https://api.example.com/v1`; `https` when a credential is injected (http only to loopback)."""
     credential: CredentialConfig | None = None
-    connect_timeout_seconds: float = 5.0
-    read_timeout_seconds: float = 30.0  # longest pause between two reads from the upstream
-    total_timeout_seconds: float = 300.0
-    max_request_bytes: int = 10 * 1024 * 1024
-    max_response_bytes: int = 100 * 1024 * 1024
+    """The credential injected into each request."""
+    connect_timeout_seconds: Timeout = 5.0
+    """Time to connect to the upstream."""
+    read_timeout_seconds: Timeout = 30.0
+    """Longest pause between two reads from the upstream."""
+    total_timeout_seconds: Timeout = 300.0
+    """Longest request, start to end."""
+    max_request_bytes: Annotated[Int, Between(0)] = 10 * 1024 * 1024
+    """Largest request body."""
+    max_response_bytes: Annotated[Int, Between(0)] = 100 * 1024 * 1024
+    """Largest response body."""
     masks: tuple[MaskRule, ...] = ()
-    sslrootcert: Path | None = None  # CA bundle for an https upstream with a private CA
+    """JSON fields masked in the audit log (and for the caller)."""
+    sslrootcert: ExistingFile | None = None
+    """CA bundle for an https upstream with a private CA."""
 
     def mask_paths(self, direction: str, *, caller: bool = False) -> tuple[JsonPath, ...]:
         """The paths masked in ``direction`` (request/response), only the caller-facing ones if ``caller``."""
         return tuple(p for rule in self.masks
                      if getattr(rule, direction) and (rule.caller or not caller) for p in rule.paths)
 
+    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+        parts = urlsplit(self.upstream)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            yield ("upstream", "expected a base URL such as https://api.example.com/v1")
+        elif parts.username is not None or parts.password is not None:
+            yield ("upstream", "no credentials in the URL (use credential: with value_env)")
+        elif self.credential is not None and not secure_url(self.upstream):
+            yield ("upstream", "must be https when a credential is injected (plain http only for loopback)")
+        if self.sslrootcert is not None and parts.scheme != "https":
+            yield ("sslrootcert", "only used with an https upstream")
 
-@dataclass(frozen=True)
-class HttpConfig:
+
+class _Named(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def credential(self) -> Any: ...
+
+
+class Companion(Schema):
+    """What the HTTP and gRPC sections share: a listener whose port must be set, named targets, rules."""
+
+    proxy: ClassVar[str]
     listen: ListenerConfig
-    targets: tuple[TargetConfig, ...]
-    policy: HttpPolicy
-    audit_body_bytes: int = 64 * 1024  # body bytes kept in each audit record (the digest covers all)
-    mask_max_bytes: int = 8 * 1024 * 1024  # responses masked for the caller are buffered up to this
+    """The listener (`port` required: `0` picks a free one): `tls`, or `insecure_plaintext: true` on loopback."""
+    rules: tuple[dict[str, Any], ...] = ()
+    """Ordered rules, first match decides: a `match` plus the SQL policy's action keys (see the proxy's docs)."""
+    default: Literal["allow", "deny"] = "deny"
+    """What happens to what no rule matches."""
+    _policy: Any = PrivateAttr(default=None)  # built from the rules by the validator
+
+    def named_targets(self) -> Sequence[_Named]:
+        raise NotImplementedError
+
+    def parse_policy(self, section: Section, names: set[str]) -> object:
+        raise NotImplementedError
+
+    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+        """The companion rules; also builds the policy and names each credential by its field path."""
+        if "port" not in self.listen.model_fields_set:
+            yield ("listen.port", f"required (the {self.proxy} proxy's port; 0 picks a free one)")
+        names: set[str] = set()
+        for i, target in enumerate(self.named_targets()):
+            if target.name in names:
+                yield (f"targets[{i}].name", f"duplicate target name {target.name!r}")
+            names.add(target.name)
+            if target.credential is not None:
+                target.credential._where = f"{self.proxy.lower()}.targets[{i}].credential"
+        rules = Section({"rules": list(self.rules), "default": self.default}, "", context.get("base_dir", Path()))
+        try:
+            self._policy = self.parse_policy(rules, names)
+        except ConfigError as exc:
+            field, _, message = str(exc).partition(": ")
+            yield (field, message)
+
+
+class HttpConfig(Companion):
+    """The HTTP companion proxy (docs/http.md)."""
+
+    proxy: ClassVar[str] = "HTTP"
+    targets: Annotated[tuple[TargetConfig, ...], AfterValidator(non_empty("at least one target is required"))]
+    """The upstream HTTP services (docs/http.md#targets)."""
+    audit_body_bytes: Annotated[Int, Between(0, 16 * 1024 * 1024)] = 64 * 1024
+    """Body bytes kept in each audit record; the digest covers the whole body."""
+    mask_max_bytes: Annotated[Int, Between(1024)] = 8 * 1024 * 1024
+    """Largest response that can be masked for the caller (it is buffered)."""
+
+    @property
+    def policy(self) -> HttpPolicy:
+        return self._policy  # type: ignore[no-any-return]  # set by the validator
+
+    def named_targets(self) -> Sequence[TargetConfig]:
+        return self.targets
+
+    def parse_policy(self, section: Section, names: set[str]) -> HttpPolicy:
+        from .policy import parse_http_policy
+
+        return parse_http_policy(section, names)
 
     def target(self, name: str) -> TargetConfig | None:
         for target in self.targets:
             if target.name == name:
                 return target
         return None
-
-
-def _credential(s: Section) -> CredentialConfig:
-    kind = s.req_str("kind")
-    if kind not in CREDENTIAL_KINDS:
-        raise ConfigError(f"{s.at('kind')}: must be one of {', '.join(CREDENTIAL_KINDS)}, got {kind!r}")
-    cred = CredentialConfig(kind=kind, where=s.path, header=s.string("header", "Authorization") or "Authorization",
-                            username=s.string("username"), value_env=s.string("value_env"),
-                            value_file=s.path_("value_file"))
-    s.done()
-    if (cred.value_env is None) == (cred.value_file is None):
-        raise ConfigError(f"{s.path}: set exactly one of value_env or value_file")
-    if kind == "basic" and cred.username is None:
-        raise ConfigError(f"{s.at('username')}: required with kind basic")
-    if kind != "basic" and cred.username is not None:
-        raise ConfigError(f"{s.at('username')}: only used with kind basic")
-    if kind != "header" and "header" in s.data:
-        raise ConfigError(f"{s.at('header')}: only used with kind header ({kind} uses Authorization)")
-    if not _HEADER_NAME.fullmatch(cred.header):
-        raise ConfigError(f"{s.at('header')}: not a valid header name: {cred.header!r}")
-    return cred
-
-
-def parse_mask(s: Section) -> MaskRule:
-    """One mask rule (``paths``, ``in``, ``caller``); the gRPC section reads its rules with it too."""
-    paths = []
-    for i, text in enumerate(s.items("paths")):
-        if not isinstance(text, str):
-            raise ConfigError(f"{s.at('paths')}[{i}]: expected a string such as $.customer.email")
-        try:
-            paths.append(parse_path(text))
-        except ValueError as exc:
-            raise ConfigError(f"{s.at('paths')}[{i}]: {exc}") from None
-    if not paths:
-        raise ConfigError(f"{s.at('paths')}: required (JSON field paths, e.g. $.customer.email, items[*].ssn)")
-    directions = s.items("in") or list(MASK_DIRECTIONS)
-    for d in directions:
-        if d not in MASK_DIRECTIONS:
-            raise ConfigError(f"{s.at('in')}: must list request and/or response, got {d!r}")
-    rule = MaskRule(tuple(paths), request="request" in directions, response="response" in directions,
-                    caller=s.boolean("caller", False))
-    s.done()
-    if rule.caller and not rule.response:
-        raise ConfigError(f"{s.at('caller')}: only applies to responses (add response to `in`)")
-    return rule
-
-
-def _target(s: Section, names: set[str]) -> TargetConfig:
-    name = s.req_str("name")
-    if not _TARGET_NAME.fullmatch(name):
-        raise ConfigError(f"{s.at('name')}: letters, digits, '.', '_' and '-' only (it is a URL path segment)")
-    if name in names:
-        raise ConfigError(f"{s.at('name')}: duplicate target name {name!r}")
-    names.add(name)
-    upstream = s.req_str("upstream").rstrip("/")
-    parts = urlsplit(upstream)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise ConfigError(f"{s.at('upstream')}: expected a base URL such as https://api.example.com/v1")
-    if parts.username is not None or parts.password is not None:
-        raise ConfigError(f"{s.at('upstream')}: no credentials in the URL (use credential: with value_env)")
-    credential = _credential(s.section("credential")) if s.raw("credential") is not None else None
-    if credential is not None and not secure_url(upstream):
-        raise ConfigError(f"{s.at('upstream')}: must be https when a credential is injected (plain http only "
-                          "for loopback)")
-    masks = tuple(parse_mask(Section(item, f"{s.at('masks')}[{i}]", s.base_dir))
-                  for i, item in enumerate(s.items("masks")))
-    target = TargetConfig(
-        name=name, upstream=upstream, credential=credential,
-        connect_timeout_seconds=s.number("connect_timeout_seconds", 5.0, minimum=0.01),
-        read_timeout_seconds=s.number("read_timeout_seconds", 30.0, minimum=0.01),
-        total_timeout_seconds=s.number("total_timeout_seconds", 300.0, minimum=0.01),
-        max_request_bytes=s.integer("max_request_bytes", TargetConfig.max_request_bytes, minimum=0),
-        max_response_bytes=s.integer("max_response_bytes", TargetConfig.max_response_bytes, minimum=0),
-        masks=masks, sslrootcert=s.path_("sslrootcert"))
-    s.done()
-    if target.sslrootcert is not None and parts.scheme != "https":
-        raise ConfigError(f"{s.at('sslrootcert')}: only used with an https upstream")
-    return target
-
-
-def parse_companion(s: Section, proxy: str,
-                    parse_target: Callable[[Section, set[str]], T]) -> tuple[ListenerConfig, tuple[T, ...], set[str]]:
-    """The ``listen`` and ``targets`` of a companion proxy's section, and the target names."""
-    listen_section = s.section("listen")
-    if listen_section.raw("port") is None:
-        raise ConfigError(f"{listen_section.at('port')}: required (the {proxy} proxy's port; 0 picks a free one)")
-    listen = parse_listener(listen_section)
-    names: set[str] = set()
-    targets = tuple(parse_target(Section(item, f"{s.at('targets')}[{i}]", s.base_dir), names)
-                    for i, item in enumerate(s.items("targets")))
-    if not targets:
-        raise ConfigError(f"{s.at('targets')}: at least one target is required")
-    return listen, targets, names
-
-
-def parse_http(s: Section) -> HttpConfig:
-    """The validated ``http`` section (``s`` is the section at path ``http``)."""
-    from .policy import parse_http_policy
-
-    listen, targets, names = parse_companion(s, "HTTP", _target)
-    policy = parse_http_policy(s, names)
-    http = HttpConfig(listen=listen, targets=targets, policy=policy,
-                      audit_body_bytes=s.integer("audit_body_bytes", 64 * 1024, maximum=16 * 1024 * 1024),
-                      mask_max_bytes=s.integer("mask_max_bytes", 8 * 1024 * 1024, minimum=1024))
-    s.done()
-    return http
 
 
 def check_http(http: HttpConfig) -> list[str]:

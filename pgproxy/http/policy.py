@@ -23,9 +23,10 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal, TypeVar
 
-from ..config import ConfigError, Section
+from ..config import ConfigError
 from ..identity import Identity
 from ..policy.rules import Decision, Rule, parse_rule
+from ..sections import Section
 
 MATCH_KEYS = ("targets", "methods", "paths", "subjects", "groups", "agent_ids")
 CALLER_KEYS = ("subjects", "groups", "agent_ids")

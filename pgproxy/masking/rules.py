@@ -22,8 +22,9 @@ from typing import Any, Protocol
 from pglast import parse_sql
 from pglast.parser import ParseError
 
-from ..config import ConfigError, Section, load_yaml
+from ..config import ConfigError, load_yaml
 from ..policy.rules import string_list
+from ..sections import Section
 from .masks import Mask, MaskError, build_mask
 
 AUDIENCE_KEYS = ("subjects", "groups", "roles", "agent_ids")

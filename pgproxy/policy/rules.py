@@ -32,8 +32,9 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any, Literal
 
-from ..config import ConfigError, Section, load_yaml
+from ..config import ConfigError, load_yaml
 from ..identity import Identity
+from ..sections import Section
 from .classify import CLASSES, UNPARSED, Classification, StatementInfo
 
 Action = Literal["allow", "deny", "approve"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import functools
 import logging
 import signal
@@ -225,7 +224,7 @@ class ProxyServer:
             self.admin.service.verifier = verifier
         if self.http is not None:
             self.http.verifier = verifier
-        self.config = dataclasses.replace(config, listeners=self.config.listeners)  # the bound listeners
+        self.config = config.model_copy(update={"listeners": self.config.listeners})  # the bound listeners
 
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see ``bound_ports``)."""
