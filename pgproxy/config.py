@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal, get_args
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import AfterValidator, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 
 from .schema import (
     Between,
@@ -26,6 +26,7 @@ from .schema import (
     Identifier,
     Int,
     NewFile,
+    NonEmpty,
     Number,
     Port,
     Problem,
@@ -33,7 +34,6 @@ from .schema import (
     Seconds,
     Text,
     error_lines,
-    non_empty,
 )
 
 if TYPE_CHECKING:
@@ -169,16 +169,18 @@ class IdentityConfig(Schema):
     audience: Text
     """The token's `aud` (string or list) must contain it."""
     algorithms: Annotated[tuple[Algorithm, ...],
-                          AfterValidator(non_empty("required (an explicit allowlist, e.g. [RS256, ES256])"))]
+                          NonEmpty("required (an explicit allowlist, e.g. [RS256, ES256])")]
     """The explicit allowlist of signature algorithms; never mix `HS*` with public-key algorithms."""
     jwks_file: ExistingFile | None = None
     """Key source: a local JWKS file."""
     jwks_url: Text | None = None
-    """Key source: a JWKS URL, `https://` (plain `http://` only to a loopback host)."""
+    """Key source: a JWKS URL. Must start with `https://`; plain `http://` only to a loopback host
+    (`127.0.0.0/8`, `::1`, `localhost`)."""
     hs256_secret_env: Text | None = None
     """Key source: the environment variable holding the shared HMAC secret (at least 32 bytes)."""
-    leeway_seconds: Annotated[float, Between(0, MAX_LEEWAY_SECONDS)] = 30.0
-    """Clock skew allowed when checking `nbf` and `iat`; `exp` is a hard limit that the leeway never extends."""
+    leeway_seconds: Annotated[Number, Between(0, MAX_LEEWAY_SECONDS)] = 30.0
+    """Clock skew allowed when checking `nbf` and `iat`; `exp` is a hard limit that the leeway never extends
+    ([identity.md](identity.md#time-claims))."""
     jwks_cache_seconds: Seconds = 300.0
     """`jwks_url` and `discovery` only: how long fetched keys count as fresh."""
     jwks_timeout_seconds: Annotated[Number, Between(0.1)] = 5.0
@@ -192,9 +194,12 @@ class IdentityConfig(Schema):
     dev_signing_key_file: NewFile | None = None
     """Need not exist. Used only by `pgproxy token` to mint development tokens; `serve` never reads it."""
     discovery: Flag = False
-    """Key source: the JWKS URL named by `<issuer>/.well-known/openid-configuration`; `issuer` must then be https."""
+    """Key source: the JWKS URL named by `<issuer>/.well-known/openid-configuration`
+    ([people.md](people.md#issuer-discovery-on-the-wire-listener)). `issuer` must then be `https://` (plain
+    `http://` only on loopback)."""
     extra_audiences: tuple[Text, ...] = ()
-    """More audiences a token may name instead of `audience`, e.g. the client id of `pgproxy login`."""
+    """More audiences a token may name instead of `audience`, e.g. the client id of `pgproxy login`, to which
+    people's ID tokens are issued."""
 
     def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
         sources = [x for x in (self.jwks_file, self.jwks_url, self.hs256_secret_env) if x is not None]
@@ -245,8 +250,8 @@ class UpstreamConfig(Schema):
     """CA certificates that verify the server; required with `verify-ca` and `verify-full`."""
     connect_timeout_seconds: Annotated[Number, Between(0.1)] = 10.0
     """Applies separately to the TCP connect and to the login; also used when forwarding a cancel request."""
-    credentials: Annotated[tuple[UpstreamCredential, ...], AfterValidator(non_empty(
-        "at least one upstream credential is required (role: '*' matches any mapped role)"))]
+    credentials: Annotated[tuple[UpstreamCredential, ...], NonEmpty(
+        "at least one upstream credential is required (role: '*' matches any mapped role)")]
     """The logins the proxy can use upstream; the client never sees them."""
 
     def credential_for(self, role: str) -> UpstreamCredential | None:
@@ -268,13 +273,14 @@ class LimitsConfig(Schema):
     """Sizes, time-outs and connection counts that protect the proxy and the database."""
 
     max_message_bytes: Annotated[Int, Between(1024, 1 << 30)] = 64 * 1024 * 1024
-    """Largest protocol message accepted in either direction."""
+    """Largest protocol message accepted in either direction (64 MiB by default)."""
     max_startup_packet_bytes: Annotated[Int, Between(64, 10_000)] = 10_000
     """Largest startup packet accepted from a client (PostgreSQL's own limit is 10000)."""
     startup_timeout_seconds: Annotated[Number, Between(0.1)] = 15.0
     """Time allowed from connecting until the token is verified (TLS handshake included)."""
     max_connections: Annotated[Int, Between(1)] = 1000
-    """Client sessions of this proxy process (a connection counts once it has sent its startup packet)."""
+    """Client sessions of this proxy process; as in PostgreSQL a connection counts once it has sent its startup
+    packet (silent sockets are ended by the startup timeout)."""
     max_connections_per_identity: Annotated[Int, Between(1)] = 100
     """Sessions of one token subject in this proxy process."""
     idle_timeout_seconds: Seconds = 0.0
@@ -287,29 +293,39 @@ class AuditConfig(Schema):
     """Where every session event is recorded: exactly one of `jsonl_path` or `dir`."""
 
     jsonl_path: NewFile | None = None
-    """A plain JSON-lines file (unsigned); created with mode 0600 and appended to."""
+    """A plain JSON-lines file (unsigned). Need not exist: parent directories are created, and the file is
+    created with mode 0600 and appended to."""
     dir: NewFile | None = None
-    """The signed, tamper-evident log's directory; created with mode 0700, an existing log is checked at start."""
+    """The signed, tamper-evident log's directory. Need not exist; it is created with mode 0700. An existing log
+    is checked at start-up ([audit.md](audit.md#reopening)), and `serve` refuses to start if it fails, if its
+    checkpoints were signed by a key the proxy does not trust, or if another process holds the directory's
+    lock."""
     signing_key_file: ExistingFile | None = None
     """Required with `dir`, and only allowed with it: an Ed25519 private key from `pgproxy audit keygen`."""
     checkpoint_every_records: Annotated[Int, Between(1)] = 1000
     """Sign a checkpoint after this many new records."""
     checkpoint_every_seconds: Annotated[Number, Between(0.01)] = 60.0
-    """Sign a checkpoint once this long has passed since the last one and new records exist."""
+    """Sign a checkpoint once this long has passed since the last one and new records exist. One is also signed
+    after each `session_end` and at shutdown."""
     fsync: Literal["always", "interval", "never"] = "interval"
-    """When the log is flushed to disk (audit.md, durability)."""
+    """When the log is flushed to disk ([audit.md](audit.md#durability-and-the-fail-closed-guarantee))."""
     segment_max_bytes: Annotated[Int, Between(1024)] = 64 * 1024 * 1024
-    """Start a new segment file once the current one reaches this size."""
+    """Start a new segment file once the current one reaches this size (64 MiB by default)."""
     witness_dir: NewFile | None = None
-    """Only with `dir`: a directory, ideally on storage the proxy host can't rewrite, where checkpoints are appended."""
+    """Only with `dir`. Need not exist. A directory, ideally on storage that the proxy host can't rewrite, where
+    every checkpoint is also appended."""
     witness_dsn: Text | None = None
-    """Only with `dir`, not with `witness_dir`: a PostgreSQL connection string; checkpoints are also inserted there."""
+    """Only with `dir`; not together with `witness_dir`. A PostgreSQL connection string; every checkpoint is
+    also inserted there. See [deployment.md](deployment.md#witness) for the privileges it needs."""
     max_result_rows: Annotated[Int, Between(0, 100_000)] = 20
     """Rows of each result stored in the record; the digest covers every row."""
     trusted_keys: tuple[ExistingFile, ...] = ()
-    """Only with `dir`: public keys (`FILE.pub`) of earlier signing keys, trusted with the signing key's own."""
+    """Only with `dir`. Public keys (`FILE.pub`) of earlier signing keys, after a rotation. With
+    `signing_key_file`, the keys the proxy and `pgproxy audit ... --config` trust
+    ([audit.md](audit.md#trust-anchors))."""
     store_dsn_env: Text | None = None
-    """Only with `dir`: the environment variable holding the DSN of the central store; `serve` needs it set."""
+    """Only with `dir`. Name of the environment variable holding the DSN of the
+    [central store](audit.md#central-store); `serve` refuses to start if it is unset."""
     store_schema: Identifier = "pgproxy_audit"
     """The central store's schema; its tables are created in it if missing."""
 
@@ -340,7 +356,7 @@ class SlackApprover(Schema):
     """Slack's user id (`U...`), never the display name, which anyone can change."""
     subject: Text
     """The subject this user decides as."""
-    groups: Annotated[tuple[Text, ...], AfterValidator(non_empty("expected a non-empty list of group names"))]
+    groups: Annotated[tuple[Text, ...], NonEmpty("expected a non-empty list of group names")]
     """The groups this user decides as."""
 
 
@@ -353,11 +369,11 @@ class SlackConfig(Schema):
     """Environment variable holding the bot token (`xoxb-...`, scope `chat:write`)."""
     signing_secret_env: Text
     """Environment variable holding the Slack app's signing secret."""
-    approvers: Annotated[tuple[SlackApprover, ...], AfterValidator(non_empty(
-        "required (the Slack users who may decide, with their identity)"))]
+    approvers: Annotated[tuple[SlackApprover, ...], NonEmpty(
+        "required (the Slack users who may decide, with their identity)")]
     """The Slack users who may decide; a user may be listed once."""
     api_url: Text = "https://slack.com/api/"
-    """Slack's Web API, `https://` (plain `http://` only on loopback)."""
+    """Slack's Web API. `https://` (plain `http://` only on loopback)."""
     timestamp_tolerance_seconds: Annotated[Number, Between(1)] = 300.0
     """Button presses whose `X-Slack-Request-Timestamp` is further from now are refused."""
 
@@ -385,15 +401,18 @@ class ApprovalsConfig(Schema):
     store: Literal["sqlite", "postgres"] = "sqlite"
     """`sqlite` (one host) or `postgres` (several proxy replicas)."""
     path: NewFile | None = None
-    """`sqlite`: required, and only allowed with it. The database file; created (with its directories) on first use."""
+    """`sqlite`: required, and only allowed with it. The database file; it need not exist, and it and its parent
+    directories are created on first use."""
     dsn_env: Text | None = None
-    """`postgres`: required, and only allowed with it. The environment variable that holds the DSN."""
+    """`postgres`: required, and only allowed with it. Name of the environment variable that holds the DSN. If
+    the variable is unset, `serve` refuses to start when a `policy` or `admin` section uses the store."""
     schema_: Identifier = Field("pgproxy", alias="schema")
     """`postgres` only: the schema of the approval tables (created if missing)."""
     webhook_url: Text | None = None
     """Each new request is POSTed here as JSON; `https://` (plain `http://` only to a loopback host)."""
     slack: SlackConfig | None = None
-    """Each new request is a Slack message with Approve / Deny buttons; needs an `admin` section."""
+    """Each new request is a Slack message with Approve / Deny buttons; needs an `admin` section
+    ([approvals.md](approvals.md#slack))."""
 
     @property
     def schema(self) -> str:  # type: ignore[override]  # the YAML key; BaseModel.schema is pydantic v1's
@@ -424,9 +443,11 @@ class PolicyConfig(Schema):
     """The statement policy (docs/policy.md); without this section no policy gate runs."""
 
     file: ExistingFile
-    """The policy YAML file, validated by `pgproxy check`, at start and at each reload (which reads it again)."""
+    """The policy YAML file. It is validated by `pgproxy check`, when `serve` starts and at each reload, which
+    reads it again."""
     audit_allowed: Flag = False
-    """Also write a `policy_decision` audit event for every allowed statement (denials are always recorded)."""
+    """Also write a `policy_decision` audit event for every allowed statement. Denials and approval decisions
+    are always recorded."""
 
 
 class MaskingConfig(Schema):
@@ -449,7 +470,10 @@ class MaskingConfig(Schema):
                                                                              "name, else `identity.default_db_role`"})
     """The role the proxy logs in as (with its own credential) to read that schema."""
     allow_schema_mismatch: Flag = False
-    """Start (and reload) even if a rule names a relation or column the live schema lacks (default: refuse)."""
+    """By default `serve` refuses to start, and a reload is refused, when a rule names a relation or column that
+    the live schema lacks, a mask does not fit its column's type, or the schema cannot be read: a misspelt
+    column would otherwise stay unmasked. `true` logs these as warnings and starts anyway (for rules on tables
+    created later)."""
 
     def key(self) -> bytes | None:
         """The keyed-hash secret, or None when none is configured."""
@@ -521,18 +545,24 @@ class AdminConfig(Schema):
     tls: TLSConfig | None = None
     """Required unless `host` is loopback: approvers send their tokens to this listener."""
     ui: Flag = True
-    """Serve the web UI under `/ui/` (docs/admin-ui.md)."""
+    """Serve the web UI under `/ui/` ([admin-ui.md](admin-ui.md))."""
     analyst_groups: tuple[Text, ...] | None = Field(None, json_schema_extra={
         "doc_default": "the approver groups of the policy's `approve` rules"})
-    """Token groups that may view sessions and the whole approval queue in the web UI."""
+    """Token groups that may view sessions and the whole approval queue in the web UI (deciding still needs a
+    request's approver group)."""
     metrics_token_env: Text | None = None
-    """Environment variable holding the bearer token `GET /metrics` requires; unset: `/metrics` is open."""
+    """Name of the environment variable holding the bearer token that `GET /metrics` requires. Unset: `/metrics`
+    is open. Set but the variable is unset or empty: `pgproxy serve` refuses to start. See
+    [operations.md](operations.md#prometheus-metrics)."""
     oidc: OidcLoginConfig | None = None
-    """Web UI login through an OpenID provider (docs/people.md)."""
+    """Web UI login through an OpenID provider (authorization code + PKCE); see
+    [people.md](people.md#adminoidc-settings)."""
     token_login: Flag = Field(True, json_schema_extra={"doc_default": "`true` without `oidc`, `false` with it"})
     """Keep the web UI's pasted-JWT login form."""
     operator_groups: tuple[Text, ...] = ()
-    """Token groups that may reload the config with `POST /api/reload` (empty: only SIGHUP reloads)."""
+    """Token groups whose members may reload the config with `POST /api/reload`
+    ([operations.md](operations.md#reload)). Empty: the endpoint answers 403 and only SIGHUP reloads. `/livez`
+    and `/readyz` are always served, without credentials."""
 
     @model_validator(mode="before")
     @classmethod
@@ -558,14 +588,14 @@ class LoggingConfig(Schema):
     """How `pgproxy serve` writes its own log to stderr (docs/operations.md#logs)."""
 
     format: LogFormat = "text"
-    """`json` writes one JSON object per line; `pgproxy serve --log-format` overrides it."""
+    """`text`, or `json` for one JSON object per line. `pgproxy serve --log-format` overrides it."""
 
 
 class ProxyConfig(Schema):
     """The whole file."""
 
-    listeners: Annotated[tuple[ListenerConfig, ...], AfterValidator(non_empty(
-        "at least one listener is required"))]
+    listeners: Annotated[tuple[ListenerConfig, ...], NonEmpty(
+        "at least one listener is required")]
     """Each entry opens one listening socket."""
     identity: IdentityConfig
     """How callers' tokens are verified."""
@@ -580,15 +610,15 @@ class ProxyConfig(Schema):
     admin: AdminConfig | None = None
     """The admin HTTP listener; needs `approvals`."""
     policy: PolicyConfig | None = None
-    """The statement policy; without it no policy runs."""
+    """The statement policy ([policy.md](policy.md)); without it no policy runs."""
     masking: MaskingConfig | None = None
-    """Column masking; without it nothing is masked."""
+    """Column masking ([masking.md](masking.md)); without it nothing is masked."""
     http: HttpConfig | None = None
-    """The HTTP companion proxy (docs/http.md)."""
+    """The HTTP companion proxy ([http.md](http.md))."""
     grpc: GrpcConfig | None = None
-    """The gRPC companion proxy (docs/grpc.md)."""
+    """The gRPC companion proxy ([grpc.md](grpc.md))."""
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
-    """The format of `pgproxy serve`'s own log."""
+    """The format of `pgproxy serve`'s own log ([operations.md](operations.md#logs))."""
     _source: Path | None = PrivateAttr(default=None)
 
     @property

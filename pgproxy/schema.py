@@ -10,7 +10,7 @@ configuration reference (bounds, "must exist"), so the docs are read off the sam
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -114,10 +114,11 @@ class FilePath:
 
 @dataclass(frozen=True)
 class Matches:
-    """A string that must match ``pattern`` whole; ``says`` is the error (and the reference's rule)."""
+    """A string that must match ``pattern`` whole; ``says`` is the error, ``rule`` (else ``says``) the reference's."""
 
     pattern: str
     says: str
+    rule: str | None = None
 
     def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
         return core_schema.no_info_after_validator_function(self.check, handler(source))
@@ -140,13 +141,19 @@ Identifier = Annotated[str, Strict(), Matches(r"[A-Za-z_][A-Za-z0-9_]{0,62}",
                                                "must be a plain identifier (letters, digits, _; at most 63)")]
 
 
-def non_empty(message: str) -> Callable[[tuple[Any, ...]], tuple[Any, ...]]:
-    """An after-validator for a list that must have an entry, failing with ``message``."""
-    def check(value: tuple[Any, ...]) -> tuple[Any, ...]:
+@dataclass(frozen=True)
+class NonEmpty:
+    """A list that needs an entry; ``message`` says what is missing."""
+
+    message: str
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: GetCoreSchemaHandler) -> core_schema.CoreSchema:
+        return core_schema.no_info_after_validator_function(self.check, handler(source))
+
+    def check(self, value: tuple[Any, ...]) -> tuple[Any, ...]:
         if not value:
-            raise ValueError(message)
+            raise ValueError(self.message)
         return value
-    return check
 
 
 # --------------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 from pydantic import ValidationError
 
-from ..config import UpstreamConfig, UpstreamCredential
+from ..config import UpstreamConfig
 from ..masking.rewrite import Rewritten
 from ..protocol.messages import Bind, CommandComplete, ErrorResponse, Execute, Parse, Query, Sync, Terminate
 from ..schema import error_lines
@@ -156,9 +156,9 @@ def _target(dsn: str) -> tuple[UpstreamConfig, dict[str, str], str | None]:
         sslmode = "disable"
     user = info.get("user", "postgres")
     try:
-        cfg = UpstreamConfig(host=info.get("host", "127.0.0.1"), port=int(info.get("port", "5432")),
-                             sslmode=sslmode, sslrootcert=Path(info["sslrootcert"]) if "sslrootcert" in info else None,
-                             credentials=(UpstreamCredential(role=user),))  # its password comes from the DSN
+        cfg = UpstreamConfig.model_validate({  # its credential's password comes from the DSN
+            "host": info.get("host", "127.0.0.1"), "port": int(info.get("port", "5432")), "sslmode": sslmode,
+            "sslrootcert": info.get("sslrootcert"), "credentials": [{"role": user}]})
     except ValidationError as exc:
         raise ReplayError(f"invalid --target: {'; '.join(error_lines(exc))}") from None
     params = {"user": user, "database": info.get("dbname", user), "application_name": "pgproxy-audit-replay"}

@@ -18,7 +18,7 @@ from pydantic import AfterValidator, Field, PrivateAttr
 from ..config import ConfigError, is_loopback_host, read_secret
 from ..http.config import MIN_SCRUB_CHARS, Companion, MaskRule
 from ..http.jsonmask import JsonPath
-from ..schema import Between, ExistingFile, Flag, Int, Matches, Number, Problem, Schema, Text, non_empty
+from ..schema import Between, ExistingFile, Flag, Int, Matches, NonEmpty, Number, Problem, Schema, Text
 from ..sections import Section
 
 if TYPE_CHECKING:
@@ -29,7 +29,8 @@ __all__ = ["MIN_SCRUB_CHARS", "CredentialConfig", "GrpcConfig", "TargetConfig", 
 
 _UPSTREAM = re.compile(r"(?P<host>\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+):(?P<port>[0-9]{1,5})")
 MetadataKey = Annotated[str, Matches(r"(?!grpc-)[0-9a-z_.-]+(?<!-bin)",
-                                     "a lower-case ASCII metadata key, not grpc-* or *-bin")]
+                                     "a lower-case ASCII metadata key, not grpc-* or *-bin",
+                                     "a lower-case ASCII metadata key, not `grpc-*` or `*-bin`")]
 
 
 def _host_port(value: str) -> str:
@@ -43,13 +44,14 @@ class CredentialConfig(Schema):
     """The metadata the proxy adds to each upstream call: exactly one of `value_env`, `value_file`."""
 
     kind: Literal["bearer", "metadata"]
-    """`bearer` sends `authorization: Bearer <value>`; `metadata` sends the value under `key`."""
+    """`bearer` (`authorization: Bearer <value>`) or `metadata` (`<key>: <value>`)."""
     key: MetadataKey = "authorization"
-    """`metadata` only (and required with it), e.g. `x-api-key`."""
+    """Required with `kind: metadata`, not allowed with `bearer`, e.g. `x-api-key`."""
     value_env: Text | None = None
     """Environment variable holding the secret."""
     value_file: ExistingFile | None = None
-    """File holding the secret (trailing newline dropped)."""
+    """File holding the secret (a trailing newline is dropped). Set exactly one of `value_env` and
+    `value_file`."""
     _where: str = PrivateAttr(default="credential")  # its field path, for errors when it is read
 
     def resolve(self) -> tuple[str, str, str]:
@@ -74,13 +76,14 @@ class UpstreamTLS(Schema):
     """TLS to the upstream; ``cert_file``/``key_file`` is the proxy's client certificate (mTLS)."""
 
     ca_file: ExistingFile | None = Field(None, json_schema_extra={"doc_default": "the system's CAs"})
-    """CA certificates that verify the upstream."""
+    """CA bundle to verify the upstream's certificate."""
     cert_file: ExistingFile | None = None
-    """The proxy's client certificate (with `key_file`)."""
+    """The proxy's client certificate (mTLS); set both `cert_file` and `key_file` or neither. The caller
+    never has them."""
     key_file: ExistingFile | None = None
-    """The proxy's client key (with `cert_file`)."""
-    server_name: Text | None = None
-    """Expected name in the upstream's certificate, if not its host."""
+    """The proxy's client key (mTLS)."""
+    server_name: Text | None = Field(None, json_schema_extra={"doc_default": "the upstream host"})
+    """The name expected in the upstream's certificate, when it differs from the host."""
 
     def load(self) -> tuple[bytes | None, bytes | None, bytes | None]:
         """(root certificates, client key, client certificate chain) as PEM bytes."""
@@ -102,9 +105,10 @@ class Descriptors(Schema):
     """Where the message types come from: a file or the upstream's server reflection, not both."""
 
     file: ExistingFile | None = None
-    """A FileDescriptorSet (`protoc --descriptor_set_out --include_imports`)."""
+    """A FileDescriptorSet (`protoc --descriptor_set_out --include_imports`), read when `pgproxy serve` starts:
+    an unreadable or invalid file stops the start, and `pgproxy check` reports it."""
     reflection: Flag = False
-    """Ask the upstream's server reflection service for the descriptors."""
+    """Ask the upstream's server reflection service for the descriptors, once, on the first call."""
 
     def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
         if self.file is not None and self.reflection:
@@ -115,7 +119,7 @@ class GrpcMaskRule(MaskRule):
     """An HTTP-style mask rule (field paths, directions, caller) limited to some message types."""
 
     messages: tuple[Text, ...] = ()
-    """Full message type names (globs), e.g. `shop.v1.Order`; empty: every message."""
+    """Full message type names (globs) the rule applies to, e.g. `shop.v1.Order`; empty: every message."""
 
     def applies(self, message_type: str) -> bool:
         return not self.messages or any(fnmatchcase(message_type, m) for m in self.messages)
@@ -125,26 +129,27 @@ class TargetConfig(Schema):
     """One upstream gRPC server; calls to a method of one of its ``services`` go there."""
 
     name: Annotated[str, Matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}", "letters, digits, '.', '_' and '-' only")]
-    """The target's name in rules and audit records; unique."""
+    """Unique; names the target in rules and audit records."""
     upstream: Annotated[Text, AfterValidator(_host_port)]
-    """`host:port`, e.g. `orders.internal:443` or `[::1]:50051`."""
-    services: Annotated[tuple[Text, ...], AfterValidator(non_empty(
-        "required, a list of service names or globs (shop.v1.Orders, shop.*)"))]
-    """Globs on the full service name, e.g. `shop.v1.Orders` or `shop.v1.*`."""
+    """`host:port`, e.g. `orders.internal:443` (`[::1]:50051` for IPv6)."""
+    services: Annotated[tuple[Text, ...], NonEmpty(
+        "required, a list of service names or globs (shop.v1.Orders, shop.*)")]
+    """Full service names or globs: `shop.v1.Orders`, `shop.*`."""
     tls: UpstreamTLS | None = None
-    """TLS to the upstream; required when a credential is injected (plaintext only to loopback)."""
+    """TLS to the upstream. Without it the channel is plaintext, which with a `credential` is only allowed to a
+    loopback host."""
     credential: CredentialConfig | None = None
-    """The metadata injected into each call."""
+    """Metadata the proxy adds to every call."""
     descriptors: Descriptors = Field(default_factory=Descriptors)
-    """The message types; required by `masks`."""
+    """Where the message types come from; required with `masks`."""
     undecodable: Literal["refuse", "digest"] = "refuse"
-    """Messages the descriptors cannot decode: refused, or recorded by digest only."""
+    """What happens to messages the descriptors cannot decode (see [decoding](grpc.md#decoding))."""
     timeout_seconds: Annotated[Number, Between(0.01)] = 300.0
-    """The longest call; the caller's deadline applies when shorter."""
+    """The longest call; a caller's shorter deadline applies as it is."""
     max_message_bytes: Annotated[Int, Between(1024, 1 << 30)] = 4 * 1024 * 1024
     """Largest message in either direction."""
     masks: tuple[GrpcMaskRule, ...] = ()
-    """Message fields masked in the audit log (and for the caller)."""
+    """[Masking rules](grpc.md#masking): message fields masked in the audit log (and for the caller)."""
 
     @property
     def descriptor_file(self) -> Path | None:
@@ -184,8 +189,8 @@ class GrpcConfig(Companion):
     """The gRPC companion proxy (docs/grpc.md)."""
 
     proxy: ClassVar[str] = "gRPC"
-    targets: Annotated[tuple[TargetConfig, ...], AfterValidator(non_empty("at least one target is required"))]
-    """The upstream gRPC servers (docs/grpc.md#targets)."""
+    targets: Annotated[tuple[TargetConfig, ...], NonEmpty("at least one target is required")]
+    """The upstream gRPC servers."""
     audit_messages: Annotated[Int, Between(0, 10_000)] = 32
     """Messages of each direction kept in each audit record; the digest covers all of them."""
     audit_message_bytes: Annotated[Int, Between(0, 16 * 1024 * 1024)] = 64 * 1024

@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 from pydantic import AfterValidator, Field, PlainValidator, PrivateAttr
 
 from ..config import ConfigError, ListenerConfig, read_secret, secure_url
-from ..schema import Between, ExistingFile, Flag, Int, Matches, Number, Problem, Schema, Text, non_empty
+from ..schema import Between, ExistingFile, Flag, Int, Matches, NonEmpty, Number, Problem, Schema, Text
 from ..sections import Section
 from .jsonmask import JsonPath, parse_path
 
@@ -29,7 +29,8 @@ if TYPE_CHECKING:
 MIN_SCRUB_CHARS = 6
 TargetName = Annotated[str, Matches(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}",
                                     "letters, digits, '.', '_' and '-' only (it is a URL path segment)")]
-HeaderName = Annotated[str, Matches(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "not a valid header name")]
+HeaderName = Annotated[str, Matches(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", "not a valid header name",
+                                    "a valid HTTP header name")]
 Timeout = Annotated[Number, Between(0.01)]
 
 
@@ -48,15 +49,17 @@ class CredentialConfig(Schema):
     """What the proxy adds to each upstream request on the caller's behalf: exactly one of `value_env`, `value_file`."""
 
     kind: Literal["header", "bearer", "basic"]
-    """`bearer` and `basic` fill `Authorization`; `header` puts the value in `header`."""
+    """`bearer` (`Authorization: Bearer <value>`), `basic` (`Authorization: Basic base64(username:value)`), or
+    `header` (`<header>: <value>`)."""
     header: HeaderName = "Authorization"
-    """`header` only: the header that carries the value."""
+    """`kind: header` only: the header name, e.g. `X-Api-Key`."""
     username: Text | None = None
-    """`basic` only (and required with it): the user name."""
+    """Required with `kind: basic`, not allowed otherwise."""
     value_env: Text | None = None
     """Environment variable holding the secret."""
     value_file: ExistingFile | None = None
-    """File holding the secret (trailing newline dropped)."""
+    """File holding the secret (a trailing newline is dropped). Set exactly one of `value_env` and
+    `value_file`."""
     _where: str = PrivateAttr(default="credential")  # its field path, for errors when it is read
 
     def resolve(self) -> tuple[str, str, tuple[str, ...]]:
@@ -85,13 +88,13 @@ class CredentialConfig(Schema):
 class MaskRule(Schema):
     """JSON field paths replaced by ``"[masked]"`` in the audit log (and, with ``caller``, in responses)."""
 
-    paths: Annotated[tuple[JsonPathField, ...], AfterValidator(non_empty(
-        "required (JSON field paths, e.g. $.customer.email, items[*].ssn)"))]
-    """JSON field paths such as `$.customer.email` or `items[*].ssn`."""
+    paths: Annotated[tuple[JsonPathField, ...], NonEmpty(
+        "required (JSON field paths, e.g. $.customer.email, items[*].ssn)")]
+    """JSON field paths such as `$.customer.email` or `items[*].ssn` ([syntax](http.md#masking))."""
     in_: tuple[Literal["request", "response"], ...] = Field(("request", "response"), alias="in")
-    """The bodies masked."""
+    """Which bodies (or messages) the rule applies to."""
     caller: Flag = False
-    """Also mask the response body the caller receives (responses only)."""
+    """Also mask the response the caller receives (needs `response` in `in`)."""
 
     @property
     def request(self) -> bool:
@@ -110,25 +113,26 @@ class TargetConfig(Schema):
     """One upstream HTTP service, reached at ``/<name>/...`` on the HTTP listener."""
 
     name: TargetName
-    """The first path segment callers use; unique."""
+    """Unique; it is the first path segment callers use."""
     upstream: Annotated[Text, AfterValidator(lambda url: url.rstrip("/"))]
-    """Base URL such as `https://api.example.com/v1`; `https` when a credential is injected (http only to loopback)."""
+    """Base URL such as `https://api.example.com/v1`: `http://` or `https://`, no user or password, no query.
+    With a `credential`, it must be `https://` (plain `http://` only to a loopback host)."""
     credential: CredentialConfig | None = None
-    """The credential injected into each request."""
+    """What the proxy adds to every request."""
     connect_timeout_seconds: Timeout = 5.0
-    """Time to connect to the upstream."""
+    """Connecting to the upstream."""
     read_timeout_seconds: Timeout = 30.0
-    """Longest pause between two reads from the upstream."""
+    """Longest wait for the next bytes from the upstream."""
     total_timeout_seconds: Timeout = 300.0
-    """Longest request, start to end."""
+    """Whole exchange with the upstream."""
     max_request_bytes: Annotated[Int, Between(0)] = 10 * 1024 * 1024
-    """Largest request body."""
+    """Larger request bodies get 413."""
     max_response_bytes: Annotated[Int, Between(0)] = 100 * 1024 * 1024
-    """Largest response body."""
+    """Larger responses get 502 (or are cut, see [errors](http.md#errors))."""
     masks: tuple[MaskRule, ...] = ()
-    """JSON fields masked in the audit log (and for the caller)."""
+    """[Masking rules](http.md#masking): JSON fields masked in the audit log (and for the caller)."""
     sslrootcert: ExistingFile | None = None
-    """CA bundle for an https upstream with a private CA."""
+    """CA bundle for an `https` upstream with a private CA (default: the system's CAs)."""
 
     def mask_paths(self, direction: str, *, caller: bool = False) -> tuple[JsonPath, ...]:
         """The paths masked in ``direction`` (request/response), only the caller-facing ones if ``caller``."""
@@ -159,11 +163,13 @@ class Companion(Schema):
 
     proxy: ClassVar[str]
     listen: ListenerConfig
-    """The listener (`port` required: `0` picks a free one): `tls`, or `insecure_plaintext: true` on loopback."""
+    """`port` is required (`0` picks a free one). Same rules as [`listeners`](configuration.md#listeners): `tls`,
+    or `insecure_plaintext: true` only on a loopback host (tokens are sent with every request)."""
     rules: tuple[dict[str, Any], ...] = ()
-    """Ordered rules, first match decides: a `match` plus the SQL policy's action keys (see the proxy's docs)."""
+    """The policy: ordered rules, the first match decides; each a `match` plus the action keys of the SQL policy
+    ([HTTP rules](http.md#policy), [gRPC rules](grpc.md#policy))."""
     default: Literal["allow", "deny"] = "deny"
-    """What happens to what no rule matches."""
+    """What happens to requests (calls) no rule matches."""
     _policy: Any = PrivateAttr(default=None)  # built from the rules by the validator
 
     def named_targets(self) -> Sequence[_Named]:
@@ -195,12 +201,12 @@ class HttpConfig(Companion):
     """The HTTP companion proxy (docs/http.md)."""
 
     proxy: ClassVar[str] = "HTTP"
-    targets: Annotated[tuple[TargetConfig, ...], AfterValidator(non_empty("at least one target is required"))]
-    """The upstream HTTP services (docs/http.md#targets)."""
+    targets: Annotated[tuple[TargetConfig, ...], NonEmpty("at least one target is required")]
+    """The upstream HTTP services."""
     audit_body_bytes: Annotated[Int, Between(0, 16 * 1024 * 1024)] = 64 * 1024
     """Body bytes kept in each audit record; the digest covers the whole body."""
     mask_max_bytes: Annotated[Int, Between(1024)] = 8 * 1024 * 1024
-    """Largest response that can be masked for the caller (it is buffered)."""
+    """Largest JSON response that can be masked for the caller (it is buffered)."""
 
     @property
     def policy(self) -> HttpPolicy:

@@ -33,7 +33,7 @@ def upstream_dsn(cfg: UpstreamConfig, role: str, database: str) -> str:
     password = credential.password()
     auth = quote(role, safe="") + (":" + quote(password, safe="") if password else "")
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    params = {"sslmode": cfg.sslmode}
+    params: dict[str, str] = {"sslmode": cfg.sslmode}
     if cfg.sslrootcert is not None:
         params["sslrootcert"] = str(cfg.sslrootcert)
     return f"postgresql://{auth}@{host}:{cfg.port}/{quote(cfg.database or database, safe='')}?{urlencode(params)}"

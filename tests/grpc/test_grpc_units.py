@@ -41,7 +41,7 @@ def data(dev_keys: DevKeys, tmp_path: Path) -> dict[str, Any]:
      r"grpc\.targets\[0\]\.credential: set exactly one of value_env or value_file"),
     (edit("grpc.targets.0.descriptors", None), r"grpc\.targets\[0\]\.descriptors: masks need descriptors"),
     (edit("grpc.targets.0.descriptors.reflection", True), r"grpc\.targets\[0\]\.descriptors: set file or"),
-    (edit("grpc.targets.0.undecodable", "pass"), r"grpc\.targets\[0\]\.undecodable: must be refuse or digest"),
+    (edit("grpc.targets.0.undecodable", "pass"), r"grpc\.targets\[0\]\.undecodable: must be one of refuse, digest"),
     (edit("grpc.targets.0.tls", {"cert_file": str(DESCRIPTOR_SET)}),
      r"grpc\.targets\[0\]\.tls: cert_file and key_file go together"),
     (edit("grpc.targets.0.masks.1.in", ["request"]), r"grpc\.targets\[0\]\.masks\[1\]\.caller: only applies"),
@@ -50,7 +50,7 @@ def data(dev_keys: DevKeys, tmp_path: Path) -> dict[str, Any]:
     (edit("grpc.rules.0.match.methods", ["shop.v1.Orders/Get"]), r"grpc\.rules\[0\]\.match\.methods: .*names only"),
     (edit("grpc.rules.1.match.targets", ["nope"]), r"grpc\.rules\[1\]\.match\.targets: unknown target 'nope'"),
     (edit("grpc.rules.1.approvers", KeyError), r"grpc\.rules\[1\]\.approvers: required for action approve"),
-    (edit("grpc.default", "maybe"), r"grpc\.default: must be allow or deny"),
+    (edit("grpc.default", "maybe"), r"grpc\.default: must be one of allow, deny"),
 ])
 def test_config_errors_name_the_field(data: dict[str, Any], tmp_path: Path, mutate: Any, error: str) -> None:
     broken = copy.deepcopy(data)

@@ -46,7 +46,7 @@ def data(dev_keys: DevKeys, tmp_path: Path) -> dict[str, Any]:
     (edit("http.rules.1.approvers", KeyError), r"http\.rules\[1\]\.approvers: required for action approve"),
     (edit("http.rules.2.mode", "later"), r"http\.rules\[2\]\.mode: must be refuse or hold"),
     (edit("http.rules.0.match.paths", ["echo"]), r"http\.rules\[0\]\.match\.paths: 'echo' must start with /"),
-    (edit("http.default", "maybe"), r"http\.default: must be allow or deny"),
+    (edit("http.default", "maybe"), r"http\.default: must be one of allow, deny"),
 ])
 def test_config_errors_name_the_field(data: dict[str, Any], tmp_path: Path, mutate: Any, error: str) -> None:
     broken = copy.deepcopy(data)

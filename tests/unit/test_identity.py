@@ -93,6 +93,12 @@ def config(**kw: Any) -> IdentityConfig:
     return IdentityConfig(issuer=ISS, audience=AUD, **kw)
 
 
+def unchecked(**kw: Any) -> IdentityConfig:
+    """An identity section the config schema would refuse: the verifier must refuse it too."""
+    kw.setdefault("algorithms", ("ES256", "RS256"))
+    return IdentityConfig.model_construct(issuer=ISS, audience=AUD, **kw)
+
+
 def jwks_of(*key_sets: DevKeys) -> dict[str, Any]:
     keys: list[Any] = []
     for ks in key_sets:
@@ -204,21 +210,21 @@ def test_hs256_secret_env_missing(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("algorithms", [("HS256",), ("RS256", "HS256"), ("none",), ()])
 def test_jwks_refuses_hs_none_and_empty_allowlist(es_keys: DevKeys, algorithms: tuple[str, ...]) -> None:
     with pytest.raises(ConfigError):
-        TokenVerifier(config(jwks_file=es_keys.jwks_file, algorithms=algorithms))
+        TokenVerifier(unchecked(jwks_file=es_keys.jwks_file, algorithms=algorithms))
 
 
 def test_secret_refuses_asymmetric_algorithms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
     with pytest.raises(ConfigError):
-        TokenVerifier(config(hs256_secret_env=SECRET_ENV, algorithms=("HS256", "RS256")))
+        TokenVerifier(unchecked(hs256_secret_env=SECRET_ENV, algorithms=("HS256", "RS256")))
 
 
 def test_exactly_one_key_source(es_keys: DevKeys, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(SECRET_ENV, SECRET)
     with pytest.raises(ConfigError, match="exactly one"):
-        TokenVerifier(config(jwks_file=es_keys.jwks_file, jwks_url="http://127.0.0.1:1/jwks"))
+        TokenVerifier(unchecked(jwks_file=es_keys.jwks_file, jwks_url="http://127.0.0.1:1/jwks"))
     with pytest.raises(ConfigError, match="exactly one"):
-        TokenVerifier(config())
+        TokenVerifier(unchecked())
 
 
 def test_jwks_file_without_usable_keys(tmp_path: Path) -> None:
