@@ -113,7 +113,7 @@ def _plural(text: str) -> str:
 def _bound(between: Between) -> str:
     if between.high is None:
         return f"≥ {_number(between.low)}"
-    return f"{_number(between.low)}–{_number(between.high)}"
+    return f"{_number(between.low)}\N{EN DASH}{_number(between.high)}"
 
 
 def _number(value: float) -> str:

@@ -32,7 +32,7 @@ def test_a_section_without_a_table_fails() -> None:
 def test_a_table_of_no_section_fails() -> None:
     docs = {name: (DOCS / name).read_text() for name in PAGES}
     docs["http.md"] += "\n## Old\n\n<!-- config-reference: http.timeouts -->\n<!-- /config-reference -->\n"
-    with pytest.raises(DocError, match="'http.timeouts' names no section"):
+    with pytest.raises(DocError, match=r"'http\.timeouts' names no section"):
         render(docs)
 
 
