@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 from pgproxy.config import (
     CONFIG_ENV_VAR,
@@ -570,3 +571,26 @@ def test_credential_for() -> None:
     assert only_exact.credential_for("reader") is exact
     assert only_exact.credential_for("writer") is None
     assert only_exact.credential_for("Reader") is None  # role names are case-sensitive here
+
+
+# --------------------------------------------------------------------------------------------------
+# Reload: configs compare by value
+
+
+def test_reload_compares_parsed_configs(base_dir: Path) -> None:
+    from pgproxy.server.reload import restart_only_changes
+
+    source = base_dir / "pgproxy.yaml"
+    old = parse_config(minimal(), base_dir, source=source)
+    assert restart_only_changes(old, parse_config(minimal(), base_dir)) == []
+    new = parse_config(with_(minimal(), "listeners[0].port", 7000), base_dir)
+    assert restart_only_changes(old, new) == ["listeners[0].port"]
+    new = parse_config(with_(minimal(), "audit.max_result_rows", 5), base_dir)
+    assert restart_only_changes(old, new) == ["audit"]
+    new = parse_config(with_(minimal(), "limits.max_connections", 5), base_dir)
+    assert restart_only_changes(old, new) == []  # limits apply to new sessions
+    # What the running server keeps after a reload: the new config with the bound listeners, same source.
+    kept = new.model_copy(update={"listeners": old.listeners})
+    assert kept.limits.max_connections == 5 and kept.listeners == old.listeners
+    with pytest.raises(ValidationError):
+        old.limits.max_connections = 1  # type: ignore[misc]  # frozen: nobody changes a running config in place
