@@ -135,7 +135,7 @@ class ListenerConfig(Schema):
     insecure_plaintext: Flag = False
     """Accept the token over an unencrypted connection: only on a loopback host (demos and tests)."""
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.insecure_plaintext and not is_loopback_host(self.host):
             yield ("insecure_plaintext", f"only allowed on a loopback host (127.0.0.1, ::1, localhost), not "
                    f"{self.host!r}: tokens would cross the network in clear text")
@@ -201,7 +201,7 @@ class IdentityConfig(Schema):
     """More audiences a token may name instead of `audience`, e.g. the client id of `pgproxy login`, to which
     people's ID tokens are issued."""
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         sources = [x for x in (self.jwks_file, self.jwks_url, self.hs256_secret_env) if x is not None]
         if len(sources) + self.discovery != 1:
             yield ("", "set exactly one key source: jwks_file, jwks_url, discovery or hs256_secret_env")
@@ -230,7 +230,7 @@ class UpstreamCredential(Schema):
     def password(self) -> str | None:
         return read_secret(f"upstream.credentials[{self.role}]", self.password_env, self.password_file)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.password_env and self.password_file:
             yield ("", "set password_env or password_file, not both")
 
@@ -264,7 +264,7 @@ class UpstreamConfig(Schema):
                 wildcard = cred
         return wildcard
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.sslmode in ("verify-ca", "verify-full") and self.sslrootcert is None:
             yield ("sslrootcert", f"required with sslmode {self.sslmode}")
 
@@ -333,7 +333,7 @@ class AuditConfig(Schema):
         """The central store's DSN from ``store_dsn_env``."""
         return _env_value("audit.store_dsn_env", self.store_dsn_env)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.jsonl_path is not None and self.dir is not None:
             yield ("", "set exactly one of jsonl_path or dir, not both")
         if self.dir is not None and self.signing_key_file is None:
@@ -387,7 +387,7 @@ class SlackConfig(Schema):
         assert value is not None
         return value.encode()
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         users = [a.slack_user for a in self.approvers]
         if len(set(users)) != len(users):
             yield ("approvers", "a Slack user is listed twice")
@@ -422,7 +422,7 @@ class ApprovalsConfig(Schema):
         """The PostgreSQL DSN from ``dsn_env`` (postgres store only)."""
         return _env_value("approvals.dsn_env", self.dsn_env)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.store == "sqlite":
             if self.path is None:
                 yield ("path", "required with store sqlite (the approvals database file)")
@@ -493,7 +493,7 @@ class MaskingConfig(Schema):
             raise ConfigError("masking: the keyed-hash key must be at least 32 bytes")
         return secret
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.key_env and self.key_file:
             yield ("", "set key_env or key_file, not both")
 
@@ -524,7 +524,7 @@ class OidcLoginConfig(Schema):
     def client_secret(self) -> str | None:
         return read_secret("admin.oidc.client_secret_env", self.client_secret_env, None)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if not all(" " not in x for x in self.scopes) or "openid" not in self.scopes:
             yield ("scopes", "expected a list of scope names including openid")
         for key in ("issuer", "redirect_uri"):
@@ -578,7 +578,7 @@ class AdminConfig(Schema):
             return None
         return _env_value("admin.metrics_token_env", self.metrics_token_env)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.tls is None and not is_loopback_host(self.host):
             yield ("tls", "required unless host is loopback (approver tokens would cross the network in clear "
                    f"text), host is {self.host!r}")
@@ -626,7 +626,7 @@ class ProxyConfig(Schema):
         """The file this config was read from (None when built from data)."""
         return self._source
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.admin is not None and self.approvals is None:
             yield ("admin", "needs an approvals section (the admin listener serves the approvals API)")
         if self.approvals is not None and self.approvals.slack is not None and self.admin is None:

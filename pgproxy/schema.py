@@ -53,13 +53,13 @@ class Schema(BaseModel):
         return data
 
     @model_validator(mode="after")
-    def _cross_field(self, info: ValidationInfo) -> Self:
-        problems = list(self.problems(info.context or {}))
+    def _cross_field(self) -> Self:
+        problems = list(self.problems())
         if problems:
             raise Problems(problems)
         return self
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         """The rules between fields that this section breaks (run once every field is valid)."""
         return iter(())
 

@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from .config import ConfigError
@@ -15,14 +14,13 @@ from .config import ConfigError
 class Section:
     """A mapping under a dotted path that reports unknown keys and wrong types precisely."""
 
-    def __init__(self, data: Any, path: str, base_dir: Path) -> None:
+    def __init__(self, data: Any, path: str) -> None:
         if data is None:
             data = {}
         if not isinstance(data, Mapping):
             raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
         self.data = dict(data)
         self.path = path
-        self.base_dir = base_dir
         self.used: set[str] = set()
 
     def at(self, key: str) -> str:
@@ -71,7 +69,7 @@ class Section:
         return float(value)
 
     def section(self, key: str) -> Section:
-        return Section(self.raw(key), self.at(key), self.base_dir)
+        return Section(self.raw(key), self.at(key))
 
     def items(self, key: str) -> list[Any]:
         value = self.raw(key)

@@ -8,10 +8,10 @@ file: only the environment variable or file that holds them, read when the proxy
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from fnmatch import fnmatchcase
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Annotated, ClassVar, Literal
 
 from pydantic import AfterValidator, Field, PrivateAttr
 
@@ -63,7 +63,7 @@ class CredentialConfig(Schema):
             return "authorization", f"Bearer {value}", value
         return self.key, value, value
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if (self.value_env is None) == (self.value_file is None):
             yield ("", "set exactly one of value_env or value_file")
         if self.kind == "bearer" and "key" in self.model_fields_set:
@@ -96,7 +96,7 @@ class UpstreamTLS(Schema):
                 raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
         return read(self.ca_file), read(self.key_file), read(self.cert_file)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if (self.cert_file is None) != (self.key_file is None):
             yield ("", "cert_file and key_file go together (the proxy's client certificate)")
 
@@ -110,7 +110,7 @@ class Descriptors(Schema):
     reflection: Flag = False
     """Ask the upstream's server reflection service for the descriptors, once, on the first call."""
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.file is not None and self.reflection:
             yield ("", "set file or reflection: true, not both")
 
@@ -177,7 +177,7 @@ class TargetConfig(Schema):
         return tuple(p for m in self.masks if m.applies(message_type) and getattr(m, direction)
                      and (m.caller or not caller) for p in m.paths)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         host = self.upstream.rpartition(":")[0].strip("[]")
         if self.tls is None and self.credential is not None and not is_loopback_host(host):
             yield ("tls", "required when a credential is injected (plaintext only to loopback)")

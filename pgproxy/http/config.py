@@ -9,8 +9,7 @@ HTTP and gRPC sections share: the listener, the targets' names, and the rules re
 from __future__ import annotations
 
 import base64
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, Protocol
 from urllib.parse import urlsplit
 
@@ -74,7 +73,7 @@ class CredentialConfig(Schema):
             return "Authorization", f"Basic {encoded}", (value, encoded)
         return self.header, value, (value,)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if (self.value_env is None) == (self.value_file is None):
             yield ("", "set exactly one of value_env or value_file")
         if self.kind == "basic" and self.username is None:
@@ -104,7 +103,7 @@ class MaskRule(Schema):
     def response(self) -> bool:
         return "response" in self.in_
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         if self.caller and not self.response:
             yield ("caller", "only applies to responses (add response to `in`)")
 
@@ -139,7 +138,7 @@ class TargetConfig(Schema):
         return tuple(p for rule in self.masks
                      if getattr(rule, direction) and (rule.caller or not caller) for p in rule.paths)
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         parts = urlsplit(self.upstream)
         if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
             yield ("upstream", "expected a base URL such as https://api.example.com/v1")
@@ -178,7 +177,7 @@ class Companion(Schema):
     def parse_policy(self, section: Section, names: set[str]) -> object:
         raise NotImplementedError
 
-    def problems(self, context: Mapping[str, Any]) -> Iterator[Problem]:
+    def problems(self) -> Iterator[Problem]:
         """The companion rules; also builds the policy and names each credential by its field path."""
         if "port" not in self.listen.model_fields_set:
             yield ("listen.port", f"required (the {self.proxy} proxy's port; 0 picks a free one)")
@@ -189,7 +188,7 @@ class Companion(Schema):
             names.add(target.name)
             if target.credential is not None:
                 target.credential._where = f"{self.proxy.lower()}.targets[{i}].credential"
-        rules = Section({"rules": list(self.rules), "default": self.default}, "", context.get("base_dir", Path()))
+        rules = Section({"rules": list(self.rules), "default": self.default}, "")
         try:
             self._policy = self.parse_policy(rules, names)
         except ConfigError as exc:

@@ -109,13 +109,12 @@ def parse_rules(section: Section, parse_match: Callable[[Section], M],
     rules: list[tuple[M, Rule]] = []
     names: set[str] = set()
     for i, item in enumerate(section.items("rules")):
-        s = Section(item, f"{section.at('rules')}[{i}]", section.base_dir)
+        s = Section(item, f"{section.at('rules')}[{i}]")
         if s.raw("match") is None:
             raise ConfigError(f"{s.at('match')}: required (use `match: {{}}` to match every {unit})")
         match = parse_match(s.section("match"))
         # The action part goes through the SQL rule parser (with an empty SQL match).
-        action_part = Section({**{k: v for k, v in s.data.items() if k != "match"}, "match": {}}, s.path,
-                              s.base_dir)
+        action_part = Section({**{k: v for k, v in s.data.items() if k != "match"}, "match": {}}, s.path)
         rules.append((match, parse_rule(action_part, names)))
     default = section.string("default", "deny")
     if default not in ("allow", "deny"):

@@ -128,7 +128,7 @@ def _check_sql_expression(mask: Mask, path: str) -> None:
 
 def parse_rules(data: Any, source: Path) -> tuple[ColumnRule, ...]:
     """The column rules in one file's YAML document."""
-    root = Section(data, "", source.parent)
+    root = Section(data, "")
     tables = root.raw("tables")
     root.done()
     if tables is None:
@@ -139,7 +139,7 @@ def parse_rules(data: Any, source: Path) -> tuple[ColumnRule, ...]:
     for table_name, table_data in tables.items():
         tpath = f"tables.{table_name}"
         schema, table = _split_table(str(table_name), f"{source}: {tpath}")
-        t = Section(table_data, tpath, source.parent)
+        t = Section(table_data, tpath)
         applies_to = _audience(t, "applies_to", Audience())
         exempt = _audience(t, "exempt", NOBODY)
         columns = t.raw("columns")
@@ -154,7 +154,7 @@ def parse_rules(data: Any, source: Path) -> tuple[ColumnRule, ...]:
                 raise ConfigError(f"{source}: {cpath}: {exc}") from None
             col_applies, col_exempt = applies_to, exempt
             if isinstance(spec, Mapping):
-                c = Section({k: v for k, v in spec.items() if k in ("applies_to", "exempt")}, cpath, source.parent)
+                c = Section({k: v for k, v in spec.items() if k in ("applies_to", "exempt")}, cpath)
                 col_applies = _audience(c, "applies_to", applies_to)
                 col_exempt = _audience(c, "exempt", exempt)
             _check_sql_expression(mask, f"{source}: {cpath}")

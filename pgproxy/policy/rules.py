@@ -251,9 +251,9 @@ def parse_policy(data: Any, source: Path | None = None, path: str = "") -> Polic
     """Build a validated Policy from loaded YAML; errors name the offending field (policy.rules[2].action)."""
     if data is None:
         raise ConfigError(f"{path or 'policy'}: empty policy (expected rules: and default:)")
-    root = Section(data, path, source.parent if source else Path.cwd())
+    root = Section(data, path)
     names: set[str] = set()
-    rules = tuple(parse_rule(Section(item, f"{root.at('rules')}[{i}]", root.base_dir), names)
+    rules = tuple(parse_rule(Section(item, f"{root.at('rules')}[{i}]"), names)
                   for i, item in enumerate(root.items("rules")))
     default = root.string("default", "deny")
     if default not in ("allow", "deny"):
