@@ -516,7 +516,7 @@ class OidcLoginConfig(Schema):
     """The ID token claim that carries the groups."""
     subject_claim: Text = "sub"
     """The ID token claim that names the person."""
-    algorithms: tuple[AsymmetricAlgorithm, ...] = ("RS256",)
+    algorithms: Annotated[tuple[AsymmetricAlgorithm, ...], NonEmpty("required: at least one algorithm")] = ("RS256",)
     """Public-key algorithms the ID token may be signed with."""
     provider_logout: Flag = True
     """Logging out also ends the session at the provider (its `end_session_endpoint`)."""

@@ -90,7 +90,8 @@ class MaskRule(Schema):
     paths: Annotated[tuple[JsonPathField, ...], NonEmpty(
         "required (JSON field paths, e.g. $.customer.email, items[*].ssn)")]
     """JSON field paths such as `$.customer.email` or `items[*].ssn` ([syntax](http.md#masking))."""
-    in_: tuple[Literal["request", "response"], ...] = Field(("request", "response"), alias="in")
+    in_: Annotated[tuple[Literal["request", "response"], ...], NonEmpty("must list request and/or response")] = Field(
+        ("request", "response"), alias="in")
     """Which bodies (or messages) the rule applies to."""
     caller: Flag = False
     """Also mask the response the caller receives (needs `response` in `in`)."""

@@ -40,6 +40,7 @@ def data(dev_keys: DevKeys, tmp_path: Path) -> dict[str, Any]:
     (edit("http.targets.0.credential.username", "u"), r"http\.targets\[0\]\.credential\.username: only used"),
     (edit("http.targets.0.masks.0.paths", ["$..email"]), r"http\.targets\[0\]\.masks\[0\]\.paths\[0\]: invalid"),
     (edit("http.targets.0.masks.1.in", ["request"]), r"http\.targets\[0\]\.masks\[1\]\.caller: only applies"),
+    (edit("http.targets.0.masks.0.in", []), r"http\.targets\[0\]\.masks\[0\]\.in: must list request and/or response"),
     (edit("http.targets.0.timeout", 3), r"http\.targets\[0\]\.timeout: unknown setting"),
     (edit("http.rules.0.match.methods", ["FETCH"]), r"http\.rules\[0\]\.match\.methods: unknown method"),
     (edit("http.rules.1.match.targets", ["nope"]), r"http\.rules\[1\]\.match\.targets: unknown target 'nope'"),

@@ -594,3 +594,16 @@ def test_reload_compares_parsed_configs(base_dir: Path) -> None:
     assert kept.limits.max_connections == 5 and kept.listeners == old.listeners
     with pytest.raises(ValidationError):
         old.limits.max_connections = 1  # type: ignore[misc]  # frozen: nobody changes a running config in place
+
+
+@pytest.mark.parametrize(("section", "value", "expected"), [
+    ("admin", {"oidc": {"issuer": "https://idp.test", "client_id": "x", "algorithms": []}},
+     "admin.oidc.algorithms: required: at least one algorithm"),
+    ("admin", {"oidc": {"issuer": "https://idp.test", "client_id": "x", "scopes": []}},
+     "admin.oidc.scopes: expected a list of scope names including openid"),
+])
+def test_empty_lists_are_refused_not_defaulted(base_dir: Path, section: str, value: Any, expected: str) -> None:
+    data = minimal()
+    data["approvals"] = {"path": "a.db"}
+    data[section] = value
+    assert error_of(data, base_dir) == expected
