@@ -678,8 +678,7 @@ def load_yaml(path: Path) -> Any:
 
 
 def complete_schema() -> None:
-    """Complete ProxyConfig with the HTTP and gRPC sections, imported only when first needed (they import
-    this module, and the policy parser behind them)."""
+    """Complete ProxyConfig with the HTTP and gRPC sections, imported when first needed (they import this module)."""
     if ProxyConfig.__pydantic_complete__:
         return
     from .grpcproxy.config import GrpcConfig
