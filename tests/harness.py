@@ -15,6 +15,7 @@ import asyncpg
 import yaml
 from click.testing import CliRunner
 
+from pgproxy.app import build_server
 from pgproxy.audit.sink import AuditSink, MemoryAuditSink
 from pgproxy.cli import main
 from pgproxy.config import load_config, parse_config
@@ -169,7 +170,7 @@ class ProxyServers:
         path.write_text(yaml.safe_dump(data))
         if audit is None and "dir" not in data["audit"]:
             audit = MemoryAuditSink()
-        server = ProxyServer(load_config(path), audit=audit)
+        server = build_server(load_config(path), audit=audit)
         await server.start()
         self.started.append(server)
         return server

@@ -25,7 +25,7 @@ from rawwire import start_serve
 from pgproxy import __version__
 from pgproxy.audit.sink import JsonLinesAuditSink
 from pgproxy.config import load_config, parse_config
-from pgproxy.server.reload import ReloadError
+from pgproxy.reload import ReloadError
 from pgproxy.testing import RunningProxy
 from pgproxy.tlsutil import generate_dev_ca_and_cert
 
