@@ -136,6 +136,7 @@ def test_reload_over_the_admin_api(proxy: ProxyUnderTest, tmp_path: Path) -> Non
         status, body = _request(admin, "/api/reload", method="POST", token=operator)
         assert status == 200 and body["reloaded"] is True
         assert running.server.config.limits.max_connections == 7
+        assert running.server.admin.service.verifier is running.server.verifier  # the reloaded identity settings
         with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
             psycopg.connect(proxy.dsn(port=str(running.ports[0])))
         new_dsn = proxy.dsn(port=str(running.ports[0])) + f" sslrootcert='{new_tls.ca_file}'"
