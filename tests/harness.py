@@ -6,6 +6,7 @@ import asyncio
 import copy
 import os
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +31,19 @@ SUPERUSER_PASSWORD_ENV = "PGPROXY_TEST_SUPERUSER_PASSWORD"
 AGENT_ROLES = ("agent_reader", "agent_writer")
 ISSUER = "https://issuer.test"
 AUDIENCE = "pgproxy-test"
+
+
+class FakeClock:
+    """A clock for code that takes one (``clock``/``now`` callables): tests move time, they never wait."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @dataclass
