@@ -100,7 +100,7 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
         key_file = audit_dir / "signing.key"
         generate_key(key_file)
         audit = SignedAuditLog(audit_dir / "signed", load_private_key(key_file))
-    metrics = ProxyMetrics()  # as ProxyServer makes it
+    metrics = ProxyMetrics()  # as pgproxy.app.build_server makes it
     metrics.watch_audit(audit)
     gates: tuple[Any, ...] = ()
     if policy is not None:  # the policy gate, as `policy: {file: ...}` installs it (no approvals needed here)

@@ -63,14 +63,15 @@ def main(ctx: click.Context, log_level: str | None) -> None:
 def serve(config_path: str | None, log_format: str | None) -> None:
     """Run the proxy until SIGTERM or SIGINT (sessions get a short drain period); SIGHUP reloads the config."""
     config = _load(config_path)
+    from .app import build_server
     from .logsetup import status_line, use_log_format
-    from .server.listener import ProxyServer, reload_on_sighup, stop_event_on_signals
+    from .server.listener import reload_on_sighup, stop_event_on_signals
 
     log_format = log_format or config.logging.format
     use_log_format(log_format)
 
     async def run() -> None:
-        server = ProxyServer(config)
+        server = build_server(config)
         await server.start()
         stop = stop_event_on_signals()
         reload_on_sighup(server)

@@ -20,11 +20,12 @@ from typing import Any
 import click
 import yaml
 
+from .app import build_server
 from .config import CONFIG_ENV_VAR, load_config
 from .demo_data import seed_sample_schema
 from .devdb import Database, start_database
 from .identity import generate_dev_keys, mint_token
-from .server.listener import ProxyServer, stop_event_on_signals
+from .server.listener import stop_event_on_signals
 from .tlsutil import generate_dev_ca_and_cert
 
 DEMO_ISSUER = "pgproxy-demo"
@@ -151,7 +152,7 @@ def run_demo(env_file: Path | None, port: int | None, token_ttl: float,
 
 async def _serve(env: DemoEnvironment, env_file: Path | None,
                  on_ready: Callable[[DemoEnvironment], None] | None) -> None:
-    server = ProxyServer(load_config(env.config_file))
+    server = build_server(load_config(env.config_file))
     await server.start()
     stop = stop_event_on_signals()
     variables = env.connection_env()

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+from cachetools import FIFOCache
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
@@ -90,7 +91,7 @@ class ProxyMetrics:
         self._statement_keys = [(c, d) for c in STATEMENT_CLASSES for d in DECISIONS]
         self._statement_index = {key: i for i, key in enumerate(self._statement_keys)}
         self._statement_counts = [0] * len(self._statement_keys)
-        self._by_class_set: dict[tuple[frozenset[str], str], tuple[int, ...]] = {}
+        self._by_class_set: FIFOCache[tuple[frozenset[str], str], tuple[int, ...]] = FIFOCache(MAX_CACHED_CLASS_SETS)
         self.statement_seconds = LoopHistogram(STATEMENT_BUCKETS)
         self._masked = 0
         self.approvals_pending = Gauge("pgproxy_approvals_pending", "Statements held in this proxy waiting for "
@@ -146,10 +147,9 @@ class ProxyMetrics:
     def statement(self, classes: frozenset[str], decision: str) -> None:
         """Count one judged statement under each of its classes (one of DECISIONS)."""
         key = (classes, decision)
-        indexes = self._by_class_set.get(key)
-        if indexes is None:
-            if len(self._by_class_set) >= MAX_CACHED_CLASS_SETS:
-                self._by_class_set.clear()
+        try:
+            indexes = self._by_class_set[key]
+        except KeyError:
             indexes = self._by_class_set[key] = tuple(self._statement_index[(c, decision)] for c in classes)
         counts = self._statement_counts
         for i in indexes:

@@ -13,6 +13,7 @@ from collections.abc import Coroutine, Sequence
 from concurrent.futures import Future
 from typing import Any, TypeVar
 
+from .app import build_server
 from .audit.sink import AuditSink
 from .config import ProxyConfig
 from .server.gates import FrontendGate
@@ -49,7 +50,7 @@ class RunningProxy:
         return self
 
     async def _start(self) -> ProxyServer:
-        server = ProxyServer(self.config, audit=self._audit, gates=self._gates)
+        server = build_server(self.config, audit=self._audit, gates=self._gates)
         await server.start()
         return server
 

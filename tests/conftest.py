@@ -33,6 +33,34 @@ from pgproxy.testing import RunningProxy
 from pgproxy.tlsutil import DevTLS, generate_dev_ca_and_cert
 
 # --------------------------------------------------------------------------------------------------
+# Markers: what a test needs beyond Python (`pytest -m "not postgres and not browser and not node"`)
+# --------------------------------------------------------------------------------------------------
+
+BROWSER_FIXTURES = frozenset({"browser"})  # headless Chromium through Playwright
+NODE_FIXTURES = frozenset({"node_pg"})  # tests/clients/node's script
+
+
+def _needs(item: pytest.Item) -> set[str]:
+    fixtures = set(getattr(item, "fixturenames", ()))
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    needs = set()
+    # The database fixture, directly or through another fixture, or a store/config parametrized on it.
+    if "database" in fixtures or "postgres" in params.values():
+        needs.add("postgres")
+    if fixtures & BROWSER_FIXTURES:
+        needs.add("browser")
+    if fixtures & NODE_FIXTURES or (item.path.parent / "package.json").exists():
+        needs.add("node")
+    return needs
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in sorted(_needs(item)):
+            item.add_marker(name)
+
+
+# --------------------------------------------------------------------------------------------------
 # Upstream database and TLS material
 # --------------------------------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import asyncio
 import copy
 import os
 import ssl
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import asyncpg
 import yaml
 from click.testing import CliRunner
 
+from pgproxy.app import build_server
 from pgproxy.audit.sink import AuditSink, MemoryAuditSink
 from pgproxy.cli import main
 from pgproxy.config import load_config, parse_config
@@ -29,6 +31,19 @@ SUPERUSER_PASSWORD_ENV = "PGPROXY_TEST_SUPERUSER_PASSWORD"
 AGENT_ROLES = ("agent_reader", "agent_writer")
 ISSUER = "https://issuer.test"
 AUDIENCE = "pgproxy-test"
+
+
+class FakeClock:
+    """A clock for code that takes one (``clock``/``now`` callables): tests move time, they never wait."""
+
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 @dataclass
@@ -169,7 +184,7 @@ class ProxyServers:
         path.write_text(yaml.safe_dump(data))
         if audit is None and "dir" not in data["audit"]:
             audit = MemoryAuditSink()
-        server = ProxyServer(load_config(path), audit=audit)
+        server = build_server(load_config(path), audit=audit)
         await server.start()
         self.started.append(server)
         return server

@@ -14,13 +14,13 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlencode
 
 import httpx
 from authlib.integrations.httpx_client import AsyncOAuth2Client, OAuthError
+from cachetools import TTLCache
 
 from pgproxy.config import ClaimNames, IdentityConfig, OidcLoginConfig
 from pgproxy.identity import Identity, TokenError, TokenVerifier
@@ -43,7 +43,6 @@ class _Pending:
     nonce: str
     code_verifier: str
     redirect_uri: str
-    created: float
 
 
 class OidcLogin:
@@ -51,13 +50,13 @@ class OidcLogin:
 
     def __init__(self, config: OidcLoginConfig, *, now: Callable[[], float] = time.time) -> None:
         self.config = config
-        self._now = now
         self.verifier = TokenVerifier(IdentityConfig(
             issuer=config.issuer, audience=config.client_id, algorithms=config.algorithms, discovery=True,
             claims=ClaimNames(subject=config.subject_claim, groups=config.groups_claim),
             default_db_role=UI_ONLY_ROLE), now=now)
         self._secret = config.client_secret()  # read now: a missing variable fails at start, not at login
-        self._pending: OrderedDict[str, _Pending] = OrderedDict()
+        # Logins started and not yet finished: the oldest are dropped past MAX_PENDING, all after PENDING_SECONDS.
+        self._pending: TTLCache[str, _Pending] = TTLCache(maxsize=MAX_PENDING, ttl=PENDING_SECONDS, timer=now)
         self._metadata: ProviderMetadata | None = None
 
     async def metadata(self) -> ProviderMetadata:
@@ -82,12 +81,9 @@ class OidcLogin:
     async def start(self, redirect_uri: str) -> tuple[str, str]:
         """The provider's authorization URL to send the browser to, and the state to bind to it."""
         meta = await self.metadata()
-        self._expire()
         state = secrets.token_urlsafe(32)
-        pending = _Pending(secrets.token_urlsafe(32), secrets.token_urlsafe(48), redirect_uri, self._now())
+        pending = _Pending(secrets.token_urlsafe(32), secrets.token_urlsafe(48), redirect_uri)
         self._pending[state] = pending
-        while len(self._pending) > MAX_PENDING:
-            self._pending.popitem(last=False)
         async with self._client(redirect_uri) as client:
             url, _ = client.create_authorization_url(meta.authorization_endpoint, state=state,
                                                      code_verifier=pending.code_verifier, nonce=pending.nonce)
@@ -95,7 +91,6 @@ class OidcLogin:
 
     async def finish(self, state: str, browser_state: str, code: str) -> tuple[Identity, str]:
         """The verified identity and ID token for the provider's answer to the login started as ``state``."""
-        self._expire()
         if not state or not hmac.compare_digest(state, browser_state):
             raise OidcLoginError("this login was not started in this browser (state mismatch): log in again")
         pending = self._pending.pop(state, None)
@@ -131,8 +126,3 @@ class OidcLogin:
         query = urlencode({"id_token_hint": id_token, "client_id": self.config.client_id,
                            "post_logout_redirect_uri": after})
         return f"{meta.end_session_endpoint}?{query}"
-
-    def _expire(self) -> None:
-        cutoff = self._now() - PENDING_SECONDS
-        while self._pending and next(iter(self._pending.values())).created < cutoff:
-            self._pending.popitem(last=False)

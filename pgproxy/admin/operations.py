@@ -22,7 +22,7 @@ from aiohttp import web
 from pgproxy import __version__
 from pgproxy.audit.sink import AuditUnavailable
 from pgproxy.identity import TokenError
-from pgproxy.server.reload import ReloadError
+from pgproxy.reload import ReloadError
 
 if TYPE_CHECKING:
     from pgproxy.server.listener import ProxyServer

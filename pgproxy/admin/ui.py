@@ -18,7 +18,6 @@ import hmac
 import logging
 import secrets
 import time
-from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +25,7 @@ from typing import Any
 
 import jinja2
 from aiohttp import web
+from cachetools import FIFOCache
 
 from pgproxy.admin.audit_view import AuditLogView
 from pgproxy.admin.oidc_login import PENDING_SECONDS, OidcLogin, OidcLoginError
@@ -98,14 +98,15 @@ class UiSessions:
     """Logged-in browser sessions held server side; the oldest are dropped past ``limit``."""
 
     limit: int = MAX_SESSIONS
-    _by_id: OrderedDict[str, UiSession] = field(default_factory=OrderedDict)
+    _by_id: FIFOCache[str, UiSession] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._by_id = FIFOCache(maxsize=self.limit)
 
     def create(self, token: str, identity: Identity, now: float, *, oidc: bool = False) -> UiSession:
         session = UiSession(secrets.token_urlsafe(32), token, identity, secrets.token_urlsafe(32),
                             min(identity.expires_at, now + MAX_SESSION_SECONDS), oidc=oidc)
         self._by_id[session.sid] = session
-        while len(self._by_id) > self.limit:
-            self._by_id.popitem(last=False)
         return session
 
     def get(self, sid: str | None, now: float) -> UiSession | None:

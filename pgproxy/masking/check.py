@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncpg
 
 from ..config import ConfigError, ProxyConfig
-from ..server.upstream import upstream_dsn
+from ..upstream_login import upstream_dsn
 from .catalog import read_catalog
 from .roles import refusal_message, unmaskable
 from .rules import Audience, MaskingRules, load_rules

@@ -26,7 +26,7 @@ from ..protocol import errors
 from ..protocol.messages import RowDescription
 from ..protocol.tracker import Kind
 from ..server.gates import Hold, Refuse, Request, Rewrite, Verdict
-from ..server.upstream import upstream_dsn
+from ..upstream_login import upstream_dsn
 from .catalog import CatalogCache, CatalogSnapshot, MaskedSchema, resolve
 from .masks import MaskKey
 from .rewrite import Rewritten, rewrite

@@ -44,7 +44,7 @@ from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
 from ..server.gates import Hold, Refuse, Request, Verdict
-from ..server.upstream import upstream_dsn
+from ..upstream_login import upstream_dsn
 from .approval_factory import new_request
 from .approval_impact import estimate_impact
 from .approvals import ApprovalRequest, ApprovalStore

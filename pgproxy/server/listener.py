@@ -15,31 +15,28 @@ import signal
 import ssl
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
-from ..admin.metrics import add_metrics_route
-from ..admin.operations import add_operations_routes
-from ..admin.server import AdminServer
-from ..audit.events import AuditEmitter, as_emitter
-from ..audit.factory import sink_from_config
-from ..audit.sink import AuditSink, AuditUnavailable
 from ..config import ConfigError, ListenerConfig, ProxyConfig, load_config
-from ..http.proxy import HttpProxy
-from ..identity import TokenVerifier
 from ..logsetup import session_context
 from ..metrics import ProxyMetrics
-from ..policy.approvals import ApprovalStore
 from ..protocol import errors
+from ..reload import ReloadError, restart_only_changes
 from ..tlsutil import server_context
 from .cancel import CancelRegistry
 from .gates import FrontendGate
 from .link import Link
-from .reload import ReloadError, restart_only_changes
 from .session import Session
 
 if TYPE_CHECKING:
+    from ..admin.server import AdminServer
+    from ..audit.events import AuditEmitter
+    from ..audit.store import StoreShipper
     from ..grpcproxy.proxy import GrpcProxy
+    from ..http.proxy import HttpProxy
+    from ..identity import TokenVerifier
     from ..masking.engine import Masking
+    from ..policy.approvals import ApprovalStore
 
 log = logging.getLogger(__name__)
 
@@ -75,61 +72,55 @@ def reload_on_sighup(server: ProxyServer) -> None:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
 
 
-class ProxyServer:
-    """Serves every configured listener until closed."""
+@dataclasses.dataclass(frozen=True)
+class Rebuilt:
+    """What a reload built from the new config, before anything is swapped."""
 
-    def __init__(self, config: ProxyConfig, *, audit: AuditSink | None = None,
-                 verifier: TokenVerifier | None = None, gates: Sequence[FrontendGate] = (),
-                 approval_store: ApprovalStore | None = None) -> None:
+    verifier: TokenVerifier
+    masking: Masking | None
+    commit: Callable[[], None]  # swaps the new policy and verifier into the features; cannot fail
+
+
+class Wiring(Protocol):
+    """What only the composition root (``pgproxy.app``) knows how to do for a running server."""
+
+    async def check_masking(self, config: ProxyConfig, masking: Masking) -> None:
+        """Raise ConfigError when the masking rules do not fit the live schema (unless allowed)."""
+
+    async def rebuild(self, config: ProxyConfig) -> Rebuilt:
+        """Build what a reload replaces; ConfigError, OSError or ValueError when it cannot."""
+
+    async def start_companions(self, server: ProxyServer) -> None:
+        """Start the admin listener and the HTTP and gRPC companion proxies the config asks for."""
+
+    async def close(self) -> None:
+        """Release what the composition root built for this server (e.g. an approval store it opened)."""
+
+
+class ProxyServer:
+    """Serves every configured listener until closed.
+
+    It gets every feature built (``pgproxy.app.build_server``): ``gates`` judge each statement in
+    order, then ``masking`` (replaced by a reload) rewrites what they let through.
+    """
+
+    def __init__(self, config: ProxyConfig, *, audit: AuditEmitter, metrics: ProxyMetrics,
+                 verifier: TokenVerifier, wiring: Wiring, gates: Sequence[FrontendGate] = (),
+                 masking: Masking | None = None, approval_store: ApprovalStore | None = None,
+                 shipper: StoreShipper | None = None) -> None:
         self.config = config
-        self._extra_gates = tuple(gates)
-        self.gates = tuple(gates)
+        # Every event of every producer passes the one emitter: timestamps, redaction, session numbering.
+        self.audit = audit
+        self.metrics = metrics  # served at /metrics on the admin listener (docs/operations.md)
+        self.verifier = verifier
+        self._wiring = wiring
+        self._fixed_gates = tuple(gates)
+        self.masking = masking  # column masking judges last: it rewrites exactly what the gates let through
+        self.gates: tuple[FrontendGate, ...] = (*self._fixed_gates, *((masking,) if masking else ()))
+        self.approval_store = approval_store  # shared by the policy gate and the HTTP/gRPC companions
+        self.shipper = shipper  # the signed log's copy in the central store, if configured
         self._reloading = asyncio.Lock()
         self.closing = False  # set by close(): /readyz then answers 503
-        if audit is None:
-            audit = sink_from_config(config.audit)  # JSON lines or the signed log; ConfigError if neither
-        # Every event of every producer passes the one emitter: timestamps, redaction, session numbering.
-        self.audit: AuditEmitter = as_emitter(audit)
-        audit = self.audit
-        self.metrics = ProxyMetrics()  # served at /metrics on the admin listener (docs/operations.md)
-        self.metrics.watch_audit(self.audit.sink)
-        from ..audit.store import StoreShipper  # the signed log's copy in the central store, if configured
-
-        self.shipper = (StoreShipper(config.audit.dir, config.audit.store_dsn(), config.audit.store_schema)
-                        if config.audit.dir is not None and config.audit.store_dsn_env is not None else None)
-        # The policy gate (config `policy:`) runs first; its approvals go to ``approval_store``, else to
-        # the store of the `approvals:` section, else every approval is refused (fail closed).
-        self.approval_store = approval_store
-        self._owns_approval_store = False
-        if config.policy is not None:
-            from ..policy.gate import PolicyGate
-            from ..policy.rules import load_policy
-
-            if self.approval_store is None and config.approvals is not None:
-                from ..policy.approval_factory import build_approval_store
-
-                self.approval_store = build_approval_store(config, audit=audit)
-                self._owns_approval_store = True
-            self.policy_gate: PolicyGate | None = PolicyGate(load_policy(config.policy.file), self.approval_store,
-                                                             audit_allowed=config.policy.audit_allowed,
-                                                             metrics=self.metrics)
-            self.gates = (self.policy_gate, *self.gates)
-        else:
-            self.policy_gate = None
-        # Column masking (config `masking:`) judges last, so it rewrites exactly what policy let through.
-        self.masking: Masking | None = None
-        if config.masking is not None:
-            from ..masking.engine import Masking
-
-            self.masking = Masking(config.masking, config.upstream)
-            self.gates = (*self.gates, self.masking)
-        companions = config.http is not None or config.grpc is not None
-        if companions and self.approval_store is None and config.approvals is not None:
-            from ..policy.approval_factory import build_approval_store
-
-            self.approval_store = build_approval_store(config, audit=audit)  # HTTP/gRPC approvals use it too
-            self._owns_approval_store = True
-        self.verifier = verifier or TokenVerifier(config.identity)
         self.cancels = CancelRegistry()
         self.sessions: set[Session] = set()
         self._servers: list[asyncio.Server] = []
@@ -151,20 +142,6 @@ class ProxyServer:
             context = server_context(listener.tls.cert_file, listener.tls.key_file)
             self._tls[key] = context
         return context
-
-    @staticmethod
-    async def _check_masking_schema(config: ProxyConfig, masking: Masking) -> None:
-        """Fail closed (ConfigError) on rules that do not fit the live schema, unless explicitly allowed."""
-        from ..masking.check import check_schema
-
-        problems = await check_schema(config, masking.rules)
-        assert config.masking is not None
-        if problems and config.masking.allow_schema_mismatch:
-            for problem in problems:
-                log.warning("%s (masking.allow_schema_mismatch: starting anyway)", problem)
-        elif problems:
-            raise ConfigError("the masking rules do not match the live schema (a misspelt column would stay "
-                              "unmasked; set masking.allow_schema_mismatch to start anyway): " + "; ".join(problems))
 
     async def reload(self, config: ProxyConfig | None = None) -> None:
         """Apply ``config`` (default: the config file read again) without dropping open sessions.
@@ -193,44 +170,27 @@ class ProxyServer:
             changed = restart_only_changes(self.config, config)
             if changed:
                 raise ReloadError(f"{', '.join(changed)}: changed, and only take effect after a restart")
-            verifier = TokenVerifier(config.identity)
             contexts = {id(old): server_context(new.tls.cert_file, new.tls.key_file)
                         for old, new in zip(self.config.listeners, config.listeners, strict=True)
                         if new.tls is not None}
-            policy = None
-            if config.policy is not None:
-                from ..policy.rules import load_policy
-
-                policy = load_policy(config.policy.file)
-            masking: Masking | None = None
-            if config.masking is not None:
-                from ..masking.engine import Masking
-
-                masking = Masking(config.masking, config.upstream)
-                await self._check_masking_schema(config, masking)
+            rebuilt = await self._wiring.rebuild(config)
         except ConfigError as exc:
             raise ReloadError(str(exc)) from None
         except (OSError, ValueError) as exc:
             raise ReloadError(f"listeners: cannot load certificate/key: {exc}") from None
         # Nothing below can fail: swap it all at once (the loop runs nothing else meanwhile).
-        if self.policy_gate is not None and policy is not None and config.policy is not None:
-            self.policy_gate.use_policy(policy, audit_allowed=config.policy.audit_allowed)
-        self.masking = masking
-        self.gates = (*((self.policy_gate,) if self.policy_gate else ()), *self._extra_gates,
-                      *((masking,) if masking else ()))
-        self.verifier = verifier
+        rebuilt.commit()
+        self.masking = rebuilt.masking
+        self.gates = (*self._fixed_gates, *((rebuilt.masking,) if rebuilt.masking else ()))
+        self.verifier = rebuilt.verifier
         self._tls.update(contexts)
-        if self.admin is not None:
-            self.admin.service.verifier = verifier
-        if self.http is not None:
-            self.http.verifier = verifier
         self.config = config.model_copy(update={"listeners": self.config.listeners})  # the bound listeners
 
     async def start(self) -> None:
         """Bind every listener (port 0 picks a free port; see ``bound_ports``)."""
         loop = asyncio.get_running_loop()
         if self.masking is not None:
-            await self._check_masking_schema(self.config, self.masking)
+            await self._wiring.check_masking(self.config, self.masking)
         for listener in self.config.listeners:
             self.tls_context(listener)  # fail at start, not at the first client, on a bad cert
             server = await loop.create_server(functools.partial(Link, self._accepted(listener)),
@@ -245,22 +205,7 @@ class ProxyServer:
         limits = self.config.limits
         if limits.idle_timeout_seconds or limits.idle_in_transaction_timeout_seconds:
             self._sweeper = asyncio.create_task(self._sweep_idle_sessions())
-        if self.config.admin is not None:
-            self.admin = AdminServer.from_config(self.config, store=self.approval_store, verifier=self.verifier,
-                                                 audit=self.audit)
-            add_metrics_route(self.admin.app, self.metrics, self.config.admin)
-            add_operations_routes(self.admin.app, self)
-            await self.admin.start()
-        if self.config.http is not None:  # same verifier, audit log and approval store as the SQL side
-            self.http = HttpProxy(self.config.http, verifier=self.verifier, audit=self.audit,
-                                  approval_store=self.approval_store)
-            await self.http.start()
-        if self.config.grpc is not None:  # the same again for gRPC calls (grpcio is loaded only then)
-            from ..grpcproxy.proxy import GrpcProxy
-
-            self.grpc = GrpcProxy(self.config.grpc, verifier=self.verifier, audit=self.audit,
-                                  approval_store=self.approval_store)
-            await self.grpc.start()
+        await self._wiring.start_companions(self)
 
     def _accepted(self, listener: ListenerConfig) -> Callable[[Link], None]:
         def on_made(link: Link) -> None:
@@ -310,15 +255,14 @@ class ProxyServer:
             await asyncio.sleep(interval)
             try:
                 self.audit.flush()
-            except AuditUnavailable as exc:  # fail closed now: no session goes on unrecorded
+            except Exception as exc:
                 log.error("audit flush failed: %s", exc)
+            if self.audit.problem is not None:  # the sink cannot record: fail closed, nothing goes on unrecorded
                 for session in list(self.sessions):
                     if session.upstream is not None:
                         session.terminate(errors.CANNOT_CONNECT_NOW,
                                           "the audit log is unavailable; refusing to continue (a statement in "
                                           "progress may have run on the database)")
-            except Exception as exc:  # the sink reports itself broken; sessions then fail closed
-                log.error("audit flush failed: %s", exc)
 
     async def serve_forever(self) -> None:
         await asyncio.gather(*(s.serve_forever() for s in self._servers))
@@ -350,11 +294,7 @@ class ProxyServer:
             aclose = getattr(gate, "aclose", None)
             if aclose is not None:
                 await aclose()
-        if self._owns_approval_store and self.approval_store is not None:
-            try:
-                await self.approval_store.close()
-            except Exception as exc:
-                log.warning("closing the approval store failed: %s", exc)
+        await self._wiring.close()
         self.audit.close()
         if self.shipper is not None:  # one last pass over what the log now holds
             await asyncio.to_thread(self.shipper.close)

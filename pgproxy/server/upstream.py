@@ -9,9 +9,8 @@ from __future__ import annotations
 import asyncio
 import ssl
 from collections.abc import Mapping
-from urllib.parse import quote, urlencode
 
-from ..config import ConfigError, UpstreamConfig
+from ..config import UpstreamConfig
 from ..protocol.codec import ProtocolViolation
 from ..protocol.messages import ErrorResponse, NegotiateProtocolVersion, NoticeResponse, decode_backend
 from ..protocol.startup import PROTOCOL_3_0, SSLRequest, StartupMessage
@@ -20,23 +19,6 @@ from ..tlsutil import client_context
 from .link import Link, LinkClosed
 
 AUTH_MESSAGE_LIMIT = 64 * 1024
-
-
-def upstream_dsn(cfg: UpstreamConfig, role: str, database: str) -> str:
-    """A libpq/asyncpg URL that logs in upstream as ``role`` with the proxy's credential for it.
-
-    For the proxy's own side connections (e.g. impact estimates); never shown to a client.
-    """
-    credential = cfg.credential_for(role)
-    if credential is None:
-        raise ConfigError(f"upstream.credentials: no credential for role {role!r}")
-    password = credential.password()
-    auth = quote(role, safe="") + (":" + quote(password, safe="") if password else "")
-    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
-    params: dict[str, str] = {"sslmode": cfg.sslmode}
-    if cfg.sslrootcert is not None:
-        params["sslrootcert"] = str(cfg.sslrootcert)
-    return f"postgresql://{auth}@{host}:{cfg.port}/{quote(cfg.database or database, safe='')}?{urlencode(params)}"
 
 
 class UpstreamRefused(Exception):

@@ -2,25 +2,12 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
 from pgproxy.identity import DevKeys, mint_token
 from pgproxy.policy.approval_factory import new_request
 from pgproxy.policy.approvals import ApprovalRequest, ApprovalStore
-
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = time.time()
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
-
 
 StoreFactory = Callable[..., ApprovalStore]
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from approval_helpers import FakeClock, StoreFactory, base_config_data
+from approval_helpers import StoreFactory, base_config_data
+from harness import FakeClock
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config

@@ -9,7 +9,8 @@ from typing import Any
 
 import aiohttp
 import pytest
-from approval_helpers import FakeClock, StoreFactory, base_config_data, make_request, mint
+from approval_helpers import StoreFactory, base_config_data, make_request, mint
+from harness import FakeClock
 
 from pgproxy.admin.server import AdminServer
 from pgproxy.config import AdminConfig, parse_config

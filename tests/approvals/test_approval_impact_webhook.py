@@ -11,7 +11,8 @@ from typing import Any
 
 import asyncpg
 from aiohttp import web
-from approval_helpers import FakeClock, make_request
+from approval_helpers import make_request
+from harness import FakeClock
 
 from pgproxy.devdb import Database
 from pgproxy.policy.approval_impact import estimate_impact, statement_kind

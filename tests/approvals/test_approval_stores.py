@@ -6,7 +6,8 @@ import asyncio
 import time
 
 import pytest
-from approval_helpers import FakeClock, StoreFactory, make_request
+from approval_helpers import StoreFactory, make_request
+from harness import FakeClock
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.policy.approvals import (

@@ -24,6 +24,8 @@ from pgproxy.demo_data import CUSTOMER_COUNT, ORDER_COUNT, SAMPLE_ROLES, seed_sa
 from pgproxy.devdb import Database, TemporaryCluster, create_role
 from pgproxy.tlsutil import DevTLS, client_context, generate_dev_ca_and_cert, server_context
 
+pytestmark = pytest.mark.postgres  # every test here starts or finds PostgreSQL's own binaries
+
 
 def _connect(dsn: str) -> psycopg.Connection[tuple[object, ...]]:
     return psycopg.connect(dsn, connect_timeout=10, autocommit=True)

@@ -18,7 +18,7 @@ from harness import ProxyUnderTest
 
 from pgproxy.cli import main
 from pgproxy.config import load_config
-from pgproxy.server.reload import ReloadError
+from pgproxy.reload import ReloadError
 from pgproxy.testing import RunningProxy
 
 GOOD = "tables:\n  mschk.people:\n    columns:\n      email: email\n"

@@ -25,7 +25,7 @@ from rawwire import start_serve
 from pgproxy import __version__
 from pgproxy.audit.sink import JsonLinesAuditSink
 from pgproxy.config import load_config, parse_config
-from pgproxy.server.reload import ReloadError
+from pgproxy.reload import ReloadError
 from pgproxy.testing import RunningProxy
 from pgproxy.tlsutil import generate_dev_ca_and_cert
 
@@ -136,6 +136,7 @@ def test_reload_over_the_admin_api(proxy: ProxyUnderTest, tmp_path: Path) -> Non
         status, body = _request(admin, "/api/reload", method="POST", token=operator)
         assert status == 200 and body["reloaded"] is True
         assert running.server.config.limits.max_connections == 7
+        assert running.server.admin.service.verifier is running.server.verifier  # the reloaded identity settings
         with pytest.raises(psycopg.OperationalError, match="certificate verify failed"):
             psycopg.connect(proxy.dsn(port=str(running.ports[0])))
         new_dsn = proxy.dsn(port=str(running.ports[0])) + f" sslrootcert='{new_tls.ca_file}'"

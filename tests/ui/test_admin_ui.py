@@ -308,9 +308,14 @@ def test_search_the_central_store_with_filters(admin: Admin, context: BrowserCon
             with psycopg.connect(**under.conninfo(token=under.token(sub=subject)), autocommit=True) as conn:
                 conn.execute(sql.encode())  # type: ignore[call-overload]
         deadline = time.monotonic() + 15  # shipped in the background, about once a second
-        with psycopg.connect(admin.proxy.database.dsn()) as store:
-            while store.execute(f"SELECT count(*) FROM {schema}.records WHERE kind = 'session_end'"
-                                ).fetchone() != (2,):
+        with psycopg.connect(admin.proxy.database.dsn(), autocommit=True) as store:
+            def shipped() -> int:  # the shipper creates the table on its first pass, which may not have run yet
+                if store.execute(f"SELECT to_regclass('{schema}.records')").fetchone() == (None,):
+                    return 0
+                row = store.execute(f"SELECT count(*) FROM {schema}.records WHERE kind = 'session_end'").fetchone()
+                return int(row[0]) if row else 0
+
+            while shipped() != 2:
                 assert time.monotonic() < deadline, "records were not shipped"
                 time.sleep(0.2)
         base = f"http://127.0.0.1:{running.server.admin.port}"

@@ -43,7 +43,7 @@ def test_policy_section(tmp_path: Path) -> None:
 
 
 def test_server_installs_the_gate_with_the_configured_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from pgproxy.server.listener import ProxyServer
+    from pgproxy.app import build_server
 
     monkeypatch.setenv("PGPROXY_T_SECRET", "s" * 32)
 
@@ -51,7 +51,7 @@ def test_server_installs_the_gate_with_the_configured_store(tmp_path: Path, monk
                 approvals={"store": "sqlite", "path": str(tmp_path / "a.sqlite")})
 
     async def build() -> tuple[Any, ...]:
-        server = ProxyServer(parse_config(data, tmp_path), audit=MemoryAuditSink())
+        server = build_server(parse_config(data, tmp_path), audit=MemoryAuditSink())
         gate = server.gates[0]
         await server.close(0)
         return gate, server.approval_store
@@ -60,7 +60,7 @@ def test_server_installs_the_gate_with_the_configured_store(tmp_path: Path, monk
     assert isinstance(gate, PolicyGate) and gate.store is store and store is not None
 
     async def without() -> tuple[Any, ...]:
-        server = ProxyServer(parse_config(base(tmp_path), tmp_path), audit=MemoryAuditSink())
+        server = build_server(parse_config(base(tmp_path), tmp_path), audit=MemoryAuditSink())
         return server.gates
 
     assert asyncio.run(without()) == ()

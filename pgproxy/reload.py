@@ -8,7 +8,7 @@ that live as long as the process: a reload that changes them is refused (the run
 
 from __future__ import annotations
 
-from ..config import ProxyConfig
+from .config import ProxyConfig
 
 RESTART_ONLY_SECTIONS = ("audit", "approvals", "admin", "http")
 

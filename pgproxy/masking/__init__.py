@@ -1,0 +1,1 @@
+"""Column masking: rules, the query rewriter, the masking gate and the wire-level value masks."""
