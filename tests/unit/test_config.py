@@ -578,7 +578,7 @@ def test_credential_for() -> None:
 
 
 def test_reload_compares_parsed_configs(base_dir: Path) -> None:
-    from pgproxy.server.reload import restart_only_changes
+    from pgproxy.reload import restart_only_changes
 
     source = base_dir / "pgproxy.yaml"
     old = parse_config(minimal(), base_dir, source=source)
