@@ -25,6 +25,7 @@ from ..audit.events import AuditEmitter, as_emitter
 from ..audit.factory import sink_from_config
 from ..audit.sink import AuditSink, AuditUnavailable
 from ..config import ConfigError, ListenerConfig, ProxyConfig, load_config
+from ..core.plugins import FrontendGate
 from ..http.proxy import HttpProxy
 from ..identity import TokenVerifier
 from ..logsetup import session_context
@@ -33,7 +34,6 @@ from ..policy.approvals import ApprovalStore
 from ..protocol import errors
 from ..tlsutil import server_context
 from .cancel import CancelRegistry
-from .gates import FrontendGate
 from .link import Link
 from .reload import ReloadError, restart_only_changes
 from .session import Session
