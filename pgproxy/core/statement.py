@@ -107,12 +107,14 @@ class Statement:
     def derive(self, analysis: Callable[[Statement], T]) -> T:
         """``analysis(self)``, computed once per statement (an exception is not kept: it is raised again)."""
         memo = self._memo
-        if memo is None:
-            memo = self._memo = {}
-        elif analysis in memo:
+        if memo is not None and analysis in memo:
             value: T = memo[analysis]
             return value
-        value = memo[analysis] = analysis(self)
+        value = analysis(self)
+        if memo is None:
+            self._memo = {analysis: value}
+        else:
+            memo[analysis] = value
         return value
 
     def _parse(self) -> Tree | SqlSyntaxError:

@@ -403,8 +403,10 @@ _CLASSIFIED: LRUCache[str, Classification] = LRUCache(maxsize=4096)  # by statem
 
 def classify(sql: str) -> Classification:
     """Classify ``sql`` (cached by text); raises SqlSyntaxError when it does not parse."""
-    cached = _CLASSIFIED.get(sql)
-    return cached if cached is not None else classify_statement(Statement(0x51, sql))
+    try:
+        return _CLASSIFIED[sql]
+    except KeyError:
+        return classify_statement(Statement(0x51, sql))
 
 
 def classify_statement(statement: Statement) -> Classification:
@@ -415,10 +417,12 @@ def classify_statement(statement: Statement) -> Classification:
 
 def _classify_statement(statement: Statement) -> Classification:
     sql = statement.server_text()
-    cached = _CLASSIFIED.get(sql)
-    if cached is None:
-        cached = _CLASSIFIED[sql] = _classify_tree(sql, statement.tree)
-    return cached
+    try:
+        return _CLASSIFIED[sql]
+    except KeyError:
+        pass
+    classification = _CLASSIFIED[sql] = _classify_tree(sql, statement.tree)
+    return classification
 
 
 def _classify_tree(sql: str, raws: Tree) -> Classification:

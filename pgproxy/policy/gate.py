@@ -149,7 +149,10 @@ class PolicyGate:
             sql = request.server_text()
         except SqlSyntaxError as exc:
             return self._unparsed(session, request, exc)
-        cached = cache.get(sql)
+        try:
+            cached: tuple[Decision, Classification] | None = cache[sql]
+        except KeyError:
+            cached = None
         if cached is None:
             try:
                 classification = (function_call_classification(sql) if request.msg_type == _KIND_FUNCTION
