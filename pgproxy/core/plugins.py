@@ -21,10 +21,11 @@ exchange tracker, the audit log, and the hook registry; never the sockets or the
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from ..protocol.framing import MessageHandler
 from ..protocol.messages import ErrorResponse, NoticeResponse
 from ..protocol.tracker import ExchangeTracker
 
@@ -36,7 +37,7 @@ if TYPE_CHECKING:  # leaves, imported only for their types
 IdentityT = TypeVar("IdentityT", covariant=True)
 
 # A backend message hook: the message body in, replacement message bytes (or None: keep it) out.
-BackendHook = Callable[[memoryview], bytes | None]
+BackendHook = MessageHandler
 
 
 @dataclass(frozen=True, slots=True)
