@@ -20,10 +20,10 @@ from .audit.events import AuditEmitter, as_emitter
 from .audit.factory import sink_from_config
 from .audit.sink import AuditSink
 from .config import ConfigError, ProxyConfig
+from .core.plugins import FrontendGate
 from .http.proxy import HttpProxy
 from .identity import TokenVerifier
 from .metrics import ProxyMetrics
-from .server.gates import FrontendGate
 from .server.listener import ProxyServer, Rebuilt
 
 if TYPE_CHECKING:

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from .app import build_server
 from .audit.sink import AuditSink
 from .config import ProxyConfig
-from .server.gates import FrontendGate
+from .core.plugins import FrontendGate
 from .server.listener import ProxyServer
 
 T = TypeVar("T")

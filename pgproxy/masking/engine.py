@@ -14,29 +14,32 @@ import asyncio
 import functools
 import logging
 import time
+import weakref
 from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
-from ..policy.classify import SqlSyntaxError, classify
+from ..core.plugins import Hold, Refuse, Rewrite, SessionContext, Verdict
+from ..core.statement import SqlSyntaxError, Statement
+from ..policy.classify import classify_statement
 from ..policy.reading import unparsed_error
 from ..protocol import errors
 from ..protocol.messages import RowDescription
-from ..protocol.tracker import Kind
-from ..server.gates import Hold, Refuse, Request, Rewrite, Verdict
+from ..protocol.tracker import Kind, StatementResult
 from ..upstream_login import upstream_dsn
 from .catalog import CatalogCache, CatalogSnapshot, MaskedSchema, resolve
 from .masks import MaskKey
-from .rewrite import Rewritten, rewrite
+from .rewrite import Rewritten, rewrite_tree
 from .roles import RoleCheck, refusal_message
 from .rules import ColumnRule, MaskingRules, load_rules
 from .wire import WireMasker, may_return_rows
 
 if TYPE_CHECKING:
     from ..identity import Identity
-    from ..server.session import Session
+
+    Session = SessionContext[Identity]
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +69,7 @@ class Masking:
         self.roles = RoleCheck(config.catalog_refresh_seconds)
         self._schemas: dict[tuple[int, tuple[str, ...]], MaskedSchema] = {}
         self._rewrites: OrderedDict[tuple[int, tuple[str, ...], str], Rewritten] = OrderedDict()
+        self._attached: weakref.WeakKeyDictionary[Session, SessionMasking] = weakref.WeakKeyDictionary()
 
     async def aclose(self) -> None:
         """Close the catalog cache's kept connections when the proxy shuts down."""
@@ -77,7 +81,7 @@ class Masking:
         rules = self.rules.for_identity(session.identity, session.db_role)
         if not rules:
             return None
-        masking = SessionMasking(self, session, rules)
+        masking = self._attached[session] = SessionMasking(self, session, rules)
         masking.install()
         return masking
 
@@ -97,9 +101,9 @@ class Masking:
         dsn = upstream_dsn(self.upstream, role, database)
         return await asyncpg.connect(dsn, timeout=self.upstream.connect_timeout_seconds)
 
-    def inspect(self, session: Session, request: Request) -> Verdict:
-        masking = session.masking
-        return masking.inspect(request) if masking is not None else None
+    def inspect(self, session: Session, statement: Statement) -> Verdict:
+        masking = self._attached.get(session)
+        return masking.inspect(statement) if masking is not None else None
 
     def schema_for(self, catalog: CatalogSnapshot, rules: tuple[ColumnRule, ...]) -> MaskedSchema:
         key = (catalog.version, tuple(r.where for r in rules))
@@ -110,13 +114,19 @@ class Masking:
             schema = self._schemas[key] = resolve(catalog, rules, self.key)
         return schema
 
-    def rewrite(self, schema: MaskedSchema, rules_key: tuple[str, ...], sql: str) -> Rewritten:
+    def rewrite(self, schema: MaskedSchema, rules_key: tuple[str, ...], statement: Statement) -> Rewritten:
+        """The rewrite of the text the server reads, cached; a statement that does not parse is left to the server."""
+        sql = statement.server_text()
         key = (schema.catalog.version, rules_key, sql)
         cached = self._rewrites.get(key)
         if cached is not None:
             self._rewrites.move_to_end(key)
             return cached
-        result = rewrite(sql, schema)
+        try:
+            tree = statement.take_tree()  # the rewrite changes the tree it is given
+        except SqlSyntaxError:
+            return Rewritten(None)
+        result = rewrite_tree(tree, schema)
         self._rewrites[key] = result
         if len(self._rewrites) > REWRITE_CACHE_SIZE:
             self._rewrites.popitem(last=False)
@@ -136,8 +146,7 @@ class SessionMasking:
         self.rules_key = tuple(r.where for r in rules)
         self.ddl_pending = False
         self._schema: MaskedSchema | None = None
-        metrics = getattr(session.server, "metrics", None)
-        self._on_masked = getattr(metrics, "masked_values", None)
+        self._on_masked = session.metrics.masked_values
         # Per statement text: how many result columns a rewritten statement returns masked (for the count).
         self._masked_columns: dict[str, int] = {}
         self._statement_sql: dict[str, str] = {}  # prepared statement name -> its text
@@ -204,26 +213,30 @@ class SessionMasking:
             self._masked_columns.clear()
         self._masked_columns[sql] = n
 
-    def annotate(self, event: dict[str, Any], sql: str) -> None:
+    def annotate(self, event: dict[str, Any], result: StatementResult) -> None:
         """Add what masking did to a statement's audit event (never the rewritten text)."""
-        masked_columns = self._masked_columns.get(sql, 0)
+        masked_columns = self._masked_columns.get(result.sql, 0)
         rows = event.get("rows")
         if masked_columns and isinstance(rows, int) and rows > 0 and self._on_masked is not None:
             self._on_masked(masked_columns * rows)  # values the rewrite masked, as sent to the client
         schema = self._schema
         if schema is None:
             return
-        result = self.engine.cached(schema.catalog.version, self.rules_key, sql)
-        if result is None:
+        statement = result.statement
+        # The text the gate rewrote: as the server reads it (the Statement the gate saw), else as sent.
+        sql = (statement.server_text() if isinstance(statement, Statement) and statement.reading_error is None
+               else result.sql)
+        rewritten = self.engine.cached(schema.catalog.version, self.rules_key, sql)
+        if rewritten is None:
             return
-        if result.relations:
-            event["masked_relations"] = list(result.relations)
-        if result.refusal is not None:
-            event["masking_refusal"] = result.refusal
+        if rewritten.relations:
+            event["masked_relations"] = list(rewritten.relations)
+        if rewritten.refusal is not None:
+            event["masking_refusal"] = rewritten.refusal
 
     # ----------------------------------------------------------------------------------------- gate
 
-    def inspect(self, request: Request) -> Verdict:
+    def inspect(self, request: Statement) -> Verdict:
         if request.msg_type == _FUNCTION:
             return refusal("the fast-path function call is not available to masked identities")
         if request.msg_type == _EXECUTE and not request.described and may_return_rows(request.server_text()):
@@ -237,17 +250,16 @@ class SessionMasking:
                 self._statement_sql.clear()
             self._statement_sql[request.statement_name or ""] = request.sql
         try:
-            sql = request.server_text()
-            if "ddl" in classify(sql).classes:
+            if "ddl" in classify_statement(request).classes:
                 self.ddl_pending = True
         except SqlSyntaxError as exc:  # what the proxy cannot read, it cannot prove safe
             return Refuse(unparsed_error(exc, "masking rules apply to this session"))
         schema = self.current_schema()
         if schema is None or self.engine.catalogs.current(self.session.database) is None:
-            return Hold(self._decide_later(sql))  # no catalog yet, or DDL invalidated it
-        return self._verdict(schema, sql, time.monotonic())
+            return Hold(self._decide_later(request))  # no catalog yet, or DDL invalidated it
+        return self._verdict(schema, request, time.monotonic())
 
-    async def _decide_later(self, sql: str, since: float | None = None) -> Refuse | Rewrite | None:
+    async def _decide_later(self, statement: Statement, since: float | None = None) -> Refuse | Rewrite | None:
         """The verdict once the catalog is read (``since``: read entirely after that moment)."""
         try:
             if since is None:
@@ -260,11 +272,12 @@ class SessionMasking:
             return Refuse(errors.error(errors.CANNOT_CONNECT_NOW,
                                        "pgproxy masking: the database catalog could not be read; "
                                        "refusing statements of masked identities"))
-        verdict = self._verdict(schema, sql, None)
+        verdict = self._verdict(schema, statement, None)
         assert not isinstance(verdict, Hold)
         return verdict
 
-    async def _check_views(self, sql: str, schema: MaskedSchema, arrived: float) -> Refuse | Rewrite | None:
+    async def _check_views(self, statement: Statement, schema: MaskedSchema,
+                           arrived: float) -> Refuse | Rewrite | None:
         """A statement naming a view: judged on the snapshot only if no view changed since it was read."""
         catalogs = self.engine.catalogs
         try:
@@ -275,20 +288,20 @@ class SessionMasking:
                                        "pgproxy masking: the database catalog could not be read; "
                                        "refusing statements of masked identities"))
         if changed:
-            return await self._decide_later(sql, arrived)
-        verdict = self._verdict(schema, sql, None)
+            return await self._decide_later(statement, arrived)
+        verdict = self._verdict(schema, statement, None)
         assert not isinstance(verdict, Hold)
         return verdict
 
-    def _verdict(self, schema: MaskedSchema, sql: str, arrived: float | None) -> Verdict:
-        """Refuse, rewrite or pass ``sql``; a name the snapshot does not know (an object created upstream
-        since it was read) first makes the catalog be read again, once per statement (``arrived``)."""
-        result = self.engine.rewrite(schema, self.rules_key, sql)
+    def _verdict(self, schema: MaskedSchema, statement: Statement, arrived: float | None) -> Verdict:
+        """Refuse, rewrite or pass ``statement``; a name the snapshot does not know (an object created
+        upstream since it was read) first makes the catalog be read again, once per statement (``arrived``)."""
+        result = self.engine.rewrite(schema, self.rules_key, statement)
         if arrived is not None:
             if result.unknown:
-                return Hold(self._decide_later(sql, arrived))
+                return Hold(self._decide_later(statement, arrived))
             if result.reads_views:
-                return Hold(self._check_views(sql, schema, arrived))
+                return Hold(self._check_views(statement, schema, arrived))
         if result.refusal is not None:
             return refusal(result.refusal)
         if result.sql is None:

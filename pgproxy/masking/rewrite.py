@@ -24,8 +24,8 @@ from typing import Any
 
 from pglast import ast, parse_sql
 from pglast.enums.parsenodes import ObjectType
-from pglast.parser import ParseError
 
+from ..core.statement import SqlSyntaxError, Tree, parse
 from ..policy.classify import iter_nodes, node_fields
 from .catalog import MaskedRelation, MaskedSchema
 from .functions import function_refusal, relation_refusal
@@ -61,9 +61,14 @@ class Rewritten:
 def rewrite(sql: str, schema: MaskedSchema) -> Rewritten:
     """Rewrite ``sql`` for ``schema``'s identity (a statement that does not parse is left to the server)."""
     try:
-        raws = parse_sql(sql)
-    except ParseError:
+        raws = parse(sql)
+    except SqlSyntaxError:
         return Rewritten(None)
+    return rewrite_tree(raws, schema)
+
+
+def rewrite_tree(raws: Tree, schema: MaskedSchema) -> Rewritten:
+    """``rewrite`` of a statement's parse, which it changes (a tree nothing else reads)."""
     rewriter = _Rewriter(schema)
     try:
         for raw in raws:

@@ -20,9 +20,9 @@ import struct
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from pglast import ast, parse_sql
-from pglast.parser import ParseError
+from pglast import ast
 
+from ..core.statement import SqlSyntaxError, parse
 from ..protocol.messages import NotificationResponse, RowDescription
 from ..protocol.tracker import ExchangeTracker, Kind
 from .masks import Mask, MaskKey
@@ -52,8 +52,8 @@ def may_return_rows(sql: str) -> bool:
     """Whether running ``sql`` may send DataRows (a query, SHOW, FETCH, EXPLAIN, EXECUTE, CALL, RETURNING);
     a text that does not parse may."""
     try:
-        statements = parse_sql(sql)
-    except ParseError:
+        statements = parse(sql)
+    except SqlSyntaxError:
         return True
     for raw in statements:
         stmt = raw.stmt

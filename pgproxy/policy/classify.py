@@ -41,14 +41,16 @@ A string that does not parse raises :class:`SqlSyntaxError` with the parser's me
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pglast import ast, parse_sql
+from cachetools import LRUCache
+from pglast import ast
 from pglast.enums.parsenodes import VariableSetKind
-from pglast.parser import ParseError
+
+from ..core.statement import SqlSyntaxError as SqlSyntaxError  # what classify() raises, importable from here
+from ..core.statement import Statement, Tree
 
 CLASSES = frozenset({
     "read", "write", "ddl", "dcl", "destructive", "session", "transaction", "copy_in", "copy_out",
@@ -97,15 +99,6 @@ _RESET_KINDS = (VariableSetKind.VAR_RESET, VariableSetKind.VAR_RESET_ALL)
 _RELATION_OBJECTS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", "OBJECT_FOREIGN_TABLE",
                                "OBJECT_SEQUENCE", "OBJECT_INDEX"})
 _PROCEDURAL_NODES = frozenset({"DoStmt", "CallStmt", "CreatePLangStmt", "LoadStmt"})
-
-
-class SqlSyntaxError(Exception):
-    """The text does not parse; ``position`` is 1-based in characters, as PostgreSQL reports it."""
-
-    def __init__(self, message: str, position: int) -> None:
-        super().__init__(message)
-        self.message = message
-        self.position = position
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,27 +392,40 @@ def _drop_what(stmt: Any) -> str:
             "DropSubscriptionStmt": "DROP SUBSCRIPTION"}.get(type(stmt).__name__, "DROP")
 
 
-def _syntax_error(sql: str, exc: ParseError) -> SqlSyntaxError:
-    message = str(exc.args[0]) if exc.args else str(exc)
-    location = exc.args[1] if len(exc.args) > 1 else None
-    # pglast gives a 0-based character offset; "at end of input" has none: PostgreSQL reports the end.
-    position = (location + 1) if isinstance(location, int) else len(sql) + 1
-    return SqlSyntaxError(message, position)
-
-
 def _statement_text(sql: str, raw: ast.RawStmt) -> str:
     start = raw.stmt_location or 0
     length = raw.stmt_len or (len(sql) - start)
     return sql[start:start + length].strip()
 
 
-@functools.lru_cache(maxsize=4096)
+_CLASSIFIED: LRUCache[str, Classification] = LRUCache(maxsize=4096)  # by statement text
+
+
 def classify(sql: str) -> Classification:
     """Classify ``sql`` (cached by text); raises SqlSyntaxError when it does not parse."""
     try:
-        raws = parse_sql(sql)
-    except ParseError as exc:
-        raise _syntax_error(sql, exc) from None
+        return _CLASSIFIED[sql]
+    except KeyError:
+        return classify_statement(Statement(0x51, sql))
+
+
+def classify_statement(statement: Statement) -> Classification:
+    """The classification of the text the server reads (``statement.server_text()``), memoized on the
+    statement and cached by text; raises SqlSyntaxError when the text does not parse."""
+    return statement.derive(_classify_statement)
+
+
+def _classify_statement(statement: Statement) -> Classification:
+    sql = statement.server_text()
+    try:
+        return _CLASSIFIED[sql]
+    except KeyError:
+        pass
+    classification = _CLASSIFIED[sql] = _classify_tree(sql, statement.tree)
+    return classification
+
+
+def _classify_tree(sql: str, raws: Tree) -> Classification:
     multi = len(raws) > 1
     infos = []
     for raw in raws:

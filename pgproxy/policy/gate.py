@@ -40,20 +40,25 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from cachetools import LRUCache
+
+from ..core.plugins import Hold, Refuse, SessionContext, Verdict
+from ..core.statement import SqlSyntaxError, Statement
 from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
-from ..server.gates import Hold, Refuse, Request, Verdict
 from ..upstream_login import upstream_dsn
 from .approval_factory import new_request
 from .approval_impact import estimate_impact
 from .approvals import ApprovalRequest, ApprovalStore
-from .classify import Classification, SqlSyntaxError, StatementInfo, classify
+from .classify import Classification, StatementInfo, classify_statement
 from .reading import unparsed_error
 from .rules import ApprovalRequirement, Decision, Policy
 
 if TYPE_CHECKING:
-    from ..server.session import Session
+    from ..identity import Identity
+
+    Session = SessionContext[Identity]
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +74,7 @@ def function_call_classification(sql: str) -> Classification:
     return Classification((info,), info.classes, (), (), (), info.reasons)
 
 
-def params_as_text(request: Request) -> list[str | None]:
+def params_as_text(request: Statement) -> list[str | None]:
     """The bound parameters as the fingerprint sees them: text as text, binary as \\x-hex."""
     bind = request.bind
     if bind is None:
@@ -94,7 +99,8 @@ class PolicyGate:
         self.metrics = metrics if metrics is not None else ProxyMetrics()  # statements by class and decision
         self.store = store
         self.audit_allowed = audit_allowed
-        self._decisions: weakref.WeakKeyDictionary[Session, dict[str, tuple[Decision, Classification]]] = \
+        # Per session (dropped with it), by statement text: a repeated statement is judged once.
+        self._decisions: weakref.WeakKeyDictionary[Session, LRUCache[str, tuple[Decision, Classification]]] = \
             weakref.WeakKeyDictionary()
         self._background: set[asyncio.Future[None]] = set()
 
@@ -107,19 +113,19 @@ class PolicyGate:
 
     # ------------------------------------------------------------------------------------- the seam
 
-    def inspect(self, session: Session, request: Request) -> Verdict:
+    def inspect(self, session: Session, request: Statement) -> Verdict:
         msg_type = request.msg_type
         if msg_type in _JUDGED:
             return self._judge(session, request)
         if msg_type == _KIND_PARSE:
             try:
-                classify(request.server_text())
+                classify_statement(request)
             except SqlSyntaxError as exc:
                 return self._unparsed(session, request, exc)
             return None
         return None  # Execute: its portal was judged at Bind
 
-    def _unparsed(self, session: Session, request: Request, exc: SqlSyntaxError) -> Verdict:
+    def _unparsed(self, session: Session, request: Statement, exc: SqlSyntaxError) -> Verdict:
         """A statement pglast cannot read: the server answers it if the policy allows any statement
         here; otherwise the proxy refuses it, saying that it (not the server) could not read it."""
         identity = session.identity
@@ -135,27 +141,28 @@ class PolicyGate:
         self._emit(session, request, None, "refuse", decision.rule, None, error=exc.message)
         return Refuse(unparsed_error(exc, f"policy rule {decision.rule} may apply to it"))
 
-    def _judge(self, session: Session, request: Request) -> Verdict:
+    def _judge(self, session: Session, request: Statement) -> Verdict:
         cache = self._decisions.get(session)
         if cache is None:
-            cache = self._decisions[session] = {}
+            cache = self._decisions[session] = LRUCache(MAX_CACHED_DECISIONS)
         try:
             sql = request.server_text()
         except SqlSyntaxError as exc:
             return self._unparsed(session, request, exc)
-        cached = cache.get(sql)
+        try:
+            cached: tuple[Decision, Classification] | None = cache[sql]
+        except KeyError:
+            cached = None
         if cached is None:
             try:
                 classification = (function_call_classification(sql) if request.msg_type == _KIND_FUNCTION
-                                  else classify(sql))
+                                  else classify_statement(request))
             except SqlSyntaxError as exc:
                 return self._unparsed(session, request, exc)
             identity = session.identity
             if identity is None:  # cannot happen after login; fail closed
                 return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
             decision = self.policy.decide(identity, classification, session.database, session.db_role)
-            if len(cache) >= MAX_CACHED_DECISIONS:
-                cache.clear()
             cached = cache[sql] = (decision, classification)
         decision, classification = cached
         action = decision.action
@@ -173,7 +180,7 @@ class PolicyGate:
 
     # ------------------------------------------------------------------------------------ approvals
 
-    def _approve(self, session: Session, request: Request, classification: Classification,
+    def _approve(self, session: Session, request: Statement, classification: Classification,
                  decision: Decision) -> Verdict:
         requirement = decision.approval
         assert requirement is not None
@@ -280,7 +287,7 @@ class PolicyGate:
         if request.impact is not None or request.status != "pending" or self.store is None:
             return
         try:
-            dsn = upstream_dsn(session.config.upstream, session.db_role, session.database)
+            dsn = upstream_dsn(session.upstream_config, session.db_role, session.database)
         except Exception as exc:  # best effort: never fails the statement
             log.warning("session %s: no impact estimate: %s", session.id, exc)
             return
@@ -302,7 +309,7 @@ class PolicyGate:
 
     # ---------------------------------------------------------------------------------------- audit
 
-    def _emit(self, session: Session, request: Request, classification: Classification | None, decision: str,
+    def _emit(self, session: Session, request: Statement, classification: Classification | None, decision: str,
               rule: str, approval_id: str | None, **extra: Any) -> None:
         event: dict[str, Any] = {"event": "policy_decision", "ts": time.time(), "session": session.id,
                                  "kind": request.kind, "sql": request.sql, "decision": decision, "rule": rule}
@@ -327,7 +334,7 @@ class PolicyGate:
 
 def _emit(session: Session, event: dict[str, Any]) -> None:
     try:
-        session.server.audit.emit(event)
+        session.emit_audit(event)
     except Exception as exc:  # the session's own statement events fail closed on the same sink
         log.error("session %s: cannot record policy decision: %s", session.id, exc)
 

@@ -17,7 +17,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, Protocol
 
 from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
@@ -47,6 +47,13 @@ _PARSE_OR_BIND = (_PARSE, _BIND)
 TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHWS")
 TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSFcf")
 _TRANSACTION_STATES = frozenset(b"ITE")
+
+
+class StatementText(Protocol):
+    """A request's statement as its caller read it (pgproxy.core.statement.Statement): its text, decoded."""
+
+    @property
+    def sql(self) -> str: ...
 
 
 _PARSE_CACHE_LIMIT = 1024
@@ -80,6 +87,7 @@ class StatementResult:
     notices: list[bytes] | None = None
     copy_out_bytes: int = 0
     param_types: tuple[int, ...] = ()  # type OIDs the Parse declared (0 = server infers), for replay
+    statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
 
     @property
     def rows(self) -> int | None:
@@ -124,6 +132,7 @@ class Pending:
     sql: str | None = None
     statement_name: str | None = None
     seq: int = 0  # order in which requests were sent
+    statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
 
 
 @dataclass(slots=True)
@@ -219,6 +228,7 @@ class ExchangeTracker:
         self._client_in_copy = False
         self._copy_end_seq = 0
         self._seq = 1  # 0: the startup exchange
+        self._statement: StatementText | None = None  # handed in by track_statement for the request at hand
         self.frontend_handlers: dict[int, Callable[[memoryview], None]] = {
             0x42: self._bind, 0x45: self._execute, 0x50: self._parse_request, 0x53: self._sync,
             0x44: self._describe, 0x51: self._query, 0x43: self._close, 0x46: self._function_call,
@@ -250,6 +260,15 @@ class ExchangeTracker:
         """Account for one server message; returns replacement bytes for a refused request."""
         handler = self.backend_handlers.get(msg_type)
         return handler(memoryview(body)) if handler is not None else None
+
+    def track_statement(self, msg_type: int, body: memoryview, statement: StatementText) -> None:
+        """Record a statement-bearing request whose text the caller already read from this body (``peek``)
+        into ``statement``: the text is not decoded again, and the request's entries carry ``statement``."""
+        self._statement = statement
+        try:
+            self.frontend_handlers[msg_type](body)
+        finally:
+            self._statement = None
 
     def peek(self, msg_type: int, body: memoryview) -> tuple[str, str | None, bytes | None]:
         """(sql, statement name, raw Bind body) a Query/Parse/Bind/Execute/FunctionCall refers to,
@@ -293,6 +312,7 @@ class ExchangeTracker:
 
     def _push(self, p: Pending) -> None:
         p.seq = self._seq
+        p.statement = self._statement
         self._seq += 1
         self.queue.append(p)
         self.last_request = p
@@ -330,7 +350,8 @@ class ExchangeTracker:
         else:
             result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
                                      statement_name=found.statement_name,
-                                     param_types=self._param_types.get(found.statement_name, ()))
+                                     param_types=self._param_types.get(found.statement_name, ()),
+                                     statement=self._statement)
         self._push(Pending(_EXECUTE, result, time.perf_counter()))
 
     def _parse_request(self, body: memoryview) -> None:
@@ -394,8 +415,10 @@ class ExchangeTracker:
     def _query(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x51):
             return
-        sql = self._query_text(body)
-        self._push(Pending(_QUERY, StatementResult("simple", sql, time.time()), time.perf_counter()))
+        statement = self._statement
+        sql = self._query_text(body) if statement is None else statement.sql
+        self._push(Pending(_QUERY, StatementResult("simple", sql, time.time(), statement=statement),
+                           time.perf_counter()))
 
     def _close(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x43):
@@ -416,8 +439,8 @@ class ExchangeTracker:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x46):
             return
         oid = FunctionCall.decode(body).function_oid
-        self._push(Pending(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
-                           time.perf_counter()))
+        self._push(Pending(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time(),
+                                                      statement=self._statement), time.perf_counter()))
 
     def _copy_end(self, body: memoryview) -> None:  # CopyDone / CopyFail
         self.last_request = None
@@ -570,8 +593,9 @@ class ExchangeTracker:
         """A record for a Parse or Bind that failed (successful ones are not statements)."""
         if p.portal is not None:
             return StatementResult("extended", p.portal.sql, time.time(), bind_body=p.portal.bind_body,
-                                   statement_name=p.portal.statement_name)
-        return StatementResult("extended", p.sql or "", time.time(), statement_name=p.statement_name)
+                                   statement_name=p.portal.statement_name, statement=p.statement)
+        return StatementResult("extended", p.sql or "", time.time(), statement_name=p.statement_name,
+                               statement=p.statement)
 
     def _finish(self, pending: Pending) -> None:
         result = pending.result

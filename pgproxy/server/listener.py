@@ -19,13 +19,13 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from ..config import ConfigError, ListenerConfig, ProxyConfig, load_config
+from ..core.plugins import FrontendGate
 from ..logsetup import session_context
 from ..metrics import ProxyMetrics
 from ..protocol import errors
 from ..reload import ReloadError, restart_only_changes
 from ..tlsutil import server_context
 from .cancel import CancelRegistry
-from .gates import FrontendGate
 from .link import Link
 from .session import Session
 

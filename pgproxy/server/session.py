@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from ..audit.capture import ResultCapture, audit_value, result_fields
 from ..audit.sink import AuditUnavailable
-from ..config import ConfigError, ListenerConfig
+from ..config import ConfigError, ListenerConfig, UpstreamConfig
+from ..core.plugins import FrontendGate, Hold, Refuse, Rewrite, Verdict
+from ..core.statement import SqlSyntaxError, Statement
 from ..identity import Identity, TokenError
-from ..policy.classify import SqlSyntaxError
+from ..metrics import ProxyMetrics
 from ..policy.reading import is_lexer_neutral, server_reading
 from ..protocol import errors
 from ..protocol.codec import ProtocolViolation
@@ -50,7 +52,7 @@ from ..protocol.tracker import (
     StatementResult,
     bind_fields_leniently,
 )
-from .gates import FrontendGate, Hold, Refuse, Request, Rewrite, Verdict, rewritten_message, substitute_for_refusal
+from .gates import rewritten_message, substitute_for_refusal
 from .link import Link, LinkClosed
 from .upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 
@@ -395,16 +397,20 @@ class Session:
             raise _Ended()
         self._check_audit()
         verdict: Verdict = None
+        statement: Statement | None = None
         first_gate = 0
         if self._decided is not _UNDECIDED:  # the held request, now decided: later gates still judge it
             verdict, self._decided = self._decided, _UNDECIDED  # type: ignore[assignment]
             first_gate = self._held_gate + 1
         if verdict is None and first_gate < len(self.gates):
-            verdict = self._judge(msg_type, body, first_gate)
+            verdict, statement = self._judge(msg_type, body, first_gate)
             if isinstance(verdict, Hold):
                 self._hold(verdict)
                 return HOLD
-        track(body)
+        if statement is not None:  # read once: the tracker and the audit event use the gates' Statement
+            self.tracker.track_statement(msg_type, body, statement)
+        else:
+            track(body)
         if self.gates:
             self._follow_settings(msg_type, body)
         if verdict is None:
@@ -418,7 +424,7 @@ class Session:
             return substitute
         return None
 
-    def _request(self, msg_type: int, body: memoryview) -> Request:
+    def _request(self, msg_type: int, body: memoryview) -> Statement:
         """The request as gates see it, with its text as the server will read it."""
         tracker = self.tracker
         sql, statement_name, bind_body = tracker.peek(msg_type, body)
@@ -426,32 +432,33 @@ class Session:
             try:
                 reading = server_reading(sql, standard_conforming_strings=tracker.standard_conforming_strings)
             except SqlSyntaxError as exc:
-                return Request(msg_type, sql, statement_name, bind_body, reading_error=exc)
-            return Request(msg_type, sql, statement_name, bind_body, reading if reading != sql else None)
+                return Statement(msg_type, sql, statement_name, bind_body, reading_error=exc)
+            return Statement(msg_type, sql, statement_name, bind_body, reading if reading != sql else None)
         prepared = tracker.readings.get(statement_name or "") if tracker.readings else None
         described = msg_type != 0x45 or tracker.portal_described(body)
-        return Request(msg_type, sql, statement_name, bind_body, prepared, described=described)
+        return Statement(msg_type, sql, statement_name, bind_body, prepared, described=described)
 
-    def _judge(self, msg_type: int, body: memoryview, first_gate: int) -> Verdict:
-        """The first verdict of the gates from ``first_gate`` on (remembering which gate gave it)."""
+    def _judge(self, msg_type: int, body: memoryview, first_gate: int) -> tuple[Verdict, Statement | None]:
+        """The first verdict of the gates from ``first_gate`` on (remembering which gate gave it), and the
+        Statement they judged."""
         if (msg_type in _TEXT_TYPES and not self.tracker.settings_known
                 and not is_lexer_neutral(_statement_bytes(msg_type, body))):
             # An earlier statement may have changed a setting the server reads this text with.
             if self.tracker.settings_will_be_known:  # wait for the server's report
                 self._held_gate = -1  # then every gate judges it
-                return Hold(self._settled())
+                return Hold(self._settled()), None
             return Refuse(errors.error(
                 errors.INSUFFICIENT_PRIVILEGE,
                 "pgproxy cannot read this statement as the server will: an earlier statement in this pipeline "
                 "may have changed standard_conforming_strings or client_encoding",
-                hint="Send a Sync (end the pipeline) before statements with backslashes or non-ASCII text."))
-        request = self._request(msg_type, body)
+                hint="Send a Sync (end the pipeline) before statements with backslashes or non-ASCII text.")), None
+        statement = self._request(msg_type, body)
         for index in range(first_gate, len(self.gates)):
-            verdict = self.gates[index].inspect(self, request)
+            verdict = self.gates[index].inspect(self, statement)
             if verdict is not None:
                 self._held_gate = index
-                return verdict
-        return None
+                return verdict, statement
+        return None, statement
 
     def _follow_settings(self, msg_type: int, body: memoryview) -> None:
         """Note requests that run statements (a later text may need the settings they change); prepared
@@ -509,6 +516,20 @@ class Session:
     def _on_terminate(self, body: memoryview) -> None:
         self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we
         self._client_terminated = True  # that close is the client's doing, not an upstream failure
+
+    # ------------------------------------------------------------ what gates and hooks see (SessionContext)
+
+    @property
+    def upstream_config(self) -> UpstreamConfig:
+        return self.config.upstream
+
+    @property
+    def metrics(self) -> ProxyMetrics:
+        return self.server.metrics
+
+    def emit_audit(self, event: dict[str, Any]) -> None:
+        """Write ``event`` to the audit log as it is (raises AuditUnavailable; ``_audit`` fails closed)."""
+        self.server.audit.emit(event)
 
     def add_backend_hook(self, msg_type: int, hook: MessageHandler, *, first: bool = False) -> None:
         """Let ``hook`` rewrite every backend message of ``msg_type`` (return None to keep it).
@@ -690,7 +711,7 @@ class Session:
                                  "started_at": r.started_at, "duration_ms": r.duration_ms,
                                  "tags": r.tags, "rows": r.rows}
         if self.masking is not None:
-            self.masking.annotate(event, r.sql)
+            self.masking.annotate(event, r)
         bind = bind_fields_leniently(r.bind_body) if r.bind_body is not None else None
         if bind is not None and bind[3]:
             params = bind[3]

@@ -14,9 +14,10 @@ import pytest
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
+from pgproxy.core.plugins import Hold, Refuse
+from pgproxy.core.statement import Statement
 from pgproxy.protocol import errors
 from pgproxy.protocol.messages import NoticeResponse
-from pgproxy.server.gates import Hold, Refuse, Request
 from pgproxy.testing import RunningProxy
 
 MARKER = "forbidden_zone"
@@ -25,7 +26,7 @@ MARKER = "forbidden_zone"
 class MarkerGate:
     """Refuses every statement whose text mentions MARKER."""
 
-    def inspect(self, session: Any, request: Request) -> Refuse | None:
+    def inspect(self, session: Any, request: Statement) -> Refuse | None:
         if MARKER in request.sql:
             return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, f"statement refused: mentions {MARKER}"))
         return None
@@ -117,7 +118,7 @@ class HoldingGate:
         self.held: list[tuple[str, asyncio.Future[Refuse | None]]] = []
         self.arrived = threading.Event()
 
-    def inspect(self, session: Any, request: Request) -> Hold | None:
+    def inspect(self, session: Any, request: Statement) -> Hold | None:
         if HOLD_MARKER not in request.sql or request.kind not in ("query", "execute"):
             return None
         future: asyncio.Future[Refuse | None] = asyncio.get_running_loop().create_future()
@@ -138,7 +139,7 @@ def holding(proxy):  # type: ignore[no-untyped-def]
     gate_box: list[HoldingGate] = []
 
     class Lazy:
-        def inspect(self, session: Any, request: Request) -> Hold | None:
+        def inspect(self, session: Any, request: Statement) -> Hold | None:
             return gate_box[0].inspect(session, request)
 
     running = RunningProxy(parse_config(proxy.config_data, Path.cwd()), audit=MemoryAuditSink(), gates=[Lazy()])

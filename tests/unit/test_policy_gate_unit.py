@@ -11,12 +11,13 @@ import yaml
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import ConfigError
+from pgproxy.core.plugins import Hold, Refuse
+from pgproxy.core.statement import Statement
 from pgproxy.identity import Identity
 from pgproxy.policy.approvals import ApprovalRequest, ApprovalStoreUnavailable
 from pgproxy.policy.gate import PolicyGate
 from pgproxy.policy.rules import parse_policy
 from pgproxy.protocol.messages import Bind, FunctionCall
-from pgproxy.server.gates import Hold, Refuse, Request
 
 POLICY = parse_policy(yaml.safe_load("""
 rules:
@@ -59,7 +60,7 @@ def session(status: str = "I") -> Any:
                         tool_call_id=None, token_id="t", issuer="i", expires_at=0.0, claims=MappingProxyType({}))
     return FakeSession(id="s1", identity=identity, database="app", db_role="r",
                        tracker=SimpleNamespace(transaction_status=status),
-                       server=SimpleNamespace(audit=MemoryAuditSink()))
+                       emit_audit=MemoryAuditSink().emit)
 
 
 def run(verdict: Any) -> Any:
@@ -69,23 +70,23 @@ def run(verdict: Any) -> Any:
 
 def test_only_query_bind_and_function_call_are_judged() -> None:
     gate, s = PolicyGate(POLICY, MemoryStore()), session()
-    assert gate.inspect(s, Request(0x50, "drop table t", "")) is None  # Parse: syntax only
+    assert gate.inspect(s, Statement(0x50, "drop table t", "")) is None  # Parse: syntax only
     bind = Bind("", "", (), (), ()).encode()[5:]
-    assert isinstance(run(gate.inspect(s, Request(0x42, "drop table t", "", bind))), Refuse)
-    assert gate.inspect(s, Request(0x45, "drop table t", "", bind)) is None  # Execute: judged at Bind
-    assert isinstance(run(gate.inspect(s, Request(0x51, "drop table t"))), Refuse)
+    assert isinstance(run(gate.inspect(s, Statement(0x42, "drop table t", "", bind))), Refuse)
+    assert gate.inspect(s, Statement(0x45, "drop table t", "", bind)) is None  # Execute: judged at Bind
+    assert isinstance(run(gate.inspect(s, Statement(0x51, "drop table t"))), Refuse)
 
 
 def test_fast_path_function_call_is_denied() -> None:
     gate, s = PolicyGate(POLICY, MemoryStore()), session()
     oid = FunctionCall(764, (), (), 0).function_oid
-    verdict = gate.inspect(s, Request(0x46, f"<function call oid={oid}>"))
+    verdict = gate.inspect(s, Statement(0x46, f"<function call oid={oid}>"))
     assert isinstance(verdict, Refuse) and verdict.error.sqlstate == "42501"
     assert verdict.error.message == "pgproxy policy no-fastpath: no fast path"
 
 
 def test_syntax_error_at_parse_has_position() -> None:
-    verdict = PolicyGate(POLICY).inspect(session(), Request(0x50, "select 1 frm t where", "s1"))
+    verdict = PolicyGate(POLICY).inspect(session(), Statement(0x50, "select 1 frm t where", "s1"))
     assert isinstance(verdict, Refuse)
     assert verdict.error.sqlstate == "42601" and verdict.error.get("P") == "14"
 
@@ -93,19 +94,19 @@ def test_syntax_error_at_parse_has_position() -> None:
 def test_refuse_mode_with_memory_store() -> None:
     store = MemoryStore()
     gate, s = PolicyGate(POLICY, store), session()
-    first = run(gate.inspect(s, Request(0x51, "drop table t")))
+    first = run(gate.inspect(s, Statement(0x51, "drop table t")))
     assert isinstance(first, Refuse) and first.error.sqlstate == "PXA01"
     (request,) = store.requests.values()
     assert request.id in (first.error.message or "") and request.rule == "approve-drop"
     request.status = "approved"
-    assert run(gate.inspect(s, Request(0x51, "drop table t"))) is None
+    assert run(gate.inspect(s, Statement(0x51, "drop table t"))) is None
     assert request.status == "used"
-    again = run(gate.inspect(s, Request(0x51, "drop table t")))
+    again = run(gate.inspect(s, Statement(0x51, "drop table t")))
     assert isinstance(again, Refuse) and again.error.sqlstate == "PXA01"
 
 
 def test_in_a_transaction_refuse_mode_refuses_with_the_id() -> None:
-    verdict = run(PolicyGate(POLICY, MemoryStore()).inspect(session("T"), Request(0x51, "drop table t")))
+    verdict = run(PolicyGate(POLICY, MemoryStore()).inspect(session("T"), Statement(0x51, "drop table t")))
     assert isinstance(verdict, Refuse) and verdict.error.sqlstate == "PXA01"
     message = verdict.error.get("M") or ""
     assert message.startswith("approval apr_") and "roll back this transaction" in message
@@ -114,7 +115,7 @@ def test_in_a_transaction_refuse_mode_refuses_with_the_id() -> None:
 def test_in_a_transaction_hold_when_the_rule_says_so() -> None:
     policy = parse_policy(yaml.safe_load(
         "rules: [{name: a, match: {}, action: approve, approvers: [dba], in_transaction: hold}]"))
-    verdict = PolicyGate(policy, MemoryStore()).inspect(session("T"), Request(0x51, "drop table t"))
+    verdict = PolicyGate(policy, MemoryStore()).inspect(session("T"), Statement(0x51, "drop table t"))
     assert isinstance(verdict, Hold) and verdict.notice is not None
     assert (verdict.notice.get("M") or "").startswith("waiting for approval apr_")
     verdict.decision.close()  # type: ignore[attr-defined]
@@ -126,12 +127,12 @@ def test_in_a_transaction_hold_when_the_rule_says_so() -> None:
 
 
 def test_store_unavailable_fails_closed() -> None:
-    verdict = run(PolicyGate(POLICY, MemoryStore(fail=True)).inspect(session(), Request(0x51, "drop table t")))
+    verdict = run(PolicyGate(POLICY, MemoryStore(fail=True)).inspect(session(), Statement(0x51, "drop table t")))
     assert isinstance(verdict, Refuse) and verdict.error.sqlstate == "57P03"
-    assert isinstance(PolicyGate(POLICY, None).inspect(session(), Request(0x51, "drop table t")), Refuse)
+    assert isinstance(PolicyGate(POLICY, None).inspect(session(), Statement(0x51, "drop table t")), Refuse)
 
 
 def test_decisions_are_cached_per_session() -> None:
     gate, s = PolicyGate(POLICY), session()
-    assert gate.inspect(s, Request(0x51, "select 1")) is None
+    assert gate.inspect(s, Statement(0x51, "select 1")) is None
     assert "select 1" in gate._decisions[s]
