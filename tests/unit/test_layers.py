@@ -47,4 +47,4 @@ def test_an_upward_import_breaks_the_layers(tmp_path: Path, capsys: pytest.Captu
     out = capsys.readouterr().out
     assert status == 1
     assert "BROKEN" in out
-    assert "pgproxy.policy.gate -> pgproxy.server.gates" in out
+    assert "pgproxy.audit.replay -> pgproxy.server.upstream" in out
