@@ -2,7 +2,9 @@
 
 ``Masking`` is built once per proxy from the ``masking:`` config section; it is a FrontendGate (the last
 one, after policy) and attaches a ``SessionMasking`` to each session whose identity has masking rules.
-Rewrites are cached per (catalog version, rule set, statement text); the catalog is read per database
+Plans (rewrite, refuse or pass) are cached per (catalog version, rule set, statement text), and those that
+pass the text unchanged also per shape (the text with its constants taken out: the rewrite check never
+reads a constant's value), so statements with new literals are not parsed again; the catalog is read per database
 when first needed (the statement waits for it, the stream is held) and again after DDL run through
 the proxy or every ``catalog_refresh_seconds``. Never lets a statement of a masked identity through
 without a rewrite check, and never records rewritten text (it carries mask expressions) in the audit log.
@@ -14,14 +16,15 @@ import asyncio
 import functools
 import logging
 import time
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from cachetools import LRUCache
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..policy.classify import SqlSyntaxError, classify
 from ..policy.reading import unparsed_error
+from ..policy.shape import statement_shape
 from ..protocol import errors
 from ..protocol.messages import RowDescription
 from ..protocol.tracker import Kind
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REWRITE_CACHE_SIZE = 4096
+SCHEMA_CACHE_SIZE = 256
 _QUERY, _PARSE, _EXECUTE, _FUNCTION = 0x51, 0x50, 0x45, 0x46
 
 
@@ -64,8 +68,10 @@ class Masking:
         self.catalogs = CatalogCache(config.catalog_refresh_seconds,
                                      {(r.schema, r.table) for r in self.rules.rules})
         self.roles = RoleCheck(config.catalog_refresh_seconds)
-        self._schemas: dict[tuple[int, tuple[str, ...]], MaskedSchema] = {}
-        self._rewrites: OrderedDict[tuple[int, tuple[str, ...], str], Rewritten] = OrderedDict()
+        self._schemas: LRUCache[tuple[int, tuple[str, ...]], MaskedSchema] = LRUCache(maxsize=SCHEMA_CACHE_SIZE)
+        # (catalog version, rule set, statement text or shape) -> the plan
+        self._rewrites: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
+        self._by_shape: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
 
     async def aclose(self) -> None:
         """Close the catalog cache's kept connections when the proxy shuts down."""
@@ -105,21 +111,27 @@ class Masking:
         key = (catalog.version, tuple(r.where for r in rules))
         schema = self._schemas.get(key)
         if schema is None:
-            if len(self._schemas) > 256:
-                self._schemas.clear()
             schema = self._schemas[key] = resolve(catalog, rules, self.key)
         return schema
 
     def rewrite(self, schema: MaskedSchema, rules_key: tuple[str, ...], sql: str) -> Rewritten:
-        key = (schema.catalog.version, rules_key, sql)
-        cached = self._rewrites.get(key)
-        if cached is not None:
-            self._rewrites.move_to_end(key)
-            return cached
-        result = rewrite(sql, schema)
+        """The plan for ``sql`` under ``schema`` (cached by text, and by shape when it passes the text)."""
+        version = schema.catalog.version
+        key = (version, rules_key, sql)
+        result = self._rewrites.get(key)
+        if result is not None:
+            return result
+        shape = statement_shape(sql)
+        if shape is not None:
+            result = self._by_shape.get((version, rules_key, shape))
+        if result is None:
+            result = rewrite(sql, schema)
+            # Only a plan that sends the text as it is holds for every text of the shape (a rewritten text
+            # carries the statement's own constants). A text with a shape parses, so this is never the
+            # pass given to a text the parser cannot read.
+            if shape is not None and result.sql is None:
+                self._by_shape[(version, rules_key, shape)] = result
         self._rewrites[key] = result
-        if len(self._rewrites) > REWRITE_CACHE_SIZE:
-            self._rewrites.popitem(last=False)
         return result
 
     def cached(self, catalog_version: int, rules_key: tuple[str, ...], sql: str) -> Rewritten | None:

@@ -41,14 +41,16 @@ A string that does not parse raises :class:`SqlSyntaxError` with the parser's me
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cachetools import LRUCache
 from pglast import ast, parse_sql
 from pglast.enums.parsenodes import VariableSetKind
 from pglast.parser import ParseError
+
+from .shape import statement_shape
 
 CLASSES = frozenset({
     "read", "write", "ddl", "dcl", "destructive", "session", "transaction", "copy_in", "copy_out",
@@ -162,8 +164,9 @@ def is_dangerous_function(name: str) -> bool:
     return base in DANGEROUS_FUNCTIONS or base.startswith(DANGEROUS_PREFIXES)
 
 
-def _always_true(where: Any) -> bool:
-    """WHERE true, WHERE 1=1, WHERE 'a'='a': a filter that keeps every row."""
+def _always_true(where: Any) -> bool | None:
+    """WHERE true, WHERE 1=1, WHERE 'a'='a': a filter that keeps every row. None when the filter does not
+    depend on a constant's value (so it keeps rows by what they hold); False or True when it does."""
     if isinstance(where, ast.A_Const):
         return isinstance(where.val, ast.Boolean) and bool(where.val.boolval)
     if isinstance(where, ast.TypeCast):
@@ -172,7 +175,7 @@ def _always_true(where: Any) -> bool:
         left, right = where.lexpr, where.rexpr
         if isinstance(left, ast.A_Const) and isinstance(right, ast.A_Const):
             return repr(left.val) == repr(right.val)
-    return False
+    return None
 
 
 _SLOTS: dict[type, tuple[str, ...]] = {}
@@ -214,6 +217,9 @@ class _Walker:
         self.functions: list[str] = []
         self.reasons: list[str] = []
         self.ctes: set[str] = set()
+        # Whether the result depends on a constant's value (not only on the statement's shape): then it
+        # is not cached by shape (see ``classify``).
+        self.reads_constants = False
 
     def add(self, cls: str, reason: str | None = None) -> None:
         self.classes.add(cls)
@@ -245,12 +251,12 @@ class _Walker:
         elif isinstance(node, ast.UpdateStmt):
             target = _relname(node.relation)
             self.add("write", f"UPDATE of {target}")
-            if node.whereClause is None or _always_true(node.whereClause):
+            if self._keeps_every_row(node.whereClause):
                 self.add("destructive", f"UPDATE without WHERE on {target}")
         elif isinstance(node, ast.DeleteStmt):
             target = _relname(node.relation)
             self.add("write", f"DELETE from {target}")
-            if node.whereClause is None or _always_true(node.whereClause):
+            if self._keeps_every_row(node.whereClause):
                 self.add("destructive", f"DELETE without WHERE on {target}")
         elif isinstance(node, ast.MergeStmt):
             self.add("write", f"MERGE into {_relname(node.relation)}")
@@ -263,12 +269,24 @@ class _Walker:
             if node.intoClause is not None:
                 self.tables.append(_relname(node.intoClause.rel))
 
+    def _keeps_every_row(self, where: Any) -> bool:
+        """No WHERE, or a constant-true one (noting that the answer read a constant)."""
+        if where is None:
+            return True
+        verdict = _always_true(where)
+        if verdict is None:
+            return False
+        self.reads_constants = True
+        return verdict
+
     def statement(self, stmt: Any) -> str:
         """Classify the top-level statement ``stmt``; returns its node name."""
         kind = type(stmt).__name__
         if isinstance(stmt, ast.ExplainStmt):
-            analyze = any(isinstance(o, ast.DefElem) and o.defname == "analyze"
-                          and (o.arg is None or _truthy(o.arg)) for o in stmt.options or ())
+            options = [o for o in stmt.options or () if isinstance(o, ast.DefElem) and o.defname == "analyze"]
+            if any(o.arg is not None for o in options):
+                self.reads_constants = True  # ANALYZE 'off', ANALYZE 0
+            analyze = any(o.arg is None or _truthy(o.arg) for o in options)
             self.add("explain")
             if analyze:
                 self.reasons.append("EXPLAIN ANALYZE runs the statement")
@@ -352,6 +370,8 @@ class _Walker:
             self.add("utility")
 
     def _copy(self, stmt: ast.CopyStmt) -> None:
+        if stmt.filename is not None:
+            self.reads_constants = True  # the reasons name the file or the program
         target = _relname(stmt.relation) if stmt.relation is not None else "a query"
         if stmt.is_from:
             self.add("copy_in")
@@ -413,27 +433,73 @@ def _statement_text(sql: str, raw: ast.RawStmt) -> str:
     return sql[start:start + length].strip()
 
 
-@functools.lru_cache(maxsize=4096)
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """The classification of every single statement of one shape, without its text."""
+
+    info: StatementInfo  # its sql is the text of the statement it was made from
+    start: int  # where the statement begins: the text before it holds no constant, so it is the same
+    tail: int  # characters after its end (the semicolon, comments): the same for every text of the shape
+
+    def bind(self, sql: str) -> Classification:
+        i = self.info
+        info = StatementInfo(sql[self.start:len(sql) - self.tail].strip(), i.node, i.classes, i.tables, i.columns,
+                             i.functions, i.reasons)
+        return Classification((info,), info.classes, info.tables, info.columns, info.functions, info.reasons)
+
+
+CACHED = 4096  # classifications by text, and by shape
+_READS_CONSTANTS = False  # cached by shape: this shape's classification depends on its constants
+_by_text: LRUCache[str, Classification] = LRUCache(maxsize=CACHED)
+_by_shape: LRUCache[str, _Template | bool] = LRUCache(maxsize=CACHED)
+
+
 def classify(sql: str) -> Classification:
-    """Classify ``sql`` (cached by text); raises SqlSyntaxError when it does not parse."""
+    """Classify ``sql``; raises SqlSyntaxError when it does not parse.
+
+    Cached by text, and by shape (``statement_shape``: the text with its constants taken out) for a single
+    statement whose classification never read a constant's value, so new literals do not parse again. A
+    shape whose classification did read one (``DELETE ... WHERE 1 = 1``, ``EXPLAIN (ANALYZE 'on')``,
+    ``COPY ... PROGRAM 'cmd'``) is parsed and classified in full for every text.
+    """
+    found = _by_text.get(sql)
+    if found is not None:
+        return found
+    shape = statement_shape(sql)
+    template = _by_shape.get(shape) if shape is not None else None
+    if isinstance(template, _Template):
+        found = template.bind(sql)
+    else:
+        found, made = _classify_text(sql)
+        if shape is not None and template is None:
+            _by_shape[shape] = made if made is not None else _READS_CONSTANTS
+    _by_text[sql] = found
+    return found
+
+
+def _classify_text(sql: str) -> tuple[Classification, _Template | None]:
+    """Parse and classify ``sql``; with the template of its shape when that classification holds for every
+    text of the shape (one statement, no constant's value read)."""
     try:
         raws = parse_sql(sql)
     except ParseError as exc:
         raise _syntax_error(sql, exc) from None
     multi = len(raws) > 1
     infos = []
+    reads_constants = False
     for raw in raws:
         w = _Walker()
         node = w.statement(raw.stmt)
         if multi:
             w.add("multi_statement")
+        reads_constants = reads_constants or w.reads_constants
         tables = [t for t in w.tables if "." in t or t not in w.ctes]
         infos.append(StatementInfo(_statement_text(sql, raw), node, frozenset(w.classes), _uniq(tables),
                                    _uniq(w.columns), _uniq(w.functions), _uniq(w.reasons)))
     reasons = [r for i in infos for r in i.reasons]
     if multi:
         reasons.append(f"{len(infos)} statements in one string")
-    return Classification(
+    classification = Classification(
         statements=tuple(infos),
         classes=frozenset().union(*(i.classes for i in infos)) if infos else frozenset(),
         tables=_uniq([t for i in infos for t in i.tables]),
@@ -441,3 +507,8 @@ def classify(sql: str) -> Classification:
         functions=_uniq([f for i in infos for f in i.functions]),
         reasons=_uniq(reasons),
     )
+    if len(raws) != 1 or reads_constants:
+        return classification, None
+    start = raws[0].stmt_location or 0
+    end = start + raws[0].stmt_len if raws[0].stmt_len else len(sql)
+    return classification, _Template(infos[0], start, len(sql) - end)
