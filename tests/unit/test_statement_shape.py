@@ -61,7 +61,7 @@ def test_a_constant_that_decides_the_class_is_seen_through_the_shape_cache(first
 
 def test_the_statement_text_is_the_new_one() -> None:
     """A classification reused by shape records the text that was sent, not the one first classified."""
-    first = _fresh("/* note */ UPDATE {t} SET a = 'x' WHERE id = 5 ;  -- trailing")
+    first = _fresh("/* é€ note */ UPDATE {t} SET a = 'x' WHERE id = 5 ;  -- trailing ü")
     second = first.replace("'x'", "'ü€ longer'").replace("= 5", "= 123456")
     assert statement_shape(first) == statement_shape(second)
     classify(first)
