@@ -22,9 +22,8 @@ import asyncpg
 from cachetools import LRUCache
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
-from ..policy.classify import SqlSyntaxError, classify
+from ..policy.classify import SqlSyntaxError, analyse, classify
 from ..policy.reading import unparsed_error
-from ..policy.shape import statement_shape
 from ..protocol import errors
 from ..protocol.messages import RowDescription
 from ..protocol.tracker import Kind
@@ -115,27 +114,33 @@ class Masking:
         return schema
 
     def rewrite(self, schema: MaskedSchema, rules_key: tuple[str, ...], sql: str) -> Rewritten:
-        """The plan for ``sql`` under ``schema`` (cached by text, and by shape when it passes the text)."""
+        """The plan for ``sql`` under ``schema``: cached by shape when it sends the text unchanged (a
+        rewritten text carries the statement's own constants), else by text."""
         version = schema.catalog.version
-        key = (version, rules_key, sql)
-        result = self._rewrites.get(key)
+        result = self._rewrites.get((version, rules_key, sql))
         if result is not None:
             return result
-        shape = statement_shape(sql)
+        shape = _shape(sql)
         if shape is not None:
             result = self._by_shape.get((version, rules_key, shape))
-        if result is None:
-            result = rewrite(sql, schema)
-            # Only a plan that sends the text as it is holds for every text of the shape (a rewritten text
-            # carries the statement's own constants). A text with a shape parses, so this is never the
-            # pass given to a text the parser cannot read.
-            if shape is not None and result.sql is None:
-                self._by_shape[(version, rules_key, shape)] = result
-        self._rewrites[key] = result
+            if result is not None:
+                return result
+        result = rewrite(sql, schema)
+        if shape is not None and result.sql is None:
+            # A text with a shape parses, so this is never the pass given to a text the parser cannot read.
+            self._by_shape[(version, rules_key, shape)] = result
+        else:
+            self._rewrites[(version, rules_key, sql)] = result
         return result
 
     def cached(self, catalog_version: int, rules_key: tuple[str, ...], sql: str) -> Rewritten | None:
-        return self._rewrites.get((catalog_version, rules_key, sql))
+        """The plan ``rewrite`` made for ``sql``, if it is still cached."""
+        result = self._rewrites.get((catalog_version, rules_key, sql))
+        if result is None:
+            shape = _shape(sql)
+            if shape is not None:
+                result = self._by_shape.get((catalog_version, rules_key, shape))
+        return result
 
 
 class SessionMasking:
@@ -306,6 +311,14 @@ class SessionMasking:
         if result.sql is None:
             return None
         return Rewrite(result.sql)
+
+
+def _shape(sql: str) -> str | None:
+    """The statement's shape (None for a text the proxy cannot parse: the rewrite leaves it to the server)."""
+    try:
+        return analyse(sql).shape
+    except SqlSyntaxError:
+        return None
 
 
 def _masked_names(schema: MaskedSchema, qualified: str) -> frozenset[str]:

@@ -448,16 +448,29 @@ class _Template:
         return Classification((info,), info.classes, info.tables, info.columns, info.functions, info.reasons)
 
 
-CACHED = 4096  # classifications by text, and by shape
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the proxy reads from one statement text, once for all its consumers."""
+
+    shape: str | None  # ``statement_shape``: the key of analyses that hold for new literals
+    classification: Classification
+
+
+CACHED = 4096  # analyses by text, and classifications by shape
 _READS_CONSTANTS = False  # cached by shape: this shape's classification depends on its constants
-_by_text: LRUCache[str, Classification] = LRUCache(maxsize=CACHED)
+_by_text: LRUCache[str, Analysis] = LRUCache(maxsize=CACHED)
 _by_shape: LRUCache[str, _Template | bool] = LRUCache(maxsize=CACHED)
 
 
 def classify(sql: str) -> Classification:
-    """Classify ``sql``; raises SqlSyntaxError when it does not parse.
+    """Classify ``sql``; raises SqlSyntaxError when it does not parse."""
+    return analyse(sql).classification
 
-    Cached by text, and by shape (``statement_shape``: the text with its constants taken out) for a single
+
+def analyse(sql: str) -> Analysis:
+    """The shape and classification of ``sql``; raises SqlSyntaxError when it does not parse.
+
+    Cached by text, and the classification by shape (the text with its constants taken out) for a single
     statement whose classification never read a constant's value, so new literals do not parse again. A
     shape whose classification did read one (``DELETE ... WHERE 1 = 1``, ``EXPLAIN (ANALYZE 'on')``,
     ``COPY ... PROGRAM 'cmd'``) is parsed and classified in full for every text.
@@ -468,12 +481,12 @@ def classify(sql: str) -> Classification:
     shape = statement_shape(sql)
     template = _by_shape.get(shape) if shape is not None else None
     if isinstance(template, _Template):
-        found = template.bind(sql)
+        classification = template.bind(sql)
     else:
-        found, made = _classify_text(sql)
+        classification, made = _classify_text(sql)
         if shape is not None and template is None:
             _by_shape[shape] = made if made is not None else _READS_CONSTANTS
-    _by_text[sql] = found
+    found = _by_text[sql] = Analysis(shape, classification)
     return found
 
 
