@@ -22,8 +22,9 @@ import asyncpg
 from cachetools import LRUCache
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
-from ..policy.classify import SqlSyntaxError, analyse, classify
+from ..policy.classify import SqlSyntaxError, analyse, analysed, classify
 from ..policy.reading import unparsed_error
+from ..policy.shape import statement_shape
 from ..protocol import errors
 from ..protocol.messages import RowDescription
 from ..protocol.tracker import Kind
@@ -134,10 +135,11 @@ class Masking:
         return result
 
     def cached(self, catalog_version: int, rules_key: tuple[str, ...], sql: str) -> Rewritten | None:
-        """The plan ``rewrite`` made for ``sql``, if it is still cached."""
+        """The plan ``rewrite`` made for ``sql``, if it is still cached (never parses into a tree)."""
         result = self._rewrites.get((catalog_version, rules_key, sql))
         if result is None:
-            shape = _shape(sql)
+            analysis = analysed(sql)
+            shape = analysis.shape if analysis is not None else statement_shape(sql)
             if shape is not None:
                 result = self._by_shape.get((catalog_version, rules_key, shape))
         return result

@@ -490,6 +490,11 @@ def analyse(sql: str) -> Analysis:
     return found
 
 
+def analysed(sql: str) -> Analysis | None:
+    """The cached analysis of ``sql``, None when there is none (never parses)."""
+    return _by_text.get(sql)
+
+
 def _classify_text(sql: str) -> tuple[Classification, _Template | None]:
     """Parse and classify ``sql``; with the template of its shape when that classification holds for every
     text of the shape (one statement, no constant's value read)."""

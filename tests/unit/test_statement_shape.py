@@ -231,3 +231,19 @@ def test_shapes_of_the_pgbench_statements_hit() -> None:
         shapes = {statement_shape(template.format(*values))
                   for values in itertools.islice(itertools.product(range(1, 4), repeat=4), 20)}
         assert len(shapes) == 1 and None not in shapes
+
+
+def test_the_plan_of_a_statement_is_found_again_for_its_audit_record() -> None:
+    """``cached`` (what the statement's audit record and result count read) finds a plan reused by shape,
+    and only for the catalog version and rule set it was made for."""
+    engine, schema, key = _schema()
+    version = schema.catalog.version
+    engine.rewrite(schema, key, "SELECT note FROM accounts WHERE aid = '10'")
+    reused = engine.rewrite(schema, key, "SELECT note FROM accounts WHERE aid = '11'")
+    assert engine.cached(version, key, "SELECT note FROM accounts WHERE aid = '11'") is reused
+    assert engine.cached(version, key, "SELECT note FROM accounts WHERE aid = '12'") is reused  # same shape
+    rewritten = engine.rewrite(schema, key, "SELECT email FROM customers WHERE id = '10'")
+    assert engine.cached(version, key, "SELECT email FROM customers WHERE id = '10'") is rewritten
+    assert engine.cached(version, key, "SELECT email FROM customers WHERE id = '11'") is None  # never planned
+    assert engine.cached(version + 1, key, "SELECT note FROM accounts WHERE aid = '11'") is None
+    assert engine.cached(version, key, "SELECT 1 +") is None
