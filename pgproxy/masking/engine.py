@@ -2,11 +2,11 @@
 
 ``Masking`` is built once per proxy from the ``masking:`` config section; it is a FrontendGate (the last
 one, after policy) and attaches a ``SessionMasking`` to each session whose identity has masking rules.
-Plans (rewrite, refuse or pass) are cached per (catalog version, rule set, statement text), and those that
-pass the text unchanged also per shape (the text with its constants taken out: the rewrite check never
-reads a constant's value), so statements with new literals are not parsed again; the catalog is read per database
-when first needed (the statement waits for it, the stream is held) and again after DDL run through
-the proxy or every ``catalog_refresh_seconds``. Never lets a statement of a masked identity through
+Plans (rewrite, refuse or pass) are cached per catalog version and rule set: those that send the text
+unchanged by the statement's shape (its text with the constants taken out: the rewrite check never reads a
+constant's value), so statements with new literals are not parsed again, the others by text. The catalog
+is read per database when first needed (the statement waits for it, the stream is held) and again after
+DDL run through the proxy or every ``catalog_refresh_seconds``. Never lets a statement of a masked identity through
 without a rewrite check, and never records rewritten text (it carries mask expressions) in the audit log.
 """
 
@@ -69,7 +69,8 @@ class Masking:
                                      {(r.schema, r.table) for r in self.rules.rules})
         self.roles = RoleCheck(config.catalog_refresh_seconds)
         self._schemas: LRUCache[tuple[int, tuple[str, ...]], MaskedSchema] = LRUCache(maxsize=SCHEMA_CACHE_SIZE)
-        # (catalog version, rule set, statement text or shape) -> the plan
+        # (catalog version, rule set, statement text) -> a plan that rewrites, or of a text without a shape;
+        # (catalog version, rule set, shape) -> a plan that sends the text unchanged (or refuses it)
         self._rewrites: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
         self._by_shape: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
 

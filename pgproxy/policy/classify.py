@@ -37,6 +37,10 @@ pglast cannot parse (its grammar is not exactly the server's) gets the class ``u
 
 A string that does not parse raises :class:`SqlSyntaxError` with the parser's message and the
 1-based character position PostgreSQL itself reports.
+
+:func:`analyse` (which ``classify`` reads) is cached by text and by shape (``shape.statement_shape``), so
+statements that differ only in their literals are parsed once; see its docstring for what is never
+reused across texts.
 """
 
 from __future__ import annotations
