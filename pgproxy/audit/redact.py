@@ -1,7 +1,8 @@
 """Secret detectors: replace obvious secrets in recorded SQL and parameters with ``[redacted:kind]``.
 
 Applied by the audit emitter (``events.AuditEmitter``) to every string of every event, in every sink,
-before it is stored. One combined pre-check keeps the common case (no secret) to a single regex search.
+before it is stored. One combined pre-check keeps the common case (no secret) to a few substring tests
+(ASCII text) or a single regex search (any other text).
 """
 
 from __future__ import annotations
@@ -9,8 +10,12 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from cachetools import LRUCache
+
+# Every detector's match holds one of these, in any case: text without any of them holds no secret.
+_KEYWORDS = ("password", "private key", "eyj", "akia", "asia", "bearer", "secret")
 # The lookahead lets the engine skip positions that cannot start a keyword (about 5x faster on 1 KB).
-_PRECHECK = re.compile(r"(?=[peabs])(?:password|private key|eyJ|AKIA|ASIA|bearer|secret)", re.IGNORECASE)
+_PRECHECK = re.compile(f"(?=[{''.join(sorted({k[0] for k in _KEYWORDS}))}])(?:{'|'.join(_KEYWORDS)})", re.IGNORECASE)
 
 _DETECTORS: tuple[tuple[str, re.Pattern[str], int], ...] = (
     # ALTER/CREATE ROLE|USER ... [ENCRYPTED] PASSWORD '...': keep the keyword, replace the literal.
@@ -29,9 +34,18 @@ _DETECTORS: tuple[tuple[str, re.Pattern[str], int], ...] = (
 _MIN_SECRET_CHARS = 11
 
 
+def may_hold_secret(text: str) -> bool:
+    """Whether ``text`` holds a detector's keyword (in any case). For ASCII text, substring tests of its
+    lowercase form (several times faster than the regex, and the same answer); the regex otherwise, whose
+    case-insensitive matching also knows the non-ASCII letters that match an ASCII one."""
+    if text.isascii():
+        return any(map(text.lower().__contains__, _KEYWORDS))  # all in C: no generator
+    return _PRECHECK.search(text) is not None
+
+
 def redact_text(text: str) -> str:
     """``text`` with every detected secret replaced; the same object when nothing was found."""
-    if len(text) < _MIN_SECRET_CHARS or not _PRECHECK.search(text):
+    if len(text) < _MIN_SECRET_CHARS or not may_hold_secret(text):
         return text
     for kind, pattern, keep in _DETECTORS:
         replacement = f"[redacted:{kind}]"
@@ -40,18 +54,19 @@ def redact_text(text: str) -> str:
     return text
 
 
-_SQL_CACHE: dict[str, str] = {}  # statement text -> redacted text: the same statements recur
-_SQL_CACHE_LIMIT = 1024
+# Statement text -> redacted text, for recurring statements the regex pre-check reads (not ASCII); ASCII
+# text is checked faster than a cache is kept.
+_SQL_CACHE: LRUCache[str, str] = LRUCache(maxsize=1024)
 _SQL_CACHE_MAX_CHARS = 4096
 
 
 def _redact_sql(sql: str) -> str:
+    if sql.isascii():
+        return redact_text(sql)
     redacted = _SQL_CACHE.get(sql)
     if redacted is None:
         redacted = redact_text(sql)
         if len(sql) <= _SQL_CACHE_MAX_CHARS:
-            if len(_SQL_CACHE) >= _SQL_CACHE_LIMIT:
-                _SQL_CACHE.clear()
             _SQL_CACHE[sql] = redacted
     return redacted
 

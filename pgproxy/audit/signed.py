@@ -22,6 +22,7 @@ import os
 import secrets
 import socket
 import time
+from binascii import hexlify
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,7 @@ class SignedAuditLog:
             self.log_id = secrets.token_hex(16)
             self._write_file(directory / META_FILE, canonical(
                 {"format": LOG_FORMAT, "log_id": self.log_id, "created_ms": int(time.time() * 1000)}) + b"\n")
-            self._prev = genesis_hash(self.log_id)
+            self._prev = genesis_hash(self.log_id).encode("ascii")
         self._written = self._tree.size
         self._cp_fd = os.open(directory / CHECKPOINTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
 
@@ -172,7 +173,7 @@ class SignedAuditLog:
                                    "(after a crash before the first checkpoint: check the records, then move "
                                    "the directory aside)")
         self._tree = final_tree(report)
-        self._prev = report.last_hash or genesis_hash(self.log_id)
+        self._prev = (report.last_hash or genesis_hash(self.log_id)).encode("ascii")
         if report.last_line is not None:
             line = report.last_line
             self._last_line = (segment_first(line.path), line.offset, len(line.data))
@@ -218,11 +219,12 @@ class SignedAuditLog:
         """``emit`` with the event already encoded (canonical JSON)."""
         if self._closed:
             raise AuditUnavailable("audit log is closed")
-        # Canonical JSON sorts "event" < "prev" < "seq": these are the bytes of canonical(record).
-        line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev.encode("ascii"), self._tree.size)
+        # Canonical JSON sorts "event" < "prev" < "seq": these are the bytes of canonical(record), built
+        # around the event's encoding (never encoded again) and hashed once.
+        line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev, self._tree.size)
         h = leaf_hash(line)
         self._tree.append(h)
-        self._prev = h.hex()
+        self._prev = hexlify(h)  # the record's hash as the next record's "prev" (hex, ASCII bytes)
         self._pending.append(line)
         if event.get("event") == "session_end" or self._tree.size - self._cp_size >= self._every_records:
             self._checkpoint_due = True

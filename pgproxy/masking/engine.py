@@ -2,9 +2,11 @@
 
 ``Masking`` is built once per proxy from the ``masking:`` config section; it is a FrontendGate (the last
 one, after policy) and attaches a ``SessionMasking`` to each session whose identity has masking rules.
-Rewrites are cached per (catalog version, rule set, statement text); the catalog is read per database
-when first needed (the statement waits for it, the stream is held) and again after DDL run through
-the proxy or every ``catalog_refresh_seconds``. Never lets a statement of a masked identity through
+Plans (rewrite, refuse or pass) are cached per catalog version and rule set: those that send the text
+unchanged by the statement's shape (its text with the constants taken out: the rewrite check never reads a
+constant's value), so statements with new literals are not parsed again, the others by text. The catalog
+is read per database when first needed (the statement waits for it, the stream is held) and again after
+DDL run through the proxy or every ``catalog_refresh_seconds``. Never lets a statement of a masked identity through
 without a rewrite check, and never records rewritten text (it carries mask expressions) in the audit log.
 """
 
@@ -15,16 +17,17 @@ import functools
 import logging
 import time
 import weakref
-from collections import OrderedDict
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
+from cachetools import LRUCache
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..core.plugins import Hold, Refuse, Rewrite, SessionContext, Verdict
 from ..core.statement import SqlSyntaxError, Statement
-from ..policy.classify import classify_statement
+from ..policy.classify import analyse_statement, analysed, classify_statement
 from ..policy.reading import unparsed_error
+from ..policy.shape import statement_shape
 from ..protocol import errors
 from ..protocol.messages import RowDescription
 from ..protocol.tracker import Kind, StatementResult
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 REWRITE_CACHE_SIZE = 4096
+SCHEMA_CACHE_SIZE = 256
 _QUERY, _PARSE, _EXECUTE, _FUNCTION = 0x51, 0x50, 0x45, 0x46
 
 
@@ -67,8 +71,11 @@ class Masking:
         self.catalogs = CatalogCache(config.catalog_refresh_seconds,
                                      {(r.schema, r.table) for r in self.rules.rules})
         self.roles = RoleCheck(config.catalog_refresh_seconds)
-        self._schemas: dict[tuple[int, tuple[str, ...]], MaskedSchema] = {}
-        self._rewrites: OrderedDict[tuple[int, tuple[str, ...], str], Rewritten] = OrderedDict()
+        self._schemas: LRUCache[tuple[int, tuple[str, ...]], MaskedSchema] = LRUCache(maxsize=SCHEMA_CACHE_SIZE)
+        # (catalog version, rule set, statement text) -> a plan that rewrites, or of a text without a shape;
+        # (catalog version, rule set, shape) -> a plan that sends the text unchanged (or refuses it)
+        self._rewrites: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
+        self._by_shape: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
         self._attached: weakref.WeakKeyDictionary[Session, SessionMasking] = weakref.WeakKeyDictionary()
 
     async def aclose(self) -> None:
@@ -109,31 +116,45 @@ class Masking:
         key = (catalog.version, tuple(r.where for r in rules))
         schema = self._schemas.get(key)
         if schema is None:
-            if len(self._schemas) > 256:
-                self._schemas.clear()
             schema = self._schemas[key] = resolve(catalog, rules, self.key)
         return schema
 
-    def rewrite(self, schema: MaskedSchema, rules_key: tuple[str, ...], statement: Statement) -> Rewritten:
-        """The rewrite of the text the server reads, cached; a statement that does not parse is left to the server."""
+    def rewrite(self, schema: MaskedSchema, rules_key: tuple[str, ...], statement: Statement | str) -> Rewritten:
+        """The plan for the text the server reads under ``schema``: cached by shape when it sends the text
+        unchanged (a rewritten text carries the statement's own constants), else by text. A parse it needs
+        is the statement's own (the rewrite takes it over: it changes the tree)."""
+        if isinstance(statement, str):
+            statement = Statement(_QUERY, statement)
         sql = statement.server_text()
-        key = (schema.catalog.version, rules_key, sql)
-        cached = self._rewrites.get(key)
-        if cached is not None:
-            self._rewrites.move_to_end(key)
-            return cached
+        version = schema.catalog.version
+        result = self._rewrites.get((version, rules_key, sql))
+        if result is not None:
+            return result
         try:
-            tree = statement.take_tree()  # the rewrite changes the tree it is given
-        except SqlSyntaxError:
+            shape = analyse_statement(statement).shape
+        except SqlSyntaxError:  # left to the server (the gates refuse what they cannot read)
             return Rewritten(None)
-        result = rewrite_tree(tree, schema)
-        self._rewrites[key] = result
-        if len(self._rewrites) > REWRITE_CACHE_SIZE:
-            self._rewrites.popitem(last=False)
+        if shape is not None:
+            result = self._by_shape.get((version, rules_key, shape))
+            if result is not None:
+                return result
+        result = rewrite_tree(statement.take_tree(), schema)
+        if shape is not None and result.sql is None:
+            # A text with a shape parses, so this is never the pass given to a text the parser cannot read.
+            self._by_shape[(version, rules_key, shape)] = result
+        else:
+            self._rewrites[(version, rules_key, sql)] = result
         return result
 
     def cached(self, catalog_version: int, rules_key: tuple[str, ...], sql: str) -> Rewritten | None:
-        return self._rewrites.get((catalog_version, rules_key, sql))
+        """The plan ``rewrite`` made for ``sql``, if it is still cached (never parses into a tree)."""
+        result = self._rewrites.get((catalog_version, rules_key, sql))
+        if result is None:
+            analysis = analysed(sql)
+            shape = analysis.shape if analysis is not None else statement_shape(sql)
+            if shape is not None:
+                result = self._by_shape.get((catalog_version, rules_key, shape))
+        return result
 
 
 class SessionMasking:

@@ -14,7 +14,10 @@ operators, EXPLAIN and CREATE VIEW/RULE/MATERIALIZED VIEW over masked
 relations (their output would show the mask expressions, including keyed-hash pads), ambiguous
 unqualified names, views whose definitions could not be analysed.
 
-Pure functions over pglast trees; results are cached by the caller per statement text and schema.
+Pure functions over pglast trees; results are cached by the caller per statement text and schema, and a
+result that sends the text unchanged per statement shape (its text with the constants taken out). That is
+sound because nothing here reads a constant's value: what is refused, wrapped or passed depends on names
+(relations, columns, functions, operators) and the statement's structure only. Keep it so.
 """
 
 from __future__ import annotations

@@ -37,11 +37,15 @@ pglast cannot parse (its grammar is not exactly the server's) gets the class ``u
 
 A string that does not parse raises :class:`SqlSyntaxError` with the parser's message and the
 1-based character position PostgreSQL itself reports.
+
+:func:`analyse` (which ``classify`` reads) is cached by text and by shape (``shape.statement_shape``), so
+statements that differ only in their literals are parsed once; see its docstring for what is never
+reused across texts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +54,8 @@ from pglast import ast
 from pglast.enums.parsenodes import VariableSetKind
 
 from ..core.statement import SqlSyntaxError as SqlSyntaxError  # what classify() raises, importable from here
-from ..core.statement import Statement, Tree
+from ..core.statement import Statement, Tree, parse
+from .shape import statement_shape
 
 CLASSES = frozenset({
     "read", "write", "ddl", "dcl", "destructive", "session", "transaction", "copy_in", "copy_out",
@@ -155,8 +160,9 @@ def is_dangerous_function(name: str) -> bool:
     return base in DANGEROUS_FUNCTIONS or base.startswith(DANGEROUS_PREFIXES)
 
 
-def _always_true(where: Any) -> bool:
-    """WHERE true, WHERE 1=1, WHERE 'a'='a': a filter that keeps every row."""
+def _always_true(where: Any) -> bool | None:
+    """WHERE true, WHERE 1=1, WHERE 'a'='a': a filter that keeps every row. None when the filter does not
+    depend on a constant's value (so it keeps rows by what they hold); False or True when it does."""
     if isinstance(where, ast.A_Const):
         return isinstance(where.val, ast.Boolean) and bool(where.val.boolval)
     if isinstance(where, ast.TypeCast):
@@ -165,7 +171,7 @@ def _always_true(where: Any) -> bool:
         left, right = where.lexpr, where.rexpr
         if isinstance(left, ast.A_Const) and isinstance(right, ast.A_Const):
             return repr(left.val) == repr(right.val)
-    return False
+    return None
 
 
 _SLOTS: dict[type, tuple[str, ...]] = {}
@@ -207,6 +213,9 @@ class _Walker:
         self.functions: list[str] = []
         self.reasons: list[str] = []
         self.ctes: set[str] = set()
+        # Whether the result depends on a constant's value (not only on the statement's shape): then it
+        # is not cached by shape (see ``classify``).
+        self.reads_constants = False
 
     def add(self, cls: str, reason: str | None = None) -> None:
         self.classes.add(cls)
@@ -238,12 +247,12 @@ class _Walker:
         elif isinstance(node, ast.UpdateStmt):
             target = _relname(node.relation)
             self.add("write", f"UPDATE of {target}")
-            if node.whereClause is None or _always_true(node.whereClause):
+            if self._keeps_every_row(node.whereClause):
                 self.add("destructive", f"UPDATE without WHERE on {target}")
         elif isinstance(node, ast.DeleteStmt):
             target = _relname(node.relation)
             self.add("write", f"DELETE from {target}")
-            if node.whereClause is None or _always_true(node.whereClause):
+            if self._keeps_every_row(node.whereClause):
                 self.add("destructive", f"DELETE without WHERE on {target}")
         elif isinstance(node, ast.MergeStmt):
             self.add("write", f"MERGE into {_relname(node.relation)}")
@@ -256,12 +265,24 @@ class _Walker:
             if node.intoClause is not None:
                 self.tables.append(_relname(node.intoClause.rel))
 
+    def _keeps_every_row(self, where: Any) -> bool:
+        """No WHERE, or a constant-true one (noting that the answer read a constant)."""
+        if where is None:
+            return True
+        verdict = _always_true(where)
+        if verdict is None:
+            return False
+        self.reads_constants = True
+        return verdict
+
     def statement(self, stmt: Any) -> str:
         """Classify the top-level statement ``stmt``; returns its node name."""
         kind = type(stmt).__name__
         if isinstance(stmt, ast.ExplainStmt):
-            analyze = any(isinstance(o, ast.DefElem) and o.defname == "analyze"
-                          and (o.arg is None or _truthy(o.arg)) for o in stmt.options or ())
+            options = [o for o in stmt.options or () if isinstance(o, ast.DefElem) and o.defname == "analyze"]
+            if any(o.arg is not None for o in options):
+                self.reads_constants = True  # ANALYZE 'off', ANALYZE 0
+            analyze = any(o.arg is None or _truthy(o.arg) for o in options)
             self.add("explain")
             if analyze:
                 self.reasons.append("EXPLAIN ANALYZE runs the statement")
@@ -345,6 +366,8 @@ class _Walker:
             self.add("utility")
 
     def _copy(self, stmt: ast.CopyStmt) -> None:
+        if stmt.filename is not None:
+            self.reads_constants = True  # the reasons name the file or the program
         target = _relname(stmt.relation) if stmt.relation is not None else "a query"
         if stmt.is_from:
             self.add("copy_in")
@@ -398,48 +421,103 @@ def _statement_text(sql: str, raw: ast.RawStmt) -> str:
     return sql[start:start + length].strip()
 
 
-_CLASSIFIED: LRUCache[str, Classification] = LRUCache(maxsize=4096)  # by statement text
+@dataclass(frozen=True, slots=True)
+class _Template:
+    """The classification of every single statement of one shape, without its text."""
+
+    info: StatementInfo  # its sql is the text of the statement it was made from
+    start: int  # where the statement begins: the text before it holds no constant, so it is the same
+    tail: int  # characters after its end (the semicolon, comments): the same for every text of the shape
+
+    def bind(self, sql: str) -> Classification:
+        i = self.info
+        info = StatementInfo(sql[self.start:len(sql) - self.tail].strip(), i.node, i.classes, i.tables, i.columns,
+                             i.functions, i.reasons)
+        return Classification((info,), info.classes, info.tables, info.columns, info.functions, info.reasons)
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """What the proxy reads from one statement text, once for all its consumers."""
+
+    shape: str | None  # ``statement_shape``: the key of analyses that hold for new literals
+    classification: Classification
+
+
+CACHED = 4096  # analyses by text, and classifications by shape
+_READS_CONSTANTS = False  # cached by shape: this shape's classification depends on its constants
+_by_text: LRUCache[str, Analysis] = LRUCache(maxsize=CACHED)
+_by_shape: LRUCache[str, _Template | bool] = LRUCache(maxsize=CACHED)
 
 
 def classify(sql: str) -> Classification:
-    """Classify ``sql`` (cached by text); raises SqlSyntaxError when it does not parse."""
-    try:
-        return _CLASSIFIED[sql]
-    except KeyError:
-        return classify_statement(Statement(0x51, sql))
+    """Classify ``sql``; raises SqlSyntaxError when it does not parse."""
+    return analyse(sql).classification
+
+
+def analyse(sql: str, tree: Callable[[], Tree] | None = None) -> Analysis:
+    """The shape and classification of ``sql``; raises SqlSyntaxError when it does not parse.
+
+    Cached by text, and the classification by shape (the text with its constants taken out) for a single
+    statement whose classification never read a constant's value, so new literals do not parse again. A
+    shape whose classification did read one (``DELETE ... WHERE 1 = 1``, ``EXPLAIN (ANALYZE 'on')``,
+    ``COPY ... PROGRAM 'cmd'``) is parsed and classified in full for every text. ``tree`` gives the parse
+    when one is needed (a Statement's, shared with the other consumers); by default ``sql`` is parsed.
+    """
+    found = _by_text.get(sql)
+    if found is not None:
+        return found
+    shape = statement_shape(sql)
+    template = _by_shape.get(shape) if shape is not None else None
+    if isinstance(template, _Template):
+        classification = template.bind(sql)
+    else:
+        classification, made = _classify_tree(sql, tree() if tree is not None else parse(sql))
+        if shape is not None and template is None:
+            _by_shape[shape] = made if made is not None else _READS_CONSTANTS
+    found = _by_text[sql] = Analysis(shape, classification)
+    return found
+
+
+def analysed(sql: str) -> Analysis | None:
+    """The cached analysis of ``sql``, None when there is none (never parses)."""
+    return _by_text.get(sql)
+
+
+def analyse_statement(statement: Statement) -> Analysis:
+    """The analysis of the text the server reads (``statement.server_text()``), memoized on the statement;
+    a parse it needs is the statement's own (shared with masking). Raises SqlSyntaxError."""
+    return statement.derive(_analyse_statement)
 
 
 def classify_statement(statement: Statement) -> Classification:
-    """The classification of the text the server reads (``statement.server_text()``), memoized on the
-    statement and cached by text; raises SqlSyntaxError when the text does not parse."""
-    return statement.derive(_classify_statement)
+    """The classification of the text the server reads; raises SqlSyntaxError when it does not parse."""
+    return analyse_statement(statement).classification
 
 
-def _classify_statement(statement: Statement) -> Classification:
-    sql = statement.server_text()
-    try:
-        return _CLASSIFIED[sql]
-    except KeyError:
-        pass
-    classification = _CLASSIFIED[sql] = _classify_tree(sql, statement.tree)
-    return classification
+def _analyse_statement(statement: Statement) -> Analysis:
+    return analyse(statement.server_text(), lambda: statement.tree)
 
 
-def _classify_tree(sql: str, raws: Tree) -> Classification:
+def _classify_tree(sql: str, raws: Tree) -> tuple[Classification, _Template | None]:
+    """Classify the parse of ``sql``; with the template of its shape when that classification holds for every
+    text of the shape (one statement, no constant's value read)."""
     multi = len(raws) > 1
     infos = []
+    reads_constants = False
     for raw in raws:
         w = _Walker()
         node = w.statement(raw.stmt)
         if multi:
             w.add("multi_statement")
+        reads_constants = reads_constants or w.reads_constants
         tables = [t for t in w.tables if "." in t or t not in w.ctes]
         infos.append(StatementInfo(_statement_text(sql, raw), node, frozenset(w.classes), _uniq(tables),
                                    _uniq(w.columns), _uniq(w.functions), _uniq(w.reasons)))
     reasons = [r for i in infos for r in i.reasons]
     if multi:
         reasons.append(f"{len(infos)} statements in one string")
-    return Classification(
+    classification = Classification(
         statements=tuple(infos),
         classes=frozenset().union(*(i.classes for i in infos)) if infos else frozenset(),
         tables=_uniq([t for i in infos for t in i.tables]),
@@ -447,3 +525,8 @@ def _classify_tree(sql: str, raws: Tree) -> Classification:
         functions=_uniq([f for i in infos for f in i.functions]),
         reasons=_uniq(reasons),
     )
+    if len(raws) != 1 or reads_constants:
+        return classification, None
+    start = raws[0].stmt_location or 0
+    end = start + raws[0].stmt_len if raws[0].stmt_len else len(sql)
+    return classification, _Template(infos[0], start, len(sql) - end)

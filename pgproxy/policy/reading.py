@@ -27,6 +27,7 @@ import ctypes
 import functools
 
 import pglast.parser
+from cachetools import LRUCache, cached
 
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse
@@ -75,7 +76,7 @@ def server_reading(sql: str, *, standard_conforming_strings: bool) -> str:
     return _read_without_standard_strings(sql)
 
 
-@functools.lru_cache(maxsize=1024)
+@cached(LRUCache(maxsize=1024))
 def _read_without_standard_strings(sql: str) -> str:
     lib = _libpg_query()
     utf8 = sql.encode("utf-8")

@@ -165,6 +165,24 @@ def test_simple_protocol_syntax_error(gated: Gated) -> None:
         assert result.error_field(ord("M")) == message
 
 
+def test_a_constant_true_filter_needs_approval_after_a_false_one_of_the_same_shape(gated: Gated) -> None:
+    """Classifications are cached by shape (constants taken out): WHERE 1 = 2 and WHERE 1 = 1 share one,
+    but only the second deletes every row, so only the second needs an approval, whichever came first."""
+    with psycopg.connect(gated.dsn, autocommit=True) as conn:
+        conn.execute("insert into pg_policy_t values (7)")
+        for harmless in ("delete from pg_policy_t where 1 = 2", "delete from pg_policy_t where 'a' = 'b'",
+                         "delete from pg_policy_t where false"):
+            assert conn.pgconn.exec_(harmless.encode()).error_field(ord("C")) is None  # simple protocol
+            assert conn.execute(harmless).rowcount == 0  # extended protocol
+        for destructive in ("delete from pg_policy_t where 1 = 1", "delete from pg_policy_t where 'a' = 'a'",
+                            "delete from pg_policy_t where true"):
+            assert conn.pgconn.exec_(destructive.encode()).error_field(ord("C")) == b"PXA01"
+            with pytest.raises(psycopg.Error) as refused:
+                conn.execute(destructive)
+            assert refused.value.sqlstate == "PXA01"
+        assert conn.execute("delete from pg_policy_t where x = 7").rowcount == 1  # nothing else ran
+
+
 # --------------------------------------------------------------------------------------------------
 # refuse mode
 

@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pgproxy.audit.events import TERMINAL_KINDS, AuditEmitter, EventKind, event_kind
 from pgproxy.audit.merkle import (
@@ -19,7 +21,7 @@ from pgproxy.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from pgproxy.audit.redact import redact_event, redact_text
+from pgproxy.audit.redact import _PRECHECK, may_hold_secret, redact_event, redact_text
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import ConfigError, parse_config
 
@@ -93,6 +95,19 @@ def test_redaction_leaves_ordinary_sql_alone() -> None:
     redact_event(event)
     assert event["sql"] == "alter role a password [redacted:password]"
     assert event["params"] == ["[redacted:aws_access_key]", None]
+
+
+@given(st.text(alphabet=st.sampled_from("pasSwordPrivATe KEYjJbBcCiI_'1-"), max_size=40) | st.text(max_size=40))
+def test_the_fast_secret_precheck_answers_as_the_regex(text: str) -> None:
+    """ASCII text is pre-checked by substring tests of its lowercase form: the same answer as the regex."""
+    assert may_hold_secret(text) == (_PRECHECK.search(text) is not None)
+
+
+@pytest.mark.parametrize("text", ["ALTER ROLE a PASSWORD 'x'", "Bearer abc", "eYj", "aws_SECRET", "Private Key",
+                                  "aws_\u017fecret_access_key", "pr\u0131vate key"])
+def test_the_secret_precheck_matches_any_case(text: str) -> None:
+    """Also non-ASCII letters that match an ASCII one case-insensitively (U+017F is s, U+0131 is i)."""
+    assert may_hold_secret(text) and _PRECHECK.search(text) is not None
 
 
 def _config(audit: dict[str, Any], tmp_path: Path) -> Any:
