@@ -17,11 +17,12 @@ from pathlib import Path
 import pytest
 
 from pgproxy.config import MaskingConfig, UpstreamConfig
+from pgproxy.core.statement import parse
 from pgproxy.masking.catalog import CatalogSnapshot, Column, MaskedSchema, Relation
 from pgproxy.masking.engine import Masking
 from pgproxy.masking.rewrite import rewrite
 from pgproxy.masking.rules import MaskingRules, parse_rules
-from pgproxy.policy.classify import _classify_text, classify
+from pgproxy.policy.classify import _classify_tree, classify
 from pgproxy.policy.shape import statement_shape
 
 
@@ -31,7 +32,7 @@ def _fresh(sql: str) -> str:
 
 
 def _full(sql: str) -> object:
-    return _classify_text(sql)[0]
+    return _classify_tree(sql, parse(sql))[0]
 
 
 # Same shape, different classification: the second one must not get the first one's.
@@ -171,7 +172,7 @@ def _schema() -> tuple[Masking, MaskedSchema, tuple[str, ...]]:
                               {(r.schema, r.name): oid for oid, r in relations.items()}, frozenset(), names,
                               frozenset(n for _, n in names))
     rules = parse_rules({"tables": {"shop.customers": {"columns": {"email": "email"}}}}, Path("rules.yaml"))
-    engine = Masking(MaskingConfig(rules_dir=Path(".")), UpstreamConfig(), MaskingRules(rules))
+    engine = Masking(MaskingConfig(rules_dir=Path(".")), UpstreamConfig.model_construct(), MaskingRules(rules))
     return engine, engine.schema_for(catalog, rules), tuple(r.where for r in rules)
 
 
