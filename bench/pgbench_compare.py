@@ -68,6 +68,20 @@ LATENCY = "latency"  # -S, extended protocol, one client: added latency
 CONNECT = "connect"  # label of the -C (new connection per transaction) runs
 MODES = (*QUERY_MODES, TPCB, LATENCY, CONNECT)
 DEFAULT_POLICY = Path(pgproxy.__file__).resolve().parent / "policy" / "default_policy.yaml"
+# `pgproxy ARGS` under cProfile counting CPU time (not wall time, which on a busy machine mostly
+# measures waiting for the CPU); the stats go to argv[1] when the proxy exits.
+PROFILED_PROXY = """
+import cProfile, sys, time
+from pgproxy.cli import main
+out = sys.argv.pop(1)
+profiler = cProfile.Profile(time.process_time)
+profiler.enable()
+try:
+    main(sys.argv[1:])
+finally:
+    profiler.disable()
+    profiler.dump_stats(out)
+"""
 MASKED_TABLE = "bench_people"  # the "full" proxy's masking rules cover this table, not pgbench's
 CONNECT_CLIENTS = 4
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -271,9 +285,10 @@ class ProxyProcess:
     """``pgproxy serve -c FILE`` as a subprocess in front of ``db``: bare, or with every control on."""
 
     def __init__(self, workdir: Path, db: Database, password: str, tls: DevTLS | None, ttl_s: float, *,
-                 full: bool = False) -> None:
+                 full: bool = False, profile: Path | None = None) -> None:
         self.workdir = workdir
         self.full = full
+        self.profile = profile
         self.port = free_port()
         keys = generate_dev_keys(workdir / "keys")
         password_file = workdir / "upstream-password"
@@ -324,8 +339,11 @@ class ProxyProcess:
 
     def start(self) -> None:
         """Start and wait for the "listening" line."""
+        command = [str(PGPROXY_BIN), "serve", "-c", str(self.config_file)]
+        if self.profile is not None:  # written when the proxy exits (SIGINT at the end of the bench)
+            command = [sys.executable, "-c", PROFILED_PROXY, str(self.profile), *command[1:]]
         with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen([str(PGPROXY_BIN), "serve", "-c", str(self.config_file)],
+            self.proc = subprocess.Popen(command,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir,
                                          start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -827,6 +845,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         "drop below 20%% (default 30; 0 disables)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--profile-dir", type=Path, default=None,
+                   help="run each proxy under cProfile and write DIR/<path>.prof when it exits "
+                        "(slows the proxies: for finding costs, not for the ratios)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.md",
                    help="Markdown report file (default bench/results/latest.md)")
     args = p.parse_args(argv)
@@ -904,10 +925,14 @@ def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
             conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(MASKED_TABLE),
                                                                    sql.Identifier(BENCH_ROLE)))
     proxies: dict[str, ProxyProcess] = {}
+    if args.profile_dir is not None:
+        args.profile_dir = args.profile_dir.resolve()
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
     for name in (p for p in PROXY_PATHS if p in args.paths):
         proxy_dir = workdir / name
         proxy_dir.mkdir()
-        proxy = ProxyProcess(proxy_dir, db, password, tls, ttl, full=name == "proxy-full")
+        profile = args.profile_dir / f"{name}.prof" if args.profile_dir is not None else None
+        proxy = ProxyProcess(proxy_dir, db, password, tls, ttl, full=name == "proxy-full", profile=profile)
         stack.callback(proxy.stop)
         stack.push(lambda exc_type, exc, tb, f=proxy.log_file: _show_log_on_error(exc_type, f))
         log(f"starting pgproxy ({name}) ...")

@@ -149,7 +149,7 @@ class _ScramExchange:
         without_proof = f"c={CHANNEL_BINDING},r={nonce}"
         auth_message = f"{self._client_first_bare},{server_first.decode()},{without_proof}".encode()
         client_signature = hmac.digest(keys.stored_key, auth_message, "sha256")
-        proof = bytes(a ^ b for a, b in zip(keys.client_key, client_signature, strict=True))
+        proof = (int.from_bytes(keys.client_key) ^ int.from_bytes(client_signature)).to_bytes(len(client_signature))
         self._server_signature = hmac.digest(keys.server_key, auth_message, "sha256")
         return f"{without_proof},p={base64.b64encode(proof).decode()}".encode()
 
