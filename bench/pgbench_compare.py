@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
 """Compare pgbench through pgproxy with direct PostgreSQL and with pgbouncer (a benchmark, not a test).
 
-What it does: starts a throwaway cluster (SCRAM) with a ``bench`` role and ``pgbench -i`` data, the
-proxy (``pgproxy serve`` as a subprocess, JWT as the password, its own upstream credential) and,
-when installed, pgbouncer (session pooling) in front of the same cluster. It then runs
-``pgbench -n -S`` per query mode (simple, extended, prepared) plus a connect-per-transaction run
-(``-C``) against each path, interleaved round-robin with the order rotated every round, and reports
-median tps, added p50/p99 latency (from ``pgbench -l`` logs), tps ratios and the CPU time the proxy
-and pgbouncer processes spend per transaction (from ``/proc/<pid>/stat``).
+What it does: starts a throwaway cluster (SCRAM) with a ``bench`` role and ``pgbench -i`` data, two
+proxies (``pgproxy serve`` as subprocesses, JWT as the password, their own upstream credential):
+"proxy" (bare: JSON-lines audit, no policy, no masking) and "proxy-full" (the signed audit log, the
+shipped default policy plus an allow rule for the bench role, masking rules for a table pgbench does
+not read) and, when installed, pgbouncer (session pooling) in front of the same cluster. It then runs
+``pgbench -n -S`` per query mode (simple, extended, prepared), TPC-B (simple), one-client extended
+(latency) and a connect-per-transaction run (``-C``) against each path, interleaved round-robin with
+the order rotated every round, and reports median tps, added p50/p99 latency (from ``pgbench -l``
+logs), tps ratios and the CPU time the proxies and pgbouncer spend per transaction (from
+``/proc/<pid>/stat``).
 
 Run: ``.venv/bin/python bench/pgbench_compare.py [--clients 8] [--duration 10] [--rounds 3]
-[--scale 10] [--tls] [--out bench/results/latest.md]``. Everything (processes, temp dirs) is
+[--scale 10] [--tls] [--modes ...] [--paths ...] [--out bench/results/latest.md]``. Everything (processes, temp dirs) is
 cleaned up on exit, Ctrl-C or SIGTERM.
 """
 
@@ -45,6 +48,8 @@ import psycopg
 import yaml
 from psycopg import sql
 
+import pgproxy
+from pgproxy.audit.keys import generate_key
 from pgproxy.devdb import Database, TemporaryCluster, create_role
 from pgproxy.identity import generate_dev_keys, mint_token
 from pgproxy.tlsutil import DevTLS, generate_dev_ca_and_cert
@@ -55,9 +60,29 @@ BENCH_ROLE = "bench"
 BENCH_DB = "bench"
 ISSUER = "pgproxy-bench"
 AUDIENCE = "pgproxy-bench"
-PATHS = ("direct", "pgbouncer", "proxy")
+PATHS = ("direct", "pgbouncer", "proxy", "proxy-full")
+PROXY_PATHS = ("proxy", "proxy-full")
 QUERY_MODES = ("simple", "extended", "prepared")
+TPCB = "tpcb"  # pgbench's default TPC-B-like script, simple protocol
+LATENCY = "latency"  # -S, extended protocol, one client: added latency
 CONNECT = "connect"  # label of the -C (new connection per transaction) runs
+MODES = (*QUERY_MODES, TPCB, LATENCY, CONNECT)
+DEFAULT_POLICY = Path(pgproxy.__file__).resolve().parent / "policy" / "default_policy.yaml"
+# `pgproxy ARGS` under cProfile counting CPU time (not wall time, which on a busy machine mostly
+# measures waiting for the CPU); the stats go to argv[1] when the proxy exits.
+PROFILED_PROXY = """
+import cProfile, sys, time
+from pgproxy.cli import main
+out = sys.argv.pop(1)
+profiler = cProfile.Profile(time.process_time)
+profiler.enable()
+try:
+    main(sys.argv[1:])
+finally:
+    profiler.disable()
+    profiler.dump_stats(out)
+"""
+MASKED_TABLE = "bench_people"  # the "full" proxy's masking rules cover this table, not pgbench's
 CONNECT_CLIENTS = 4
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 30.0
@@ -257,10 +282,13 @@ class Endpoint:
 
 
 class ProxyProcess:
-    """``pgproxy serve -c FILE`` as a subprocess in front of ``db``."""
+    """``pgproxy serve -c FILE`` as a subprocess in front of ``db``: bare, or with every control on."""
 
-    def __init__(self, workdir: Path, db: Database, password: str, tls: DevTLS | None, ttl_s: float) -> None:
+    def __init__(self, workdir: Path, db: Database, password: str, tls: DevTLS | None, ttl_s: float, *,
+                 full: bool = False, profile: Path | None = None) -> None:
         self.workdir = workdir
+        self.full = full
+        self.profile = profile
         self.port = free_port()
         keys = generate_dev_keys(workdir / "keys")
         password_file = workdir / "upstream-password"
@@ -272,7 +300,9 @@ class ProxyProcess:
         else:
             listener["insecure_plaintext"] = True
         self.audit_file = workdir / "audit.jsonl"
-        config = {
+        self.audit_dir = workdir / "audit"
+        self._audit_size = 0
+        config: dict[str, Any] = {
             "listeners": [listener],
             "identity": {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["ES256"],
                          "jwks_file": str(keys.jwks_file)},
@@ -280,6 +310,8 @@ class ProxyProcess:
                          "credentials": [{"role": "*", "password_file": str(password_file)}]},
             "audit": {"jsonl_path": str(self.audit_file)},
         }
+        if full:
+            config.update(self._full_controls(workdir))
         self.config_file = workdir / "pgproxy.yaml"
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         self.token = mint_token(keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject="pgbench",
@@ -287,10 +319,31 @@ class ProxyProcess:
         self.log_file = workdir / "pgproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
+    def _full_controls(self, workdir: Path) -> dict[str, Any]:
+        """Config sections of the "full" proxy: signed audit log, default policy + allow rule, masking."""
+        signing_key = workdir / "audit-signing.key"
+        generate_key(signing_key)
+        policy = yaml.safe_load(DEFAULT_POLICY.read_text())
+        policy["rules"].append({"name": "bench-allow", "match": {"roles": [BENCH_ROLE]}, "action": "allow"})
+        policy_file = workdir / "policy.yaml"
+        policy_file.write_text(yaml.safe_dump(policy, sort_keys=False))
+        rules_dir = workdir / "masking"
+        rules_dir.mkdir()
+        (rules_dir / "people.yaml").write_text(yaml.safe_dump({"tables": {f"public.{MASKED_TABLE}": {
+            "columns": {"email": "email", "ssn": {"mask": "partial", "keep_last": 4}}}}}))
+        return {
+            "audit": {"dir": str(self.audit_dir), "signing_key_file": str(signing_key)},
+            "policy": {"file": str(policy_file)},
+            "masking": {"rules_dir": str(rules_dir), "schema_role": BENCH_ROLE, "schema_database": BENCH_DB},
+        }
+
     def start(self) -> None:
         """Start and wait for the "listening" line."""
+        command = [str(PGPROXY_BIN), "serve", "-c", str(self.config_file)]
+        if self.profile is not None:  # written when the proxy exits (SIGINT at the end of the bench)
+            command = [sys.executable, "-c", PROFILED_PROXY, str(self.profile), *command[1:]]
         with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen([str(PGPROXY_BIN), "serve", "-c", str(self.config_file)],
+            self.proc = subprocess.Popen(command,
                                          stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir,
                                          start_new_session=True)
         deadline = time.monotonic() + READY_TIMEOUT_S
@@ -305,13 +358,17 @@ class ProxyProcess:
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
 
-    def truncate_audit(self) -> int:
-        """Empty the audit file (the proxy appends with O_APPEND); returns the bytes it held."""
-        with contextlib.suppress(OSError):
-            size = self.audit_file.stat().st_size
-            os.truncate(self.audit_file, 0)
-            return size
-        return 0
+    def audit_bytes(self) -> int:
+        """Audit bytes written since the last call (the JSON-lines file is emptied; the signed log grows)."""
+        if not self.full:
+            with contextlib.suppress(OSError):
+                size = self.audit_file.stat().st_size
+                os.truncate(self.audit_file, 0)  # the proxy appends with O_APPEND
+                return size
+            return 0
+        total = sum(f.stat().st_size for f in self.audit_dir.rglob("*") if f.is_file())
+        written, self._audit_size = total - self._audit_size, total
+        return written
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -473,13 +530,16 @@ def run_pgbench(endpoint: Endpoint, mode: str, round_no: int, args: argparse.Nam
     run = Run(endpoint.name, mode, round_no)
     log_dir = log_root / f"{endpoint.name}-{mode}-{round_no}"
     log_dir.mkdir()
-    cmd = ["pgbench", "-n", "-S", "-j", "2", "-T", str(args.duration)]
+    cmd = ["pgbench", "-n", "-T", str(args.duration)] + ([] if mode == TPCB else ["-S"])
     if mode == CONNECT:
         # No latency log: pgbench connects synchronously, so under -C one client's connection set-up
         # stalls the other clients of its thread and their per-transaction times mean little.
-        cmd += ["-C", "-c", str(CONNECT_CLIENTS), "-M", "simple"]
+        cmd += ["-C", "-j", "2", "-c", str(CONNECT_CLIENTS), "-M", "simple"]
     else:
-        cmd += ["-c", str(args.clients), "-M", mode, "-l", "--log-prefix", str(log_dir / "pgbench_log")]
+        clients = 1 if mode == LATENCY else args.clients
+        protocol = {TPCB: "simple", LATENCY: "extended"}.get(mode, mode)
+        cmd += ["-j", str(min(2, clients)), "-c", str(clients), "-M", protocol, "-l", "--log-prefix",
+                str(log_dir / "pgbench_log")]
         if args.sampling_rate < 1.0:
             cmd += ["--sampling-rate", str(args.sampling_rate)]
     run.waited_s = wait_until_quiet(args.quiet_wait)
@@ -588,13 +648,15 @@ def command_version(cmd: Sequence[str]) -> str:
 
 def source_revision() -> str:
     """The git commit of the proxy code measured, flagged when pgproxy/ has uncommitted changes."""
+    checkout = Path(pgproxy.__file__).resolve().parent.parent  # may differ from this script's (PYTHONPATH)
+
     def git(*argv: str) -> str:
         with contextlib.suppress(OSError, subprocess.SubprocessError):
-            return subprocess.run(["git", "-C", str(REPO), *argv], capture_output=True, text=True, timeout=10,
+            return subprocess.run(["git", "-C", str(checkout), *argv], capture_output=True, text=True, timeout=10,
                                   check=False).stdout.strip()
         return ""
 
-    commit = git("rev-parse", "--short", "HEAD")
+    commit = git("rev-parse", "--short", "HEAD")  # of the checkout the measured pgproxy comes from
     if not commit:
         return "unknown (not a git checkout)"
     return commit + (" + uncommitted changes in pgproxy/" if git("status", "--porcelain", "--", "pgproxy") else "")
@@ -620,6 +682,13 @@ def machine_facts(pgbouncer_bin: str | None, server_version: str) -> list[tuple[
     ]
 
 
+MODE_LABELS = {
+    "simple": "-S -c CLIENTS, simple", "extended": "-S -c CLIENTS, extended", "prepared": "-S -c CLIENTS, prepared",
+    TPCB: "TPC-B -c CLIENTS, simple", LATENCY: "-S -c 1, extended (latency)",
+    CONNECT: f"-S -C -c {CONNECT_CLIENTS} (connect per txn)",
+}
+
+
 def build_report(runs: list[Run], args: argparse.Namespace, facts: list[tuple[str, str]],
                  paths: Sequence[str], notes: list[str], elapsed_s: float) -> str:
     """The Markdown report."""
@@ -630,42 +699,53 @@ def build_report(runs: list[Run], args: argparse.Namespace, facts: list[tuple[st
     def med(mode: str, path: str, attr: str) -> float | None:
         return median([getattr(r, attr) for r in by.get((mode, path), [])])
 
-    has_bouncer = "pgbouncer" in paths
-    modes = [m for m in (*QUERY_MODES, CONNECT) if m in args.modes]
+    def label(mode: str) -> str:
+        return MODE_LABELS[mode].replace("CLIENTS", str(args.clients))
+
+    cols = [x for x in PATHS if x in paths]
+    base = "pgbouncer" if "pgbouncer" in cols else "direct"
+    proxies = [x for x in cols if x in PROXY_PATHS]
+    modes = [m for m in MODES if m in args.modes]
     out: list[str] = []
     w = out.append
-    w("# pgbench: direct vs pgbouncer vs pgproxy\n")
+    w("# pgbench: direct vs pgbouncer vs pgproxy (bare and full)\n")
     started = dt.datetime.now().astimezone() - dt.timedelta(seconds=elapsed_s)
     w(f"Run started {started:%Y-%m-%d %H:%M %Z}, took {elapsed_s / 60:.1f} min. "
-      f"`pgbench -n -S -j 2 -T {args.duration}` with {args.clients} clients (`-C` runs: {CONNECT_CLIENTS} "
-      f"clients), scale {args.scale}, {args.rounds} interleaved rounds (path order rotated each round), "
-      f"medians shown. Client TLS: {'on (sslmode=require on every path)' if args.tls else 'off'}; the "
-      "inner hops (proxy→server, pgbouncer→server) are plaintext loopback.\n")
+      f"`pgbench -n -T {args.duration}` ({', '.join(label(m) for m in modes)}), scale {args.scale}, "
+      f"{args.rounds} interleaved rounds (path order rotated each round), medians shown. "
+      f"Client TLS: {'on (sslmode=require on every path)' if args.tls else 'off'}; the inner hops "
+      "(proxy→server, pgbouncer→server) are plaintext loopback. Command: "
+      f"`{' '.join(['bench/pgbench_compare.py', *args.argv])}`.\n")
     w("| machine | |\n|---|---|")
     for key, value in facts:
         w(f"| {key} | {value} |")
     w("")
 
-    w("## Throughput (median tps)\n")
-    head = "| mode | direct | " + ("pgbouncer | " if has_bouncer else "") + "proxy | proxy/direct |"
-    sep = "|---|---:|" + ("---:|" if has_bouncer else "") + "---:|---:|"
-    if has_bouncer:
-        head += " proxy/pgbouncer | pgbouncer/direct |"
-        sep += "---:|---:|"
-    w(head)
-    w(sep)
+    w(f"## Summary (tps / {base} tps, same run; CPU of the middle process per transaction)\n")
+    w(f"| workload | {base} | " + " | ".join(proxies) + " | "
+      + " | ".join(f"{x} CPU µs/txn" for x in proxies) + f" | {base} CPU µs/txn |")
+    w("|---|" + "---:|" * (2 + 2 * len(proxies)))
     for mode in modes:
-        label = f"{mode} (-C, new conn/txn)" if mode == CONNECT else mode
-        d, b, p = (med(mode, x, "tps") for x in PATHS)
-        row = f"| {label} | {fmt(d)} | " + (f"{fmt(b)} | " if has_bouncer else "")
-        row += f"{fmt(p)} | {ratio(p, d)} |"
-        if has_bouncer:
-            row += f" {ratio(p, b)} | {ratio(b, d)} |"
-        w(row)
+        b = med(mode, base, "tps")
+        cells = ["1.00" if b else "-"] + [ratio(med(mode, x, "tps"), b) for x in proxies]
+        cells += [fmt(med(mode, x, "cpu_us_per_txn"), ".0f") for x in [*proxies, base]]
+        w(f"| {label(mode)} | " + " | ".join(cells) + " |")
+    if LATENCY in modes:
+        b50 = med(LATENCY, base, "p50_ms")
+        w("\nAdded p50 latency over " + base + " with one client (extended): "
+          + ", ".join(f"{x} {added(med(LATENCY, x, 'p50_ms'), b50)} ms" for x in proxies) + ".")
+    w("")
+
+    w("## Throughput (median tps)\n")
+    w("| mode | " + " | ".join(cols) + " | " + " | ".join(f"{x}/{base}" for x in cols if x != base) + " |")
+    w("|---|" + "---:|" * (2 * len(cols) - 1))
+    for mode in modes:
+        tps = {x: med(mode, x, "tps") for x in cols}
+        w(f"| {label(mode)} | " + " | ".join(fmt(tps[x]) for x in cols) + " | "
+          + " | ".join(ratio(tps[x], tps[base]) for x in cols if x != base) + " |")
     w("")
 
     w("## Latency per transaction (median over rounds of each run's p50 / p99, ms)\n")
-    cols = [x for x in PATHS if x in paths]
     w("| mode | " + " | ".join(f"{x} p50 / p99" for x in cols) + " | "
       + " | ".join(f"added by {x} p50 / p99" for x in cols if x != "direct") + " |")
     w("|---|" + "---:|" * (2 * len(cols) - 1))
@@ -674,19 +754,21 @@ def build_report(runs: list[Run], args: argparse.Namespace, facts: list[tuple[st
         cells = [f"{fmt(med(mode, x, 'p50_ms'), '.3f')} / {fmt(med(mode, x, 'p99_ms'), '.3f')}" for x in cols]
         cells += [f"{added(med(mode, x, 'p50_ms'), d50)} / {added(med(mode, x, 'p99_ms'), d99)}"
                   for x in cols if x != "direct"]
-        w(f"| {mode} | " + " | ".join(cells) + " |")
+        w(f"| {label(mode)} | " + " | ".join(cells) + " |")
     w("")
-    conn = [f"{x} {fmt(med(CONNECT, x, 'conn_ms'), '.3f')} ms" for x in cols]
-    w(f"Average connection time in the `-C` runs (pgbench's own figure): {', '.join(conn)}.\n")
+    if CONNECT in modes:
+        conn = [f"{x} {fmt(med(CONNECT, x, 'conn_ms'), '.3f')} ms" for x in cols]
+        w(f"Average connection time in the `-C` runs (pgbench's own figure): {', '.join(conn)}.\n")
 
     w("## CPU per transaction (µs of user+system CPU, median over rounds)\n")
-    w("The middle process alone (pgbouncer, proxy), from `/proc/<pid>/stat` before/after each run:\n")
-    w("| mode | " + ("pgbouncer µs/txn | " if has_bouncer else "") + "proxy µs/txn | proxy audit bytes/txn |")
-    w("|---|" + ("---:|" if has_bouncer else "") + "---:|---:|")
+    middles = [x for x in cols if x != "direct"]
+    w("The middle process alone (pgbouncer, proxies), from `/proc/<pid>/stat` before/after each run:\n")
+    w("| mode | " + " | ".join(f"{x} µs/txn" for x in middles) + " | "
+      + " | ".join(f"{x} audit bytes/txn" for x in proxies) + " |")
+    w("|---|" + "---:|" * (len(middles) + len(proxies)))
     for mode in modes:
-        cells = ([fmt(med(mode, "pgbouncer", "cpu_us_per_txn"), ".1f")] if has_bouncer else [])
-        cells.append(fmt(med(mode, "proxy", "cpu_us_per_txn"), ".1f"))
-        cells.append(fmt(med(mode, "proxy", "audit_bytes_per_txn"), ".0f"))
+        cells = [fmt(med(mode, x, "cpu_us_per_txn"), ".1f") for x in middles]
+        cells += [fmt(med(mode, x, "audit_bytes_per_txn"), ".0f") for x in proxies]
         w(f"| {mode} | " + " | ".join(cells) + " |")
     w("")
     w("Where the machine's CPU went (pgbench = the load generator incl. this script; postgres = every "
@@ -761,15 +843,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quiet-wait", type=float, default=30.0,
                    help="before each run, wait up to this many seconds for other load on the machine to "
                         "drop below 20%% (default 30; 0 disables)")
-    p.add_argument("--modes", default=",".join([*QUERY_MODES, CONNECT]),
-                   help="comma-separated subset of simple,extended,prepared,connect")
+    p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--profile-dir", type=Path, default=None,
+                   help="run each proxy under cProfile and write DIR/<path>.prof when it exits "
+                        "(slows the proxies: for finding costs, not for the ratios)")
     p.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "latest.md",
                    help="Markdown report file (default bench/results/latest.md)")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     args.modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = set(args.modes) - {*QUERY_MODES, CONNECT}
+    unknown = set(args.modes) - set(MODES)
     if unknown or not args.modes:
         p.error(f"--modes: unknown mode(s) {sorted(unknown)}")
+    args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
+    if set(args.paths) - set(PATHS) or "direct" not in args.paths or not set(args.paths) & set(PROXY_PATHS):
+        p.error(f"--paths: a subset of {','.join(PATHS)} with direct and at least one proxy")
     if min(args.clients, args.duration, args.rounds, args.scale) < 1 or not 0 < args.sampling_rate <= 1:
         p.error("--clients, --duration, --rounds and --scale must be >= 1; --sampling-rate in (0, 1]")
     return args
@@ -788,7 +877,7 @@ class Bench:
     """Everything set up for the measurements."""
 
     endpoints: list[Endpoint]
-    proxy: ProxyProcess
+    proxies: dict[str, ProxyProcess]
     postmaster_pid: int | None
     server_version: str
     pgbouncer_bin: str | None
@@ -829,18 +918,32 @@ def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
     endpoints = [direct]
 
     tls = generate_dev_ca_and_cert(workdir / "tls") if args.tls else None
-    ttl = 2 * args.rounds * len(args.modes) * 3 * (args.duration + 5) + 3600
-    proxy_dir = workdir / "proxy"
-    proxy_dir.mkdir()
-    proxy = ProxyProcess(proxy_dir, db, password, tls, ttl)
-    stack.callback(proxy.stop)
-    stack.push(lambda exc_type, exc, tb: _show_log_on_error(exc_type, proxy.log_file))
-    log("starting pgproxy ...")
-    proxy.start()
+    ttl = 2 * args.rounds * len(args.modes) * len(PATHS) * (args.duration + 5) + 3600
+    if "proxy-full" in args.paths:
+        with psycopg.connect(db.dsn(database=BENCH_DB), autocommit=True) as conn:  # owned by the superuser
+            conn.execute(f"CREATE TABLE {MASKED_TABLE} (id int PRIMARY KEY, email text, ssn text)")
+            conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(MASKED_TABLE),
+                                                                   sql.Identifier(BENCH_ROLE)))
+    proxies: dict[str, ProxyProcess] = {}
+    if args.profile_dir is not None:
+        args.profile_dir = args.profile_dir.resolve()
+        args.profile_dir.mkdir(parents=True, exist_ok=True)
+    for name in (p for p in PROXY_PATHS if p in args.paths):
+        proxy_dir = workdir / name
+        proxy_dir.mkdir()
+        profile = args.profile_dir / f"{name}.prof" if args.profile_dir is not None else None
+        proxy = ProxyProcess(proxy_dir, db, password, tls, ttl, full=name == "proxy-full", profile=profile)
+        stack.callback(proxy.stop)
+        stack.push(lambda exc_type, exc, tb, f=proxy.log_file: _show_log_on_error(exc_type, f))
+        log(f"starting pgproxy ({name}) ...")
+        proxy.start()
+        proxies[name] = proxy
 
     pgbouncer_bin = shutil.which("pgbouncer") or next(
         (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None)
-    if pgbouncer_bin is None:
+    if "pgbouncer" not in args.paths:
+        pgbouncer_bin = None
+    elif pgbouncer_bin is None:
         notes.append("pgbouncer is not installed: its column is skipped "
                      "(`apt-get install pgbouncer` to include it).")
     else:
@@ -853,13 +956,14 @@ def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
         bouncer.start()
         endpoints.append(Endpoint("pgbouncer", bouncer.port, pg_env(bouncer.port, password, sslmode),
                                   bouncer.pid))
-    endpoints.append(Endpoint("proxy", proxy.port, pg_env(proxy.port, proxy.token, sslmode), proxy.pid))
+    endpoints += [Endpoint(name, p.port, pg_env(p.port, p.token, sslmode), p.pid) for name, p in proxies.items()]
+    endpoints = [ep for ep in endpoints if ep.name in args.paths]
     try:
         postmaster_pid: int | None = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
     except (OSError, ValueError, IndexError):
         postmaster_pid = None
         notes.append("postmaster.pid unreadable: no server CPU figures.")
-    return Bench(endpoints, proxy, postmaster_pid, server_version, pgbouncer_bin, notes)
+    return Bench(endpoints, proxies, postmaster_pid, server_version, pgbouncer_bin, notes)
 
 
 def _show_log_on_error(exc_type: type[BaseException] | None, log_file: Path) -> bool:
@@ -869,16 +973,16 @@ def _show_log_on_error(exc_type: type[BaseException] | None, log_file: Path) -> 
     return False
 
 
-def proxy_log_note(proxy: ProxyProcess) -> str:
+def proxy_log_note(name: str, proxy: ProxyProcess) -> str:
     """A note on the WARNING/ERROR lines of the proxy log."""
     try:
         lines = proxy.log_file.read_text(errors="replace").splitlines()
     except OSError:
-        return "pgproxy log: unreadable."
+        return f"{name} log: unreadable."
     bad = [ln for ln in lines if " WARNING " in ln or " ERROR " in ln or "Traceback" in ln]
     if bad:
-        return f"pgproxy log: {len(bad)} warning/error line(s), first: `{bad[0][:300]}`"
-    return "pgproxy log: no warnings or errors."
+        return f"{name} log: {len(bad)} warning/error line(s), first: `{bad[0][:300]}`"
+    return f"{name} log: no warnings or errors."
 
 
 def measure(args: argparse.Namespace, bench: Bench) -> list[Run]:
@@ -887,7 +991,8 @@ def measure(args: argparse.Namespace, bench: Bench) -> list[Run]:
     for ep in endpoints:
         check_endpoint(ep)
         warm_up(ep, args.warmup)
-    bench.proxy.truncate_audit()
+    for proxy in bench.proxies.values():
+        proxy.audit_bytes()
     runs: list[Run] = []
     with tempfile.TemporaryDirectory(prefix="pgproxy-bench-logs-") as tmp:
         total = args.rounds * len(args.modes) * len(endpoints)
@@ -898,8 +1003,8 @@ def measure(args: argparse.Namespace, bench: Bench) -> list[Run]:
                 for ep in order:
                     log(f"[{len(runs) + 1}/{total}] round {round_no + 1} {mode:<8} {ep.name:<9} ...")
                     run = run_pgbench(ep, mode, round_no, args, Path(tmp), bench.postmaster_pid)
-                    if ep.name == "proxy":
-                        size = bench.proxy.truncate_audit()
+                    if ep.name in bench.proxies:
+                        size = bench.proxies[ep.name].audit_bytes()
                         run.audit_bytes_per_txn = size / run.txns if run.txns else None
                     runs.append(run)
                     problems = f"  PROBLEMS: {run.problems[:3]}" if run.problems else ""
@@ -922,7 +1027,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         with contextlib.ExitStack() as stack:  # stops every process and removes every temp dir
             bench = set_up(args, stack)
             runs = measure(args, bench)
-            notes = [*bench.notes, proxy_log_note(bench.proxy), *static_notes(args)]
+            notes = [*bench.notes, *(proxy_log_note(n, p) for n, p in bench.proxies.items()),
+                     *static_notes(args)]
             facts = machine_facts(bench.pgbouncer_bin, bench.server_version)
             report = build_report(runs, args, facts, [e.name for e in bench.endpoints], notes,
                                   time.monotonic() - started)
@@ -945,12 +1051,14 @@ def static_notes(args: argparse.Namespace) -> list[str]:
         f"All processes share {len(os.sched_getaffinity(0))} CPU(s): pgbench, the PostgreSQL backends and "
         "the proxy/pgbouncer compete for them, so a middle process's CPU per transaction directly lowers "
         "tps. Ratios are the meaningful output; absolute tps depend on the machine.",
-        "The proxy writes a JSON-lines audit event per statement (as it would in production); the file "
-        "is truncated after every run and its size per transaction is shown above.",
+        "proxy (bare) writes a JSON-lines audit event per statement (the file is truncated after every "
+        "run); proxy-full writes the signed, hash-chained audit log (Ed25519 checkpoints) with result "
+        "capture, runs the shipped default policy plus an allow rule for the bench role and has masking "
+        f"rules for `{MASKED_TABLE}` (not read by pgbench). Audit bytes per transaction are shown above.",
         "`connect` runs (`-C`): every transaction opens a new connection. Direct = client SCRAM with the "
         "server; pgbouncer = client SCRAM with pgbouncer, server connections are reused from its pool "
-        "(DISCARD ALL between clients); proxy = ES256 JWT check + a fresh upstream connection with SCRAM "
-        "(PBKDF2) computed by the proxy for every client connection.",
+        "(DISCARD ALL between clients); proxy = ES256 JWT check + a fresh upstream connection with the "
+        "proxy's own SCRAM login for every client connection.",
         "pgbouncer checks clients against the role's SCRAM verifier (as an auth_query would return it) and "
         "logs in to the server with the client's SCRAM keys; pool_mode=session.",
         "p50/p99 come from `pgbench -l` per-transaction logs (every transaction of every run; the median "

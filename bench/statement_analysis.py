@@ -111,7 +111,8 @@ def catalog() -> CatalogSnapshot:
 def masking() -> tuple[Masking, MaskedSchema, tuple[str, ...]]:
     rules = parse_rules({"tables": {"shop.customers": {"columns": {"email": "email", "ssn": {
         "mask": "partial", "keep_last": 4}}}}}, REPO / "bench.yaml")
-    engine = Masking(MaskingConfig(rules_dir=REPO / "masking_rules"), UpstreamConfig.model_construct(), MaskingRules(rules))
+    engine = Masking(MaskingConfig(rules_dir=REPO / "masking_rules"), UpstreamConfig.model_construct(),
+                     MaskingRules(rules))
     schema = engine.schema_for(catalog(), rules)
     return engine, schema, tuple(r.where for r in rules)
 

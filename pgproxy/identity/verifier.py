@@ -8,8 +8,15 @@ refreshed on an unknown ``kid`` at most every ``jwks_min_refresh_seconds``), the
 issuer's OpenID discovery document names (``discovery: true``; looked up again when a JWKS fetch
 fails) or an environment variable holding the HS256 secret.
 
+A token that verified is remembered (keyed on the whole token) until its ``exp`` at the latest, so a
+client that reconnects with the same token skips the signature check; the key it verified with is
+still looked up for every use, exactly as for a new token, and the remembered result counts only if
+that lookup yields the very same key: a JWKS rotation, a removed ``kid`` or a reloaded secret sends the
+token through the full check again.
+
 Refusals raise :class:`TokenError` with a short reason that is safe to show the client. This module
-must never log, store or put into an exception the raw token or the secret.
+must never log or put into an exception the raw token or the secret; the cache of verified tokens
+lives in memory only.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import jwt
+from cachetools import TLRUCache
 from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey, EllipticCurvePublicKey
 from cryptography.hazmat.primitives.asymmetric.ed448 import Ed448PrivateKey, Ed448PublicKey
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -51,6 +59,7 @@ log = logging.getLogger(__name__)
 MAX_TOKEN_BYTES = 16 * 1024
 MAX_JWKS_BYTES = MAX_DOCUMENT_BYTES
 MIN_HS_SECRET_BYTES = 32
+MAX_VERIFIED_TOKENS = 4096
 
 _EC_CURVES = {"ES256": "P-256", "ES384": "P-384", "ES512": "P-521"}
 _OKP_CURVES = ("Ed25519", "Ed448")
@@ -80,6 +89,16 @@ class _Key:
         if alg == "EdDSA":
             return self.kty == "OKP" and isinstance(self.key, (Ed25519PublicKey, Ed448PublicKey))
         return False
+
+
+@dataclass(frozen=True)
+class _Verified:
+    """A token that verified, its header's (alg, kid) and the key it verified with."""
+
+    identity: Identity
+    alg: str
+    kid: str | None
+    key: bytes | PublicKey
 
 
 def _public(key: Any) -> PublicKey:
@@ -219,6 +238,9 @@ class TokenVerifier:
         self._inflight: asyncio.Task[None] | None = None
         # discovery: the jwks_uri of the issuer's discovery document, once fetched.
         self._jwks_uri: str | None = config.jwks_url
+        # token -> what it verified as; an entry expires at the token's exp (on the ``now`` clock).
+        self._verified: TLRUCache[str, _Verified] = TLRUCache(
+            maxsize=MAX_VERIFIED_TOKENS, ttu=lambda _token, v, _now: v.identity.expires_at, timer=now)
 
         sources = [s for s in (config.jwks_file, config.jwks_url, config.hs256_secret_env) if s is not None]
         if len(sources) + config.discovery != 1:
@@ -274,23 +296,25 @@ class TokenVerifier:
 
         May fetch the JWKS URL (in a worker thread) when the cache is stale or the ``kid`` is unknown.
         """
-        alg, kid = self._preparse(token)
+        cached = self._verified.get(token)  # its header needs no second parse (pyjwt's costs ~0.3 ms)
+        alg, kid = (cached.alg, cached.kid) if cached is not None else self._preparse(token)
         key: bytes | PublicKey
         if self._secret is not None:
             key = self._secret
         else:
             key = await self._select_key(alg, kid, allow_fetch=True)
-        return self._decode(token, alg, key)
+        return self._decode_once(token, alg, kid, key, cached)
 
     def verify_cached_keys_only(self, token: str) -> Identity:
         """Like :meth:`verify` but never fetches the JWKS URL: only keys already cached are used.
 
         A JWKS file is still re-read if it changed (that is a local, cheap operation).
         """
-        alg, kid = self._preparse(token)
+        cached = self._verified.get(token)
+        alg, kid = (cached.alg, cached.kid) if cached is not None else self._preparse(token)
         key: bytes | PublicKey = (self._secret if self._secret is not None
                                   else self._pick(self._current_keys(), alg, kid))
-        return self._decode(token, alg, key)
+        return self._decode_once(token, alg, kid, key, cached)
 
     async def prefetch_keys(self) -> int:
         """Load the signing keys now (e.g. at start-up) and return how many are usable."""
@@ -328,6 +352,15 @@ class TokenVerifier:
         if kid is not None and not isinstance(kid, str):
             raise TokenError("malformed token")
         return alg, kid
+
+    def _decode_once(self, token: str, alg: str, kid: str | None, key: bytes | PublicKey,
+                     cached: _Verified | None) -> Identity:
+        """:meth:`_decode`, or what it gave for this very token and key before (``cached``; only until exp)."""
+        if cached is not None and cached.key is key and self._now() < cached.identity.expires_at:
+            return cached.identity
+        identity = self._decode(token, alg, key)
+        self._verified[token] = _Verified(identity, alg, kid, key)
+        return identity
 
     def _decode(self, token: str, alg: str, key: bytes | PublicKey) -> Identity:
         cfg = self._config

@@ -1,24 +1,47 @@
 """Open a session's upstream connection and log in with the proxy's own credential.
 
 The caller's token never goes upstream and the upstream password never goes to the caller: this
-module is the only place that holds the password, and only for the duration of the login.
+module is the only place that holds the password, and only for the duration of the login (the SCRAM
+keys derived from it are kept in memory, see :class:`~pgproxy.protocol.upstream_auth.ScramKeyCache`).
+What every login would otherwise redo is kept for the next one: the derived SCRAM keys and the TLS
+client context.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ssl
 from collections.abc import Mapping
+from pathlib import Path
+
+from cachetools import LRUCache
 
 from ..config import UpstreamConfig
 from ..protocol.codec import ProtocolViolation
 from ..protocol.messages import ErrorResponse, NegotiateProtocolVersion, NoticeResponse, decode_backend
 from ..protocol.startup import PROTOCOL_3_0, SSLRequest, StartupMessage
-from ..protocol.upstream_auth import AuthMessage, UpstreamAuthenticator, UpstreamAuthError
+from ..protocol.upstream_auth import AuthMessage, ScramKeyCache, UpstreamAuthenticator, UpstreamAuthError
 from ..tlsutil import client_context
 from .link import Link, LinkClosed
 
 AUTH_MESSAGE_LIMIT = 64 * 1024
+
+_scram_keys = ScramKeyCache()
+_tls_contexts: LRUCache[tuple[str, Path | None, tuple[int, int] | None], ssl.SSLContext | None] = LRUCache(16)
+
+
+def _client_context(sslmode: str, ca_file: Path | None) -> ssl.SSLContext | None:
+    """The TLS client context for ``sslmode``, built once per CA file version (loading CAs is slow)."""
+    version = None
+    if ca_file is not None:
+        with contextlib.suppress(OSError):  # a missing file fails in client_context, as before
+            st = ca_file.stat()
+            version = (st.st_mtime_ns, st.st_size)
+    key = (sslmode, ca_file, version)
+    if key not in _tls_contexts:
+        _tls_contexts[key] = client_context(sslmode, ca_file)
+    return _tls_contexts[key]
 
 
 class UpstreamRefused(Exception):
@@ -84,7 +107,7 @@ async def connect_upstream(cfg: UpstreamConfig, params: Mapping[str, str], passw
 
 async def _login(link: Link, cfg: UpstreamConfig, params: Mapping[str, str], password: str | None,
                  ) -> list[bytes]:
-    context = client_context(cfg.sslmode, cfg.sslrootcert)
+    context = _client_context(cfg.sslmode, cfg.sslrootcert)
     if context is not None:
         link.write(SSLRequest().encode())
         answer = await link.read_exactly(1)
@@ -93,7 +116,7 @@ async def _login(link: Link, cfg: UpstreamConfig, params: Mapping[str, str], pas
         hostname = cfg.host if cfg.sslmode == "verify-full" else None
         await link.start_tls(context, server_side=False, server_hostname=hostname)
     link.write(StartupMessage(PROTOCOL_3_0, dict(params)).encode())
-    auth = UpstreamAuthenticator(params["user"], password)
+    auth = UpstreamAuthenticator(params["user"], password, _scram_keys)
     notices: list[bytes] = []
     while not auth.done:
         msg_type, body = await link.read_message(AUTH_MESSAGE_LIMIT)

@@ -75,3 +75,23 @@ def test_upstream_tls_verify_full_rejects_wrong_ca(through: Callable[..., tuple[
     expected = "TLS with the upstream database failed: CERTIFICATE_VERIFY_FAILED"
     with pytest.raises(psycopg.OperationalError, match=expected):
         psycopg.connect(conninfo)
+
+
+def test_upstream_tls_ca_file_replaced_takes_effect(through: Callable[..., tuple[Database, str]], tls_files: Any,
+                                                    tmp_path: Path) -> None:
+    # The TLS client context is built once per version of the CA file, not once per process.
+    ca_file = tmp_path / "upstream-ca.pem"
+    ca_file.write_bytes(tls_files.ca_file.read_bytes())  # not the cluster's CA
+    db, conninfo = through(ssl=True, upstream={"sslmode": "verify-full", "sslrootcert": str(ca_file)})
+    expected = "TLS with the upstream database failed: CERTIFICATE_VERIFY_FAILED"
+    with pytest.raises(psycopg.OperationalError, match=expected):
+        psycopg.connect(conninfo)
+    with psycopg.connect(db.dsn(), sslmode="require") as direct:
+        (cluster_ca,) = direct.execute("show ssl_ca_file").fetchone()
+    ca_file.write_bytes(Path(cluster_ca).read_bytes())
+    for _ in range(2):
+        with psycopg.connect(conninfo) as conn:
+            assert conn.execute("select ssl from pg_stat_ssl where pid = pg_backend_pid()").fetchone() == (True,)
+    ca_file.write_bytes(tls_files.ca_file.read_bytes() + b"\n")  # back to the wrong CA
+    with pytest.raises(psycopg.OperationalError, match=expected):
+        psycopg.connect(conninfo)

@@ -26,6 +26,7 @@ from pgproxy.protocol.messages import (
 )
 from pgproxy.protocol.upstream_auth import (
     SCRAM_MECHANISM,
+    ScramKeyCache,
     UpstreamAuthenticator,
     UpstreamAuthError,
     md5_password,
@@ -46,11 +47,12 @@ class ScramServerSide:
     """PostgreSQL's half of SCRAM-SHA-256, with a stored verifier for ``PASSWORD``."""
 
     def __init__(self, password: str = PASSWORD) -> None:
-        mech = scramp.ScramMechanism(SCRAM_MECHANISM)
-        info = mech.make_auth_info(password, iteration_count=4096)
-        self.server = mech.make_server(lambda _username: info)
+        self.mech = scramp.ScramMechanism(SCRAM_MECHANISM)
+        self.info = self.mech.make_auth_info(password, iteration_count=4096)  # a new salt per verifier
 
     def client_first(self, message: bytes) -> bytes:
+        """Start an exchange (a new connection to the same server)."""
+        self.server = self.mech.make_server(lambda _username: self.info)
         initial = SASLInitialResponse.decode(body(message))
         assert initial.mechanism == SCRAM_MECHANISM
         assert initial.data is not None
@@ -277,3 +279,67 @@ def test_unsupported_methods_raise(code: int) -> None:
     assert str(code) in str(exc.value)
     assert PASSWORD not in str(exc.value)
     assert not auth.done
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived SCRAM keys kept per (role, password, salt, iterations)
+
+
+def scram_login(auth: UpstreamAuthenticator, server: ScramServerSide) -> None:
+    """A whole SCRAM exchange that must succeed."""
+    auth.handle(AuthenticationSASLFinal(scram_until_final(auth, server)))
+    auth.handle(AuthenticationOk())
+    assert auth.done
+
+
+def test_scram_keys_are_derived_once_per_verifier(monkeypatch: pytest.MonkeyPatch) -> None:
+    server, other_server = ScramServerSide(), ScramServerSide()  # their verifiers are made before counting
+    derivations: list[int] = []
+    real_pbkdf2 = hashlib.pbkdf2_hmac
+
+    def counting_pbkdf2(name: str, password: bytes, salt: bytes, iterations: int) -> bytes:
+        derivations.append(iterations)
+        return real_pbkdf2(name, password, salt, iterations)
+
+    monkeypatch.setattr(hashlib, "pbkdf2_hmac", counting_pbkdf2)
+    cache = ScramKeyCache()
+    for _ in range(3):  # each exchange has fresh nonces and the server checks each proof
+        scram_login(UpstreamAuthenticator(USER, PASSWORD, cache), server)
+    assert derivations == [4096]
+    assert len(cache) == 1
+    scram_login(UpstreamAuthenticator(USER, PASSWORD, cache), other_server)  # another salt: derived again
+    assert derivations == [4096, 4096]
+
+
+def test_cached_keys_still_check_the_server_signature() -> None:
+    cache = ScramKeyCache()
+    scram_login(UpstreamAuthenticator(USER, PASSWORD, cache), ScramServerSide())
+    auth = UpstreamAuthenticator(USER, PASSWORD, cache)
+    real = ScramServerSide()
+    first = auth.handle(AuthenticationSASL((SCRAM_MECHANISM,)))
+    assert first is not None
+    auth.handle(AuthenticationSASLContinue(real.client_first(first)))
+    with pytest.raises(UpstreamAuthError):
+        auth.handle(AuthenticationSASLFinal(b"v=" + base64.b64encode(hashlib.sha256(b"guess").digest())))
+    with pytest.raises(UpstreamAuthError):
+        auth.handle(AuthenticationOk())
+    assert not auth.done
+
+
+def test_cached_keys_do_not_survive_a_password_change() -> None:
+    cache = ScramKeyCache()
+    scram_login(UpstreamAuthenticator(USER, PASSWORD, cache), ScramServerSide())
+    changed = ScramServerSide("a-new-password")  # the server's role got a new password (new verifier)
+    with pytest.raises(scramp.ScramException):
+        scram_until_final(UpstreamAuthenticator(USER, PASSWORD, cache), changed)
+    scram_login(UpstreamAuthenticator(USER, "a-new-password", cache), changed)  # the new credential works
+
+
+@pytest.mark.parametrize("iterations", [b"1", b"4095", b"10000001", b"x", b""])
+def test_scram_iteration_count_out_of_bounds_raises(iterations: bytes) -> None:
+    auth = UpstreamAuthenticator(USER, PASSWORD)
+    first = auth.handle(AuthenticationSASL((SCRAM_MECHANISM,)))
+    assert first is not None
+    nonce = SASLInitialResponse.decode(body(first)).data.split(b"r=")[1]  # type: ignore[union-attr]
+    with pytest.raises(UpstreamAuthError):
+        auth.handle(AuthenticationSASLContinue(b"r=" + nonce + b"srv,s=c2FsdA==,i=" + iterations))

@@ -726,6 +726,23 @@ async def test_jwks_url_refresh_on_unknown_kid(jwks_server: JWKSServer, es_keys:
     assert jwks_server.hits == 2
 
 
+async def test_remembered_token_follows_the_fetched_keys(jwks_server: JWKSServer, es_keys: DevKeys,
+                                                         tmp_path: Path) -> None:
+    # A token that verified is remembered, but only with the key it verified with: once the provider
+    # drops that key and the cached keys go stale, the next fetch decides, not the remembered result.
+    jwks_server.serve(es_keys)
+    clock = Clock()
+    verifier = url_verifier(jwks_server.url, clock)
+    token = mint(es_keys, now=clock.t, ttl_seconds=3600)
+    assert (await verifier.verify(token)).subject == "alice"
+    jwks_server.serve(generate_dev_keys(tmp_path / "rotated"))
+    clock.t += 299
+    assert (await verifier.verify(token)).subject == "alice"  # the cached keys are still fresh
+    clock.t += 2
+    assert await reason(verifier, token) == "unknown key id"
+    assert jwks_server.hits == 2
+
+
 async def test_jwks_url_min_refresh_interval(jwks_server: JWKSServer, es_keys: DevKeys) -> None:
     jwks_server.serve(es_keys)
     clock = Clock()
