@@ -21,6 +21,7 @@ import jwt
 import pytest
 from harness import proxy_config_data
 
+from pgproxy.app import build_server
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
 from pgproxy.devdb import Database, create_role
@@ -82,7 +83,7 @@ async def login_proxy(database: Database, upstream_roles: str, dev_keys: DevKeys
             mutate(data)
         config = parse_config(data, Path.cwd())
         audit = MemoryAuditSink()
-        server = ProxyServer(config, audit=audit, verifier=TokenVerifier(config.identity, now=clock))
+        server = build_server(config, audit=audit, verifier=TokenVerifier(config.identity, now=clock))
         await server.start()
         started.append(server)
         return LoginProxy(server, audit, database)
