@@ -35,8 +35,8 @@ from .rules import ColumnRule, MaskingRules, load_rules
 from .wire import WireMasker, may_return_rows
 
 if TYPE_CHECKING:
+    from ..core.session import SessionCore as Session
     from ..identity import Identity
-    from ..server.session import Session
 
 log = logging.getLogger(__name__)
 

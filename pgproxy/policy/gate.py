@@ -53,7 +53,7 @@ from .reading import unparsed_error
 from .rules import ApprovalRequirement, Decision, Policy
 
 if TYPE_CHECKING:
-    from ..server.session import Session
+    from ..core.session import SessionCore as Session
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from ..protocol.messages import Bind, ErrorResponse, Execute, FunctionCall, Noti
 from ..protocol.tracker import decode_bind_leniently
 
 if TYPE_CHECKING:
-    from .session import Session
+    from ..core.session import SessionCore as Session
 
 REQUEST_KINDS = {0x51: "query", 0x50: "parse", 0x42: "bind", 0x45: "execute", 0x46: "function"}
 
