@@ -125,7 +125,7 @@ class Session:
                 error = ClientGone()
             except Exception as exc:  # the core ends the session with the right FATAL
                 error = exc
-            if core.state is State.ENDED:  # terminated meanwhile (e.g. the proxy shuts down)
+            if core.ended:  # terminated meanwhile (e.g. the proxy shuts down)
                 steps.close()
                 return False
 
@@ -248,7 +248,7 @@ class Session:
             return
         self._upstream_at = end = start + UPSTREAM_SLICE_BYTES
         self._relay_upstream(rest[start:end])
-        if self.core.state is State.ENDED:
+        if self.core.ended:
             self._upstream_rest = b""
         elif end < len(rest):
             asyncio.get_running_loop().call_soon(self._relay_upstream_slice)
@@ -288,7 +288,7 @@ class Session:
         self._apply_actions()
 
     def _on_upstream_lost(self) -> None:
-        if self._upstream_at < len(self._upstream_rest) and self.core.state is not State.ENDED:
+        if self._upstream_at < len(self._upstream_rest) and not self.core.ended:
             rest, self._upstream_rest = self._upstream_rest[self._upstream_at:], b""  # what the server sent first
             self._relay_upstream(rest)
         self.core.upstream_lost()
