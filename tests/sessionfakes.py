@@ -50,11 +50,13 @@ class FakeClock:
         self.mono += seconds
 
 
-def core_config(**limits: Any) -> ProxyConfig:
+def core_config(*, password_env: str | None = None, **limits: Any) -> ProxyConfig:
+    """A proxy config for one plaintext listener; ``password_env`` holds the upstream password."""
+    credential = {"role": "*"} if password_env is None else {"role": "*", "password_env": password_env}
     return parse_config({
         "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
         "identity": {"issuer": "i", "audience": "a", "algorithms": ["HS256"], "hs256_secret_env": "UNUSED"},
-        "upstream": {"credentials": [{"role": "*"}]},
+        "upstream": {"credentials": [credential]},
         "limits": limits,
     }, Path("."))
 
