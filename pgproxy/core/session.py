@@ -559,22 +559,28 @@ class SessionCore:
         if self.state is not _PUMPING and not self._expect_pumping("client data"):
             return b""
         self.last_activity = self.clock.monotonic()
-        return self._pump_client(data)
-
-    def _pump_client(self, data: bytes | None) -> bytes:
-        """Relay client bytes (None: resume after a hold); returns the output for upstream."""
         try:
-            out = self._front.feed(data) if data is not None else self._front.resume()
-        except ProtocolViolation as exc:
-            self.terminate(exc.sqlstate, str(exc))
-            return b""
-        except _Ended:
-            return b""
-        except Exception:
-            log.exception("session %s: internal error on client data", self.id)
-            self.terminate(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed")
-            return b""
+            out = self._front.feed(data)
+        except Exception as exc:
+            return self._client_failed(exc)
         return b"" if self.state is _ENDED else out
+
+    def _resume_client(self) -> bytes:
+        """Relay what waited behind a held request; returns the output for upstream."""
+        try:
+            out = self._front.resume()
+        except Exception as exc:
+            return self._client_failed(exc)
+        return b"" if self.state is _ENDED else out
+
+    def _client_failed(self, exc: Exception) -> bytes:
+        """End the session on what relaying client bytes raised (unless it ended already)."""
+        if isinstance(exc, ProtocolViolation):
+            self.terminate(exc.sqlstate, str(exc))
+        elif not isinstance(exc, _Ended):
+            log.error("session %s: internal error on client data", self.id, exc_info=exc)
+            self.terminate(errors.INTERNAL_ERROR, "internal error in pgproxy; the session was closed")
+        return b""
 
     def _frontend_handlers(self) -> dict[int, MessageHandler]:
         """Per message type: the tracker's accounting, behind the expiry check and gates for statements."""
@@ -694,7 +700,7 @@ class SessionCore:
         if not self._expect_pumping("a decision"):
             return b""
         self._decided = decision
-        out = self._pump_client(None)
+        out = self._resume_client()
         if not self._front.held:
             self.actions.append(ReleaseClient())
         return out
