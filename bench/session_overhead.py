@@ -23,6 +23,8 @@ from typing import Any
 from pgproxy.audit.events import AuditEmitter
 from pgproxy.audit.sink import JsonLinesAuditSink
 from pgproxy.config import parse_config
+from pgproxy.core.session import State
+from pgproxy.identity import Identity
 from pgproxy.metrics import ProxyMetrics
 from pgproxy.protocol.messages import (
     Bind,
@@ -34,11 +36,13 @@ from pgproxy.protocol.messages import (
     FieldDescription,
     Parse,
     ParseComplete,
+    PasswordMessage,
     Query,
     ReadyForQuery,
     RowDescription,
     Sync,
 )
+from pgproxy.protocol.startup import PROTOCOL_3_0, StartupMessage
 from pgproxy.server.link import Link
 from pgproxy.server.session import Session
 
@@ -108,17 +112,28 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
         from pgproxy.policy.rules import load_policy
 
         gates = (PolicyGate(load_policy(policy), None, metrics=metrics),)
-    server = SimpleNamespace(config=config, gates=gates, audit=AuditEmitter(audit), cancels=None, metrics=metrics)
     client, upstream = Link(), Link()
     client.connection_made(NullTransport())  # type: ignore[arg-type]
     upstream.connection_made(NullTransport())  # type: ignore[arg-type]
-    session = Session(server, client, config.listeners[0])  # type: ignore[arg-type]
-    session.identity = SimpleNamespace(expires_at=time.time() + 3600, subject="bench",  # type: ignore[assignment]
-                                       groups=("agents",), agent_id=None, audit_fields=dict)
-    session.database, session.db_role = "bench", "bench"
-    session._deadline = time.time() + 3600
-    session.upstream = upstream
-    session._start_pumping()
+    identity = Identity(subject="bench", groups=("agents",), db_roles=("bench",), agent_id=None, session_id=None,
+                        tool_call_id=None, token_id="bench", issuer="i", expires_at=time.time() + 3600, claims={})
+
+    async def verify(token: str) -> Identity:
+        return identity
+
+    async def connect(cfg: Any, params: Any, password: str | None) -> tuple[Link, list[bytes]]:
+        return upstream, []
+
+    server = SimpleNamespace(config=config, gates=gates, audit=AuditEmitter(audit), cancels=None, metrics=metrics,
+                             masking=None, sessions=(), verifier=SimpleNamespace(verify=verify),
+                             over_connection_limit=lambda: False, tls_context=lambda listener: None)
+    session = Session(server, client, config.listeners[0], connect=connect)  # type: ignore[arg-type]
+    # The real startup, answered in memory: startup packet, token, upstream login.
+    client.data_received(StartupMessage(PROTOCOL_3_0, {"user": "bench", "database": "bench"}).encode()
+                         + PasswordMessage("token").encode())
+    running = asyncio.ensure_future(session.run())
+    while session.core.state is not State.PUMPING:
+        await asyncio.sleep(0)
     upstream.data_received(ReadyForQuery("I").encode())  # the startup's ReadyForQuery
     front, back = PATTERNS[mode]
     start = time.process_time()
@@ -126,7 +141,9 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
         client.data_received(front)
         upstream.data_received(back)
     elapsed = time.process_time() - start
-    assert session.statements == transactions, (mode, session.statements)
+    assert session.core.statements == transactions, (mode, session.core.statements)
+    session.terminate("57P01", "benchmark done")
+    await running
     audit.close()
     return elapsed / transactions * 1e6
 

@@ -14,11 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
+from ..core.plugins import AuditUnavailable as AuditUnavailable  # raised by every sink
 from .logformat import canonical
-
-
-class AuditUnavailable(Exception):
-    """The audit log cannot be written: statements must not run unrecorded."""
 
 
 class AuditSink(Protocol):

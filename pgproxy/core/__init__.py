@@ -1,1 +1,2 @@
-"""Neutral, sans-I/O core: the plug-in types and the one Statement object each request is read into."""
+"""The neutral, sans-I/O core: the plug-in types, the one Statement each request is read into, and the
+session state machine a connection runs, driven by bytes and events."""

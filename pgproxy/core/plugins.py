@@ -111,3 +111,7 @@ class FrontendGate(Protocol):
     def inspect(self, session: SessionContext[Any], statement: Statement) -> Verdict:
         """None lets the request through; Refuse fails it in place; Hold suspends the stream; Rewrite
         forwards other text."""
+
+
+class AuditUnavailable(Exception):
+    """The audit log cannot be written: statements must not run unrecorded."""

@@ -1,7 +1,7 @@
 """The one ``Statement`` object per statement-bearing request, shared by policy, masking and audit.
 
 The session builds it from the tracker's decoding of the client's bytes (in the client's encoding) and
-the text as the server will read it (``reading``: pgproxy.policy.reading); gates judge it, the tracker's
+the text as the server will read it (``reading``: pgproxy.core.reading); gates judge it, the tracker's
 StatementResult carries it to the audit event. Its pglast parse is done lazily and at most once
 (``tree``); analyses of it are memoized on it (``derive``), so each consumer reads the same parse.
 
@@ -60,7 +60,7 @@ class Statement:
         self.sql = sql  # as the client sent it, decoded; for a FunctionCall: "<function call oid=N>"
         self.statement_name = statement_name  # Parse, Bind, Execute
         self.bind_body = bind_body  # Bind and Execute: the raw Bind message body
-        # ``sql`` as the server reads it under the session's lexer settings (pgproxy.policy.reading), when
+        # ``sql`` as the server reads it under the session's lexer settings (pgproxy.core.reading), when
         # that differs from its default reading; or why the proxy could not read it that way.
         self.reading = reading
         self.reading_error = reading_error

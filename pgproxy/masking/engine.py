@@ -24,9 +24,9 @@ from cachetools import LRUCache
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..core.plugins import Hold, Refuse, Rewrite, SessionContext, Verdict
+from ..core.reading import unparsed_error
 from ..core.statement import SqlSyntaxError, Statement
 from ..policy.classify import analyse_statement, analysed, classify_statement
-from ..policy.reading import unparsed_error
 from ..policy.shape import statement_shape
 from ..protocol import errors
 from ..protocol.messages import RowDescription

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any
 from cachetools import LRUCache
 
 from ..core.plugins import Hold, Refuse, SessionContext, Verdict
+from ..core.reading import unparsed_error
 from ..core.statement import SqlSyntaxError, Statement
 from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
@@ -52,7 +53,6 @@ from .approval_factory import new_request
 from .approval_impact import estimate_impact
 from .approvals import ApprovalRequest, ApprovalStore
 from .classify import Classification, StatementInfo, classify_statement
-from .reading import unparsed_error
 from .rules import ApprovalRequirement, Decision, Policy
 
 if TYPE_CHECKING:

@@ -77,7 +77,7 @@ class StatementResult:
     tags: list[str] = field(default_factory=list)
     error: ErrorResponse | None = None
     refused: bool = False
-    # Filled only when the signed audit log captures results (pgproxy.audit.capture): the last
+    # Filled only when the signed audit log captures results (pgproxy.core.capture): the last
     # RowDescription body, a SHA-256 over every DataRow message as sent, rows seen, the first rows'
     # bodies (up to the configured cap), notices and CopyData bytes sent to the client.
     row_description: bytes | None = None

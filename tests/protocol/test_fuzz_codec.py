@@ -12,22 +12,18 @@ bodies truncated or extended, length words lied about), so the decoders get past
 
 from __future__ import annotations
 
-import asyncio
 import os
 import struct
 import time
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from sessionfakes import fake_server, login, new_core, sent_to_client
 
-from pgproxy.audit.events import AuditEmitter
-from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import parse_config
-from pgproxy.metrics import ProxyMetrics
 from pgproxy.protocol import messages as m
 from pgproxy.protocol.codec import ProtocolViolation
 from pgproxy.protocol.framing import MessageRelay, startup_packet_length
@@ -40,9 +36,6 @@ from pgproxy.protocol.startup import (
     decode_startup,
 )
 from pgproxy.protocol.tracker import ExchangeTracker
-from pgproxy.server.cancel import CancelRegistry
-from pgproxy.server.link import Link
-from pgproxy.server.session import Session
 
 # SQLSTATEs a decoder may attach to a ProtocolViolation.
 DECODER_SQLSTATES = {"08P01", "22021", "54000", "0A000", "28000"}
@@ -358,33 +351,8 @@ def test_tracker_random_traffic(traffic: list[tuple[bool, tuple[int, bytes]]]) -
 
 
 # --------------------------------------------------------------------------------------------------
-# A live Session pump on in-memory transports: hostile bytes end the session with a protocol error
-# (08P01 / 22021 / 54000), never with pgproxy's internal error (XX000)
-
-
-class RecordingTransport:
-    def __init__(self) -> None:
-        self.data = bytearray()
-        self.closed = False
-        self.paused = False
-
-    def write(self, data: bytes) -> None:
-        self.data += data
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return default
-
-    def is_closing(self) -> bool:
-        return self.closed
-
-    def close(self) -> None:
-        self.closed = True
-
-    def pause_reading(self) -> None:
-        self.paused = True
-
-    def resume_reading(self) -> None:
-        self.paused = False
+# A live session core fed hostile bytes: they end the session with a protocol error (08P01 / 22021 /
+# 54000), never with pgproxy's internal error (XX000)
 
 
 _CONFIG = parse_config({
@@ -409,25 +377,19 @@ def _fatal_codes(data: bytes) -> list[str]:
     return codes
 
 
-async def _run_session(client_chunks: list[bytes], server_chunks: list[bytes]) -> tuple[bytes, bool]:
-    server = SimpleNamespace(config=_CONFIG, gates=(), audit=AuditEmitter(MemoryAuditSink()), cancels=CancelRegistry(),
-                             metrics=ProxyMetrics())
-    client, upstream = Link(), Link()
-    client_t, upstream_t = RecordingTransport(), RecordingTransport()
-    client.connection_made(client_t)  # type: ignore[arg-type]
-    upstream.connection_made(upstream_t)  # type: ignore[arg-type]
-    session = Session(server, client, _CONFIG.listeners[0])  # type: ignore[arg-type]
-    session.identity = SimpleNamespace(expires_at=time.time() + 3600)  # type: ignore[assignment]
-    session._deadline = time.time() + 3600
-    session.upstream = upstream
-    session._start_pumping()
-    upstream.data_received(m.ReadyForQuery("I").encode())
+def _run_session(client_chunks: list[bytes], server_chunks: list[bytes]) -> tuple[bytes, bool]:
+    """What the client receives, and whether the session ended, when the core is fed these chunks."""
+    core = new_core(fake_server(_CONFIG))
+    login(core)
+    to_client = bytearray(core.upstream_data(m.ReadyForQuery("I").encode()))
     for i in range(max(len(client_chunks), len(server_chunks))):
-        if i < len(client_chunks) and not client_t.closed:
-            client.data_received(client_chunks[i])
-        if i < len(server_chunks) and not upstream_t.closed:
-            upstream.data_received(server_chunks[i])
-    return bytes(client_t.data), client_t.closed
+        if i < len(client_chunks) and not core.ended:
+            core.client_data(client_chunks[i])
+        if i < len(server_chunks) and not core.ended:
+            to_client += core.upstream_data(server_chunks[i])
+        to_client += sent_to_client(core.actions)
+        core.actions.clear()
+    return bytes(to_client), core.ended
 
 
 def _chunks(messages: list[tuple[int, bytes]], garbage: bytes) -> list[bytes]:
@@ -440,7 +402,7 @@ def _chunks(messages: list[tuple[int, bytes]], garbage: bytes) -> list[bytes]:
        st.binary(max_size=20))
 def test_session_pump_survives_hostile_bytes(client_msgs: list[tuple[int, bytes]],
                                              server_msgs: list[tuple[int, bytes]], garbage: bytes) -> None:
-    out, _ = asyncio.run(_run_session(_chunks(client_msgs, garbage), _chunks(server_msgs, b"")))
+    out, _ = _run_session(_chunks(client_msgs, garbage), _chunks(server_msgs, b""))
     codes = _fatal_codes(out)
     assert "XX000" not in codes, codes
 
@@ -448,12 +410,12 @@ def test_session_pump_survives_hostile_bytes(client_msgs: list[tuple[int, bytes]
 @pytest.mark.parametrize("declared", HUGE_LENGTHS[2:])
 def test_session_pump_refuses_a_gigabyte_message(declared: int) -> None:
     """A client message declaring 1 GB (limit here 4 KiB) ends the session with FATAL 54000 at once."""
-    out, closed = asyncio.run(_run_session([b"Q" + struct.pack("!i", declared)], []))
+    out, closed = _run_session([b"Q" + struct.pack("!i", declared)], [])
     assert closed
     assert _fatal_codes(out) == ["54000" if declared > 4096 else "08P01"]
 
 
 def test_session_pump_invalid_utf8_query_is_22021() -> None:
-    out, closed = asyncio.run(_run_session([frame(ord("Q"), b"select '\xc3\x28'\x00")], []))
+    out, closed = _run_session([frame(ord("Q"), b"select '\xc3\x28'\x00")], [])
     assert closed
     assert _fatal_codes(out) == ["22021"]

@@ -8,7 +8,7 @@ so ordering, pipelining, "skip until Sync" and the transaction's aborted state s
 
 from __future__ import annotations
 
-from ..protocol.messages import Bind, Execute, FunctionCall, Parse, Query
+from .messages import Bind, Execute, FunctionCall, Parse, Query
 
 # Text that fails in the server's parser with a syntax error, whatever the session's state.
 _REFUSED_SQL = "pgproxy refused this statement"

@@ -31,7 +31,7 @@ from cachetools import LRUCache, cached
 
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse
-from .classify import SqlSyntaxError
+from .statement import SqlSyntaxError
 
 # libpg_query parser option: parse as if standard_conforming_strings = off (pg_query.h).
 _DISABLE_STANDARD_CONFORMING_STRINGS = 32
