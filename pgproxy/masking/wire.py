@@ -16,22 +16,21 @@ from __future__ import annotations
 
 import functools
 import re
-import struct
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
 
-from ..protocol.messages import NotificationResponse, RowDescription
+from ..protocol.codec import frame
+from ..protocol.messages import DataRow, NotificationResponse, RowDescription
 from ..protocol.tracker import ExchangeTracker, Kind
+from ..protocol.types import Backend
 from .masks import Mask, MaskKey
 
 if TYPE_CHECKING:
     from .catalog import MaskedSchema
 
-_INT16 = struct.Struct(">h")
-_INT32 = struct.Struct(">i")
 _HIDDEN = "values hidden by pgproxy masking"
 _VALUE_DETAILS = (
     (re.compile(r"^(Failing row contains )\(.*\)(\.?)$", re.S), rf"\1({_HIDDEN})\2"),
@@ -84,10 +83,6 @@ def scrub_fields(body: bytes, encoding: str = "utf-8") -> bytes | None:
                 fields[i] = b"D" + hidden.encode(encoding, "replace")
                 changed = True
     return b"\x00".join(fields) if changed else None
-
-
-def _message(msg_type: bytes, body: bytes) -> bytes:
-    return msg_type + _INT32.pack(len(body) + 4) + body
 
 
 class WireMasker:
@@ -145,34 +140,25 @@ class WireMasker:
         if not self._plan:
             return None
         schema = self._schema()
-        return _message(b"D", mask_row(bytes(body), self._plan, schema.key if schema else None, self.on_masked,
-                                       self.tracker.server_codec))
+        return mask_row(bytes(body), self._plan, schema.key if schema else None, self.on_masked,
+                        self.tracker.server_codec)
 
     def on_error_or_notice(self, msg_type: int, body: memoryview) -> bytes | None:
         scrubbed = scrub_fields(bytes(body), self.tracker.server_codec)
-        return _message(bytes([msg_type]), scrubbed) if scrubbed is not None else None
+        return frame(msg_type, scrubbed) if scrubbed is not None else None
 
     def on_notification(self, body: memoryview) -> bytes | None:
         note = NotificationResponse.decode(body, self.tracker.server_codec)
         if note.channel in self.channels or not note.payload:
             return None
-        return _message(b"A", bytes(body[:4]) + bytes(body[4:]).split(b"\x00", 1)[0] + b"\x00\x00")
+        emptied = bytes(body[:4]) + bytes(body[4:]).split(b"\x00", 1)[0] + b"\x00\x00"
+        return frame(Backend.NOTIFICATION_RESPONSE, emptied)
 
 
 def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[int], None] | None,
              encoding: str = "utf-8") -> bytes:
-    """A DataRow body with the planned columns masked."""
-    count = _INT16.unpack_from(body, 0)[0]
-    pos = 2
-    values: list[bytes | None] = []
-    for _ in range(count):
-        n = _INT32.unpack_from(body, pos)[0]
-        pos += 4
-        if n < 0:
-            values.append(None)
-        else:
-            values.append(body[pos:pos + n])
-            pos += n
+    """The DataRow message (header included) of ``body`` with the planned columns masked."""
+    values = list(DataRow.decode(body).values)
     masked = 0
     for index, mask, text in plan:
         raw = values[index] if index < len(values) else None
@@ -185,8 +171,4 @@ def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[
         masked += 1
     if on_masked is not None and masked:
         on_masked(masked)
-    out = [_INT16.pack(count)]
-    for v in values:
-        out.append(_INT32.pack(-1) if v is None else _INT32.pack(len(v)) + v)
-    return b"".join(out)
-
+    return DataRow(tuple(values)).encode()

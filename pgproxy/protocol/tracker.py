@@ -21,6 +21,8 @@ from typing import Any
 
 from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
+from .types import Backend as B
+from .types import Frontend as F
 
 
 class Kind(Enum):
@@ -44,8 +46,16 @@ _PARSE_OR_BIND = (_PARSE, _BIND)
 
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
-TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHWS")
-TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSFcf")
+TRACKED_BACKEND_TYPES = frozenset({
+    B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.PARAMETER_DESCRIPTION, B.ROW_DESCRIPTION, B.NO_DATA,
+    B.COMMAND_COMPLETE, B.EMPTY_QUERY_RESPONSE, B.PORTAL_SUSPENDED, B.ERROR_RESPONSE, B.READY_FOR_QUERY,
+    B.FUNCTION_CALL_RESPONSE, B.COPY_IN_RESPONSE, B.COPY_OUT_RESPONSE, B.COPY_BOTH_RESPONSE, B.PARAMETER_STATUS,
+})
+TRACKED_FRONTEND_TYPES = frozenset({
+    F.QUERY, F.PARSE, F.BIND, F.DESCRIBE, F.EXECUTE, F.CLOSE, F.SYNC, F.FUNCTION_CALL, F.COPY_DONE, F.COPY_FAIL,
+})
+_SYNC_TYPE = int(F.SYNC)
+_STATEMENT = ord("S")  # Describe and Close name a statement ('S') or a portal ('P')
 _TRANSACTION_STATES = frozenset(b"ITE")
 
 
@@ -220,16 +230,19 @@ class ExchangeTracker:
         self._copy_end_seq = 0
         self._seq = 1  # 0: the startup exchange
         self.frontend_handlers: dict[int, Callable[[memoryview], None]] = {
-            0x42: self._bind, 0x45: self._execute, 0x50: self._parse_request, 0x53: self._sync,
-            0x44: self._describe, 0x51: self._query, 0x43: self._close, 0x46: self._function_call,
-            0x63: self._copy_end, 0x66: self._copy_end,
+            F.BIND: self._bind, F.EXECUTE: self._execute, F.PARSE: self._parse_request, F.SYNC: self._sync,
+            F.DESCRIBE: self._describe, F.QUERY: self._query, F.CLOSE: self._close,
+            F.FUNCTION_CALL: self._function_call, F.COPY_DONE: self._copy_end, F.COPY_FAIL: self._copy_end,
         }
         self.backend_handlers: dict[int, Callable[[memoryview], bytes | None]] = {
-            0x31: self._parse_complete, 0x32: self._bind_or_close_complete, 0x33: self._bind_or_close_complete,
-            0x74: _ignore, 0x54: self._row_description, 0x6E: self._no_data, 0x43: self._command_complete,
-            0x49: self._execute_done, 0x73: self._execute_done, 0x45: self._error, 0x5A: self._ready_for_query,
-            0x56: _ignore, 0x47: self._copy_in_response, 0x48: _ignore, 0x57: _ignore,
-            0x53: self._parameter_status,
+            B.PARSE_COMPLETE: self._parse_complete, B.BIND_COMPLETE: self._bind_or_close_complete,
+            B.CLOSE_COMPLETE: self._bind_or_close_complete, B.PARAMETER_DESCRIPTION: _ignore,
+            B.ROW_DESCRIPTION: self._row_description, B.NO_DATA: self._no_data,
+            B.COMMAND_COMPLETE: self._command_complete, B.EMPTY_QUERY_RESPONSE: self._execute_done,
+            B.PORTAL_SUSPENDED: self._execute_done, B.ERROR_RESPONSE: self._error,
+            B.READY_FOR_QUERY: self._ready_for_query, B.FUNCTION_CALL_RESPONSE: _ignore,
+            B.COPY_IN_RESPONSE: self._copy_in_response, B.COPY_OUT_RESPONSE: _ignore,
+            B.COPY_BOTH_RESPONSE: _ignore, B.PARAMETER_STATUS: self._parameter_status,
         }
 
     @property
@@ -254,23 +267,23 @@ class ExchangeTracker:
     def peek(self, msg_type: int, body: memoryview) -> tuple[str, str | None, bytes | None]:
         """(sql, statement name, raw Bind body) a Query/Parse/Bind/Execute/FunctionCall refers to,
         read without changing any state (gates look before the tracker records)."""
-        if msg_type == 0x51:
+        if msg_type == F.QUERY:
             return self._query_text(body), None, None
-        if msg_type == 0x50:
+        if msg_type == F.PARSE:
             name, query, _ = self._parse(bytes(body))
             return query, name, None
-        if msg_type == 0x42:
+        if msg_type == F.BIND:
             raw = bytes(body)
             _, pos = _cstring(raw, 0, self.codec)
             statement, _ = _cstring(raw, pos, self.codec)
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
-        if msg_type == 0x45:
+        if msg_type == F.EXECUTE:
             portal = self.portals.get(_cstring(bytes(body), 0, self.codec)[0])
             if portal is None:
                 return "", None, None
             return portal.sql, portal.statement_name, portal.bind_body
-        if msg_type == 0x46:
+        if msg_type == F.FUNCTION_CALL:
             return f"<function call oid={FunctionCall.decode(body).function_oid}>", None, None
         raise ValueError(f"message type {chr(msg_type)!r} names no statement")
 
@@ -299,14 +312,14 @@ class ExchangeTracker:
 
     def _ignored_by_server(self, msg_type: int) -> bool:
         """While the server skips to Sync or copies in, decide whether it will ignore this request."""
-        if self._client_in_copy or msg_type != 0x53:
+        if self._client_in_copy or msg_type != _SYNC_TYPE:
             self.last_request = None
             return True
         self._skipping = False  # this Sync ends the skipping
         return False
 
     def _bind(self, body: memoryview) -> None:  # the hottest request: keep the raw body, decode names only
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x42):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.BIND):
             return
         raw = bytes(body)
         portal_name, pos = _cstring(raw, 0, self.codec)
@@ -321,7 +334,7 @@ class ExchangeTracker:
         self._push(Pending(_BIND, None, time.perf_counter(), portal=portal))
 
     def _execute(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x45):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.EXECUTE):
             return
         unnamed = body and body[0] == 0 and self.codec is not None  # skips copying the body
         found = self.portals.get("" if unnamed else _cstring(bytes(body), 0, self.codec)[0])
@@ -334,7 +347,7 @@ class ExchangeTracker:
         self._push(Pending(_EXECUTE, result, time.perf_counter()))
 
     def _parse_request(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x50):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.PARSE):
             return
         name, query, types = self._parse(bytes(body))
         self._inflight[name] = query
@@ -371,12 +384,12 @@ class ExchangeTracker:
         return cached
 
     def _sync(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x53):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.SYNC):
             return
         self._push(Pending(_SYNC))
 
     def _describe(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x44):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.DESCRIBE):
             return
         raw = bytes(body)
         if raw[:1] == b"S":
@@ -392,19 +405,19 @@ class ExchangeTracker:
         self._push(Pending(_DESCRIBE, statement_name=statement))
 
     def _query(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x51):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.QUERY):
             return
         sql = self._query_text(body)
         self._push(Pending(_QUERY, StatementResult("simple", sql, time.time()), time.perf_counter()))
 
     def _close(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x43):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.CLOSE):
             return
         raw = bytes(body)
         if not raw or raw[0] not in b"SP":
             raise ProtocolViolation("invalid Close message")
         name, _ = _cstring(raw, 1, self.codec)
-        if raw[0] == 0x53:
+        if raw[0] == _STATEMENT:
             self.statements.pop(name, None)
             self._described_statements.discard(name)
         else:
@@ -413,7 +426,7 @@ class ExchangeTracker:
         self._push(Pending(_CLOSE))
 
     def _function_call(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x46):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.FUNCTION_CALL):
             return
         oid = FunctionCall.decode(body).function_oid
         self._push(Pending(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time()),
