@@ -23,6 +23,7 @@ from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
 from .types import Backend as B
 from .types import Frontend as F
+from .types import backend_name
 
 
 class Kind(Enum):
@@ -43,6 +44,7 @@ _EXECUTE, _CLOSE, _SYNC, _FUNCTION = Kind.EXECUTE, Kind.CLOSE, Kind.SYNC, Kind.F
 # Requests that end with ReadyForQuery.
 _SYNC_POINTS = (_QUERY, _SYNC, _FUNCTION)  # tuples, not sets: membership by identity, no Enum.__hash__
 _PARSE_OR_BIND = (_PARSE, _BIND)
+_BIND_OR_CLOSE = (_BIND, _CLOSE)  # BindComplete and CloseComplete are accepted for either
 
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
@@ -61,6 +63,22 @@ _TRANSACTION_STATES = frozenset(b"ITE")
 
 _PARSE_CACHE_LIMIT = 1024
 _PARSE_CACHE_MAX_BODY = 4096  # bytes: the cache holds at most ~4 MiB per session
+
+
+class Desync(ProtocolViolation):
+    """The server sent a response that no outstanding request accounts for.
+
+    From then on the proxy cannot tell which statement an answer belongs to -- and the audit record,
+    masking plan and refusal of each statement depend on that -- so the session must end.
+    """
+
+    def __init__(self, msg_type: int, expected: Kind | None, outstanding: int, transaction_status: str) -> None:
+        awaited = f"an answer to {expected.name}" if expected is not None else "no answer"
+        super().__init__(f"protocol desync: the server sent {backend_name(msg_type)} while {awaited} was due "
+                         f"({outstanding} request(s) outstanding, transaction status {transaction_status})")
+        self.msg_type = msg_type
+        self.expected = expected
+        self.outstanding = outstanding
 
 
 @dataclass(slots=True)
@@ -198,13 +216,14 @@ class ExchangeTracker:
     through the same maps for callers that have a type byte in hand.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_desync: Callable[[], None] | None = None) -> None:
         self.queue: deque[Pending] = deque()
+        # Called (to count it) just before a Desync is raised.
+        self.on_desync = on_desync
         self.statements: dict[str, str] = {}
         self.portals: dict[str, _Portal] = {}
         self.finished: list[StatementResult] = []
         self.transaction_status = "I"
-        self.desyncs = 0
         # The entry the last frontend message created (None when it created none).
         self.last_request: Pending | None = None
         # The statement whose Describe the last RowDescription/NoData answered (None: a portal or none).
@@ -235,8 +254,8 @@ class ExchangeTracker:
             F.FUNCTION_CALL: self._function_call, F.COPY_DONE: self._copy_end, F.COPY_FAIL: self._copy_end,
         }
         self.backend_handlers: dict[int, Callable[[memoryview], bytes | None]] = {
-            B.PARSE_COMPLETE: self._parse_complete, B.BIND_COMPLETE: self._bind_or_close_complete,
-            B.CLOSE_COMPLETE: self._bind_or_close_complete, B.PARAMETER_DESCRIPTION: _ignore,
+            B.PARSE_COMPLETE: self._parse_complete, B.BIND_COMPLETE: self._bind_complete,
+            B.CLOSE_COMPLETE: self._close_complete, B.PARAMETER_DESCRIPTION: _ignore,
             B.ROW_DESCRIPTION: self._row_description, B.NO_DATA: self._no_data,
             B.COMMAND_COMPLETE: self._command_complete, B.EMPTY_QUERY_RESPONSE: self._execute_done,
             B.PORTAL_SUSPENDED: self._execute_done, B.ERROR_RESPONSE: self._error,
@@ -439,12 +458,19 @@ class ExchangeTracker:
 
     # ------------------------------------------------------------------------------------------ backend
 
-    def _pop_expected(self, kinds: tuple[Kind, ...]) -> None:
+    def _pop_expected(self, kinds: tuple[Kind, ...], msg_type: int) -> None:
         queue = self.queue
         if queue and queue[0].kind in kinds:
             self._finish(queue.popleft())
         else:
-            self.desyncs += 1
+            raise self._desync(msg_type)
+
+    def _desync(self, msg_type: int) -> Desync:
+        """The error ending the session for an unaccounted response (counted through ``on_desync``)."""
+        queue = self.queue
+        if self.on_desync is not None:
+            self.on_desync()
+        return Desync(msg_type, queue[0].kind if queue else None, len(queue), self.transaction_status)
 
     def _parse_complete(self, body: memoryview) -> None:
         queue = self.queue
@@ -452,10 +478,13 @@ class ExchangeTracker:
             head = queue[0]
             self.statements[head.statement_name or ""] = head.sql or ""
             self._forget_inflight(head)
-        self._pop_expected((_PARSE,))
+        self._pop_expected((_PARSE,), B.PARSE_COMPLETE)
 
-    def _bind_or_close_complete(self, body: memoryview) -> None:
-        self._pop_expected((_BIND, _CLOSE))
+    def _bind_complete(self, body: memoryview) -> None:
+        self._pop_expected(_BIND_OR_CLOSE, B.BIND_COMPLETE)
+
+    def _close_complete(self, body: memoryview) -> None:
+        self._pop_expected(_BIND_OR_CLOSE, B.CLOSE_COMPLETE)
 
     def _row_description(self, body: memoryview) -> None:
         """Ends a Describe; for a Query or Execute it only announces the rows."""
@@ -464,18 +493,14 @@ class ExchangeTracker:
             self.last_described = queue.popleft().statement_name
 
     def _no_data(self, body: memoryview) -> None:
-        self._pop_expected((_DESCRIBE,))
+        self._pop_expected((_DESCRIBE,), B.NO_DATA)
 
     def _command_complete(self, body: memoryview) -> None:
         queue = self.queue
-        if not queue:
-            self.desyncs += 1
-            return
-        head = queue[0]
-        result = head.result
+        result = queue[0].result if queue else None
         if result is None:
-            self.desyncs += 1
-            return
+            raise self._desync(B.COMMAND_COMPLETE)
+        head = queue[0]
         try:
             result.tags.append(str(body[:-1], self.server_codec))
         except UnicodeDecodeError as exc:
@@ -498,7 +523,7 @@ class ExchangeTracker:
             self._ready_seq = ready.seq
             self._finish(ready)
         else:
-            self.desyncs += 1
+            raise self._desync(B.READY_FOR_QUERY)
 
     def note_run(self) -> None:
         """The request just tracked runs a statement (Bind plans it, Execute, Query and a fast-path call

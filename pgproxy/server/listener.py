@@ -266,6 +266,7 @@ class ProxyServer:
     def _accepted(self, listener: ListenerConfig) -> Callable[[Link], None]:
         def on_made(link: Link) -> None:
             session = Session(self, link, listener)
+            session.tracker.on_desync = self.metrics.protocol_desync
             self.sessions.add(session)
             self.metrics.connection_opened(listener)
             task = asyncio.get_running_loop().create_task(self._run(session))

@@ -36,6 +36,7 @@ from pgproxy.protocol.messages import (
 from pgproxy.protocol.tracker import (
     TRACKED_BACKEND_TYPES,
     TRACKED_FRONTEND_TYPES,
+    Desync,
     ExchangeTracker,
     Kind,
     Pending,
@@ -144,7 +145,6 @@ def test_startup_ready_for_query_consumes_the_seeded_sync() -> None:
     c.server(AuthenticationOk(), parameter_status("client_encoding", "UTF8"), BackendKeyData(1, 2),
              ready("I"))
     assert c.t.idle
-    assert c.t.desyncs == 0
     assert c.t.transaction_status == "I"
     assert c.done() == []
 
@@ -194,7 +194,6 @@ def test_simple_query_with_several_statements() -> None:
     assert res.duration_ms >= 0
     assert res.started_at > 0
     assert c.t.idle
-    assert c.t.desyncs == 0
 
 
 def test_simple_query_without_row_counts() -> None:
@@ -251,7 +250,7 @@ def test_empty_query_response_in_simple_query() -> None:
     assert res.tags == []
     assert res.rows is None
     assert res.error is None
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_copy_from_stdin_in_a_simple_query() -> None:
@@ -266,7 +265,7 @@ def test_copy_from_stdin_in_a_simple_query() -> None:
     assert res.sql == "COPY t FROM STDIN"
     assert res.tags == ["COPY 3"]
     assert res.rows == 3
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_copy_to_stdout_in_a_simple_query() -> None:
@@ -324,7 +323,6 @@ def test_extended_query_with_parameters() -> None:
     c.server(ready("I"))
     assert c.t.idle
     assert c.done() == []
-    assert c.t.desyncs == 0
 
 
 def test_pipelined_executes_before_one_sync() -> None:
@@ -350,7 +348,7 @@ def test_pipelined_executes_before_one_sync() -> None:
     ]
     assert [r.tags for r in results] == [["INSERT 0 1"], ["INSERT 0 1"], ["UPDATE 7"]]
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_several_batches_pipelined() -> None:
@@ -361,7 +359,7 @@ def test_several_batches_pipelined() -> None:
     assert not c.t.idle
     c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("SELECT 1"), ready("I"))
     assert [r.sql for r in c.done()] == ["SELECT 1", "SELECT 2"]
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_error_in_the_middle_of_an_extended_pipeline() -> None:
@@ -385,14 +383,13 @@ def test_error_in_the_middle_of_an_extended_pipeline() -> None:
     assert c.t.idle
     assert c.t.transaction_status == "E"
     assert c.done() == []  # the skipped requests produce nothing
-    assert c.t.desyncs == 0
 
     # The next batch works normally.
     c.client(Parse("", "SELECT 4"), Bind("", ""), Execute(""), Sync())
     c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("SELECT 1"), ready("I"))
     (res,) = c.done()
     assert res.sql == "SELECT 4" and res.error is None and res.tags == ["SELECT 1"]
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_error_on_execute_finishes_the_execute() -> None:
@@ -405,7 +402,7 @@ def test_error_on_execute_finishes_the_execute() -> None:
     assert res.error is not None and res.error.sqlstate == "22012"
     assert res.tags == []
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
     assert c.done() == []
 
 
@@ -418,7 +415,7 @@ def test_error_on_bind_is_reported_with_its_parameters() -> None:
     assert res.params == (b"abc",)
     assert res.error is not None and res.error.sqlstate == "22P02"
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_requests_sent_after_an_error_but_before_the_sync_are_skipped_too() -> None:
@@ -431,7 +428,6 @@ def test_requests_sent_after_an_error_but_before_the_sync_are_skipped_too() -> N
     c.client(Parse("", "SELECT 2"), Bind("", ""), Execute(""), Sync())
     c.server(ready("I"))  # the only answer the server gives to these four messages
     assert c.t.idle
-    assert c.t.desyncs == 0
     assert c.done() == []
     c.client(Query("SELECT 3"))
     c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
@@ -511,7 +507,7 @@ def test_named_prepared_statement_reused_and_closed() -> None:
     assert "get_user" not in c.t.statements
     assert "p1" not in c.t.portals
     c.server(CLOSE_COMPLETE, CLOSE_COMPLETE, ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
     assert c.done() == []
 
 
@@ -541,7 +537,7 @@ def test_describe_statement_with_rows() -> None:
     c.server(rowdesc("a", "b"))
     assert [p.kind for p in c.t.queue] == [Kind.SYNC]
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
     assert c.done() == []
 
 
@@ -549,7 +545,7 @@ def test_describe_statement_without_rows() -> None:
     c = Conversation()
     c.client(Parse("s", "UPDATE t SET a = $1"), describe("S", "s"), Sync())
     c.server(PARSE_COMPLETE, parameter_description((INT4,)), NO_DATA, ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_describe_portal_then_execute() -> None:
@@ -558,7 +554,7 @@ def test_describe_portal_then_execute() -> None:
     c.server(PARSE_COMPLETE, BIND_COMPLETE, NO_DATA, CommandComplete("DELETE 4"), ready("I"))
     (res,) = c.done()
     assert res.sql == "DELETE FROM t" and res.rows == 4
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_describe_of_unknown_statement_fails_and_skips_to_sync() -> None:
@@ -567,7 +563,7 @@ def test_describe_of_unknown_statement_fails_and_skips_to_sync() -> None:
     c.server(err("26000", 'prepared statement "missing" does not exist'))
     assert [p.kind for p in c.t.queue] == [Kind.SYNC]
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_portal_suspended_with_max_rows() -> None:
@@ -584,7 +580,7 @@ def test_portal_suspended_with_max_rows() -> None:
     (last,) = c.done()
     assert last.tags == ["SELECT 1"] and last.rows == 1
     c.server(ready("T"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
     assert c.t.transaction_status == "T"
 
 
@@ -595,7 +591,7 @@ def test_empty_query_in_extended_protocol() -> None:
     (res,) = c.done()
     assert res.sql == "" and res.tags == [] and res.error is None
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_copy_from_stdin_in_extended_protocol() -> None:
@@ -606,7 +602,7 @@ def test_copy_from_stdin_in_extended_protocol() -> None:
     c.server(CommandComplete("COPY 1"), ready("I"))
     (res,) = c.done()
     assert res.sql == "COPY t FROM STDIN" and res.rows == 1
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_copy_from_stdin_in_extended_protocol_libpq_style() -> None:
@@ -621,7 +617,6 @@ def test_copy_from_stdin_in_extended_protocol_libpq_style() -> None:
     (res,) = c.done()
     assert res.sql == "COPY t FROM STDIN" and res.rows == 2
     assert c.t.idle
-    assert c.t.desyncs == 0
     # The following statement is still paired with its own response.
     c.client(Query("SELECT 1"))
     c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
@@ -644,7 +639,7 @@ def test_sync_alone() -> None:
     c.client(Sync())
     assert not c.t.idle
     c.server(ready("I"))
-    assert c.t.idle and c.done() == [] and c.t.desyncs == 0
+    assert c.t.idle and c.done() == []
 
 
 def test_error_at_sync_commit_is_absorbed() -> None:
@@ -654,7 +649,7 @@ def test_error_at_sync_commit_is_absorbed() -> None:
     c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("INSERT 0 1"))
     assert len(c.done()) == 1
     c.server(err("23503", "violates foreign key constraint"), ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 # --------------------------------------------------------------------------------------------------
@@ -672,7 +667,7 @@ def test_function_call() -> None:
     assert res.protocol == "function"
     assert "1598" in res.sql
     assert res.error is None
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_function_call_error() -> None:
@@ -688,18 +683,23 @@ def test_function_call_error() -> None:
 # Robustness
 
 
-def test_unexpected_responses_count_as_desyncs_and_do_not_crash() -> None:
+@pytest.mark.parametrize("response", [ready("I"), PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA,
+                                      CommandComplete("SELECT 1").encode()], ids="Z 1 2 3 n C".split())
+def test_a_response_to_no_request_is_a_desync(response: Any) -> None:
+    counted: list[None] = []
     c = Conversation()
-    c.server(ready("I"))
-    assert c.t.desyncs == 1
-    c.server(PARSE_COMPLETE)
-    assert c.t.desyncs == 2
-    c.server(BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA)
-    assert c.t.desyncs == 5
-    # Messages that have nothing to attach to are ignored without error.
-    assert c.server(CommandComplete("SELECT 1"), EMPTY_QUERY, PORTAL_SUSPENDED, rowdesc("a"),
-                    parameter_description(()), function_result(None), copy_in(0, ()),
-                    err()) == [None] * 8
+    c.t.on_desync = lambda: counted.append(None)
+    with pytest.raises(Desync) as info:
+        c.server(response)
+    assert info.value.sqlstate == "08P01" and info.value.expected is None and info.value.outstanding == 0
+    assert "no answer was due" in str(info.value)
+    assert counted == [None]
+
+
+def test_messages_with_nothing_to_attach_to_are_ignored() -> None:
+    c = Conversation()
+    assert c.server(EMPTY_QUERY, PORTAL_SUSPENDED, rowdesc("a"), parameter_description(()), function_result(None),
+                    copy_in(0, ()), err()) == [None] * 7
     assert c.t.idle
     assert c.done() == []
 
@@ -707,13 +707,22 @@ def test_unexpected_responses_count_as_desyncs_and_do_not_crash() -> None:
 def test_wrong_kind_at_head_is_a_desync() -> None:
     c = Conversation()
     c.client(Execute(""), Sync())
-    c.server(PARSE_COMPLETE)  # an Execute cannot be answered by ParseComplete
-    assert c.t.desyncs == 1
-    c.server(NO_DATA)
-    assert c.t.desyncs == 2
+    with pytest.raises(Desync, match="PARSE_COMPLETE") as info:
+        c.server(PARSE_COMPLETE)  # an Execute cannot be answered by ParseComplete
+    assert info.value.expected is Kind.EXECUTE and info.value.outstanding == 2
     assert len(c.t.queue) == 2  # nothing was popped
-    c.server(ready("I"))  # the Execute is not a sync point
-    assert c.t.desyncs == 3
+    with pytest.raises(Desync, match="READY_FOR_QUERY"):
+        c.server(ready("I"))  # the Execute is not a sync point
+    with pytest.raises(Desync, match="NO_DATA"):
+        c.server(NO_DATA)
+
+
+def test_command_complete_for_a_request_that_runs_nothing_is_a_desync() -> None:
+    c = Conversation()
+    c.client(Parse("s", "SELECT 1"), Sync())
+    with pytest.raises(Desync, match="COMMAND_COMPLETE") as info:
+        c.server(CommandComplete("SELECT 1"))
+    assert info.value.expected is Kind.PARSE
 
 
 def test_invalid_ready_for_query_is_a_protocol_violation() -> None:
@@ -797,7 +806,7 @@ def test_refusal_in_extended_protocol() -> None:
     (res,) = c.done()
     assert res.refused and res.sql == "SELECT 1/0"
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_refusal_of_a_bind() -> None:
@@ -813,7 +822,7 @@ def test_refusal_of_a_bind() -> None:
     assert res.params == (b"secret-id",)
     assert res.error is not None and res.error.sqlstate == "42501"
     c.server(ready("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_refusal_spliced_into_the_backend_stream_by_the_relay() -> None:
