@@ -684,7 +684,7 @@ def test_function_call_error() -> None:
 
 
 @pytest.mark.parametrize("response", [ready("I"), PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA,
-                                      CommandComplete("SELECT 1").encode()], ids="Z 1 2 3 n C".split())
+                                      CommandComplete("SELECT 1").encode()], ids=["Z", "1", "2", "3", "n", "C"])
 def test_a_response_to_no_request_is_a_desync(response: Any) -> None:
     counted: list[None] = []
     c = Conversation()
