@@ -14,11 +14,11 @@ so the audit log only ever sees what the client sees.
 
 from __future__ import annotations
 
-import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from cachetools import LRUCache, cached
 from pglast import ast, parse_sql
 from pglast.parser import ParseError
 
@@ -46,7 +46,7 @@ _ROW_STATEMENTS = (ast.SelectStmt, ast.VariableShowStmt, ast.FetchStmt, ast.Expl
 _RETURNING_STATEMENTS = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(LRUCache(maxsize=4096))
 def may_return_rows(sql: str) -> bool:
     """Whether running ``sql`` may send DataRows (a query, SHOW, FETCH, EXPLAIN, EXECUTE, CALL, RETURNING);
     a text that does not parse may."""

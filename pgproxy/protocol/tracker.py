@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+from cachetools import LRUCache
+
 from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
 from .types import Backend as B
@@ -238,7 +240,7 @@ class ExchangeTracker:
         self._described_portals: set[str] = set()
         self._ready_seq = 0  # the last request a ReadyForQuery answered (0: the startup)
         self._last_run_seq = -1  # the last request that ran a statement (note_run)
-        self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
+        self._parse_cache: LRUCache[bytes, tuple[str, str, tuple[int, ...]]] = LRUCache(_PARSE_CACHE_LIMIT)
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
         self._inflight: dict[str, str] = {}
@@ -386,20 +388,20 @@ class ExchangeTracker:
 
     def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
         """(statement name, query text, parameter type OIDs) of a Parse body; decoded once per body."""
-        cached = self._parse_cache.get(raw)
-        if cached is None:
-            if self.codec == "utf-8":
-                parse = Parse.decode(raw)  # full validation the first time
-            else:  # strings in the client's encoding; the rest validated as usual
-                name, pos = _cstring(raw, 0, self.codec)
-                query, pos = _cstring(raw, pos, self.codec)
-                parse = Parse.decode(b"\0\0" + raw[pos:])
-                parse = Parse(name, query, parse.param_types)
-            cached = (parse.name, parse.query, parse.param_types)
-            if len(raw) <= _PARSE_CACHE_MAX_BODY:  # big one-off statements are not worth keeping
-                if len(self._parse_cache) >= _PARSE_CACHE_LIMIT:
-                    self._parse_cache.clear()
-                self._parse_cache[raw] = cached
+        try:
+            return self._parse_cache[raw]  # item access: LRUCache.get costs twice as much
+        except KeyError:
+            pass
+        if self.codec == "utf-8":
+            parse = Parse.decode(raw)  # full validation the first time
+        else:  # strings in the client's encoding; the rest validated as usual
+            name, pos = _cstring(raw, 0, self.codec)
+            query, pos = _cstring(raw, pos, self.codec)
+            parse = Parse.decode(b"\0\0" + raw[pos:])
+            parse = Parse(name, query, parse.param_types)
+        cached = (parse.name, parse.query, parse.param_types)
+        if len(raw) <= _PARSE_CACHE_MAX_BODY:  # big one-off statements are not worth keeping
+            self._parse_cache[raw] = cached
         return cached
 
     def _sync(self, body: memoryview) -> None:

@@ -839,3 +839,16 @@ def test_refusal_spliced_into_the_backend_stream_by_the_relay() -> None:
     assert out == notice + refusal.encode() + idle
     (res,) = c.done()
     assert res.refused
+
+
+def test_parse_cache_keeps_the_most_recent_bodies_within_its_bound() -> None:
+    c = Conversation()
+    for i in range(1100):
+        c.client(Parse(f"s{i}", f"SELECT {i}"))
+    cache = c.t._parse_cache
+    assert len(cache) == cache.maxsize == 1024
+    assert Parse("s1099", "SELECT 1099").encode()[5:] in cache
+    assert Parse("s0", "SELECT 0").encode()[5:] not in cache  # the least recently used went first
+    big = Parse("big", "SELECT '" + "x" * 5000 + "'")
+    assert c.t.peek(Frontend.PARSE, memoryview(big.encode())[5:])[1] == "big"
+    assert big.encode()[5:] not in cache  # one-off big statements are not kept
