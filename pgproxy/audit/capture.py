@@ -16,7 +16,7 @@ import hashlib
 from typing import Any
 
 from ..protocol.codec import ProtocolViolation, header
-from ..protocol.messages import BindFields, DataRow, NoticeResponse, RowDescription, param_formats
+from ..protocol.messages import BindFields, NoticeResponse, RowDescription, param_formats, row_values
 from ..protocol.tracker import ExchangeTracker, Kind, StatementResult
 from ..protocol.types import Backend
 
@@ -136,7 +136,7 @@ def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: boo
         rows = []
         for raw in r.sample_rows:
             try:
-                values = DataRow.decode(raw).values
+                values = row_values(raw)
             except ProtocolViolation:
                 continue
             rows.append([audit_value(v, formats[i] if i < len(formats) else 0, encoding)

@@ -23,7 +23,7 @@ from pglast import ast, parse_sql
 from pglast.parser import ParseError
 
 from ..protocol.codec import frame
-from ..protocol.messages import DataRow, NotificationResponse, RowDescription
+from ..protocol.messages import NotificationResponse, RowDescription, row_values, values_body
 from ..protocol.tracker import ExchangeTracker, Kind
 from ..protocol.types import Backend
 from .masks import Mask, MaskKey
@@ -31,6 +31,7 @@ from .masks import Mask, MaskKey
 if TYPE_CHECKING:
     from .catalog import MaskedSchema
 
+_DATA_ROW = Backend.DATA_ROW  # bound once: an enum attribute lookup costs more than the framing
 _HIDDEN = "values hidden by pgproxy masking"
 _VALUE_DETAILS = (
     (re.compile(r"^(Failing row contains )\(.*\)(\.?)$", re.S), rf"\1({_HIDDEN})\2"),
@@ -158,7 +159,7 @@ class WireMasker:
 def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[int], None] | None,
              encoding: str = "utf-8") -> bytes:
     """The DataRow message (header included) of ``body`` with the planned columns masked."""
-    values = list(DataRow.decode(body).values)
+    values = row_values(body)
     masked = 0
     for index, mask, text in plan:
         raw = values[index] if index < len(values) else None
@@ -171,4 +172,4 @@ def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[
         masked += 1
     if on_masked is not None and masked:
         on_masked(masked)
-    return DataRow(tuple(values)).encode()
+    return frame(_DATA_ROW, values_body(values))
