@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
-from cachetools import LRUCache
+from cachetools import FIFOCache
 
 from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
@@ -58,7 +58,10 @@ TRACKED_BACKEND_TYPES = frozenset({
 TRACKED_FRONTEND_TYPES = frozenset({
     F.QUERY, F.PARSE, F.BIND, F.DESCRIBE, F.EXECUTE, F.CLOSE, F.SYNC, F.FUNCTION_CALL, F.COPY_DONE, F.COPY_FAIL,
 })
-_SYNC_TYPE = int(F.SYNC)
+# Bound once: looking a member up on its enum class costs several times an int comparison.
+_SYNC_TYPE = F.SYNC
+_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE, _NO_DATA = (
+    B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.NO_DATA)
 _STATEMENT = ord("S")  # Describe and Close name a statement ('S') or a portal ('P')
 _TRANSACTION_STATES = frozenset(b"ITE")
 
@@ -240,7 +243,8 @@ class ExchangeTracker:
         self._described_portals: set[str] = set()
         self._ready_seq = 0  # the last request a ReadyForQuery answered (0: the startup)
         self._last_run_seq = -1  # the last request that ran a statement (note_run)
-        self._parse_cache: LRUCache[bytes, tuple[str, str, tuple[int, ...]]] = LRUCache(_PARSE_CACHE_LIMIT)
+        # First in, first out: a hit costs one lookup (an LRU cache also reorders on every hit).
+        self._parse_cache: FIFOCache[bytes, tuple[str, str, tuple[int, ...]]] = FIFOCache(_PARSE_CACHE_LIMIT)
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
         self._inflight: dict[str, str] = {}
@@ -389,7 +393,7 @@ class ExchangeTracker:
     def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
         """(statement name, query text, parameter type OIDs) of a Parse body; decoded once per body."""
         try:
-            return self._parse_cache[raw]  # item access: LRUCache.get costs twice as much
+            return self._parse_cache[raw]  # item access: the cache's get() costs twice as much
         except KeyError:
             pass
         if self.codec == "utf-8":
@@ -480,13 +484,13 @@ class ExchangeTracker:
             head = queue[0]
             self.statements[head.statement_name or ""] = head.sql or ""
             self._forget_inflight(head)
-        self._pop_expected((_PARSE,), B.PARSE_COMPLETE)
+        self._pop_expected((_PARSE,), _PARSE_COMPLETE)
 
     def _bind_complete(self, body: memoryview) -> None:
-        self._pop_expected(_BIND_OR_CLOSE, B.BIND_COMPLETE)
+        self._pop_expected(_BIND_OR_CLOSE, _BIND_COMPLETE)
 
     def _close_complete(self, body: memoryview) -> None:
-        self._pop_expected(_BIND_OR_CLOSE, B.CLOSE_COMPLETE)
+        self._pop_expected(_BIND_OR_CLOSE, _CLOSE_COMPLETE)
 
     def _row_description(self, body: memoryview) -> None:
         """Ends a Describe; for a Query or Execute it only announces the rows."""
@@ -495,7 +499,7 @@ class ExchangeTracker:
             self.last_described = queue.popleft().statement_name
 
     def _no_data(self, body: memoryview) -> None:
-        self._pop_expected((_DESCRIBE,), B.NO_DATA)
+        self._pop_expected((_DESCRIBE,), _NO_DATA)
 
     def _command_complete(self, body: memoryview) -> None:
         queue = self.queue

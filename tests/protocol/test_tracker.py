@@ -848,7 +848,7 @@ def test_parse_cache_keeps_the_most_recent_bodies_within_its_bound() -> None:
     cache = c.t._parse_cache
     assert len(cache) == cache.maxsize == 1024
     assert Parse("s1099", "SELECT 1099").encode()[5:] in cache
-    assert Parse("s0", "SELECT 0").encode()[5:] not in cache  # the least recently used went first
+    assert Parse("s0", "SELECT 0").encode()[5:] not in cache  # the oldest went first
     big = Parse("big", "SELECT '" + "x" * 5000 + "'")
     assert c.t.peek(Frontend.PARSE, memoryview(big.encode())[5:])[1] == "big"
     assert big.encode()[5:] not in cache  # one-off big statements are not kept
