@@ -59,6 +59,7 @@ TRACKED_FRONTEND_TYPES = frozenset({
     F.QUERY, F.PARSE, F.BIND, F.DESCRIBE, F.EXECUTE, F.CLOSE, F.SYNC, F.FUNCTION_CALL, F.COPY_DONE, F.COPY_FAIL,
 })
 # Bound once: looking a member up on its enum class costs several times an int comparison.
+_QUERY_MSG, _PARSE_MSG, _BIND_MSG, _EXECUTE_MSG, _FUNCTION_MSG = F.QUERY, F.PARSE, F.BIND, F.EXECUTE, F.FUNCTION_CALL
 _SYNC_TYPE = F.SYNC
 _PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE, _NO_DATA = (
     B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.NO_DATA)
@@ -292,23 +293,23 @@ class ExchangeTracker:
     def peek(self, msg_type: int, body: memoryview) -> tuple[str, str | None, bytes | None]:
         """(sql, statement name, raw Bind body) a Query/Parse/Bind/Execute/FunctionCall refers to,
         read without changing any state (gates look before the tracker records)."""
-        if msg_type == F.QUERY:
+        if msg_type == _QUERY_MSG:
             return self._query_text(body), None, None
-        if msg_type == F.PARSE:
+        if msg_type == _PARSE_MSG:
             name, query, _ = self._parse(bytes(body))
             return query, name, None
-        if msg_type == F.BIND:
+        if msg_type == _BIND_MSG:
             raw = bytes(body)
             _, pos = _cstring(raw, 0, self.codec)
             statement, _ = _cstring(raw, pos, self.codec)
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
-        if msg_type == F.EXECUTE:
+        if msg_type == _EXECUTE_MSG:
             portal = self.portals.get(_cstring(bytes(body), 0, self.codec)[0])
             if portal is None:
                 return "", None, None
             return portal.sql, portal.statement_name, portal.bind_body
-        if msg_type == F.FUNCTION_CALL:
+        if msg_type == _FUNCTION_MSG:
             return f"<function call oid={FunctionCall.decode(body).function_oid}>", None, None
         raise ValueError(f"message type {chr(msg_type)!r} names no statement")
 
