@@ -26,42 +26,42 @@ from pgproxy.config import parse_config
 from pgproxy.core.session import State
 from pgproxy.identity import Identity
 from pgproxy.metrics import ProxyMetrics
+from pgproxy.protocol.codec import frame
 from pgproxy.protocol.messages import (
     Bind,
-    BindComplete,
     CommandComplete,
     DataRow,
-    Describe,
     Execute,
     FieldDescription,
     Parse,
-    ParseComplete,
     PasswordMessage,
     Query,
-    ReadyForQuery,
     RowDescription,
     Sync,
 )
 from pgproxy.protocol.startup import PROTOCOL_3_0, StartupMessage
+from pgproxy.protocol.types import Backend, Frontend
 from pgproxy.server.link import Link
 from pgproxy.server.session import Session
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1;"
 ROW_DESCRIPTION = RowDescription((FieldDescription("abalance", 16384, 3, 23, 4, -1, 0),)).encode()
 ROW = DataRow((b"0",)).encode()
-DONE = CommandComplete("SELECT 1").encode() + ReadyForQuery("I").encode()
+DONE = CommandComplete("SELECT 1").encode() + frame(Backend.READY_FOR_QUERY, b"I")
+DESCRIBE_PORTAL = frame(Frontend.DESCRIBE, b"P\x00")
+PARSE_COMPLETE, BIND_COMPLETE = frame(Backend.PARSE_COMPLETE, b""), frame(Backend.BIND_COMPLETE, b"")
 
 # (client bytes, server bytes) for one transaction in each pgbench mode.
 PATTERNS: dict[str, tuple[bytes, bytes]] = {
     "simple": (Query(SQL.replace("$1", "12345")).encode(), ROW_DESCRIPTION + ROW + DONE),
     "extended": (
-        Parse("", SQL).encode() + Bind("", "", (0,), (b"12345",), (0,)).encode() + Describe("P", "").encode()
+        Parse("", SQL).encode() + Bind("", "", (0,), (b"12345",), (0,)).encode() + DESCRIBE_PORTAL
         + Execute("", 0).encode() + Sync().encode(),
-        ParseComplete().encode() + BindComplete().encode() + ROW_DESCRIPTION + ROW + DONE,
+        PARSE_COMPLETE + BIND_COMPLETE + ROW_DESCRIPTION + ROW + DONE,
     ),
     "prepared": (
         Bind("", "P0_1", (0,), (b"12345",), (0,)).encode() + Execute("", 0).encode() + Sync().encode(),
-        BindComplete().encode() + ROW + DONE,
+        BIND_COMPLETE + ROW + DONE,
     ),
 }
 
@@ -134,7 +134,7 @@ async def measure(mode: str, transactions: int, audit_dir: Path, policy: Path | 
     running = asyncio.ensure_future(session.run())
     while session.core.state is not State.PUMPING:
         await asyncio.sleep(0)
-    upstream.data_received(ReadyForQuery("I").encode())  # the startup's ReadyForQuery
+    upstream.data_received(frame(Backend.READY_FOR_QUERY, b"I"))  # the startup's ReadyForQuery
     front, back = PATTERNS[mode]
     start = time.process_time()
     for _ in range(transactions):

@@ -103,6 +103,8 @@ class ProxyMetrics:
                            "(the proxy's own credential), lost (connection ended mid-session).", ["kind"],
                            registry=r)
         self._upstream_errors = {k: upstream.labels(k) for k in UPSTREAM_ERRORS}
+        self._desyncs = Counter("pgproxy_protocol_desyncs", "Server messages that answered no outstanding "
+                                "request (the session was ended with a protocol violation).", registry=r)
         self._audit_write = Histogram("pgproxy_audit_write_seconds", "Time to write (and sync, per the fsync "
                                       "policy) one batch of audit records.", buckets=AUDIT_WRITE_BUCKETS, registry=r)
         self._audit_pending = Gauge("pgproxy_audit_pending_records", "Audit records accepted but not yet written "
@@ -135,6 +137,10 @@ class ProxyMetrics:
     def upstream_error(self, kind: str) -> None:
         """One of UPSTREAM_ERRORS."""
         self._upstream_errors[kind].inc()
+
+    def protocol_desync(self) -> None:
+        """The request tracking of a session lost step with its server (pgproxy.protocol.tracker.Desync)."""
+        self._desyncs.inc()
 
     def config_reloaded(self, ok: bool) -> None:
         """Count a reload; a successful one also stamps the config's load time."""

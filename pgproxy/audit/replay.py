@@ -24,7 +24,9 @@ from pydantic import ValidationError
 
 from ..config import UpstreamConfig
 from ..masking.rewrite import Rewritten
+from ..protocol.codec import header
 from ..protocol.messages import Bind, CommandComplete, ErrorResponse, Execute, Parse, Query, Sync, Terminate
+from ..protocol.types import Backend
 from ..schema import error_lines
 from ..server.link import Link
 from ..server.upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
@@ -107,15 +109,15 @@ class _Conn:
         tags: list[str] = []
         while True:
             msg_type, body = await self.link.read_message(MESSAGE_LIMIT)
-            if msg_type == 0x44:
-                digest.update(b"D" + (len(body) + 4).to_bytes(4, "big"))
+            if msg_type == Backend.DATA_ROW:
+                digest.update(header(Backend.DATA_ROW, len(body)))
                 digest.update(body)
                 rows += 1
-            elif msg_type == 0x43:
+            elif msg_type == Backend.COMMAND_COMPLETE:
                 tags.append(CommandComplete.decode(body).tag)
-            elif msg_type == 0x45 and error is None:
+            elif msg_type == Backend.ERROR_RESPONSE and error is None:
                 error = ErrorResponse.decode(body)
-            elif msg_type == 0x5A:
+            elif msg_type == Backend.READY_FOR_QUERY:
                 return _Ran(digest.hexdigest(), rows, error, tags)
 
     async def simple(self, sql: str) -> _Ran:

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import struct
 from typing import Any
 
-from ..protocol.codec import ProtocolViolation
-from ..protocol.messages import BindFields, DataRow, NoticeResponse, RowDescription, param_formats
+from ..protocol.codec import ProtocolViolation, header
+from ..protocol.messages import BindFields, NoticeResponse, RowDescription, param_formats, row_values
 from ..protocol.tracker import ExchangeTracker, Kind, StatementResult
+from ..protocol.types import Backend
 
 MAX_VALUE_BYTES = 4096
-_DATAROW_HEADER = struct.Struct(">Bi").pack
+_DATA_ROW = Backend.DATA_ROW
 _EXECUTING = (Kind.QUERY, Kind.EXECUTE, Kind.FUNCTION)
 
 
@@ -61,7 +61,7 @@ class ResultCapture:
             r.sample_rows = []
             if r.row_description is None and r.statement_name is not None:
                 r.row_description = self._described.get(r.statement_name)
-        digest.update(_DATAROW_HEADER(0x44, len(body) + 4))
+        digest.update(header(_DATA_ROW, len(body)))
         digest.update(body)
         if r.rows_sent < self.max_rows:
             r.sample_rows.append(bytes(body))  # type: ignore[union-attr]
@@ -136,7 +136,7 @@ def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: boo
         rows = []
         for raw in r.sample_rows:
             try:
-                values = DataRow.decode(raw).values
+                values = row_values(raw)
             except ProtocolViolation:
                 continue
             rows.append([audit_value(v, formats[i] if i < len(formats) else 0, encoding)

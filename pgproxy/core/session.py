@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..config import ConfigError, ListenerConfig, UpstreamConfig
 from ..metrics import ProxyMetrics
 from ..protocol import errors
-from ..protocol.codec import ProtocolViolation
+from ..protocol.codec import ProtocolViolation, frame
 from ..protocol.framing import HOLD, MessageHandler, MessageRelay
 from ..protocol.messages import (
     AuthenticationCleartextPassword,
@@ -55,6 +55,7 @@ from ..protocol.tracker import (
     StatementResult,
     bind_fields_leniently,
 )
+from ..protocol.types import Backend, Frontend
 from .capture import ResultCapture, audit_value, result_fields
 from .plugins import AuditUnavailable, FrontendGate, Hold, Refuse, Rewrite, Verdict
 from .reading import is_lexer_neutral, server_reading
@@ -71,10 +72,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("pgproxy.server.session")
 
 PASSWORD_MESSAGE_LIMIT = 64 * 1024
-_STATEMENT_TYPES = frozenset(b"QPEF")
-_GATED_TYPES = frozenset(b"QPBEF")
-_TEXT_TYPES = (0x51, 0x50)  # Query, Parse: carry statement text the server lexes
-_PARSE = 0x50
+_QUERY, _PARSE, _BIND, _EXECUTE = Frontend.QUERY, Frontend.PARSE, Frontend.BIND, Frontend.EXECUTE
+_STATEMENT_TYPES = frozenset((_QUERY, _PARSE, _EXECUTE, Frontend.FUNCTION_CALL))
+_GATED_TYPES = _STATEMENT_TYPES | {_BIND}
+_TEXT_TYPES = (_QUERY, _PARSE)  # carry statement text the server lexes
+_ERROR = Backend.ERROR_RESPONSE
 _UNDECIDED = object()
 TOKEN_EXPIRY = "token expiry"  # the one timer a session sets
 
@@ -297,7 +299,7 @@ class SessionCore:
         self.identity: Identity | None = None
         self.database = ""  # the upstream database and role this session logged in to (set at login)
         self.db_role = ""
-        self.tracker = ExchangeTracker()
+        self.tracker = ExchangeTracker(on_desync=server.metrics.protocol_desync)
         self.started_at = clock.time()
         self.statements = 0
         self.expired = False
@@ -440,7 +442,7 @@ class SessionCore:
             yield SendClient(NegotiateProtocolVersion(PROTOCOL_3_0, tuple(startup.protocol_options)).encode())
         yield SendClient(AuthenticationCleartextPassword().encode())
         msg_type, body = yield ReadMessage(PASSWORD_MESSAGE_LIMIT)
-        if msg_type != ord("p"):
+        if msg_type != Frontend.PASSWORD:
             raise ProtocolViolation(f"expected password response, got message type {chr(msg_type)!r}")
         token = AuthenticationResponse.decode(body).password()
         verified = yield VerifyToken(token)
@@ -537,8 +539,10 @@ class SessionCore:
     def _start_pumping(self) -> None:
         if self.server.audit.capture_results:  # the signed audit log records results
             capture = ResultCapture(self.tracker, self.server.audit.max_result_rows)
-            for msg_type, hook in ((0x54, capture.on_row_description), (0x44, capture.on_data_row),
-                                   (0x4E, capture.on_notice), (0x64, capture.on_copy_data)):
+            for msg_type, hook in ((Backend.ROW_DESCRIPTION, capture.on_row_description),
+                                   (Backend.DATA_ROW, capture.on_data_row),
+                                   (Backend.NOTICE_RESPONSE, capture.on_notice),
+                                   (Backend.COPY_DATA, capture.on_copy_data)):
                 self._backend_hooks.setdefault(msg_type, []).append(hook)
             self._capturing = True
         self._front.handlers.update(self._frontend_handlers())
@@ -581,7 +585,7 @@ class SessionCore:
         checked = _STATEMENT_TYPES | (_GATED_TYPES if self.gates else frozenset())
         for msg_type in checked:
             handlers[msg_type] = functools.partial(self._on_statement_request, msg_type, tracked[msg_type])
-        handlers[0x58] = self._on_terminate
+        handlers[Frontend.TERMINATE] = self._on_terminate
         return handlers
 
     def _on_statement_request(self, msg_type: int, track: Callable[[memoryview], None],
@@ -631,7 +635,7 @@ class SessionCore:
                 return Statement(msg_type, sql, statement_name, bind_body, reading_error=exc)
             return Statement(msg_type, sql, statement_name, bind_body, reading if reading != sql else None)
         prepared = tracker.readings.get(statement_name or "") if tracker.readings else None
-        described = msg_type != 0x45 or tracker.portal_described(body)
+        described = msg_type != _EXECUTE or tracker.portal_described(body)
         return Statement(msg_type, sql, statement_name, bind_body, prepared, described=described)
 
     def _judge(self, msg_type: int, body: memoryview, first_gate: int) -> tuple[Verdict, Statement | None]:
@@ -777,12 +781,13 @@ class SessionCore:
     def _backend_handlers(self) -> dict[int, MessageHandler]:
         """Per message type: tracking, FATAL detection, credential scrubbing, cancel keys, then hooks."""
         handlers: dict[int, MessageHandler] = dict(self.tracker.backend_handlers)
-        handlers[0x45] = self._on_error_response
-        for msg_type in (0x53, 0x4E, 0x41):  # ParameterStatus, NoticeResponse, NotificationResponse
+        handlers[_ERROR] = self._on_error_response
+        scrubbed: tuple[int, ...] = (Backend.PARAMETER_STATUS, Backend.NOTICE_RESPONSE, Backend.NOTIFICATION_RESPONSE)
+        for msg_type in scrubbed:
             scrub = functools.partial(self._scrub_body, msg_type)
             tracked = handlers.get(msg_type)
             handlers[msg_type] = scrub if tracked is None else functools.partial(_chain, tracked, scrub)
-        handlers[0x4B] = self._on_backend_key_data
+        handlers[Backend.BACKEND_KEY_DATA] = self._on_backend_key_data
         for msg_type, hooks in self._backend_hooks.items():
             for hook in hooks:
                 first = handlers.get(msg_type)
@@ -790,18 +795,18 @@ class SessionCore:
         return handlers
 
     def _on_error_response(self, body: memoryview) -> bytes | None:
-        replacement = self.tracker.backend_handlers[0x45](body)
+        replacement = self.tracker.backend_handlers[_ERROR](body)
         raw = bytes(body)  # errors are rare: copying is affordable
         if b"SFATAL\x00" in raw or b"SPANIC\x00" in raw:
             self._upstream_fatal = True
-        return replacement if replacement is not None else self._scrub_body(0x45, body)
+        return replacement if replacement is not None else self._scrub_body(_ERROR, body)
 
     def _scrub_body(self, msg_type: int, body: memoryview) -> bytes | None:
         """The message without the upstream password, or None if it does not contain it."""
         raw = bytes(body)
         if not self._secret or self._secret not in raw:
             return None
-        return self._scrub(bytes([msg_type]) + (len(raw) + 4).to_bytes(4, "big") + raw)
+        return self._scrub(frame(msg_type, raw))
 
     def _on_backend_key_data(self, body: memoryview) -> bytes:
         """Keep the upstream pid, hand the client a secret key of our own."""
@@ -816,7 +821,7 @@ class SessionCore:
         if not self._secret or self._secret not in message[5:]:
             return message
         body = message[5:].replace(self._secret, b"********")
-        return message[:1] + (len(body) + 4).to_bytes(4, "big") + body
+        return frame(message[0], body)
 
     # ------------------------------------------------------------------------------------- termination
 
@@ -946,7 +951,7 @@ class SessionCore:
 
 def _statement_bytes(msg_type: int, body: memoryview) -> bytes:
     """The statement text's bytes in a Query or Parse body, as sent (no decoding)."""
-    if msg_type == 0x51:
+    if msg_type == _QUERY:
         return bytes(body)
     raw = bytes(body)
     start = raw.find(0) + 1

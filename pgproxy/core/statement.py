@@ -19,12 +19,14 @@ from pglast.parser import ParseError
 
 from ..protocol.messages import Bind
 from ..protocol.tracker import decode_bind_leniently
+from ..protocol.types import Frontend
 
 T = TypeVar("T")
 Tree = tuple[Any, ...]  # pglast RawStmt nodes, one per statement of the text
 
-REQUEST_KINDS = {0x51: "query", 0x50: "parse", 0x42: "bind", 0x45: "execute", 0x46: "function"}
-_FUNCTION = 0x46
+REQUEST_KINDS: dict[int, str] = {Frontend.QUERY: "query", Frontend.PARSE: "parse", Frontend.BIND: "bind",
+                                  Frontend.EXECUTE: "execute", Frontend.FUNCTION_CALL: "function"}
+_FUNCTION = Frontend.FUNCTION_CALL
 
 
 class SqlSyntaxError(Exception):

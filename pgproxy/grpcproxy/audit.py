@@ -20,10 +20,12 @@ from ..http.audit import headers_record, redact_json, scrubbed
 from ..http.jsonmask import JsonPath, mask_json
 from .descriptors import to_json
 
+_UNCOMPRESSED = b"\x00"  # the gRPC message prefix's compressed-flag byte
 
-def frame(data: bytes) -> bytes:
-    """The gRPC length prefix of an uncompressed message."""
-    return b"\x00" + len(data).to_bytes(4, "big")
+
+def length_prefix(data: bytes) -> bytes:
+    """The gRPC length prefix of an uncompressed message (gRPC framing, not the PostgreSQL protocol's)."""
+    return _UNCOMPRESSED + len(data).to_bytes(4, "big")
 
 
 class StreamTap:
@@ -39,7 +41,7 @@ class StreamTap:
     def feed(self, data: bytes) -> None:
         self.count += 1
         self.size += len(data)
-        self._digest.update(frame(data))
+        self._digest.update(length_prefix(data))
         self._digest.update(data)
 
     def copy(self) -> StreamTap:

@@ -31,6 +31,7 @@ from ..policy.shape import statement_shape
 from ..protocol import errors
 from ..protocol.messages import RowDescription
 from ..protocol.tracker import Kind, StatementResult
+from ..protocol.types import Backend, Frontend
 from ..upstream_login import upstream_dsn
 from .catalog import CatalogCache, CatalogSnapshot, MaskedSchema, resolve
 from .masks import MaskKey
@@ -48,7 +49,7 @@ log = logging.getLogger(__name__)
 
 REWRITE_CACHE_SIZE = 4096
 SCHEMA_CACHE_SIZE = 256
-_QUERY, _PARSE, _EXECUTE, _FUNCTION = 0x51, 0x50, 0x45, 0x46
+_QUERY, _PARSE, _EXECUTE, _FUNCTION = Frontend.QUERY, Frontend.PARSE, Frontend.EXECUTE, Frontend.FUNCTION_CALL
 
 
 def refusal(reason: str) -> Refuse:
@@ -176,16 +177,16 @@ class SessionMasking:
 
     def install(self) -> None:
         s = self.session
-        s.add_backend_hook(0x54, self.wire.on_row_description)
-        s.add_backend_hook(0x54, self._on_row_description)
-        s.add_backend_hook(0x45, functools.partial(self.wire.on_error_or_notice, 0x45))
-        s.add_backend_hook(0x4E, functools.partial(self.wire.on_error_or_notice, 0x4E))
-        s.add_backend_hook(0x41, self.wire.on_notification)
-        s.add_backend_hook(0x5A, self._on_ready)
+        s.add_backend_hook(Backend.ROW_DESCRIPTION, self.wire.on_row_description)
+        s.add_backend_hook(Backend.ROW_DESCRIPTION, self._on_row_description)
+        for msg_type in (Backend.ERROR_RESPONSE, Backend.NOTICE_RESPONSE):
+            s.add_backend_hook(msg_type, functools.partial(self.wire.on_error_or_notice, msg_type))
+        s.add_backend_hook(Backend.NOTIFICATION_RESPONSE, self.wire.on_notification)
+        s.add_backend_hook(Backend.READY_FOR_QUERY, self._on_ready)
         asyncio.ensure_future(self._load()).add_done_callback(_ignore_result)  # read the catalog early
 
     def _hook_rows(self) -> None:
-        self.session.add_backend_hook(0x44, self.wire.on_data_row, first=True)  # before result capture
+        self.session.add_backend_hook(Backend.DATA_ROW, self.wire.on_data_row, first=True)  # before result capture
 
     def current_schema(self) -> MaskedSchema | None:
         """The masked schema for the current catalog (the last known one while a reload is pending)."""

@@ -14,24 +14,24 @@ so the audit log only ever sees what the client sees.
 
 from __future__ import annotations
 
-import functools
 import re
-import struct
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
+from cachetools import LRUCache, cached
 from pglast import ast
 
 from ..core.statement import SqlSyntaxError, parse
-from ..protocol.messages import NotificationResponse, RowDescription
+from ..protocol.codec import frame
+from ..protocol.messages import NotificationResponse, RowDescription, row_values, values_body
 from ..protocol.tracker import ExchangeTracker, Kind
+from ..protocol.types import Backend
 from .masks import Mask, MaskKey
 
 if TYPE_CHECKING:
     from .catalog import MaskedSchema
 
-_INT16 = struct.Struct(">h")
-_INT32 = struct.Struct(">i")
+_DATA_ROW = Backend.DATA_ROW  # bound once: an enum attribute lookup costs more than the framing
 _HIDDEN = "values hidden by pgproxy masking"
 _VALUE_DETAILS = (
     (re.compile(r"^(Failing row contains )\(.*\)(\.?)$", re.S), rf"\1({_HIDDEN})\2"),
@@ -47,7 +47,7 @@ _ROW_STATEMENTS = (ast.SelectStmt, ast.VariableShowStmt, ast.FetchStmt, ast.Expl
 _RETURNING_STATEMENTS = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
 
 
-@functools.lru_cache(maxsize=4096)
+@cached(LRUCache(maxsize=4096))
 def may_return_rows(sql: str) -> bool:
     """Whether running ``sql`` may send DataRows (a query, SHOW, FETCH, EXPLAIN, EXECUTE, CALL, RETURNING);
     a text that does not parse may."""
@@ -84,10 +84,6 @@ def scrub_fields(body: bytes, encoding: str = "utf-8") -> bytes | None:
                 fields[i] = b"D" + hidden.encode(encoding, "replace")
                 changed = True
     return b"\x00".join(fields) if changed else None
-
-
-def _message(msg_type: bytes, body: bytes) -> bytes:
-    return msg_type + _INT32.pack(len(body) + 4) + body
 
 
 class WireMasker:
@@ -145,34 +141,25 @@ class WireMasker:
         if not self._plan:
             return None
         schema = self._schema()
-        return _message(b"D", mask_row(bytes(body), self._plan, schema.key if schema else None, self.on_masked,
-                                       self.tracker.server_codec))
+        return mask_row(bytes(body), self._plan, schema.key if schema else None, self.on_masked,
+                        self.tracker.server_codec)
 
     def on_error_or_notice(self, msg_type: int, body: memoryview) -> bytes | None:
         scrubbed = scrub_fields(bytes(body), self.tracker.server_codec)
-        return _message(bytes([msg_type]), scrubbed) if scrubbed is not None else None
+        return frame(msg_type, scrubbed) if scrubbed is not None else None
 
     def on_notification(self, body: memoryview) -> bytes | None:
         note = NotificationResponse.decode(body, self.tracker.server_codec)
         if note.channel in self.channels or not note.payload:
             return None
-        return _message(b"A", bytes(body[:4]) + bytes(body[4:]).split(b"\x00", 1)[0] + b"\x00\x00")
+        emptied = bytes(body[:4]) + bytes(body[4:]).split(b"\x00", 1)[0] + b"\x00\x00"
+        return frame(Backend.NOTIFICATION_RESPONSE, emptied)
 
 
 def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[int], None] | None,
              encoding: str = "utf-8") -> bytes:
-    """A DataRow body with the planned columns masked."""
-    count = _INT16.unpack_from(body, 0)[0]
-    pos = 2
-    values: list[bytes | None] = []
-    for _ in range(count):
-        n = _INT32.unpack_from(body, pos)[0]
-        pos += 4
-        if n < 0:
-            values.append(None)
-        else:
-            values.append(body[pos:pos + n])
-            pos += n
+    """The DataRow message (header included) of ``body`` with the planned columns masked."""
+    values = row_values(body)
     masked = 0
     for index, mask, text in plan:
         raw = values[index] if index < len(values) else None
@@ -185,8 +172,4 @@ def mask_row(body: bytes, plan: Plan, key: MaskKey | None, on_masked: Callable[[
         masked += 1
     if on_masked is not None and masked:
         on_masked(masked)
-    out = [_INT16.pack(count)]
-    for v in values:
-        out.append(_INT32.pack(-1) if v is None else _INT32.pack(len(v)) + v)
-    return b"".join(out)
-
+    return frame(_DATA_ROW, values_body(values))

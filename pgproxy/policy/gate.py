@@ -48,6 +48,7 @@ from ..core.statement import SqlSyntaxError, Statement
 from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
+from ..protocol.types import Frontend
 from ..upstream_login import upstream_dsn
 from .approval_factory import new_request
 from .approval_impact import estimate_impact
@@ -63,8 +64,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_CACHED_DECISIONS = 2048  # per session
-_KIND_QUERY, _KIND_PARSE, _KIND_EXECUTE, _KIND_FUNCTION = 0x51, 0x50, 0x45, 0x46
-_KIND_BIND = 0x42
+_KIND_QUERY, _KIND_PARSE, _KIND_EXECUTE = Frontend.QUERY, Frontend.PARSE, Frontend.EXECUTE
+_KIND_FUNCTION, _KIND_BIND = Frontend.FUNCTION_CALL, Frontend.BIND
 _JUDGED = frozenset({_KIND_QUERY, _KIND_BIND, _KIND_FUNCTION})
 
 

@@ -1,7 +1,7 @@
 """Low-level helpers for encoding and decoding PostgreSQL v3 wire-protocol message bodies.
 
 Pure code (no I/O): :class:`ProtocolViolation` is the one error every decoder raises; :class:`Reader`
-is a bounds-checked cursor over a message body; :func:`cstr`, :func:`msg` and friends build bodies.
+is a bounds-checked cursor over a message body; :func:`cstr` and friends build bodies, :func:`frame` adds the header.
 All integers on the wire are big-endian (network byte order).
 """
 
@@ -24,8 +24,9 @@ __all__ = [
     "Reader",
     "as_bytes",
     "cstr",
+    "frame",
+    "header",
     "invalid_utf8",
-    "msg",
     "nullable",
     "type_name",
 ]
@@ -42,7 +43,7 @@ INT16: Final = struct.Struct(">h")
 UINT16: Final = struct.Struct(">H")
 INT32: Final = struct.Struct(">i")
 UINT32: Final = struct.Struct(">I")
-_HEADER: Final = struct.Struct(">cI")
+_HEADER_PACK: Final = struct.Struct(">BI").pack
 _NULL: Final = b"\xff\xff\xff\xff"
 _INT32_UNPACK_FROM: Final = INT32.unpack_from
 # Compiled array formats by (code, count): formatting and looking up a struct string per call is slow.
@@ -285,6 +286,14 @@ def nullable(value: bytes | None) -> bytes:
     return INT32.pack(len(value)) + value
 
 
-def msg(type_byte: bytes, body: bytes) -> bytes:
-    """Full wire message: the type byte, the Int32 length (body + 4), then ``body``."""
-    return _HEADER.pack(type_byte, len(body) + 4) + body
+def header(msg_type: int, body_length: int) -> bytes:
+    """The 5-byte header of a message whose body is ``body_length`` bytes (digests hash it apart)."""
+    return _HEADER_PACK(msg_type, body_length + 4)
+
+
+def frame(msg_type: int, body: Buffer) -> bytes:
+    """Full wire message: the type byte, the Int32 length (body + 4), then ``body``.
+
+    The one place a message header is built; ``msg_type`` is a :mod:`~pgproxy.protocol.types` member.
+    """
+    return _HEADER_PACK(msg_type, len(body) + 4) + body

@@ -1,23 +1,24 @@
 """Typed PostgreSQL v3 protocol messages (sans-I/O).
 
-One frozen dataclass per message. ``encode()`` returns the full wire message (type byte, Int32
-length, body); ``decode(body)`` parses the body that follows the 5-byte header and raises
-:class:`~pgproxy.protocol.codec.ProtocolViolation` on anything malformed (truncation, trailing bytes,
-bad lengths, invalid UTF-8, invalid enum values). :func:`decode_frontend` and :func:`decode_backend`
-dispatch on the type byte. Message formats follow the PostgreSQL "Message Formats" documentation.
+One frozen dataclass per message the proxy builds or reads as a whole; every other message is relayed
+by type byte and length only (:mod:`~pgproxy.protocol.types`, :func:`~pgproxy.protocol.codec.frame`).
+``encode()`` returns the full wire message (type byte, Int32 length, body); ``decode(body)`` parses the
+body that follows the 5-byte header and raises :class:`~pgproxy.protocol.codec.ProtocolViolation` on
+anything malformed (truncation, trailing bytes, bad lengths, invalid UTF-8, invalid enum values).
+:func:`decode_backend` dispatches a server message on its type byte. Message formats follow the
+PostgreSQL "Message Formats" documentation.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar, Final, NamedTuple, Self
 
 from .codec import (
     INT16,
     INT32,
-    UINT8,
     UINT16,
     UINT32,
     Buffer,
@@ -25,11 +26,12 @@ from .codec import (
     Reader,
     as_bytes,
     cstr,
+    frame,
     invalid_utf8,
-    msg,
     nullable,
     type_name,
 )
+from .types import Backend, Frontend
 
 __all__ = [
     "AuthenticationCleartextPassword",
@@ -44,38 +46,18 @@ __all__ = [
     "BackendKeyData",
     "BackendMessage",
     "Bind",
-    "BindComplete",
-    "Close",
-    "CloseComplete",
     "CommandComplete",
-    "CopyBothResponse",
-    "CopyData",
-    "CopyDone",
-    "CopyFail",
-    "CopyInResponse",
-    "CopyOutResponse",
     "DataRow",
-    "Describe",
-    "EmptyQueryResponse",
     "ErrorResponse",
     "Execute",
     "FieldDescription",
-    "Flush",
-    "FrontendMessage",
     "FunctionCall",
-    "FunctionCallResponse",
     "NegotiateProtocolVersion",
-    "NoData",
     "NoticeResponse",
     "NotificationResponse",
-    "ParameterDescription",
-    "ParameterStatus",
     "Parse",
-    "ParseComplete",
     "PasswordMessage",
-    "PortalSuspended",
     "Query",
-    "ReadyForQuery",
     "RowDescription",
     "SASLInitialResponse",
     "SASLResponse",
@@ -83,11 +65,11 @@ __all__ = [
     "Terminate",
     "bind_fields",
     "decode_backend",
-    "decode_frontend",
     "param_formats",
+    "row_values",
+    "values_body",
 ]
 
-_EMPTY_LENGTH: Final = b"\x00\x00\x00\x04"
 # RowDescription per-field record after the name: table oid, column number, type oid, type size,
 # type modifier, format code.
 _FIELD: Final = struct.Struct(">IhIhih")
@@ -104,8 +86,9 @@ def _int16s(values: tuple[int, ...]) -> bytes:
     return UINT16.pack(n) + struct.pack(f">{n}h", *values)
 
 
-def _values(values: tuple[bytes | None, ...]) -> bytes:
-    """Uint16 count followed by length-prefixed values (-1 for NULL)."""
+def values_body(values: Sequence[bytes | None]) -> bytes:
+    """Uint16 count followed by length-prefixed values (-1 for NULL): a DataRow body, the values of a
+    Bind or FunctionCall."""
     parts = [UINT16.pack(len(values))]
     append = parts.append
     pack = INT32.pack
@@ -127,10 +110,10 @@ class _Empty:
     """Base for messages without a body."""
 
     __slots__ = ()
-    TYPE: ClassVar[bytes]
+    TYPE: ClassVar[int]
 
     def encode(self) -> bytes:
-        return self.TYPE + _EMPTY_LENGTH
+        return frame(self.TYPE, b"")
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -149,10 +132,10 @@ class Query:
     """Simple query ('Q')."""
 
     sql: str
-    TYPE: ClassVar[bytes] = b"Q"
+    TYPE: ClassVar[int] = Frontend.QUERY
 
     def encode(self) -> bytes:
-        return msg(b"Q", cstr(self.sql))
+        return frame(Frontend.QUERY, cstr(self.sql))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -169,12 +152,11 @@ class Parse:
     name: str
     query: str
     param_types: tuple[int, ...] = ()
-    TYPE: ClassVar[bytes] = b"P"
+    TYPE: ClassVar[int] = Frontend.PARSE
 
     def encode(self) -> bytes:
         n = len(self.param_types)
-        return msg(
-            b"P",
+        return frame(Frontend.PARSE,
             cstr(self.name) + cstr(self.query) + UINT16.pack(n) + struct.pack(f">{n}I", *self.param_types),
         )
 
@@ -269,16 +251,15 @@ class Bind:
     param_formats: tuple[int, ...] = ()
     params: tuple[bytes | None, ...] = ()
     result_formats: tuple[int, ...] = ()
-    TYPE: ClassVar[bytes] = b"B"
+    TYPE: ClassVar[int] = Frontend.BIND
 
     def encode(self) -> bytes:
-        return msg(
-            b"B",
+        return frame(Frontend.BIND,
             b"".join((
                 cstr(self.portal),
                 cstr(self.statement),
                 _int16s(self.param_formats),
-                _values(self.params),
+                values_body(self.params),
                 _int16s(self.result_formats),
             )),
         )
@@ -302,26 +283,6 @@ def param_formats(formats: tuple[int, ...], count: int) -> tuple[int, ...]:
     return (formats[0] if formats else 0,) * count
 
 
-@dataclass(frozen=True, slots=True)
-class Describe:
-    """Describe ('D') a prepared statement (``kind`` 'S') or portal ('P')."""
-
-    kind: str
-    name: str
-    TYPE: ClassVar[bytes] = b"D"
-
-    def encode(self) -> bytes:
-        return msg(b"D", self.kind.encode("ascii") + cstr(self.name))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "Describe")
-        kind = r.char()
-        if kind not in ("S", "P"):
-            raise ProtocolViolation(f"invalid DESCRIBE message subtype {ord(kind)}")
-        name = r.cstring()
-        r.done()
-        return cls(kind, name)
 
 
 @dataclass(frozen=True, slots=True)
@@ -330,10 +291,10 @@ class Execute:
 
     portal: str
     max_rows: int = 0
-    TYPE: ClassVar[bytes] = b"E"
+    TYPE: ClassVar[int] = Frontend.EXECUTE
 
     def encode(self) -> bytes:
-        return msg(b"E", cstr(self.portal) + INT32.pack(self.max_rows))
+        return frame(Frontend.EXECUTE, cstr(self.portal) + INT32.pack(self.max_rows))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -344,80 +305,21 @@ class Execute:
         return cls(portal, max_rows)
 
 
-@dataclass(frozen=True, slots=True)
-class Close:
-    """Close ('C') a prepared statement (``kind`` 'S') or portal ('P')."""
-
-    kind: str
-    name: str
-    TYPE: ClassVar[bytes] = b"C"
-
-    def encode(self) -> bytes:
-        return msg(b"C", self.kind.encode("ascii") + cstr(self.name))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "Close")
-        kind = r.char()
-        if kind not in ("S", "P"):
-            raise ProtocolViolation(f"invalid CLOSE message subtype {ord(kind)}")
-        name = r.cstring()
-        r.done()
-        return cls(kind, name)
 
 
 @dataclass(frozen=True, slots=True)
 class Sync(_Empty):
     """Sync ('S'): end of an extended-query batch."""
 
-    TYPE: ClassVar[bytes] = b"S"
+    TYPE: ClassVar[int] = Frontend.SYNC
 
 
-@dataclass(frozen=True, slots=True)
-class Flush(_Empty):
-    """Flush ('H'): ask the server to send pending output."""
-
-    TYPE: ClassVar[bytes] = b"H"
 
 
-@dataclass(frozen=True, slots=True)
-class CopyData:
-    """CopyData ('d'), sent in both directions."""
-
-    data: bytes
-    TYPE: ClassVar[bytes] = b"d"
-
-    def encode(self) -> bytes:
-        return msg(b"d", self.data)
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        return cls(as_bytes(body))
 
 
-@dataclass(frozen=True, slots=True)
-class CopyDone(_Empty):
-    """CopyDone ('c'), sent in both directions."""
-
-    TYPE: ClassVar[bytes] = b"c"
 
 
-@dataclass(frozen=True, slots=True)
-class CopyFail:
-    """CopyFail ('f'): the frontend aborts COPY FROM STDIN."""
-
-    message: str
-    TYPE: ClassVar[bytes] = b"f"
-
-    def encode(self) -> bytes:
-        return msg(b"f", cstr(self.message))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "CopyFail")
-        message = r.cstring()
-        r.done()
-        return cls(message)
 
 
 @dataclass(frozen=True, slots=True)
@@ -428,15 +330,14 @@ class FunctionCall:
     arg_formats: tuple[int, ...] = ()
     args: tuple[bytes | None, ...] = ()
     result_format: int = 0
-    TYPE: ClassVar[bytes] = b"F"
+    TYPE: ClassVar[int] = Frontend.FUNCTION_CALL
 
     def encode(self) -> bytes:
-        return msg(
-            b"F",
+        return frame(Frontend.FUNCTION_CALL,
             b"".join((
                 UINT32.pack(self.function_oid),
                 _int16s(self.arg_formats),
-                _values(self.args),
+                values_body(self.args),
                 INT16.pack(self.result_format),
             )),
         )
@@ -458,10 +359,10 @@ class PasswordMessage:
     """PasswordMessage ('p'): a cleartext or md5-hashed password."""
 
     password: str
-    TYPE: ClassVar[bytes] = b"p"
+    TYPE: ClassVar[int] = Frontend.PASSWORD
 
     def encode(self) -> bytes:
-        return msg(b"p", cstr(self.password))
+        return frame(Frontend.PASSWORD, cstr(self.password))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -477,10 +378,10 @@ class SASLInitialResponse:
 
     mechanism: str
     data: bytes | None
-    TYPE: ClassVar[bytes] = b"p"
+    TYPE: ClassVar[int] = Frontend.PASSWORD
 
     def encode(self) -> bytes:
-        return msg(b"p", cstr(self.mechanism) + nullable(self.data))
+        return frame(Frontend.PASSWORD, cstr(self.mechanism) + nullable(self.data))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -496,10 +397,10 @@ class SASLResponse:
     """SASLResponse ('p'): mechanism-specific client data."""
 
     data: bytes
-    TYPE: ClassVar[bytes] = b"p"
+    TYPE: ClassVar[int] = Frontend.PASSWORD
 
     def encode(self) -> bytes:
-        return msg(b"p", self.data)
+        return frame(Frontend.PASSWORD, self.data)
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -514,10 +415,10 @@ class AuthenticationResponse:
     """
 
     data: bytes
-    TYPE: ClassVar[bytes] = b"p"
+    TYPE: ClassVar[int] = Frontend.PASSWORD
 
     def encode(self) -> bytes:
-        return msg(b"p", self.data)
+        return frame(Frontend.PASSWORD, self.data)
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -540,7 +441,7 @@ class AuthenticationResponse:
 class Terminate(_Empty):
     """Terminate ('X'): the frontend is closing the connection."""
 
-    TYPE: ClassVar[bytes] = b"X"
+    TYPE: ClassVar[int] = Frontend.TERMINATE
 
 
 # --------------------------------------------------------------------------------------------------
@@ -560,11 +461,11 @@ def _auth_reader(body: Buffer, code: int, what: str) -> Reader:
 class AuthenticationOk:
     """AuthenticationOk ('R', 0)."""
 
-    TYPE: ClassVar[bytes] = b"R"
+    TYPE: ClassVar[int] = Backend.AUTHENTICATION
     CODE: ClassVar[int] = 0
 
     def encode(self) -> bytes:
-        return b"R\x00\x00\x00\x08\x00\x00\x00\x00"
+        return frame(Backend.AUTHENTICATION, INT32.pack(0))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -576,11 +477,11 @@ class AuthenticationOk:
 class AuthenticationCleartextPassword:
     """AuthenticationCleartextPassword ('R', 3)."""
 
-    TYPE: ClassVar[bytes] = b"R"
+    TYPE: ClassVar[int] = Backend.AUTHENTICATION
     CODE: ClassVar[int] = 3
 
     def encode(self) -> bytes:
-        return b"R\x00\x00\x00\x08\x00\x00\x00\x03"
+        return frame(Backend.AUTHENTICATION, INT32.pack(3))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -593,13 +494,13 @@ class AuthenticationMD5Password:
     """AuthenticationMD5Password ('R', 5) with its 4-byte salt."""
 
     salt: bytes
-    TYPE: ClassVar[bytes] = b"R"
+    TYPE: ClassVar[int] = Backend.AUTHENTICATION
     CODE: ClassVar[int] = 5
 
     def encode(self) -> bytes:
         if len(self.salt) != 4:
             raise ValueError("MD5 salt must be exactly 4 bytes")
-        return msg(b"R", INT32.pack(5) + self.salt)
+        return frame(Backend.AUTHENTICATION, INT32.pack(5) + self.salt)
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -614,13 +515,13 @@ class AuthenticationSASL:
     """AuthenticationSASL ('R', 10): mechanisms in the server's order of preference."""
 
     mechanisms: tuple[str, ...]
-    TYPE: ClassVar[bytes] = b"R"
+    TYPE: ClassVar[int] = Backend.AUTHENTICATION
     CODE: ClassVar[int] = 10
 
     def encode(self) -> bytes:
         if "" in self.mechanisms:
             raise ValueError("SASL mechanism names must not be empty")
-        return msg(b"R", INT32.pack(10) + b"".join(cstr(m) for m in self.mechanisms) + _NULL_BYTE)
+        return frame(Backend.AUTHENTICATION, INT32.pack(10) + b"".join(cstr(m) for m in self.mechanisms) + _NULL_BYTE)
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -640,11 +541,11 @@ class AuthenticationSASLContinue:
     """AuthenticationSASLContinue ('R', 11): server challenge data."""
 
     data: bytes
-    TYPE: ClassVar[bytes] = b"R"
+    TYPE: ClassVar[int] = Backend.AUTHENTICATION
     CODE: ClassVar[int] = 11
 
     def encode(self) -> bytes:
-        return msg(b"R", INT32.pack(11) + self.data)
+        return frame(Backend.AUTHENTICATION, INT32.pack(11) + self.data)
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -656,11 +557,11 @@ class AuthenticationSASLFinal:
     """AuthenticationSASLFinal ('R', 12): server's final SASL data (e.g. the SCRAM signature)."""
 
     data: bytes
-    TYPE: ClassVar[bytes] = b"R"
+    TYPE: ClassVar[int] = Backend.AUTHENTICATION
     CODE: ClassVar[int] = 12
 
     def encode(self) -> bytes:
-        return msg(b"R", INT32.pack(12) + self.data)
+        return frame(Backend.AUTHENTICATION, INT32.pack(12) + self.data)
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -678,10 +579,10 @@ class AuthenticationOther:
 
     code: int
     data: bytes = b""
-    TYPE: ClassVar[bytes] = b"R"
+    TYPE: ClassVar[int] = Backend.AUTHENTICATION
 
     def encode(self) -> bytes:
-        return msg(b"R", INT32.pack(self.code) + self.data)
+        return frame(Backend.AUTHENTICATION, INT32.pack(self.code) + self.data)
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -731,10 +632,10 @@ class BackendKeyData:
 
     process_id: int
     secret_key: int
-    TYPE: ClassVar[bytes] = b"K"
+    TYPE: ClassVar[int] = Backend.BACKEND_KEY_DATA
 
     def encode(self) -> bytes:
-        return msg(b"K", INT32.pack(self.process_id) + UINT32.pack(self.secret_key))
+        return frame(Backend.BACKEND_KEY_DATA, INT32.pack(self.process_id) + UINT32.pack(self.secret_key))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -745,47 +646,8 @@ class BackendKeyData:
         return cls(pid, key)
 
 
-@dataclass(frozen=True, slots=True)
-class ParameterStatus:
-    """ParameterStatus ('S'): a run-time parameter's current value."""
-
-    name: str
-    value: str
-    TYPE: ClassVar[bytes] = b"S"
-
-    def encode(self) -> bytes:
-        return msg(b"S", cstr(self.name) + cstr(self.value))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "ParameterStatus")
-        name = r.cstring()
-        value = r.cstring()
-        r.done()
-        return cls(name, value)
 
 
-_READY_STATUSES: Final = frozenset({"I", "T", "E"})
-
-
-@dataclass(frozen=True, slots=True)
-class ReadyForQuery:
-    """ReadyForQuery ('Z'); ``status`` is 'I' (idle), 'T' (in transaction) or 'E' (failed transaction)."""
-
-    status: str
-    TYPE: ClassVar[bytes] = b"Z"
-
-    def encode(self) -> bytes:
-        return msg(b"Z", self.status.encode("ascii"))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        if len(body) != 1:
-            raise ProtocolViolation(f"invalid message length {len(body) + 4} for 'Z'")
-        status = chr(body[0])
-        if status not in _READY_STATUSES:
-            raise ProtocolViolation(f"invalid transaction status {status!r} in ReadyForQuery")
-        return cls(status)
 
 
 class FieldDescription(NamedTuple):
@@ -809,7 +671,7 @@ class RowDescription:
     """RowDescription ('T'): the columns of the rows that follow."""
 
     fields: tuple[FieldDescription, ...]
-    TYPE: ClassVar[bytes] = b"T"
+    TYPE: ClassVar[int] = Backend.ROW_DESCRIPTION
 
     def encode(self) -> bytes:
         parts = [UINT16.pack(len(self.fields))]
@@ -819,7 +681,7 @@ class RowDescription:
             parts.append(
                 pack(f.table_oid, f.column_number, f.type_oid, f.type_size, f.type_modifier, f.format_code)
             )
-        return msg(b"T", b"".join(parts))
+        return frame(Backend.ROW_DESCRIPTION, b"".join(parts))
 
     @classmethod
     def decode(cls, body: Buffer, encoding: str = "utf-8") -> Self:
@@ -866,17 +728,49 @@ class DataRow:
     """DataRow ('D'): one row of raw column values, ``None`` for NULL."""
 
     values: tuple[bytes | None, ...]
-    TYPE: ClassVar[bytes] = b"D"
+    TYPE: ClassVar[int] = Backend.DATA_ROW
 
     def encode(self) -> bytes:
-        return msg(b"D", _values(self.values))
+        return frame(Backend.DATA_ROW, values_body(self.values))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "DataRow")
-        values = r.nullable_array(r.uint16())
-        r.done()
-        return cls(values)
+        return cls(tuple(row_values(body)))
+
+
+def row_values(body: Buffer) -> list[bytes | None]:
+    """The column values of a DataRow body, ``None`` for NULL: the one DataRow decoder (a list, which
+    the masking of a row edits in place).
+
+    A straight loop over well-formed bodies (what servers send); anything else is re-read by the
+    bounds-checked ``Reader``, which raises the precise ``ProtocolViolation``.
+    """
+    raw = as_bytes(body)
+    end = len(raw)
+    values: list[bytes | None] = []
+    append = values.append
+    unpack = _I32_UNPACK_FROM
+    try:
+        pos = 2
+        for _ in range(_U16_UNPACK_FROM(raw, 0)[0]):
+            n = unpack(raw, pos)[0]
+            pos += 4
+            if n >= 0:
+                append(raw[pos:pos + n])
+                pos += n
+            elif n == -1:
+                append(None)
+            else:
+                pos = -1
+                break
+    except struct.error:
+        pos = -1
+    if pos == end:
+        return values
+    r = Reader(raw, "DataRow")
+    checked = r.nullable_array(r.uint16())
+    r.done()
+    return list(checked)
 
 
 @dataclass(frozen=True, slots=True)
@@ -884,10 +778,10 @@ class CommandComplete:
     """CommandComplete ('C') with its command tag, e.g. ``"SELECT 5"`` or ``"INSERT 0 3"``."""
 
     tag: str
-    TYPE: ClassVar[bytes] = b"C"
+    TYPE: ClassVar[int] = Backend.COMMAND_COMPLETE
 
     def encode(self) -> bytes:
-        return msg(b"C", cstr(self.tag))
+        return frame(Backend.COMMAND_COMPLETE, cstr(self.tag))
 
     @classmethod
     def decode(cls, body: Buffer) -> Self:
@@ -910,11 +804,6 @@ def tag_rows(tag: str) -> int | None:
     return None
 
 
-@dataclass(frozen=True, slots=True)
-class EmptyQueryResponse(_Empty):
-    """EmptyQueryResponse ('I'): the query string was empty."""
-
-    TYPE: ClassVar[bytes] = b"I"
 
 
 @dataclass(frozen=True, slots=True)
@@ -922,7 +811,7 @@ class _FieldsResponse:
     """Shared body of ErrorResponse and NoticeResponse: ordered (code, value) fields."""
 
     fields: tuple[tuple[str, str], ...]
-    TYPE: ClassVar[bytes]
+    TYPE: ClassVar[int]
     _NAME: ClassVar[str]
 
     def encode(self) -> bytes:
@@ -933,7 +822,7 @@ class _FieldsResponse:
             parts.append(code.encode("latin-1"))
             parts.append(cstr(value))
         parts.append(_NULL_BYTE)
-        return msg(self.TYPE, b"".join(parts))
+        return frame(self.TYPE, b"".join(parts))
 
     @classmethod
     def decode(cls, body: Buffer, encoding: str = "utf-8") -> Self:
@@ -1003,7 +892,7 @@ class _FieldsResponse:
 class ErrorResponse(_FieldsResponse):
     """ErrorResponse ('E')."""
 
-    TYPE: ClassVar[bytes] = b"E"
+    TYPE: ClassVar[int] = Backend.ERROR_RESPONSE
     _NAME: ClassVar[str] = "ErrorResponse"
 
 
@@ -1011,7 +900,7 @@ class ErrorResponse(_FieldsResponse):
 class NoticeResponse(_FieldsResponse):
     """NoticeResponse ('N')."""
 
-    TYPE: ClassVar[bytes] = b"N"
+    TYPE: ClassVar[int] = Backend.NOTICE_RESPONSE
     _NAME: ClassVar[str] = "NoticeResponse"
 
 
@@ -1022,10 +911,11 @@ class NotificationResponse:
     process_id: int
     channel: str
     payload: str
-    TYPE: ClassVar[bytes] = b"A"
+    TYPE: ClassVar[int] = Backend.NOTIFICATION_RESPONSE
 
     def encode(self) -> bytes:
-        return msg(b"A", INT32.pack(self.process_id) + cstr(self.channel) + cstr(self.payload))
+        body = INT32.pack(self.process_id) + cstr(self.channel) + cstr(self.payload)
+        return frame(Backend.NOTIFICATION_RESPONSE, body)
 
     @classmethod
     def decode(cls, body: Buffer, encoding: str = "utf-8") -> Self:
@@ -1037,121 +927,26 @@ class NotificationResponse:
         return cls(pid, channel, payload)
 
 
-@dataclass(frozen=True, slots=True)
-class _CopyResponse:
-    """Shared body of CopyIn/CopyOut/CopyBothResponse: overall format and per-column formats."""
-
-    format: int
-    column_formats: tuple[int, ...] = ()
-    TYPE: ClassVar[bytes]
-    _NAME: ClassVar[str]
-
-    def encode(self) -> bytes:
-        return msg(self.TYPE, UINT8.pack(self.format) + _int16s(self.column_formats))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, cls._NAME)
-        fmt = r.uint8()
-        columns = r.int16_array(r.uint16())
-        r.done()
-        return cls(fmt, columns)
 
 
-@dataclass(frozen=True, slots=True)
-class CopyInResponse(_CopyResponse):
-    """CopyInResponse ('G'): the server is ready for COPY FROM STDIN data."""
-
-    TYPE: ClassVar[bytes] = b"G"
-    _NAME: ClassVar[str] = "CopyInResponse"
 
 
-@dataclass(frozen=True, slots=True)
-class CopyOutResponse(_CopyResponse):
-    """CopyOutResponse ('H'): COPY TO STDOUT data follows."""
-
-    TYPE: ClassVar[bytes] = b"H"
-    _NAME: ClassVar[str] = "CopyOutResponse"
 
 
-@dataclass(frozen=True, slots=True)
-class CopyBothResponse(_CopyResponse):
-    """CopyBothResponse ('W'): bidirectional copy (streaming replication)."""
-
-    TYPE: ClassVar[bytes] = b"W"
-    _NAME: ClassVar[str] = "CopyBothResponse"
 
 
-@dataclass(frozen=True, slots=True)
-class ParameterDescription:
-    """ParameterDescription ('t'): parameter type OIDs of a prepared statement."""
-
-    type_oids: tuple[int, ...]
-    TYPE: ClassVar[bytes] = b"t"
-
-    def encode(self) -> bytes:
-        n = len(self.type_oids)
-        return msg(b"t", UINT16.pack(n) + struct.pack(f">{n}I", *self.type_oids))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "ParameterDescription")
-        oids = r.uint32_array(r.uint16())
-        r.done()
-        return cls(oids)
 
 
-@dataclass(frozen=True, slots=True)
-class NoData(_Empty):
-    """NoData ('n'): the statement returns no rows."""
-
-    TYPE: ClassVar[bytes] = b"n"
 
 
-@dataclass(frozen=True, slots=True)
-class PortalSuspended(_Empty):
-    """PortalSuspended ('s'): Execute's row limit was reached."""
-
-    TYPE: ClassVar[bytes] = b"s"
 
 
-@dataclass(frozen=True, slots=True)
-class ParseComplete(_Empty):
-    """ParseComplete ('1')."""
-
-    TYPE: ClassVar[bytes] = b"1"
 
 
-@dataclass(frozen=True, slots=True)
-class BindComplete(_Empty):
-    """BindComplete ('2')."""
-
-    TYPE: ClassVar[bytes] = b"2"
 
 
-@dataclass(frozen=True, slots=True)
-class CloseComplete(_Empty):
-    """CloseComplete ('3')."""
-
-    TYPE: ClassVar[bytes] = b"3"
 
 
-@dataclass(frozen=True, slots=True)
-class FunctionCallResponse:
-    """FunctionCallResponse ('V'): the function result, ``None`` for NULL."""
-
-    value: bytes | None
-    TYPE: ClassVar[bytes] = b"V"
-
-    def encode(self) -> bytes:
-        return msg(b"V", nullable(self.value))
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "FunctionCallResponse")
-        value = r.nullable_bytes()
-        r.done()
-        return cls(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1162,11 +957,10 @@ class NegotiateProtocolVersion:
 
     newest_version: int
     unrecognized: tuple[str, ...] = ()
-    TYPE: ClassVar[bytes] = b"v"
+    TYPE: ClassVar[int] = Backend.NEGOTIATE_PROTOCOL_VERSION
 
     def encode(self) -> bytes:
-        return msg(
-            b"v",
+        return frame(Backend.NEGOTIATE_PROTOCOL_VERSION,
             INT32.pack(self.newest_version)
             + INT32.pack(len(self.unrecognized))
             + b"".join(cstr(name) for name in self.unrecognized),
@@ -1188,104 +982,29 @@ class NegotiateProtocolVersion:
 # Dispatch
 # --------------------------------------------------------------------------------------------------
 
-FrontendMessage = (
-    Query
-    | Parse
-    | Bind
-    | Describe
-    | Execute
-    | Close
-    | Sync
-    | Flush
-    | CopyData
-    | CopyDone
-    | CopyFail
-    | FunctionCall
-    | PasswordMessage
-    | SASLInitialResponse
-    | SASLResponse
-    | AuthenticationResponse
-    | Terminate
-)
-
 BackendMessage = (
     AuthenticationMessage
     | BackendKeyData
-    | ParameterStatus
-    | ReadyForQuery
     | RowDescription
     | DataRow
     | CommandComplete
-    | EmptyQueryResponse
     | ErrorResponse
     | NoticeResponse
     | NotificationResponse
-    | CopyData
-    | CopyDone
-    | CopyInResponse
-    | CopyOutResponse
-    | CopyBothResponse
-    | ParameterDescription
-    | NoData
-    | PortalSuspended
-    | ParseComplete
-    | BindComplete
-    | CloseComplete
-    | FunctionCallResponse
     | NegotiateProtocolVersion
 )
 
-_FRONTEND: Final[dict[int, Callable[[Buffer], FrontendMessage]]] = {
-    ord("Q"): Query.decode,
-    ord("P"): Parse.decode,
-    ord("B"): Bind.decode,
-    ord("D"): Describe.decode,
-    ord("E"): Execute.decode,
-    ord("C"): Close.decode,
-    ord("S"): Sync.decode,
-    ord("H"): Flush.decode,
-    ord("d"): CopyData.decode,
-    ord("c"): CopyDone.decode,
-    ord("f"): CopyFail.decode,
-    ord("F"): FunctionCall.decode,
-    ord("p"): AuthenticationResponse.decode,
-    ord("X"): Terminate.decode,
-}
-
 _BACKEND: Final[dict[int, Callable[[Buffer], BackendMessage]]] = {
-    ord("R"): _decode_authentication,
-    ord("K"): BackendKeyData.decode,
-    ord("S"): ParameterStatus.decode,
-    ord("Z"): ReadyForQuery.decode,
-    ord("T"): RowDescription.decode,
-    ord("D"): DataRow.decode,
-    ord("C"): CommandComplete.decode,
-    ord("I"): EmptyQueryResponse.decode,
-    ord("E"): ErrorResponse.decode,
-    ord("N"): NoticeResponse.decode,
-    ord("A"): NotificationResponse.decode,
-    ord("d"): CopyData.decode,
-    ord("c"): CopyDone.decode,
-    ord("G"): CopyInResponse.decode,
-    ord("H"): CopyOutResponse.decode,
-    ord("W"): CopyBothResponse.decode,
-    ord("t"): ParameterDescription.decode,
-    ord("n"): NoData.decode,
-    ord("s"): PortalSuspended.decode,
-    ord("1"): ParseComplete.decode,
-    ord("2"): BindComplete.decode,
-    ord("3"): CloseComplete.decode,
-    ord("V"): FunctionCallResponse.decode,
-    ord("v"): NegotiateProtocolVersion.decode,
+    Backend.AUTHENTICATION: _decode_authentication,
+    Backend.BACKEND_KEY_DATA: BackendKeyData.decode,
+    Backend.ROW_DESCRIPTION: RowDescription.decode,
+    Backend.DATA_ROW: DataRow.decode,
+    Backend.COMMAND_COMPLETE: CommandComplete.decode,
+    Backend.ERROR_RESPONSE: ErrorResponse.decode,
+    Backend.NOTICE_RESPONSE: NoticeResponse.decode,
+    Backend.NOTIFICATION_RESPONSE: NotificationResponse.decode,
+    Backend.NEGOTIATE_PROTOCOL_VERSION: NegotiateProtocolVersion.decode,
 }
-
-
-def decode_frontend(type_byte: int, body: Buffer) -> FrontendMessage:
-    """Decode a message sent by a client. 'p' yields a raw :class:`AuthenticationResponse`."""
-    decoder = _FRONTEND.get(type_byte)
-    if decoder is None:
-        raise ProtocolViolation(f"invalid frontend message type {type_byte} ({type_name(type_byte)})")
-    return decoder(body)
 
 
 def decode_backend(type_byte: int, body: Buffer) -> BackendMessage:

@@ -8,7 +8,9 @@ so ordering, pipelining, "skip until Sync" and the transaction's aborted state s
 
 from __future__ import annotations
 
+from .codec import frame
 from .messages import Bind, Execute, FunctionCall, Parse, Query
+from .types import Frontend
 
 # Text that fails in the server's parser with a syntax error, whatever the session's state.
 _REFUSED_SQL = "pgproxy refused this statement"
@@ -18,28 +20,28 @@ _MISSING = "\x01pgproxy refused"
 def rewritten_message(msg_type: int, body: memoryview, sql: str, codec: str) -> bytes:
     """The Query or Parse in ``body`` with its text replaced, encoded in the client's encoding."""
     text = sql.encode(codec) + b"\x00"
-    if msg_type == 0x51:
+    if msg_type == Frontend.QUERY:
         payload = text
-    elif msg_type == 0x50:
+    elif msg_type == Frontend.PARSE:
         raw = bytes(body)
         name_end = raw.index(b"\x00") + 1
         query_end = raw.index(b"\x00", name_end) + 1
         payload = raw[:name_end] + text + raw[query_end:]  # the name and parameter types as sent
     else:
         raise ValueError(f"message type {chr(msg_type)!r} cannot be rewritten")
-    return bytes([msg_type]) + (len(payload) + 4).to_bytes(4, "big") + payload
+    return frame(msg_type, payload)
 
 
 def substitute_for_refusal(msg_type: int, body: memoryview) -> tuple[bytes, str]:
     """A request that fails upstream where ``msg_type`` would have run, and the SQLSTATE it fails with."""
-    if msg_type == 0x51:  # Query
+    if msg_type == Frontend.QUERY:  # Query
         return Query(_REFUSED_SQL).encode(), "42601"
-    if msg_type == 0x50:  # Parse: keep the statement name so later Binds fail as they would
+    if msg_type == Frontend.PARSE:  # Parse: keep the statement name so later Binds fail as they would
         return Parse(Parse.decode(body).name, _REFUSED_SQL).encode(), "42601"
-    if msg_type == 0x42:  # Bind: a prepared statement that cannot exist
+    if msg_type == Frontend.BIND:  # Bind: a prepared statement that cannot exist
         return Bind(Bind.decode(body).portal, _MISSING).encode(), "26000"
-    if msg_type == 0x45:  # Execute: a portal that cannot exist
+    if msg_type == Frontend.EXECUTE:  # Execute: a portal that cannot exist
         return Execute(_MISSING, 0).encode(), "34000"
-    if msg_type == 0x46:  # FunctionCall: OID 0 is never a function
+    if msg_type == Frontend.FUNCTION_CALL:  # FunctionCall: OID 0 is never a function
         return FunctionCall(0, (), (), 0).encode(), "42883"
     raise ValueError(f"message type {chr(msg_type)!r} cannot be refused")

@@ -19,8 +19,13 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
+from cachetools import FIFOCache
+
 from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
+from .types import Backend as B
+from .types import Frontend as F
+from .types import backend_name
 
 
 class Kind(Enum):
@@ -41,11 +46,24 @@ _EXECUTE, _CLOSE, _SYNC, _FUNCTION = Kind.EXECUTE, Kind.CLOSE, Kind.SYNC, Kind.F
 # Requests that end with ReadyForQuery.
 _SYNC_POINTS = (_QUERY, _SYNC, _FUNCTION)  # tuples, not sets: membership by identity, no Enum.__hash__
 _PARSE_OR_BIND = (_PARSE, _BIND)
+_BIND_OR_CLOSE = (_BIND, _CLOSE)  # BindComplete and CloseComplete are accepted for either
 
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
-TRACKED_BACKEND_TYPES = frozenset(b"123tTnCIsEZVGHWS")
-TRACKED_FRONTEND_TYPES = frozenset(b"QPBDECSFcf")
+TRACKED_BACKEND_TYPES = frozenset({
+    B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.PARAMETER_DESCRIPTION, B.ROW_DESCRIPTION, B.NO_DATA,
+    B.COMMAND_COMPLETE, B.EMPTY_QUERY_RESPONSE, B.PORTAL_SUSPENDED, B.ERROR_RESPONSE, B.READY_FOR_QUERY,
+    B.FUNCTION_CALL_RESPONSE, B.COPY_IN_RESPONSE, B.COPY_OUT_RESPONSE, B.COPY_BOTH_RESPONSE, B.PARAMETER_STATUS,
+})
+TRACKED_FRONTEND_TYPES = frozenset({
+    F.QUERY, F.PARSE, F.BIND, F.DESCRIBE, F.EXECUTE, F.CLOSE, F.SYNC, F.FUNCTION_CALL, F.COPY_DONE, F.COPY_FAIL,
+})
+# Bound once: looking a member up on its enum class costs several times an int comparison.
+_QUERY_MSG, _PARSE_MSG, _BIND_MSG, _EXECUTE_MSG, _FUNCTION_MSG = F.QUERY, F.PARSE, F.BIND, F.EXECUTE, F.FUNCTION_CALL
+_SYNC_TYPE = F.SYNC
+_PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE, _NO_DATA = (
+    B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.NO_DATA)
+_STATEMENT = ord("S")  # Describe and Close name a statement ('S') or a portal ('P')
 _TRANSACTION_STATES = frozenset(b"ITE")
 
 
@@ -58,6 +76,22 @@ class StatementText(Protocol):
 
 _PARSE_CACHE_LIMIT = 1024
 _PARSE_CACHE_MAX_BODY = 4096  # bytes: the cache holds at most ~4 MiB per session
+
+
+class Desync(ProtocolViolation):
+    """The server sent a response that no outstanding request accounts for.
+
+    From then on the proxy cannot tell which statement an answer belongs to -- and the audit record,
+    masking plan and refusal of each statement depend on that -- so the session must end.
+    """
+
+    def __init__(self, msg_type: int, expected: Kind | None, outstanding: int, transaction_status: str) -> None:
+        awaited = f"an answer to {expected.name}" if expected is not None else "no answer"
+        super().__init__(f"protocol desync: the server sent {backend_name(msg_type)} while {awaited} was due "
+                         f"({outstanding} request(s) outstanding, transaction status {transaction_status})")
+        self.msg_type = msg_type
+        self.expected = expected
+        self.outstanding = outstanding
 
 
 @dataclass(slots=True)
@@ -197,13 +231,14 @@ class ExchangeTracker:
     through the same maps for callers that have a type byte in hand.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, on_desync: Callable[[], None] | None = None) -> None:
         self.queue: deque[Pending] = deque()
+        # Called (to count it) just before a Desync is raised.
+        self.on_desync = on_desync
         self.statements: dict[str, str] = {}
         self.portals: dict[str, _Portal] = {}
         self.finished: list[StatementResult] = []
         self.transaction_status = "I"
-        self.desyncs = 0
         # The entry the last frontend message created (None when it created none).
         self.last_request: Pending | None = None
         # The statement whose Describe the last RowDescription/NoData answered (None: a portal or none).
@@ -218,7 +253,8 @@ class ExchangeTracker:
         self._described_portals: set[str] = set()
         self._ready_seq = 0  # the last request a ReadyForQuery answered (0: the startup)
         self._last_run_seq = -1  # the last request that ran a statement (note_run)
-        self._parse_cache: dict[bytes, tuple[str, str, tuple[int, ...]]] = {}
+        # First in, first out: a hit costs one lookup (an LRU cache also reorders on every hit).
+        self._parse_cache: FIFOCache[bytes, tuple[str, str, tuple[int, ...]]] = FIFOCache(_PARSE_CACHE_LIMIT)
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
         self._inflight: dict[str, str] = {}
@@ -230,16 +266,19 @@ class ExchangeTracker:
         self._seq = 1  # 0: the startup exchange
         self._statement: StatementText | None = None  # handed in by track_statement for the request at hand
         self.frontend_handlers: dict[int, Callable[[memoryview], None]] = {
-            0x42: self._bind, 0x45: self._execute, 0x50: self._parse_request, 0x53: self._sync,
-            0x44: self._describe, 0x51: self._query, 0x43: self._close, 0x46: self._function_call,
-            0x63: self._copy_end, 0x66: self._copy_end,
+            F.BIND: self._bind, F.EXECUTE: self._execute, F.PARSE: self._parse_request, F.SYNC: self._sync,
+            F.DESCRIBE: self._describe, F.QUERY: self._query, F.CLOSE: self._close,
+            F.FUNCTION_CALL: self._function_call, F.COPY_DONE: self._copy_end, F.COPY_FAIL: self._copy_end,
         }
         self.backend_handlers: dict[int, Callable[[memoryview], bytes | None]] = {
-            0x31: self._parse_complete, 0x32: self._bind_or_close_complete, 0x33: self._bind_or_close_complete,
-            0x74: _ignore, 0x54: self._row_description, 0x6E: self._no_data, 0x43: self._command_complete,
-            0x49: self._execute_done, 0x73: self._execute_done, 0x45: self._error, 0x5A: self._ready_for_query,
-            0x56: _ignore, 0x47: self._copy_in_response, 0x48: _ignore, 0x57: _ignore,
-            0x53: self._parameter_status,
+            B.PARSE_COMPLETE: self._parse_complete, B.BIND_COMPLETE: self._bind_complete,
+            B.CLOSE_COMPLETE: self._close_complete, B.PARAMETER_DESCRIPTION: _ignore,
+            B.ROW_DESCRIPTION: self._row_description, B.NO_DATA: self._no_data,
+            B.COMMAND_COMPLETE: self._command_complete, B.EMPTY_QUERY_RESPONSE: self._execute_done,
+            B.PORTAL_SUSPENDED: self._execute_done, B.ERROR_RESPONSE: self._error,
+            B.READY_FOR_QUERY: self._ready_for_query, B.FUNCTION_CALL_RESPONSE: _ignore,
+            B.COPY_IN_RESPONSE: self._copy_in_response, B.COPY_OUT_RESPONSE: _ignore,
+            B.COPY_BOTH_RESPONSE: _ignore, B.PARAMETER_STATUS: self._parameter_status,
         }
 
     @property
@@ -273,23 +312,23 @@ class ExchangeTracker:
     def peek(self, msg_type: int, body: memoryview) -> tuple[str, str | None, bytes | None]:
         """(sql, statement name, raw Bind body) a Query/Parse/Bind/Execute/FunctionCall refers to,
         read without changing any state (gates look before the tracker records)."""
-        if msg_type == 0x51:
+        if msg_type == _QUERY_MSG:
             return self._query_text(body), None, None
-        if msg_type == 0x50:
+        if msg_type == _PARSE_MSG:
             name, query, _ = self._parse(bytes(body))
             return query, name, None
-        if msg_type == 0x42:
+        if msg_type == _BIND_MSG:
             raw = bytes(body)
             _, pos = _cstring(raw, 0, self.codec)
             statement, _ = _cstring(raw, pos, self.codec)
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
-        if msg_type == 0x45:
+        if msg_type == _EXECUTE_MSG:
             portal = self.portals.get(_cstring(bytes(body), 0, self.codec)[0])
             if portal is None:
                 return "", None, None
             return portal.sql, portal.statement_name, portal.bind_body
-        if msg_type == 0x46:
+        if msg_type == _FUNCTION_MSG:
             return f"<function call oid={FunctionCall.decode(body).function_oid}>", None, None
         raise ValueError(f"message type {chr(msg_type)!r} names no statement")
 
@@ -319,14 +358,14 @@ class ExchangeTracker:
 
     def _ignored_by_server(self, msg_type: int) -> bool:
         """While the server skips to Sync or copies in, decide whether it will ignore this request."""
-        if self._client_in_copy or msg_type != 0x53:
+        if self._client_in_copy or msg_type != _SYNC_TYPE:
             self.last_request = None
             return True
         self._skipping = False  # this Sync ends the skipping
         return False
 
     def _bind(self, body: memoryview) -> None:  # the hottest request: keep the raw body, decode names only
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x42):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.BIND):
             return
         raw = bytes(body)
         portal_name, pos = _cstring(raw, 0, self.codec)
@@ -341,7 +380,7 @@ class ExchangeTracker:
         self._push(Pending(_BIND, None, time.perf_counter(), portal=portal))
 
     def _execute(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x45):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.EXECUTE):
             return
         unnamed = body and body[0] == 0 and self.codec is not None  # skips copying the body
         found = self.portals.get("" if unnamed else _cstring(bytes(body), 0, self.codec)[0])
@@ -355,7 +394,7 @@ class ExchangeTracker:
         self._push(Pending(_EXECUTE, result, time.perf_counter()))
 
     def _parse_request(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x50):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.PARSE):
             return
         name, query, types = self._parse(bytes(body))
         self._inflight[name] = query
@@ -375,29 +414,29 @@ class ExchangeTracker:
 
     def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
         """(statement name, query text, parameter type OIDs) of a Parse body; decoded once per body."""
-        cached = self._parse_cache.get(raw)
-        if cached is None:
-            if self.codec == "utf-8":
-                parse = Parse.decode(raw)  # full validation the first time
-            else:  # strings in the client's encoding; the rest validated as usual
-                name, pos = _cstring(raw, 0, self.codec)
-                query, pos = _cstring(raw, pos, self.codec)
-                parse = Parse.decode(b"\0\0" + raw[pos:])
-                parse = Parse(name, query, parse.param_types)
-            cached = (parse.name, parse.query, parse.param_types)
-            if len(raw) <= _PARSE_CACHE_MAX_BODY:  # big one-off statements are not worth keeping
-                if len(self._parse_cache) >= _PARSE_CACHE_LIMIT:
-                    self._parse_cache.clear()
-                self._parse_cache[raw] = cached
+        try:
+            return self._parse_cache[raw]  # item access: the cache's get() costs twice as much
+        except KeyError:
+            pass
+        if self.codec == "utf-8":
+            parse = Parse.decode(raw)  # full validation the first time
+        else:  # strings in the client's encoding; the rest validated as usual
+            name, pos = _cstring(raw, 0, self.codec)
+            query, pos = _cstring(raw, pos, self.codec)
+            parse = Parse.decode(b"\0\0" + raw[pos:])
+            parse = Parse(name, query, parse.param_types)
+        cached = (parse.name, parse.query, parse.param_types)
+        if len(raw) <= _PARSE_CACHE_MAX_BODY:  # big one-off statements are not worth keeping
+            self._parse_cache[raw] = cached
         return cached
 
     def _sync(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x53):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.SYNC):
             return
         self._push(Pending(_SYNC))
 
     def _describe(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x44):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.DESCRIBE):
             return
         raw = bytes(body)
         if raw[:1] == b"S":
@@ -413,7 +452,7 @@ class ExchangeTracker:
         self._push(Pending(_DESCRIBE, statement_name=statement))
 
     def _query(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x51):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.QUERY):
             return
         statement = self._statement
         sql = self._query_text(body) if statement is None else statement.sql
@@ -421,13 +460,13 @@ class ExchangeTracker:
                            time.perf_counter()))
 
     def _close(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x43):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.CLOSE):
             return
         raw = bytes(body)
         if not raw or raw[0] not in b"SP":
             raise ProtocolViolation("invalid Close message")
         name, _ = _cstring(raw, 1, self.codec)
-        if raw[0] == 0x53:
+        if raw[0] == _STATEMENT:
             self.statements.pop(name, None)
             self._described_statements.discard(name)
         else:
@@ -436,7 +475,7 @@ class ExchangeTracker:
         self._push(Pending(_CLOSE))
 
     def _function_call(self, body: memoryview) -> None:
-        if (self._skipping or self._client_in_copy) and self._ignored_by_server(0x46):
+        if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.FUNCTION_CALL):
             return
         oid = FunctionCall.decode(body).function_oid
         self._push(Pending(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time(),
@@ -449,12 +488,19 @@ class ExchangeTracker:
 
     # ------------------------------------------------------------------------------------------ backend
 
-    def _pop_expected(self, kinds: tuple[Kind, ...]) -> None:
+    def _pop_expected(self, kinds: tuple[Kind, ...], msg_type: int) -> None:
         queue = self.queue
         if queue and queue[0].kind in kinds:
             self._finish(queue.popleft())
         else:
-            self.desyncs += 1
+            raise self._desync(msg_type)
+
+    def _desync(self, msg_type: int) -> Desync:
+        """The error ending the session for an unaccounted response (counted through ``on_desync``)."""
+        queue = self.queue
+        if self.on_desync is not None:
+            self.on_desync()
+        return Desync(msg_type, queue[0].kind if queue else None, len(queue), self.transaction_status)
 
     def _parse_complete(self, body: memoryview) -> None:
         queue = self.queue
@@ -462,10 +508,13 @@ class ExchangeTracker:
             head = queue[0]
             self.statements[head.statement_name or ""] = head.sql or ""
             self._forget_inflight(head)
-        self._pop_expected((_PARSE,))
+        self._pop_expected((_PARSE,), _PARSE_COMPLETE)
 
-    def _bind_or_close_complete(self, body: memoryview) -> None:
-        self._pop_expected((_BIND, _CLOSE))
+    def _bind_complete(self, body: memoryview) -> None:
+        self._pop_expected(_BIND_OR_CLOSE, _BIND_COMPLETE)
+
+    def _close_complete(self, body: memoryview) -> None:
+        self._pop_expected(_BIND_OR_CLOSE, _CLOSE_COMPLETE)
 
     def _row_description(self, body: memoryview) -> None:
         """Ends a Describe; for a Query or Execute it only announces the rows."""
@@ -474,18 +523,14 @@ class ExchangeTracker:
             self.last_described = queue.popleft().statement_name
 
     def _no_data(self, body: memoryview) -> None:
-        self._pop_expected((_DESCRIBE,))
+        self._pop_expected((_DESCRIBE,), _NO_DATA)
 
     def _command_complete(self, body: memoryview) -> None:
         queue = self.queue
-        if not queue:
-            self.desyncs += 1
-            return
-        head = queue[0]
-        result = head.result
+        result = queue[0].result if queue else None
         if result is None:
-            self.desyncs += 1
-            return
+            raise self._desync(B.COMMAND_COMPLETE)
+        head = queue[0]
         try:
             result.tags.append(str(body[:-1], self.server_codec))
         except UnicodeDecodeError as exc:
@@ -508,7 +553,7 @@ class ExchangeTracker:
             self._ready_seq = ready.seq
             self._finish(ready)
         else:
-            self.desyncs += 1
+            raise self._desync(B.READY_FOR_QUERY)
 
     def note_run(self) -> None:
         """The request just tracked runs a statement (Bind plans it, Execute, Query and a fast-path call
@@ -534,7 +579,10 @@ class ExchangeTracker:
         raw = bytes(body)
         if raw.startswith(b"client_encoding\0"):
             value = raw[len(b"client_encoding\0"):].rstrip(b"\0").decode("ascii", "replace").upper()
-            self.codec = CLIENT_ENCODINGS.get(value)
+            codec = CLIENT_ENCODINGS.get(value)
+            if codec != self.codec:  # a Parse body read before now reads differently from now on
+                self._parse_cache.clear()
+            self.codec = codec
         elif raw.startswith(b"standard_conforming_strings\0"):
             self.standard_conforming_strings = raw[len(b"standard_conforming_strings\0"):].rstrip(b"\0") == b"on"
 

@@ -21,6 +21,7 @@ from ..config import UpstreamConfig
 from ..protocol.codec import ProtocolViolation
 from ..protocol.messages import ErrorResponse, NegotiateProtocolVersion, NoticeResponse, decode_backend
 from ..protocol.startup import PROTOCOL_3_0, SSLRequest, StartupMessage
+from ..protocol.types import Backend
 from ..protocol.upstream_auth import AuthMessage, ScramKeyCache, UpstreamAuthenticator, UpstreamAuthError
 from ..tlsutil import client_context
 from .link import Link, LinkClosed
@@ -128,7 +129,7 @@ async def _login(link: Link, cfg: UpstreamConfig, params: Mapping[str, str], pas
             continue
         if isinstance(msg, NegotiateProtocolVersion):
             continue  # we asked for plain 3.0; nothing to adjust
-        if msg_type != ord("R"):
+        if msg_type != Backend.AUTHENTICATION:
             raise UpstreamUnavailable(f"unexpected message {chr(msg_type)!r} from upstream during login")
         try:
             reply = auth.handle(msg)  # type: ignore[arg-type]

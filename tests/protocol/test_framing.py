@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pgproxy.protocol.codec import ProtocolViolation, msg
+from pgproxy.protocol.codec import ProtocolViolation, frame
 from pgproxy.protocol.framing import HEADER_SIZE, MessageRelay, length_violation, startup_packet_length
 from pgproxy.protocol.messages import (
     Bind,
@@ -20,11 +20,11 @@ from pgproxy.protocol.messages import (
     Execute,
     Parse,
     Query,
-    ReadyForQuery,
     RowDescription,
     Sync,
     Terminate,
 )
+from pgproxy.protocol.types import Backend, Frontend
 
 MAX = 1 << 20
 
@@ -168,7 +168,7 @@ _messages = st.lists(
 def test_random_chunkings_give_identical_output(
     messages: list[tuple[int, bytes]], data: st.DataObject
 ) -> None:
-    encoded = [msg(bytes([t]), body) for t, body in messages]
+    encoded = [frame(t, body) for t, body in messages]
     stream_bytes = b"".join(encoded)
     # Rewrite Q (to a fixed message), drop X, look at but keep P; everything else bypasses the handler.
     answers: dict[int, bytes | None] = {Q: b"Zxxxx", X: b"", P: None}
@@ -253,7 +253,7 @@ def test_handler_sees_type_and_body_memoryview() -> None:
         return None
 
     rows = [RowDescription(()).encode(), DataRow((b"1", None)).encode(), CommandComplete("SELECT 1").encode(),
-            ReadyForQuery("I").encode()]
+            frame(Backend.READY_FOR_QUERY, b"I")]
     r = MessageRelay.for_types(MAX, frozenset(b"CZ"), handler)
     data = b"".join(rows)
     # Split inside the CommandComplete body so that it is reassembled from the pending buffer.
@@ -299,7 +299,7 @@ def test_invalid_length_after_valid_messages_in_the_same_chunk() -> None:
 def test_length_exactly_at_the_limit_is_accepted() -> None:
     max_size = 64
     body = b"x" * (max_size - 4)
-    m = msg(b"d", body)
+    m = frame(Frontend.COPY_DATA, body)
     r, _ = relay(max_size=max_size)
     assert r.feed(m) is m
 
@@ -356,8 +356,8 @@ def test_startup_packet_length() -> None:
 @pytest.mark.timeout(30)
 def test_huge_message_in_many_chunks_is_assembled_once() -> None:
     body = bytes(range(256)) * (8 * 1024 * 1024 // 256)  # 8 MiB
-    big = msg(b"d", body)
-    trailer = ReadyForQuery("I").encode()
+    big = frame(Frontend.COPY_DATA, body)
+    trailer = frame(Backend.READY_FOR_QUERY, b"I")
     data = big + trailer
     chunk = 64 * 1024
     r, rec = relay("dZ", max_size=16 * 1024 * 1024)

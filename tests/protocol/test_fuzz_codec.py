@@ -1,6 +1,6 @@
 """Property-based fuzzing of everything that parses bytes a peer controls (issue 9, hostile input).
 
-Whatever the bytes, the codec (``decode_frontend``, ``decode_backend``, ``decode_startup``, the 'p'
+Whatever the bytes, the codec (the frontend message classes, ``decode_backend``, ``decode_startup``, the 'p'
 interpretations), the framer (``MessageRelay``), the request tracker (``ExchangeTracker``) and a live
 ``Session`` pump wired to in-memory transports may only ever raise ``ProtocolViolation`` -- never
 IndexError, struct.error, UnicodeDecodeError, RecursionError, ValueError... -- and the framer never
@@ -25,7 +25,7 @@ from sessionfakes import fake_server, login, new_core, sent_to_client
 
 from pgproxy.config import parse_config
 from pgproxy.protocol import messages as m
-from pgproxy.protocol.codec import ProtocolViolation
+from pgproxy.protocol.codec import ProtocolViolation, cstr, frame, nullable
 from pgproxy.protocol.framing import MessageRelay, startup_packet_length
 from pgproxy.protocol.startup import (
     CANCEL_REQUEST_CODE,
@@ -36,16 +36,14 @@ from pgproxy.protocol.startup import (
     decode_startup,
 )
 from pgproxy.protocol.tracker import ExchangeTracker
+from pgproxy.protocol.types import Backend as B
+from pgproxy.protocol.types import Frontend as F
 
 # SQLSTATEs a decoder may attach to a ProtocolViolation.
 DECODER_SQLSTATES = {"08P01", "22021", "54000", "0A000", "28000"}
 # PGPROXY_FUZZ_EXAMPLES raises the count for a longer local fuzzing run.
 FUZZ = settings(max_examples=int(os.environ.get("PGPROXY_FUZZ_EXAMPLES", "200")), deadline=None,
                 suppress_health_check=[HealthCheck.too_slow])
-
-
-def frame(type_byte: int, body: bytes) -> bytes:
-    return bytes([type_byte]) + struct.pack("!i", len(body) + 4) + body
 
 
 def only_protocol_violations(fn: Any, *args: Any) -> Any:
@@ -72,12 +70,12 @@ frontend_messages = st.one_of(
     st.builds(m.Parse, names, names, st.tuples(oids, oids) | st.just(())),
     st.builds(m.Bind, names, names, st.lists(st.sampled_from([0, 1]), max_size=3).map(tuple),
               st.lists(values, max_size=3).map(tuple), st.lists(st.sampled_from([0, 1]), max_size=3).map(tuple)),
-    st.builds(m.Describe, st.sampled_from("SP"), names),
+    st.builds(lambda kind, name: frame(F.DESCRIBE, kind + cstr(name)), st.sampled_from([b"S", b"P"]), names),
     st.builds(m.Execute, names, st.integers(0, 1000)),
-    st.builds(m.Close, st.sampled_from("SP"), names),
-    st.builds(m.Sync), st.builds(m.Flush), st.builds(m.CopyDone), st.builds(m.Terminate),
-    st.builds(m.CopyData, st.binary(max_size=20)),
-    st.builds(m.CopyFail, names),
+    st.builds(lambda kind, name: frame(F.CLOSE, kind + cstr(name)), st.sampled_from([b"S", b"P"]), names),
+    st.builds(m.Sync), st.just(frame(F.FLUSH, b"")), st.just(frame(F.COPY_DONE, b"")), st.builds(m.Terminate),
+    st.builds(lambda data: frame(F.COPY_DATA, data), st.binary(max_size=20)),
+    st.builds(lambda reason: frame(F.COPY_FAIL, cstr(reason)), names),
     st.builds(m.FunctionCall, oids, st.just((0,)), st.lists(values, min_size=1, max_size=1).map(tuple),
               st.sampled_from([0, 1])),
     st.builds(m.PasswordMessage, names),
@@ -90,23 +88,26 @@ backend_messages = st.one_of(
     st.builds(m.AuthenticationSASL, st.lists(names.filter(bool), max_size=3).map(tuple)),
     st.builds(m.AuthenticationSASLContinue, st.binary(max_size=20)),
     st.builds(m.BackendKeyData, st.integers(-(1 << 31), (1 << 31) - 1), oids),
-    st.builds(m.ParameterStatus, names, names),
-    st.builds(m.ReadyForQuery, st.sampled_from("ITE")),
+    st.builds(lambda name, value: frame(B.PARAMETER_STATUS, cstr(name) + cstr(value)), names, names),
+    st.builds(lambda status: frame(B.READY_FOR_QUERY, status), st.sampled_from([b"I", b"T", b"E"])),
     st.builds(m.RowDescription, st.lists(st.builds(m.FieldDescription, names, oids, int16s, oids, int16s,
                                                    st.integers(-(1 << 31), (1 << 31) - 1), st.sampled_from([0, 1])),
                                          max_size=3).map(tuple)),
     st.builds(m.DataRow, st.lists(values, max_size=4).map(tuple)),
     st.builds(m.CommandComplete, st.sampled_from(["SELECT 1", "INSERT 0 3", "BEGIN", "COPY 2"])),
-    st.builds(m.EmptyQueryResponse), st.builds(m.NoData), st.builds(m.ParseComplete),
-    st.builds(m.BindComplete), st.builds(m.CloseComplete), st.builds(m.PortalSuspended),
+    st.sampled_from([frame(t, b"") for t in (B.EMPTY_QUERY_RESPONSE, B.NO_DATA, B.PARSE_COMPLETE, B.BIND_COMPLETE,
+                                             B.CLOSE_COMPLETE, B.PORTAL_SUSPENDED)]),
     st.builds(m.ErrorResponse.build, st.sampled_from(["ERROR", "FATAL"]), st.sampled_from(["42P01", "57014"]),
               names),
     st.builds(m.NoticeResponse.build, st.just("NOTICE"), st.just("00000"), names),
     st.builds(m.NotificationResponse, st.integers(0, 99999), names, names),
-    st.builds(m.CopyInResponse, st.sampled_from([0, 1]), st.lists(st.sampled_from([0, 1]), max_size=3).map(tuple)),
-    st.builds(m.CopyOutResponse, st.sampled_from([0, 1]), st.just(())),
-    st.builds(m.ParameterDescription, st.lists(oids, max_size=3).map(tuple)),
-    st.builds(m.FunctionCallResponse, values),
+    st.builds(lambda overall, cols: frame(B.COPY_IN_RESPONSE,
+                                          struct.pack(f">BH{len(cols)}h", overall, len(cols), *cols)),
+              st.sampled_from([0, 1]), st.lists(st.sampled_from([0, 1]), max_size=3)),
+    st.builds(lambda overall: frame(B.COPY_OUT_RESPONSE, struct.pack(">BH", overall, 0)), st.sampled_from([0, 1])),
+    st.builds(lambda oids: frame(B.PARAMETER_DESCRIPTION, struct.pack(f">H{len(oids)}I", len(oids), *oids)),
+              st.lists(oids, max_size=3)),
+    st.builds(lambda value: frame(B.FUNCTION_CALL_RESPONSE, nullable(value)), values),
     st.builds(m.NegotiateProtocolVersion, st.just(PROTOCOL_3_0), st.lists(names, max_size=2).map(tuple)),
 )
 
@@ -114,7 +115,8 @@ backend_messages = st.one_of(
 @st.composite
 def mutated(draw: st.DrawFn, source: st.SearchStrategy[Any]) -> tuple[int, bytes]:
     """(type byte, body) of a valid message after zero or more random edits of its body."""
-    encoded = draw(source).encode()
+    drawn = draw(source)
+    encoded = drawn if isinstance(drawn, bytes) else drawn.encode()
     type_byte, body = encoded[0], bytearray(encoded[5:])
     for _ in range(draw(st.integers(0, 3))):
         action = draw(st.sampled_from(["flip", "truncate", "extend", "insert_ff", "big_count", "bad_utf8"]))
@@ -138,6 +140,11 @@ def mutated(draw: st.DrawFn, source: st.SearchStrategy[Any]) -> tuple[int, bytes
 
 
 any_type = st.integers(0, 255)
+# The frontend messages the proxy decodes ('p' is read raw, then interpreted by the authentication exchange).
+FRONTEND_CLASSES: dict[int, Any] = {
+    cls.TYPE: cls
+    for cls in (m.Query, m.Parse, m.Bind, m.Execute, m.Sync, m.FunctionCall, m.AuthenticationResponse, m.Terminate)
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -147,7 +154,9 @@ any_type = st.integers(0, 255)
 @FUZZ
 @given(any_type, st.binary(max_size=300))
 def test_decode_frontend_random_bytes(type_byte: int, body: bytes) -> None:
-    only_protocol_violations(m.decode_frontend, type_byte, body)
+    decoder = FRONTEND_CLASSES.get(type_byte)
+    if decoder is not None:
+        only_protocol_violations(decoder.decode, body)
 
 
 @FUZZ
@@ -160,7 +169,8 @@ def test_decode_backend_random_bytes(type_byte: int, body: bytes) -> None:
 @given(mutated(frontend_messages))
 def test_decode_frontend_mutated_messages(message: tuple[int, bytes]) -> None:
     type_byte, body = message
-    decoded = only_protocol_violations(m.decode_frontend, type_byte, body)
+    decoder = FRONTEND_CLASSES.get(type_byte)
+    decoded = only_protocol_violations(decoder.decode, body) if decoder is not None else None
     if decoded is not None and type_byte != ord("p"):  # a decoded message must describe the same bytes
         assert decoded.encode() == frame(type_byte, body)
 
@@ -381,7 +391,7 @@ def _run_session(client_chunks: list[bytes], server_chunks: list[bytes]) -> tupl
     """What the client receives, and whether the session ended, when the core is fed these chunks."""
     core = new_core(fake_server(_CONFIG))
     login(core)
-    to_client = bytearray(core.upstream_data(m.ReadyForQuery("I").encode()))
+    to_client = bytearray(core.upstream_data(frame(B.READY_FOR_QUERY, b"I")))
     for i in range(max(len(client_chunks), len(server_chunks))):
         if i < len(client_chunks) and not core.ended:
             core.client_data(client_chunks[i])

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pgproxy.protocol import codec
 from pgproxy.protocol import messages as m
-from pgproxy.protocol.codec import ProtocolViolation, Reader, cstr, msg, nullable, type_name
+from pgproxy.protocol.codec import ProtocolViolation, Reader, cstr, nullable, type_name
+from pgproxy.protocol.types import Backend, Frontend
 
 # --------------------------------------------------------------------------------------------------
 # helpers (deliberately independent of the code under test)
@@ -47,6 +49,18 @@ def split(wire: bytes) -> tuple[int, bytes]:
     return wire[0], wire[5:]
 
 
+# The frontend messages the proxy decodes, by type byte ('p' is read raw and interpreted by the exchange).
+FRONTEND_DECODERS: dict[int, Any] = {
+    Frontend.QUERY: m.Query.decode, Frontend.PARSE: m.Parse.decode, Frontend.BIND: m.Bind.decode,
+    Frontend.EXECUTE: m.Execute.decode, Frontend.SYNC: m.Sync.decode, Frontend.FUNCTION_CALL: m.FunctionCall.decode,
+    Frontend.PASSWORD: m.AuthenticationResponse.decode, Frontend.TERMINATE: m.Terminate.decode,
+}
+
+
+def decode_frontend(type_byte: int, body: Any) -> Any:
+    return FRONTEND_DECODERS[type_byte](body)
+
+
 def violation(fn: Any, *args: Any) -> ProtocolViolation:
     with pytest.raises(ProtocolViolation) as info:
         fn(*args)
@@ -74,9 +88,10 @@ class TestCodec:
         with pytest.raises(ValueError):
             cstr("a\x00b")
 
-    def test_msg(self) -> None:
-        assert msg(b"Q", b"SELECT 1\x00") == b"Q\x00\x00\x00\rSELECT 1\x00"
-        assert msg(b"S", b"") == b"S\x00\x00\x00\x04"
+    def test_frame(self) -> None:
+        assert codec.frame(Frontend.QUERY, b"SELECT 1\x00") == b"Q\x00\x00\x00\rSELECT 1\x00"
+        assert codec.frame(Frontend.SYNC, memoryview(b"")) == b"S\x00\x00\x00\x04"
+        assert codec.header(Backend.DATA_ROW, 2) == b"D\x00\x00\x00\x06"
 
     def test_nullable(self) -> None:
         assert nullable(None) == b"\xff\xff\xff\xff"
@@ -168,19 +183,10 @@ FRONTEND_SAMPLES: list[Any] = [
     m.Bind("p1", "s1", (1,), (b"\x00\x00\x00\x2a", None, b""), (0, 1)),
     m.Bind("", "s", (0, 1, 0), (b"text", b"\x00\xff\x00", None), (1,)),
     m.Bind("портал", "s", (), ("ünïcode".encode(),), ()),
-    m.Describe("S", "stmt"),
-    m.Describe("P", ""),
     m.Execute("", 0),
     m.Execute("portal", 100),
     m.Execute("p", -1),
-    m.Close("S", "stmt"),
-    m.Close("P", "portal"),
     m.Sync(),
-    m.Flush(),
-    m.CopyData(b""),
-    m.CopyData(b"1\tfoo\n2\t\\N\n\x00\xff"),
-    m.CopyDone(),
-    m.CopyFail("client gave up: ☹"),
     m.FunctionCall(1598, (), (), 0),
     m.FunctionCall(2**32 - 2, (1,), (b"\x00\x01", None), 1),
     m.FunctionCall(42, (0, 1), (b"a", b"\x02"), 0),
@@ -215,11 +221,6 @@ BACKEND_SAMPLES: list[Any] = [
     m.BackendKeyData(12345, 0xDEADBEEF),
     m.BackendKeyData(-1, 0),
     m.BackendKeyData(2**31 - 1, 2**32 - 1),
-    m.ParameterStatus("client_encoding", "UTF8"),
-    m.ParameterStatus("application_name", "psql ✓"),
-    m.ReadyForQuery("I"),
-    m.ReadyForQuery("T"),
-    m.ReadyForQuery("E"),
     m.RowDescription(()),
     m.RowDescription((
         m.FieldDescription("id", 16384, 1, 23, 4, -1, 0),
@@ -232,29 +233,11 @@ BACKEND_SAMPLES: list[Any] = [
     m.CommandComplete("SELECT 5"),
     m.CommandComplete("INSERT 0 3"),
     m.CommandComplete("CREATE TABLE"),
-    m.EmptyQueryResponse(),
     m.ErrorResponse((("S", "ERROR"), ("V", "ERROR"), ("C", "42P01"), ("M", "relation \"x\" does not exist"))),
     m.ErrorResponse(()),
     m.NoticeResponse((("S", "NOTICE"), ("V", "NOTICE"), ("C", "00000"), ("M", "héllo"), ("W", "ctx"))),
     m.NotificationResponse(4242, "chan", "payload ✉"),
     m.NotificationResponse(1, "", ""),
-    m.CopyData(b"row\n"),
-    m.CopyDone(),
-    m.CopyInResponse(0, (0, 0, 0)),
-    m.CopyInResponse(1, ()),
-    m.CopyOutResponse(0, (0,)),
-    m.CopyOutResponse(1, (1, 1)),
-    m.CopyBothResponse(0, ()),
-    m.ParameterDescription(()),
-    m.ParameterDescription((23, 25, 2**32 - 1)),
-    m.NoData(),
-    m.PortalSuspended(),
-    m.ParseComplete(),
-    m.BindComplete(),
-    m.CloseComplete(),
-    m.FunctionCallResponse(b"\x00\x00\x00\x01"),
-    m.FunctionCallResponse(None),
-    m.FunctionCallResponse(b""),
     m.NegotiateProtocolVersion(0, ()),
     m.NegotiateProtocolVersion(0, ("_pq_.compression", "_pq_.other")),
 ]
@@ -269,7 +252,7 @@ def _ids(samples: list[Any]) -> list[str]:
 def test_round_trip_class_decode(message: Any) -> None:
     wire = message.encode()
     type_byte, body = split(wire)
-    assert bytes([type_byte]) == type(message).TYPE
+    assert type_byte == type(message).TYPE
     assert type(message).decode(body) == message
     assert type(message).decode(memoryview(body)) == message
     assert type(message).decode(bytearray(body)) == message
@@ -278,7 +261,7 @@ def test_round_trip_class_decode(message: Any) -> None:
 @pytest.mark.parametrize("message", FRONTEND_SAMPLES, ids=_ids(FRONTEND_SAMPLES))
 def test_round_trip_decode_frontend(message: Any) -> None:
     type_byte, body = split(message.encode())
-    decoded = m.decode_frontend(type_byte, memoryview(body))
+    decoded = decode_frontend(type_byte, memoryview(body))
     assert type(decoded) is type(message)
     assert decoded == message
 
@@ -295,7 +278,7 @@ def test_round_trip_decode_backend(message: Any) -> None:
 def test_password_family_decodes_to_raw_response(message: Any) -> None:
     type_byte, body = split(message.encode())
     assert type_byte == ord("p")
-    decoded = m.decode_frontend(type_byte, body)
+    decoded = decode_frontend(type_byte, body)
     assert decoded == m.AuthenticationResponse(body)
     assert decoded.encode() == message.encode()
 
@@ -314,9 +297,8 @@ def test_messages_are_frozen_slotted_and_hashable() -> None:
 def test_different_message_types_are_not_equal() -> None:
     pairs: list[tuple[object, object]] = [
         (m.ErrorResponse((("M", "x"),)), m.NoticeResponse((("M", "x"),))),
-        (m.CopyInResponse(0, ()), m.CopyOutResponse(0, ())),
-        (m.Sync(), m.Flush()),
-        (m.CopyData(b""), m.SASLResponse(b"")),
+        (m.Sync(), m.Terminate()),
+        (m.AuthenticationResponse(b""), m.SASLResponse(b"")),
     ]
     for a, b in pairs:
         assert a != b
@@ -331,7 +313,7 @@ def test_different_message_types_are_not_equal() -> None:
 def test_query_capture() -> None:
     wire = b"Q\x00\x00\x00\rSELECT 1\x00"
     assert m.Query("SELECT 1").encode() == wire
-    assert m.decode_frontend(wire[0], wire[5:]) == m.Query("SELECT 1")
+    assert decode_frontend(wire[0], wire[5:]) == m.Query("SELECT 1")
 
 
 def test_query_unicode_capture() -> None:
@@ -346,7 +328,7 @@ def test_parse_capture() -> None:
     body = b"s1\x00SELECT $1\x00" + b"\x00\x01" + b"\x00\x00\x00\x17"
     wire = b"P\x00\x00\x00\x17" + body
     assert len(wire) - 1 == 0x17
-    assert m.decode_frontend(ord("P"), body) == m.Parse("s1", "SELECT $1", (23,))
+    assert decode_frontend(ord("P"), body) == m.Parse("s1", "SELECT $1", (23,))
     assert m.Parse("s1", "SELECT $1", (23,)).encode() == wire
 
 
@@ -360,7 +342,7 @@ def test_bind_capture_with_null_and_binary() -> None:
         + b"\xff\xff\xff\xff"  # NULL
         + b"\x00\x01" + b"\x00\x01"  # 1 result format: binary
     )
-    bind = m.decode_frontend(ord("B"), body)
+    bind = decode_frontend(ord("B"), body)
     assert bind == m.Bind("", "s1", (1, 0), (b"\x00\x00\x00\x2a", None), (1,))
     assert bind.encode() == frame(b"B", body)
     assert isinstance(bind, m.Bind)
@@ -373,39 +355,25 @@ def test_bind_param_format_rule() -> None:
     assert m.Bind("", "", (0, 1), (b"a", b"b"), ()).param_format(1) == 1
 
 
-def test_describe_execute_close_sync_captures() -> None:
-    assert m.decode_frontend(ord("D"), b"Sstmt\x00") == m.Describe("S", "stmt")
-    assert m.Describe("P", "").encode() == b"D\x00\x00\x00\x06P\x00"
+def test_execute_sync_terminate_captures() -> None:
     assert m.Execute("", 0).encode() == b"E\x00\x00\x00\x09\x00\x00\x00\x00\x00"
-    assert m.decode_frontend(ord("E"), b"\x00\x00\x00\x00\x0a") == m.Execute("", 10)
-    assert m.Close("S", "s1").encode() == b"C\x00\x00\x00\x08Ss1\x00"
+    assert decode_frontend(ord("E"), b"\x00\x00\x00\x00\x0a") == m.Execute("", 10)
     assert m.Sync().encode() == b"S\x00\x00\x00\x04"
-    assert m.Flush().encode() == b"H\x00\x00\x00\x04"
     assert m.Terminate().encode() == b"X\x00\x00\x00\x04"
-    assert m.CopyDone().encode() == b"c\x00\x00\x00\x04"
-    assert m.decode_frontend(ord("X"), b"") == m.Terminate()
+    assert decode_frontend(ord("X"), b"") == m.Terminate()
 
 
 def test_function_call_capture() -> None:
     body = u32(1598) + u16(1) + i16(1) + u16(2) + i32(2) + b"\x00\x07" + i32(-1) + i16(1)
-    call = m.decode_frontend(ord("F"), body)
+    call = decode_frontend(ord("F"), body)
     assert call == m.FunctionCall(1598, (1,), (b"\x00\x07", None), 1)
     assert call.encode() == frame(b"F", body)
-
-
-def test_copy_captures() -> None:
-    assert m.decode_frontend(ord("d"), b"1\tone\n") == m.CopyData(b"1\tone\n")
-    assert m.decode_backend(ord("d"), b"") == m.CopyData(b"")
-    assert m.CopyFail("oops").encode() == b"f\x00\x00\x00\x09oops\x00"
-    assert m.decode_backend(ord("G"), b"\x00\x00\x02\x00\x00\x00\x00") == m.CopyInResponse(0, (0, 0))
-    assert m.decode_backend(ord("H"), b"\x01\x00\x01\x00\x01") == m.CopyOutResponse(1, (1,))
-    assert m.decode_backend(ord("W"), b"\x00\x00\x00") == m.CopyBothResponse(0, ())
 
 
 def test_password_message_capture() -> None:
     wire = b"p\x00\x00\x00\x0bsecret\x00"
     assert m.PasswordMessage("secret").encode() == wire
-    raw = m.decode_frontend(ord("p"), wire[5:])
+    raw = decode_frontend(ord("p"), wire[5:])
     assert isinstance(raw, m.AuthenticationResponse)
     assert raw.password() == "secret"
 
@@ -464,15 +432,6 @@ def test_backend_key_data_capture_unsigned_secret() -> None:
     assert key.encode() == wire
     negative_pid = m.BackendKeyData.decode(b"\xff\xff\xff\xff\x00\x00\x00\x01")
     assert negative_pid.process_id == -1
-
-
-def test_parameter_status_and_ready_captures() -> None:
-    wire = b"S\x00\x00\x00\x19client_encoding\x00UTF8\x00"
-    assert m.decode_backend(wire[0], wire[5:]) == m.ParameterStatus("client_encoding", "UTF8")
-    assert m.ParameterStatus("client_encoding", "UTF8").encode() == wire
-    assert m.ReadyForQuery("I").encode() == b"Z\x00\x00\x00\x05I"
-    for status in "ITE":
-        assert m.decode_backend(ord("Z"), status.encode()) == m.ReadyForQuery(status)
 
 
 def test_row_description_capture() -> None:
@@ -612,18 +571,11 @@ def test_error_response_encode_rejects_bad_codes() -> None:
         m.ErrorResponse((("\x00", "x"),)).encode()
 
 
-def test_notification_and_misc_backend_captures() -> None:
+def test_notification_and_negotiate_captures() -> None:
     body = i32(77) + b"jobs\x00{\"id\": 1}\x00"
     assert m.decode_backend(ord("A"), body) == m.NotificationResponse(77, "jobs", '{"id": 1}')
-    assert m.decode_backend(ord("t"), u16(2) + u32(23) + u32(25)) == m.ParameterDescription((23, 25))
-    assert m.decode_backend(ord("V"), i32(-1)) == m.FunctionCallResponse(None)
-    assert m.decode_backend(ord("V"), i32(2) + b"ok") == m.FunctionCallResponse(b"ok")
     npv = i32(0) + i32(1) + b"_pq_.x\x00"
     assert m.decode_backend(ord("v"), npv) == m.NegotiateProtocolVersion(0, ("_pq_.x",))
-    for type_byte, cls in [("I", m.EmptyQueryResponse), ("n", m.NoData), ("s", m.PortalSuspended),
-                           ("1", m.ParseComplete), ("2", m.BindComplete), ("3", m.CloseComplete)]:
-        assert m.decode_backend(ord(type_byte), b"") == cls()
-        assert cls().encode() == type_byte.encode() + b"\x00\x00\x00\x04"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -646,11 +598,7 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("bind-missing-param", FRONT, "B", b"\x00\x00\x00\x00\x00\x02" + i32(1) + b"x", "08P01"),
     ("bind-short-length-word", FRONT, "B", b"\x00\x00\x00\x00\x00\x01\x00\x00", "08P01"),
     ("bind-no-result-count", FRONT, "B", b"\x00\x00\x00\x00\x00\x00", "08P01"),
-    ("describe-empty", FRONT, "D", b"", "08P01"),
-    ("describe-no-name", FRONT, "D", b"S", "08P01"),
     ("execute-no-maxrows", FRONT, "E", b"\x00\x00\x00", "08P01"),
-    ("close-no-nul", FRONT, "C", b"Sname", "08P01"),
-    ("copyfail-no-nul", FRONT, "f", b"why", "08P01"),
     ("function-short", FRONT, "F", u32(1) + u16(0) + u16(0), "08P01"),
     ("row-desc-empty", BACK, "T", b"", "08P01"),
     ("row-desc-one-byte", BACK, "T", b"\x00", "08P01"),
@@ -661,14 +609,10 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("data-row-missing-column", BACK, "D", b"\x00\x02" + i32(1) + b"1", "08P01"),
     ("data-row-short-length", BACK, "D", b"\x00\x01\x00\x00", "08P01"),
     ("key-data-short", BACK, "K", b"\x00\x00\x00\x01\x00\x00", "08P01"),
-    ("param-status-no-value", BACK, "S", b"name\x00", "08P01"),
     ("command-complete-no-nul", BACK, "C", b"SELECT 1", "08P01"),
     ("error-no-terminator", BACK, "E", b"SERROR\x00", "08P01"),
     ("error-unterminated-value", BACK, "E", b"SERR", "08P01"),
     ("notify-short", BACK, "A", b"\x00\x00", "08P01"),
-    ("copy-in-short", BACK, "G", b"\x00\x00\x02\x00\x00", "08P01"),
-    ("param-desc-short", BACK, "t", b"\x00\x02\x00\x00\x00\x17", "08P01"),
-    ("fcr-empty", BACK, "V", b"", "08P01"),
     ("npv-short", BACK, "v", i32(0) + i32(2) + b"_pq_.a\x00", "08P01"),
     ("auth-short", BACK, "R", b"\x00\x00", "08P01"),
     ("auth-md5-short-salt", BACK, "R", i32(5) + b"\x01\x02", "08P01"),
@@ -679,9 +623,7 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("bind-trailing", FRONT, "B", b"\x00\x00" + u16(0) + u16(0) + u16(0) + b"\x00", "08P01"),
     ("execute-trailing", FRONT, "E", b"\x00" + i32(0) + b"\x00", "08P01"),
     ("sync-body", FRONT, "S", b"\x00", "08P01"),
-    ("flush-body", FRONT, "H", b"x", "08P01"),
     ("terminate-body", FRONT, "X", b"xx", "08P01"),
-    ("copydone-body", FRONT, "c", b"x", "08P01"),
     ("row-desc-trailing", BACK, "T", b"\x00\x00\x00", "08P01"),
     ("data-row-trailing", BACK, "D", b"\x00\x01" + i32(1) + b"12", "08P01"),
     ("data-row-zero-trailing", BACK, "D", b"\x00\x00x", "08P01"),
@@ -691,16 +633,8 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("auth-md5-long-salt", BACK, "R", i32(5) + b"\x01\x02\x03\x04\x05", "08P01"),
     ("auth-sasl-trailing", BACK, "R", i32(10) + b"A\x00\x00x", "08P01"),
     ("key-data-trailing", BACK, "K", i32(1) + u32(2) + b"\x00", "08P01"),
-    ("ready-two-bytes", BACK, "Z", b"II", "08P01"),
-    ("parse-complete-body", BACK, "1", b"\x00", "08P01"),
     ("npv-trailing", BACK, "v", i32(0) + i32(0) + b"x", "08P01"),
-    ("fcr-trailing", BACK, "V", i32(1) + b"ab", "08P01"),
     # bad enum values
-    ("ready-bad-status", BACK, "Z", b"X", "08P01"),
-    ("ready-lowercase", BACK, "Z", b"i", "08P01"),
-    ("ready-empty", BACK, "Z", b"", "08P01"),
-    ("describe-bad-kind", FRONT, "D", b"Xname\x00", "08P01"),
-    ("close-bad-kind", FRONT, "C", b"sname\x00", "08P01"),
     ("auth-unknown-code", BACK, "R", i32(42), "08P01"),
     ("auth-scm-code", BACK, "R", i32(6), "08P01"),
     ("auth-negative-code", BACK, "R", i32(-1), "08P01"),
@@ -714,12 +648,10 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("data-row-min-int", BACK, "D", b"\x00\x01" + i32(-(2**31)), "08P01"),
     ("bind-minus-five", FRONT, "B", b"\x00\x00" + u16(0) + u16(1) + i32(-5) + u16(0), "08P01"),
     ("function-minus-two", FRONT, "F", u32(1) + u16(0) + u16(1) + i32(-2) + i16(0), "08P01"),
-    ("fcr-minus-two", BACK, "V", i32(-2), "08P01"),
     # lengths past the end of the body
     ("data-row-past-end", BACK, "D", b"\x00\x01" + i32(100) + b"abc", "08P01"),
     ("data-row-huge", BACK, "D", b"\x00\x01" + i32(2**31 - 1), "08P01"),
     ("bind-past-end", FRONT, "B", b"\x00\x00" + u16(0) + u16(1) + i32(10) + b"abc" + u16(0), "08P01"),
-    ("fcr-past-end", BACK, "V", i32(5) + b"ab", "08P01"),
     ("data-row-count-too-big", BACK, "D", b"\xff\xff" + i32(-1), "08P01"),
     ("row-desc-count-too-big", BACK, "T", b"\xff\xff", "08P01"),
     # invalid UTF-8 in strings
@@ -727,11 +659,8 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("query-truncated-utf8", FRONT, "Q", b"\xe4\xb8\x00", "22021"),
     ("parse-bad-name", FRONT, "P", b"\xc3\x28\x00q\x00\x00\x00", "22021"),
     ("bind-bad-portal", FRONT, "B", b"\x80\x00\x00" + u16(0) + u16(0) + u16(0), "22021"),
-    ("describe-bad-name", FRONT, "D", b"S\xfe\x00", "22021"),
-    ("copyfail-bad", FRONT, "f", b"\xff\x00", "22021"),
     ("row-desc-bad-name", BACK, "T",
      b"\x00\x01\xff\x00" + u32(0) + i16(0) + u32(23) + i16(4) + i32(-1) + i16(0), "22021"),
-    ("param-status-bad", BACK, "S", b"a\x00\xff\x00", "22021"),
     ("error-bad-value", BACK, "E", b"M\xc0\xaf\x00\x00", "22021"),
     ("notify-bad-channel", BACK, "A", i32(1) + b"\xff\x00\x00", "22021"),
     ("command-complete-bad", BACK, "C", b"\xed\xa0\x80\x00", "22021"),
@@ -744,7 +673,7 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ids=[case[0] for case in MALFORMED],
 )
 def test_malformed(direction: str, type_char: str, body: bytes, sqlstate: str) -> None:
-    decode = m.decode_frontend if direction == FRONT else m.decode_backend
+    decode = decode_frontend if direction == FRONT else m.decode_backend
     exc = violation(decode, ord(type_char), body)
     assert exc.sqlstate == sqlstate
     assert str(exc)  # always a human-readable message
@@ -753,22 +682,14 @@ def test_malformed(direction: str, type_char: str, body: bytes, sqlstate: str) -
 
 
 def test_error_messages_are_informative() -> None:
-    exc = violation(m.decode_frontend, ord("S"), b"x")
+    exc = violation(decode_frontend, ord("S"), b"x")
     assert str(exc) == "invalid message length 5 for 'S'"
     assert "trailing" in str(violation(m.Query.decode, b"SELECT 1\x00x"))
     assert "truncated" in str(violation(m.Execute.decode, b"\x00"))
     assert "runs past the end" in str(violation(m.DataRow.decode, b"\x00\x01" + i32(9)))
     assert "-2" in str(violation(m.DataRow.decode, b"\x00\x01" + i32(-2)))
-    assert "'X'" in str(violation(m.ReadyForQuery.decode, b"X"))
     assert "parameter formats" in str(violation(m.Bind.decode, b"\x00\x00" + u16(2) + i16(0) + i16(0) + u16(0)
                                                 + u16(0)))
-
-
-@pytest.mark.parametrize("type_byte", [ord("Z"), ord("T"), ord("R"), ord("K"), 0, ord("q"), 0xFF])
-def test_unknown_frontend_type(type_byte: int) -> None:
-    exc = violation(m.decode_frontend, type_byte, b"")
-    assert exc.sqlstate == "08P01"
-    assert "invalid frontend message type" in str(exc)
 
 
 @pytest.mark.parametrize("type_byte", [ord("Q"), ord("P"), ord("B"), ord("X"), ord("p"), 0, ord("?")])
@@ -821,7 +742,7 @@ def test_bind_round_trip(bind: m.Bind) -> None:
     type_byte, body = split(bind.encode())
     assert type_byte == ord("B")
     assert m.Bind.decode(body) == bind
-    assert m.decode_frontend(type_byte, memoryview(body)) == bind
+    assert decode_frontend(type_byte, memoryview(body)) == bind
 
 
 @given(st.lists(value, max_size=200).map(tuple))
@@ -870,8 +791,8 @@ def test_error_build_round_trip(severity: str, sqlstate: str, message: str, deta
     )
 
 
-FRONTEND_TYPES = sorted(b for b in b"QPBDECSHdcfFpX")
-BACKEND_TYPES = sorted(b for b in b"RKSZTDCIENAdcGHWtns123Vv")
+FRONTEND_TYPES = sorted(FRONTEND_DECODERS)
+BACKEND_TYPES = sorted(b for b in b"RKTDCENAv")
 
 
 @settings(max_examples=300)
@@ -880,7 +801,7 @@ def test_arbitrary_frontend_bytes_never_crash(type_byte: int, body: bytes) -> No
     """Random bodies either decode to a message that re-encodes to the same bytes, or raise
     ProtocolViolation -- never another exception."""
     try:
-        decoded = m.decode_frontend(type_byte, body)
+        decoded = decode_frontend(type_byte, body)
     except ProtocolViolation as exc:
         assert exc.sqlstate in ("08P01", "22021")
         return

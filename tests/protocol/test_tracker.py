@@ -3,61 +3,94 @@
 Each test plays a realistic conversation: frontend messages are recorded with ``on_frontend`` as the
 session does before forwarding them, backend messages of the tracked types are fed to ``on_backend``
 (DataRow, ParameterStatus, notices and the like bypass the tracker, as in the session), all built
-with the message classes' ``encode()`` and passed as memoryviews of the body.
+with the message classes' ``encode()`` (or ``frame()`` for the ones the proxy never decodes) and passed
+as memoryviews of the body.
 """
 
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 import pytest
 
-from pgproxy.protocol.codec import ProtocolViolation
+from pgproxy.protocol.codec import ProtocolViolation, cstr, frame, nullable
 from pgproxy.protocol.errors import error
 from pgproxy.protocol.framing import MessageRelay
 from pgproxy.protocol.messages import (
     AuthenticationOk,
     BackendKeyData,
     Bind,
-    BindComplete,
-    Close,
-    CloseComplete,
     CommandComplete,
-    CopyData,
-    CopyDone,
-    CopyInResponse,
-    CopyOutResponse,
     DataRow,
-    Describe,
-    EmptyQueryResponse,
     ErrorResponse,
     Execute,
     FieldDescription,
-    Flush,
     FunctionCall,
-    FunctionCallResponse,
-    NoData,
     NoticeResponse,
-    ParameterDescription,
-    ParameterStatus,
     Parse,
-    ParseComplete,
-    PortalSuspended,
     Query,
-    ReadyForQuery,
     RowDescription,
     Sync,
 )
 from pgproxy.protocol.tracker import (
     TRACKED_BACKEND_TYPES,
     TRACKED_FRONTEND_TYPES,
+    Desync,
     ExchangeTracker,
     Kind,
     Pending,
     StatementResult,
 )
+from pgproxy.protocol.types import Backend, Frontend
 
 INT4 = 23
+
+# Messages the proxy forwards without decoding, built straight from their wire formats.
+PARSE_COMPLETE = frame(Backend.PARSE_COMPLETE, b"")
+BIND_COMPLETE = frame(Backend.BIND_COMPLETE, b"")
+CLOSE_COMPLETE = frame(Backend.CLOSE_COMPLETE, b"")
+NO_DATA = frame(Backend.NO_DATA, b"")
+PORTAL_SUSPENDED = frame(Backend.PORTAL_SUSPENDED, b"")
+EMPTY_QUERY = frame(Backend.EMPTY_QUERY_RESPONSE, b"")
+FLUSH = frame(Frontend.FLUSH, b"")
+COPY_DONE = frame(Frontend.COPY_DONE, b"")  # the same byte in both directions
+
+
+def ready(status: str) -> bytes:
+    return frame(Backend.READY_FOR_QUERY, status.encode())
+
+
+def describe(kind: str, name: str) -> bytes:
+    return frame(Frontend.DESCRIBE, kind.encode() + cstr(name))
+
+
+def close(kind: str, name: str) -> bytes:
+    return frame(Frontend.CLOSE, kind.encode() + cstr(name))
+
+
+def copy_data(data: bytes) -> bytes:
+    return frame(Frontend.COPY_DATA, data)  # the same byte in both directions
+
+
+def copy_in(overall: int, columns: tuple[int, ...]) -> bytes:
+    return frame(Backend.COPY_IN_RESPONSE, struct.pack(f">BH{len(columns)}h", overall, len(columns), *columns))
+
+
+def copy_out(overall: int, columns: tuple[int, ...]) -> bytes:
+    return frame(Backend.COPY_OUT_RESPONSE, struct.pack(f">BH{len(columns)}h", overall, len(columns), *columns))
+
+
+def parameter_status(name: str, value: str) -> bytes:
+    return frame(Backend.PARAMETER_STATUS, cstr(name) + cstr(value))
+
+
+def parameter_description(oids: tuple[int, ...]) -> bytes:
+    return frame(Backend.PARAMETER_DESCRIPTION, struct.pack(f">H{len(oids)}I", len(oids), *oids))
+
+
+def function_result(value: bytes | None) -> bytes:
+    return frame(Backend.FUNCTION_CALL_RESPONSE, nullable(value))
 
 
 def rowdesc(*names: str) -> RowDescription:
@@ -76,14 +109,14 @@ class Conversation:
         if startup:
             # As the session does: the ReadyForQuery that ends the startup phase is expected.
             self.t.queue.append(Pending(Kind.SYNC))
-            self.server(AuthenticationOk(), ParameterStatus("server_version", "16.0"),
-                        BackendKeyData(42, 7), ReadyForQuery("I"))
+            self.server(AuthenticationOk(), parameter_status("server_version", "16.0"),
+                        BackendKeyData(42, 7), ready("I"))
             assert self.t.idle
 
     def client(self, *messages: Any) -> list[Pending | None]:
         out = []
         for m in messages:
-            data = m.encode()
+            data = m if isinstance(m, bytes) else m.encode()
             if data[0] in TRACKED_FRONTEND_TYPES:
                 out.append(self.t.on_frontend(data[0], memoryview(data)[5:]))
         return out
@@ -92,7 +125,7 @@ class Conversation:
         """Feed the tracked messages; return on_backend's answers (one per tracked message)."""
         out = []
         for m in messages:
-            data = m.encode()
+            data = m if isinstance(m, bytes) else m.encode()
             if data[0] in TRACKED_BACKEND_TYPES:
                 out.append(self.t.on_backend(data[0], memoryview(data)[5:]))
         return out
@@ -109,10 +142,9 @@ def test_startup_ready_for_query_consumes_the_seeded_sync() -> None:
     c = Conversation(startup=False)
     c.t.queue.append(Pending(Kind.SYNC))
     assert not c.t.idle
-    c.server(AuthenticationOk(), ParameterStatus("client_encoding", "UTF8"), BackendKeyData(1, 2),
-             ReadyForQuery("I"))
+    c.server(AuthenticationOk(), parameter_status("client_encoding", "UTF8"), BackendKeyData(1, 2),
+             ready("I"))
     assert c.t.idle
-    assert c.t.desyncs == 0
     assert c.t.transaction_status == "I"
     assert c.done() == []
 
@@ -151,7 +183,7 @@ def test_simple_query_with_several_statements() -> None:
     )
     assert c.done() == []  # not finished before ReadyForQuery
     assert not c.t.idle
-    c.server(ReadyForQuery("I"))
+    c.server(ready("I"))
     (res,) = c.done()
     assert res.protocol == "simple"
     assert res.sql == sql
@@ -162,13 +194,12 @@ def test_simple_query_with_several_statements() -> None:
     assert res.duration_ms >= 0
     assert res.started_at > 0
     assert c.t.idle
-    assert c.t.desyncs == 0
 
 
 def test_simple_query_without_row_counts() -> None:
     c = Conversation()
     c.client(Query("CREATE TABLE t (x int)"))
-    c.server(CommandComplete("CREATE TABLE"), ReadyForQuery("I"))
+    c.server(CommandComplete("CREATE TABLE"), ready("I"))
     (res,) = c.done()
     assert res.tags == ["CREATE TABLE"]
     assert res.rows is None
@@ -180,7 +211,7 @@ def test_simple_query_with_error() -> None:
     answers = c.server(rowdesc("?column?"), DataRow((b"1",)), CommandComplete("SELECT 1"), err())
     assert answers == [None, None, None]  # RowDescription, CommandComplete, ErrorResponse (DataRow bypasses)
     assert c.done() == []
-    c.server(ReadyForQuery("I"))
+    c.server(ready("I"))
     (res,) = c.done()
     assert res.tags == ["SELECT 1"]
     assert res.rows == 1
@@ -193,19 +224,19 @@ def test_simple_query_with_error() -> None:
 def test_consecutive_simple_queries() -> None:
     c = Conversation()
     c.client(Query("SELECT 1"))
-    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
     c.client(Query("SELECT 2"))
-    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
     assert [r.sql for r in c.done()] == ["SELECT 1", "SELECT 2"]
 
 
 def test_pipelined_simple_queries() -> None:
     c = Conversation()
     c.client(Query("SELECT 1"), Query("SELECT 2"))
-    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
     assert [r.sql for r in c.done()] == ["SELECT 1"]
     assert not c.t.idle
-    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
     assert [r.sql for r in c.done()] == ["SELECT 2"]
     assert c.t.idle
 
@@ -213,35 +244,35 @@ def test_pipelined_simple_queries() -> None:
 def test_empty_query_response_in_simple_query() -> None:
     c = Conversation()
     c.client(Query(""))
-    c.server(EmptyQueryResponse(), ReadyForQuery("I"))
+    c.server(EMPTY_QUERY, ready("I"))
     (res,) = c.done()
     assert res.sql == ""
     assert res.tags == []
     assert res.rows is None
     assert res.error is None
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_copy_from_stdin_in_a_simple_query() -> None:
     c = Conversation()
     c.client(Query("COPY t FROM STDIN"))
-    c.server(CopyInResponse(0, (0,)))
+    c.server(copy_in(0, (0,)))
     assert not c.t.idle
     # The client's CopyData and CopyDone are not queued requests.
-    assert c.client(CopyData(b"1\n"), CopyData(b"2\n"), CopyData(b"3\n"), CopyDone()) == [None]
-    c.server(CommandComplete("COPY 3"), ReadyForQuery("I"))
+    assert c.client(copy_data(b"1\n"), copy_data(b"2\n"), copy_data(b"3\n"), COPY_DONE) == [None]
+    c.server(CommandComplete("COPY 3"), ready("I"))
     (res,) = c.done()
     assert res.sql == "COPY t FROM STDIN"
     assert res.tags == ["COPY 3"]
     assert res.rows == 3
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_copy_to_stdout_in_a_simple_query() -> None:
     c = Conversation()
     c.client(Query("COPY t TO STDOUT"))
-    c.server(CopyOutResponse(0, (0,)), CopyData(b"1\n"), CopyDone(), CommandComplete("COPY 1"),
-             ReadyForQuery("I"))
+    c.server(copy_out(0, (0,)), copy_data(b"1\n"), COPY_DONE, CommandComplete("COPY 1"),
+             ready("I"))
     (res,) = c.done()
     assert res.tags == ["COPY 1"]
     assert res.rows == 1
@@ -251,16 +282,16 @@ def test_transaction_status_tracking() -> None:
     c = Conversation()
     assert c.t.transaction_status == "I"
     c.client(Query("BEGIN"))
-    c.server(CommandComplete("BEGIN"), ReadyForQuery("T"))
+    c.server(CommandComplete("BEGIN"), ready("T"))
     assert c.t.transaction_status == "T"
     c.client(Query("SELECT * FROM nope"))
-    c.server(err(), ReadyForQuery("E"))
+    c.server(err(), ready("E"))
     assert c.t.transaction_status == "E"
     c.client(Query("SELECT 1"))
-    c.server(err("25P02", "current transaction is aborted"), ReadyForQuery("E"))
+    c.server(err("25P02", "current transaction is aborted"), ready("E"))
     assert c.t.transaction_status == "E"
     c.client(Query("ROLLBACK"))
-    c.server(CommandComplete("ROLLBACK"), ReadyForQuery("I"))
+    c.server(CommandComplete("ROLLBACK"), ready("I"))
     assert c.t.transaction_status == "I"
     assert [r.error.sqlstate if r.error else None for r in c.done()] == [None, "42P01", "25P02", None]
 
@@ -273,10 +304,10 @@ def test_extended_query_with_parameters() -> None:
     c = Conversation()
     sql = "SELECT * FROM t WHERE a = $1 AND b = $2"
     pendings = c.client(Parse("", sql, (INT4, 0)), Bind("", "", (0, 1), (b"42", None), (0,)),
-                        Describe("P", ""), Execute("", 0), Sync())
+                        describe("P", ""), Execute("", 0), Sync())
     assert [p.kind for p in pendings if p is not None] == [Kind.PARSE, Kind.BIND, Kind.DESCRIBE, Kind.EXECUTE,
                                                            Kind.SYNC]
-    c.server(ParseComplete(), BindComplete(), rowdesc("a", "b"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, rowdesc("a", "b"))
     assert c.done() == []  # Parse and Bind succeeded: they are not statements of their own
     c.server(DataRow((b"42", b"x")), DataRow((b"42", b"y")), CommandComplete("SELECT 2"))
     (res,) = c.done()
@@ -289,10 +320,9 @@ def test_extended_query_with_parameters() -> None:
     assert res.rows == 2
     assert res.error is None
     assert not c.t.idle  # the Sync is still outstanding
-    c.server(ReadyForQuery("I"))
+    c.server(ready("I"))
     assert c.t.idle
     assert c.done() == []
-    assert c.t.desyncs == 0
 
 
 def test_pipelined_executes_before_one_sync() -> None:
@@ -305,10 +335,10 @@ def test_pipelined_executes_before_one_sync() -> None:
         Sync(),
     )
     c.server(
-        ParseComplete(),
-        BindComplete(), CommandComplete("INSERT 0 1"),
-        BindComplete(), CommandComplete("INSERT 0 1"),
-        ParseComplete(), BindComplete(), CommandComplete("UPDATE 7"),
+        PARSE_COMPLETE,
+        BIND_COMPLETE, CommandComplete("INSERT 0 1"),
+        BIND_COMPLETE, CommandComplete("INSERT 0 1"),
+        PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("UPDATE 7"),
     )
     results = c.done()
     assert [(r.sql, r.params, r.rows, r.statement_name) for r in results] == [
@@ -317,19 +347,19 @@ def test_pipelined_executes_before_one_sync() -> None:
         ("UPDATE t SET x = x + 1", (), 7, ""),
     ]
     assert [r.tags for r in results] == [["INSERT 0 1"], ["INSERT 0 1"], ["UPDATE 7"]]
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
 
 
 def test_several_batches_pipelined() -> None:
     c = Conversation()
     c.client(Parse("", "SELECT 1"), Bind("", ""), Execute(""), Sync(),
              Parse("", "SELECT 2"), Bind("", ""), Execute(""), Sync())
-    c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("SELECT 1"), ready("I"))
     assert not c.t.idle
-    c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("SELECT 1"), ready("I"))
     assert [r.sql for r in c.done()] == ["SELECT 1", "SELECT 2"]
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_error_in_the_middle_of_an_extended_pipeline() -> None:
@@ -340,7 +370,7 @@ def test_error_in_the_middle_of_an_extended_pipeline() -> None:
         Parse("", "INSERT INTO t VALUES (3)"), Bind("", ""), Execute(""),
         Sync(),
     )
-    c.server(ParseComplete(), BindComplete(), CommandComplete("INSERT 0 1"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("INSERT 0 1"))
     answers = c.server(err())  # the second Parse fails; the server skips everything up to the Sync
     assert answers == [None]
     results = c.done()
@@ -349,67 +379,65 @@ def test_error_in_the_middle_of_an_extended_pipeline() -> None:
         ("INSERT INTO nope VALUES (2)", "42P01"),
     ]
     assert [p.kind for p in c.t.queue] == [Kind.SYNC]
-    c.server(ReadyForQuery("E"))
+    c.server(ready("E"))
     assert c.t.idle
     assert c.t.transaction_status == "E"
     assert c.done() == []  # the skipped requests produce nothing
-    assert c.t.desyncs == 0
 
     # The next batch works normally.
     c.client(Parse("", "SELECT 4"), Bind("", ""), Execute(""), Sync())
-    c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("SELECT 1"), ready("I"))
     (res,) = c.done()
     assert res.sql == "SELECT 4" and res.error is None and res.tags == ["SELECT 1"]
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_error_on_execute_finishes_the_execute() -> None:
     c = Conversation()
     c.client(Parse("", "SELECT 1/$1"), Bind("", "", (), (b"0",)), Execute(""), Execute(""), Sync())
-    c.server(ParseComplete(), BindComplete(), err("22012", "division by zero"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, err("22012", "division by zero"))
     (res,) = c.done()
     assert res.sql == "SELECT 1/$1"
     assert res.params == (b"0",)
     assert res.error is not None and res.error.sqlstate == "22012"
     assert res.tags == []
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
     assert c.done() == []
 
 
 def test_error_on_bind_is_reported_with_its_parameters() -> None:
     c = Conversation()
     c.client(Parse("s", "SELECT $1::int"), Bind("", "s", (), (b"abc",)), Execute(""), Sync())
-    c.server(ParseComplete(), err("22P02", 'invalid input syntax for type integer: "abc"'))
+    c.server(PARSE_COMPLETE, err("22P02", 'invalid input syntax for type integer: "abc"'))
     (res,) = c.done()
     assert res.sql == "SELECT $1::int"
     assert res.params == (b"abc",)
     assert res.error is not None and res.error.sqlstate == "22P02"
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
 
 
 def test_requests_sent_after_an_error_but_before_the_sync_are_skipped_too() -> None:
     # The server discards every message up to the next Sync, including those that reach the proxy only
     # after it has seen the ErrorResponse (e.g. a pipelining client that flushed before its Sync).
     c = Conversation()
-    c.client(Parse("", "SELECT * FROM nope"), Bind("", ""), Execute(""), Flush())
+    c.client(Parse("", "SELECT * FROM nope"), Bind("", ""), Execute(""), FLUSH)
     c.server(err())
     assert len(c.done()) == 1
     c.client(Parse("", "SELECT 2"), Bind("", ""), Execute(""), Sync())
-    c.server(ReadyForQuery("I"))  # the only answer the server gives to these four messages
+    c.server(ready("I"))  # the only answer the server gives to these four messages
     assert c.t.idle
-    assert c.t.desyncs == 0
     assert c.done() == []
     c.client(Query("SELECT 3"))
-    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
     assert [r.sql for r in c.done()] == ["SELECT 3"]
 
 
 def test_failed_bind_result_keeps_its_bind_message() -> None:
     c = Conversation()
     c.client(Parse("s", "SELECT $1::int, $2::text"), Sync())
-    c.server(ParseComplete(), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, ready("I"))
     c.client(Bind("p", "s", (0, 1), (b"x", b"\x00\x01"), (1,)), Execute("p"), Sync())
     c.server(err("22P02", "invalid input syntax"))
     (res,) = c.done()
@@ -426,14 +454,14 @@ def test_malformed_bind_is_rejected_or_harmless() -> None:
     # refuse the message itself or record it so that reading the result (as the audit does) cannot raise.
     c = Conversation()
     c.client(Parse("s", "SELECT $1"), Sync())
-    c.server(ParseComplete(), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, ready("I"))
     bad = Bind("", "s", (), (b"abcdef",)).encode()[5:-6]
     try:
         c.t.on_frontend(ord("B"), memoryview(bad))
     except ProtocolViolation:
         return
     c.client(Execute(""), Sync())
-    c.server(err("08P01", "insufficient data left in message"), ReadyForQuery("I"))
+    c.server(err("08P01", "insufficient data left in message"), ready("I"))
     for res in c.done():
         res.params  # noqa: B018 - must not raise
         res.param_formats  # noqa: B018
@@ -445,11 +473,11 @@ def test_repeated_parse_bodies_decode_consistently() -> None:
     c = Conversation()
     for sql in ("SELECT 1", "SELECT 2", "SELECT 1", "SELECT 2"):
         c.client(Parse("", sql), Bind("", ""), Execute(""), Sync())
-        c.server(ParseComplete(), BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+        c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("SELECT 1"), ready("I"))
     assert [r.sql for r in c.done()] == ["SELECT 1", "SELECT 2", "SELECT 1", "SELECT 2"]
     # Same text under another name is another statement.
     c.client(Parse("a", "SELECT 1"), Parse("b", "SELECT 1"), Sync())
-    c.server(ParseComplete(), ParseComplete(), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, PARSE_COMPLETE, ready("I"))
     assert c.t.statements["a"] == c.t.statements["b"] == "SELECT 1"
 
 
@@ -462,24 +490,24 @@ def test_invalid_parse_raises_protocol_violation() -> None:
 def test_named_prepared_statement_reused_and_closed() -> None:
     c = Conversation()
     c.client(Parse("get_user", "SELECT name FROM users WHERE id = $1", (INT4,)), Sync())
-    c.server(ParseComplete(), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, ready("I"))
     assert c.done() == []
     assert c.t.statements["get_user"] == "SELECT name FROM users WHERE id = $1"
 
     for uid in (b"1", b"2"):
         c.client(Bind("p1", "get_user", (), (uid,)), Execute("p1"), Sync())
-        c.server(BindComplete(), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+        c.server(BIND_COMPLETE, CommandComplete("SELECT 1"), ready("I"))
     results = c.done()
     assert [(r.sql, r.params, r.statement_name) for r in results] == [
         ("SELECT name FROM users WHERE id = $1", (b"1",), "get_user"),
         ("SELECT name FROM users WHERE id = $1", (b"2",), "get_user"),
     ]
 
-    c.client(Close("S", "get_user"), Close("P", "p1"), Sync())
+    c.client(close("S", "get_user"), close("P", "p1"), Sync())
     assert "get_user" not in c.t.statements
     assert "p1" not in c.t.portals
-    c.server(CloseComplete(), CloseComplete(), ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(CLOSE_COMPLETE, CLOSE_COMPLETE, ready("I"))
+    assert c.t.idle
     assert c.done() == []
 
 
@@ -488,13 +516,13 @@ def test_failed_parse_does_not_replace_an_existing_prepared_statement() -> None:
     # server keeps the original: an Execute of that statement must be audited with the original text.
     c = Conversation()
     c.client(Parse("s1", "DELETE FROM audit_log"), Sync())
-    c.server(ParseComplete(), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, ready("I"))
     c.client(Parse("s1", "SELECT 1"), Sync())
-    c.server(err("42P05", 'prepared statement "s1" already exists'), ReadyForQuery("I"))
+    c.server(err("42P05", 'prepared statement "s1" already exists'), ready("I"))
     (failed,) = c.done()
     assert failed.sql == "SELECT 1" and failed.error is not None
     c.client(Bind("", "s1"), Execute(""), Sync())
-    c.server(BindComplete(), CommandComplete("DELETE 10"), ReadyForQuery("I"))
+    c.server(BIND_COMPLETE, CommandComplete("DELETE 10"), ready("I"))
     (res,) = c.done()
     assert res.sql == "DELETE FROM audit_log"
     assert res.statement_name == "s1"
@@ -502,79 +530,79 @@ def test_failed_parse_does_not_replace_an_existing_prepared_statement() -> None:
 
 def test_describe_statement_with_rows() -> None:
     c = Conversation()
-    c.client(Parse("s", "SELECT a, b FROM t WHERE a = $1"), Describe("S", "s"), Sync())
-    c.server(ParseComplete(), ParameterDescription((INT4,)))
+    c.client(Parse("s", "SELECT a, b FROM t WHERE a = $1"), describe("S", "s"), Sync())
+    c.server(PARSE_COMPLETE, parameter_description((INT4,)))
     assert not c.t.idle
     assert [p.kind for p in c.t.queue] == [Kind.DESCRIBE, Kind.SYNC]
     c.server(rowdesc("a", "b"))
     assert [p.kind for p in c.t.queue] == [Kind.SYNC]
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
     assert c.done() == []
 
 
 def test_describe_statement_without_rows() -> None:
     c = Conversation()
-    c.client(Parse("s", "UPDATE t SET a = $1"), Describe("S", "s"), Sync())
-    c.server(ParseComplete(), ParameterDescription((INT4,)), NoData(), ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.client(Parse("s", "UPDATE t SET a = $1"), describe("S", "s"), Sync())
+    c.server(PARSE_COMPLETE, parameter_description((INT4,)), NO_DATA, ready("I"))
+    assert c.t.idle
 
 
 def test_describe_portal_then_execute() -> None:
     c = Conversation()
-    c.client(Parse("", "DELETE FROM t"), Bind("", ""), Describe("P", ""), Execute(""), Sync())
-    c.server(ParseComplete(), BindComplete(), NoData(), CommandComplete("DELETE 4"), ReadyForQuery("I"))
+    c.client(Parse("", "DELETE FROM t"), Bind("", ""), describe("P", ""), Execute(""), Sync())
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, NO_DATA, CommandComplete("DELETE 4"), ready("I"))
     (res,) = c.done()
     assert res.sql == "DELETE FROM t" and res.rows == 4
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_describe_of_unknown_statement_fails_and_skips_to_sync() -> None:
     c = Conversation()
-    c.client(Describe("S", "missing"), Bind("", "missing"), Execute(""), Sync())
+    c.client(describe("S", "missing"), Bind("", "missing"), Execute(""), Sync())
     c.server(err("26000", 'prepared statement "missing" does not exist'))
     assert [p.kind for p in c.t.queue] == [Kind.SYNC]
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
 
 
 def test_portal_suspended_with_max_rows() -> None:
     c = Conversation()
     c.client(Parse("", "SELECT * FROM generate_series(1, 5)"), Bind("cur", ""),
              Execute("cur", 2), Execute("cur", 2), Execute("cur", 2), Sync())
-    c.server(ParseComplete(), BindComplete(), DataRow((b"1",)), DataRow((b"2",)), PortalSuspended())
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, DataRow((b"1",)), DataRow((b"2",)), PORTAL_SUSPENDED)
     (first,) = c.done()
     assert first.sql == "SELECT * FROM generate_series(1, 5)"
     assert first.error is None and first.tags == []
-    c.server(DataRow((b"3",)), DataRow((b"4",)), PortalSuspended())
+    c.server(DataRow((b"3",)), DataRow((b"4",)), PORTAL_SUSPENDED)
     assert len(c.done()) == 1
     c.server(DataRow((b"5",)), CommandComplete("SELECT 1"))
     (last,) = c.done()
     assert last.tags == ["SELECT 1"] and last.rows == 1
-    c.server(ReadyForQuery("T"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("T"))
+    assert c.t.idle
     assert c.t.transaction_status == "T"
 
 
 def test_empty_query_in_extended_protocol() -> None:
     c = Conversation()
     c.client(Parse("", ""), Bind("", ""), Execute(""), Sync())
-    c.server(ParseComplete(), BindComplete(), EmptyQueryResponse())
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, EMPTY_QUERY)
     (res,) = c.done()
     assert res.sql == "" and res.tags == [] and res.error is None
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
 
 
 def test_copy_from_stdin_in_extended_protocol() -> None:
     c = Conversation()
-    c.client(Parse("", "COPY t FROM STDIN"), Bind("", ""), Execute(""), Flush())
-    c.server(ParseComplete(), BindComplete(), CopyInResponse(0, ()))
-    c.client(CopyData(b"1\n"), CopyDone(), Sync())
-    c.server(CommandComplete("COPY 1"), ReadyForQuery("I"))
+    c.client(Parse("", "COPY t FROM STDIN"), Bind("", ""), Execute(""), FLUSH)
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, copy_in(0, ()))
+    c.client(copy_data(b"1\n"), COPY_DONE, Sync())
+    c.server(CommandComplete("COPY 1"), ready("I"))
     (res,) = c.done()
     assert res.sql == "COPY t FROM STDIN" and res.rows == 1
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_copy_from_stdin_in_extended_protocol_libpq_style() -> None:
@@ -583,16 +611,15 @@ def test_copy_from_stdin_in_extended_protocol_libpq_style() -> None:
     # so libpq sends a second Sync after CopyDone. The server answers the two Syncs with ONE ReadyForQuery.
     c = Conversation()
     c.client(Parse("", "COPY t FROM STDIN"), Bind("", ""), Execute(""), Sync())
-    c.server(ParseComplete(), BindComplete(), CopyInResponse(0, ()))
-    c.client(CopyData(b"1\n"), CopyData(b"2\n"), CopyDone(), Sync())
-    c.server(CommandComplete("COPY 2"), ReadyForQuery("I"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, copy_in(0, ()))
+    c.client(copy_data(b"1\n"), copy_data(b"2\n"), COPY_DONE, Sync())
+    c.server(CommandComplete("COPY 2"), ready("I"))
     (res,) = c.done()
     assert res.sql == "COPY t FROM STDIN" and res.rows == 2
     assert c.t.idle
-    assert c.t.desyncs == 0
     # The following statement is still paired with its own response.
     c.client(Query("SELECT 1"))
-    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(rowdesc("a"), CommandComplete("SELECT 1"), ready("I"))
     (nxt,) = c.done()
     assert nxt.sql == "SELECT 1" and nxt.tags == ["SELECT 1"]
     assert c.t.idle
@@ -601,7 +628,7 @@ def test_copy_from_stdin_in_extended_protocol_libpq_style() -> None:
 def test_execute_of_unknown_portal_has_empty_sql() -> None:
     c = Conversation()
     c.client(Execute("nope"), Sync())
-    c.server(err("34000", 'portal "nope" does not exist'), ReadyForQuery("I"))
+    c.server(err("34000", 'portal "nope" does not exist'), ready("I"))
     (res,) = c.done()
     assert res.sql == "" and res.error is not None and res.error.sqlstate == "34000"
     assert c.t.idle
@@ -611,18 +638,18 @@ def test_sync_alone() -> None:
     c = Conversation()
     c.client(Sync())
     assert not c.t.idle
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.done() == [] and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle and c.done() == []
 
 
 def test_error_at_sync_commit_is_absorbed() -> None:
     # A deferred constraint fails when the implicit transaction commits at Sync.
     c = Conversation()
     c.client(Parse("", "INSERT INTO t VALUES (1)"), Bind("", ""), Execute(""), Sync())
-    c.server(ParseComplete(), BindComplete(), CommandComplete("INSERT 0 1"))
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, CommandComplete("INSERT 0 1"))
     assert len(c.done()) == 1
-    c.server(err("23503", "violates foreign key constraint"), ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(err("23503", "violates foreign key constraint"), ready("I"))
+    assert c.t.idle
 
 
 # --------------------------------------------------------------------------------------------------
@@ -633,20 +660,20 @@ def test_function_call() -> None:
     c = Conversation()
     (p,) = c.client(FunctionCall(1598, (0,), (b"x",), 0))
     assert p is not None and p.kind is Kind.FUNCTION
-    c.server(FunctionCallResponse(b"42"))
+    c.server(function_result(b"42"))
     assert not c.t.idle
-    c.server(ReadyForQuery("I"))
+    c.server(ready("I"))
     (res,) = c.done()
     assert res.protocol == "function"
     assert "1598" in res.sql
     assert res.error is None
-    assert c.t.idle and c.t.desyncs == 0
+    assert c.t.idle
 
 
 def test_function_call_error() -> None:
     c = Conversation()
     c.client(FunctionCall(99999))
-    c.server(err("42883", "function 99999 does not exist"), ReadyForQuery("I"))
+    c.server(err("42883", "function 99999 does not exist"), ready("I"))
     (res,) = c.done()
     assert res.error is not None and res.error.sqlstate == "42883"
     assert c.t.idle
@@ -656,18 +683,23 @@ def test_function_call_error() -> None:
 # Robustness
 
 
-def test_unexpected_responses_count_as_desyncs_and_do_not_crash() -> None:
+@pytest.mark.parametrize("response", [ready("I"), PARSE_COMPLETE, BIND_COMPLETE, CLOSE_COMPLETE, NO_DATA,
+                                      CommandComplete("SELECT 1").encode()], ids=["Z", "1", "2", "3", "n", "C"])
+def test_a_response_to_no_request_is_a_desync(response: Any) -> None:
+    counted: list[None] = []
     c = Conversation()
-    c.server(ReadyForQuery("I"))
-    assert c.t.desyncs == 1
-    c.server(ParseComplete())
-    assert c.t.desyncs == 2
-    c.server(BindComplete(), CloseComplete(), NoData())
-    assert c.t.desyncs == 5
-    # Messages that have nothing to attach to are ignored without error.
-    assert c.server(CommandComplete("SELECT 1"), EmptyQueryResponse(), PortalSuspended(), rowdesc("a"),
-                    ParameterDescription(()), FunctionCallResponse(None), CopyInResponse(0, ()),
-                    err()) == [None] * 8
+    c.t.on_desync = lambda: counted.append(None)
+    with pytest.raises(Desync) as info:
+        c.server(response)
+    assert info.value.sqlstate == "08P01" and info.value.expected is None and info.value.outstanding == 0
+    assert "no answer was due" in str(info.value)
+    assert counted == [None]
+
+
+def test_messages_with_nothing_to_attach_to_are_ignored() -> None:
+    c = Conversation()
+    assert c.server(EMPTY_QUERY, PORTAL_SUSPENDED, rowdesc("a"), parameter_description(()), function_result(None),
+                    copy_in(0, ()), err()) == [None] * 7
     assert c.t.idle
     assert c.done() == []
 
@@ -675,13 +707,22 @@ def test_unexpected_responses_count_as_desyncs_and_do_not_crash() -> None:
 def test_wrong_kind_at_head_is_a_desync() -> None:
     c = Conversation()
     c.client(Execute(""), Sync())
-    c.server(ParseComplete())  # an Execute cannot be answered by ParseComplete
-    assert c.t.desyncs == 1
-    c.server(NoData())
-    assert c.t.desyncs == 2
+    with pytest.raises(Desync, match="PARSE_COMPLETE") as info:
+        c.server(PARSE_COMPLETE)  # an Execute cannot be answered by ParseComplete
+    assert info.value.expected is Kind.EXECUTE and info.value.outstanding == 2
     assert len(c.t.queue) == 2  # nothing was popped
-    c.server(ReadyForQuery("I"))  # the Execute is not a sync point
-    assert c.t.desyncs == 3
+    with pytest.raises(Desync, match="READY_FOR_QUERY"):
+        c.server(ready("I"))  # the Execute is not a sync point
+    with pytest.raises(Desync, match="NO_DATA"):
+        c.server(NO_DATA)
+
+
+def test_command_complete_for_a_request_that_runs_nothing_is_a_desync() -> None:
+    c = Conversation()
+    c.client(Parse("s", "SELECT 1"), Sync())
+    with pytest.raises(Desync, match="COMMAND_COMPLETE") as info:
+        c.server(CommandComplete("SELECT 1"))
+    assert info.value.expected is Kind.PARSE
 
 
 def test_invalid_ready_for_query_is_a_protocol_violation() -> None:
@@ -701,7 +742,7 @@ def test_fatal_error_with_empty_queue() -> None:
 def test_drain_forgets() -> None:
     c = Conversation()
     c.client(Query("SELECT 1"))
-    c.server(CommandComplete("SELECT 1"), ReadyForQuery("I"))
+    c.server(CommandComplete("SELECT 1"), ready("I"))
     assert len(c.done()) == 1
     assert c.done() == []
 
@@ -719,7 +760,7 @@ def test_refusal_replaces_the_expected_error_of_a_simple_query() -> None:
     p.refusal_expected_sqlstate = "22012"
     answers = c.server(err("22012", "division by zero"))
     assert answers == [refusal.encode()]
-    c.server(ReadyForQuery("I"))
+    c.server(ready("I"))
     (res,) = c.done()
     assert res.refused
     assert res.error == refusal
@@ -734,7 +775,7 @@ def test_refusal_with_a_different_sqlstate_passes_the_server_error_through() -> 
     p.refusal_expected_sqlstate = "22012"
     answers = c.server(err("57014", "canceling statement due to user request"))
     assert answers == [None]
-    c.server(ReadyForQuery("I"))
+    c.server(ready("I"))
     (res,) = c.done()
     assert not res.refused
     assert res.error is not None and res.error.sqlstate == "57014"
@@ -747,9 +788,9 @@ def test_refusal_only_applies_to_its_own_request() -> None:
     second.refusal = error("42501", "refused")
     second.refusal_expected_sqlstate = "22012"
     # The first query fails with the same SQLSTATE: it is the server's own error, forwarded as is.
-    assert c.server(err("22012", "division by zero"), ReadyForQuery("I")) == [None, None]
+    assert c.server(err("22012", "division by zero"), ready("I")) == [None, None]
     refused = error("42501", "refused").encode()
-    assert c.server(err("22012", "division by zero"), ReadyForQuery("I")) == [refused, None]
+    assert c.server(err("22012", "division by zero"), ready("I")) == [refused, None]
     a, b = c.done()
     assert not a.refused and a.error is not None and a.error.sqlstate == "22012"
     assert b.refused and b.error is not None and b.error.sqlstate == "42501"
@@ -764,8 +805,8 @@ def test_refusal_in_extended_protocol() -> None:
     assert c.server(err("22012", "division by zero")) == [error("42501", "refused").encode()]
     (res,) = c.done()
     assert res.refused and res.sql == "SELECT 1/0"
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
 
 
 def test_refusal_of_a_bind() -> None:
@@ -774,14 +815,14 @@ def test_refusal_of_a_bind() -> None:
     assert bind is not None and bind.kind is Kind.BIND
     bind.refusal = error("42501", "refused")
     bind.refusal_expected_sqlstate = "22P02"
-    assert c.server(ParseComplete(), err("22P02", "invalid input")) == [None, error("42501", "refused").encode()]
+    assert c.server(PARSE_COMPLETE, err("22P02", "invalid input")) == [None, error("42501", "refused").encode()]
     (res,) = c.done()
     assert res.refused
     assert res.sql == "SELECT $1::int"
     assert res.params == (b"secret-id",)
     assert res.error is not None and res.error.sqlstate == "42501"
-    c.server(ReadyForQuery("I"))
-    assert c.t.idle and c.t.desyncs == 0
+    c.server(ready("I"))
+    assert c.t.idle
 
 
 def test_refusal_spliced_into_the_backend_stream_by_the_relay() -> None:
@@ -793,8 +834,31 @@ def test_refusal_spliced_into_the_backend_stream_by_the_relay() -> None:
     relay = MessageRelay(1 << 20, c.t.backend_handlers)
     notice = NoticeResponse.build("NOTICE", "00000", "before").encode()
     server_error = err("22012", "division by zero").encode()
-    ready = ReadyForQuery("I").encode()
-    out = relay.feed(notice + server_error + ready)
-    assert out == notice + refusal.encode() + ready
+    idle = ready("I")
+    out = relay.feed(notice + server_error + idle)
+    assert out == notice + refusal.encode() + idle
     (res,) = c.done()
     assert res.refused
+
+
+def test_parse_cache_keeps_the_most_recent_bodies_within_its_bound() -> None:
+    c = Conversation()
+    for i in range(1100):
+        c.client(Parse(f"s{i}", f"SELECT {i}"))
+    cache = c.t._parse_cache
+    assert len(cache) == cache.maxsize == 1024
+    assert Parse("s1099", "SELECT 1099").encode()[5:] in cache
+    assert Parse("s0", "SELECT 0").encode()[5:] not in cache  # the oldest went first
+    big = Parse("big", "SELECT '" + "x" * 5000 + "'")
+    assert c.t.peek(Frontend.PARSE, memoryview(big.encode())[5:])[1] == "big"
+    assert big.encode()[5:] not in cache  # one-off big statements are not kept
+
+
+def test_a_parse_body_read_again_after_client_encoding_changes_reads_in_the_new_encoding() -> None:
+    """The parse cache holds decoded text: bytes read under one client_encoding must not keep that reading."""
+    c = Conversation()
+    body = b"s\0" + "SELECT 'é'".encode() + b"\0\0\0"
+    c.server(parameter_status("client_encoding", "UTF8"))
+    assert c.t.peek(Frontend.PARSE, memoryview(body))[0] == "SELECT 'é'"
+    c.server(parameter_status("client_encoding", "LATIN1"))
+    assert c.t.peek(Frontend.PARSE, memoryview(body))[0] == "SELECT 'Ã©'"  # the server reads these bytes so
