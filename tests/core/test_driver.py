@@ -14,11 +14,13 @@ from pgproxy.core.statement import Statement
 from pgproxy.identity import Identity
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
+from pgproxy.protocol.codec import frame
 from pgproxy.protocol.startup import PROTOCOL_3_0, StartupMessage
+from pgproxy.protocol.types import Backend
 from pgproxy.server.link import Link
 from pgproxy.server.session import Session
 
-RFQ_IDLE = m.ReadyForQuery("I").encode()
+RFQ_IDLE = frame(Backend.READY_FOR_QUERY, b"I")
 
 
 class MemoryTransport:

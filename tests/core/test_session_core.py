@@ -45,9 +45,11 @@ from pgproxy.core.session import (
 from pgproxy.core.statement import Statement
 from pgproxy.protocol import errors
 from pgproxy.protocol import messages as m
+from pgproxy.protocol.codec import frame
 from pgproxy.protocol.startup import PROTOCOL_3_0, CancelRequest, GSSENCRequest, SSLRequest
+from pgproxy.protocol.types import Backend
 
-RFQ_IDLE = m.ReadyForQuery("I").encode()
+RFQ_IDLE = frame(Backend.READY_FOR_QUERY, b"I")
 AUTH_OK = m.AuthenticationOk().encode()
 CLEARTEXT = m.AuthenticationCleartextPassword().encode()
 TERMINATE = m.Terminate().encode()
@@ -343,7 +345,7 @@ def test_a_text_waits_for_the_settings_an_earlier_statement_may_change() -> None
     assert core.client_data(change + text) == change
     assert core.held and core.take_actions() == [HoldClient(None)]  # nothing for the driver to await
     assert [r.sql for r in gate.seen] == ["set standard_conforming_strings = off"]
-    report = (m.CommandComplete("SET").encode() + m.ParameterStatus("standard_conforming_strings", "off").encode()
+    report = (m.CommandComplete("SET").encode() + frame(Backend.PARAMETER_STATUS, b"standard_conforming_strings\0off\0")
               + RFQ_IDLE)
     assert core.upstream_data(report) == report
     assert core.take_actions() == [ReleaseClient(), SendUpstream(text)]
