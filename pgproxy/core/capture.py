@@ -16,7 +16,7 @@ import hashlib
 from typing import Any
 
 from ..protocol.codec import ProtocolViolation, header
-from ..protocol.messages import BindFields, NoticeResponse, RowDescription, param_formats, row_values
+from ..protocol.messages import Bind, NoticeResponse, RowDescription, param_formats, row_values
 from ..protocol.tracker import ExchangeTracker, Kind, StatementResult
 from ..protocol.types import Backend
 
@@ -110,19 +110,19 @@ def audit_value(value: bytes | None, fmt: int, encoding: str = "utf-8") -> str |
     return "\\x" + clipped.hex() + suffix
 
 
-def result_fields(r: StatementResult, bind: BindFields | None, *, capturing: bool = True,
+def result_fields(r: StatementResult, bind: Bind | None, *, capturing: bool = True,
                   encoding: str = "utf-8") -> dict[str, Any]:
     """The signed log's extra statement fields: ``result``, ``notices``, formats for replay.
 
-    ``bind`` is the statement's decoded Bind (``bind_fields``, decoded once by the caller), if any.
+    ``bind`` is the statement's Bind (``Bind.lenient``, read once by the caller), if any.
     """
     out: dict[str, Any] = {}
     if bind is not None:
-        _, _, formats, params, result_formats = bind
+        formats = bind.param_formats
         if formats:
-            out["param_formats"] = list(param_formats(formats, len(params)))
-        if result_formats:
-            out["result_formats"] = list(result_formats)
+            out["param_formats"] = list(param_formats(formats, len(bind.params)))
+        if bind.result_formats:
+            out["result_formats"] = list(bind.result_formats)
     if r.param_types and any(r.param_types):
         out["param_types"] = list(r.param_types)
     if not capturing:

@@ -34,8 +34,10 @@ from ..protocol.messages import (
     AuthenticationOk,
     AuthenticationResponse,
     BackendKeyData,
+    Bind,
     ErrorResponse,
     NegotiateProtocolVersion,
+    Parse,
     Terminate,
     param_formats,
 )
@@ -53,7 +55,6 @@ from ..protocol.tracker import (
     Kind,
     Pending,
     StatementResult,
-    bind_fields_leniently,
 )
 from ..protocol.types import Backend, Frontend
 from .capture import ResultCapture, audit_value, result_fields
@@ -619,7 +620,7 @@ class SessionCore:
             return rewritten_message(msg_type, body, verdict.sql, self.tracker.codec or "utf-8")
         pending = self.tracker.last_request
         if isinstance(verdict, Refuse) and pending is not None:
-            substitute, expected = substitute_for_refusal(msg_type, body)
+            substitute, expected = substitute_for_refusal(msg_type, body, self.tracker.codec)
             pending.refusal, pending.refusal_expected_sqlstate = verdict.error, expected
             return substitute
         return None
@@ -906,12 +907,12 @@ class SessionCore:
                                  "tags": r.tags, "rows": r.rows}
         if self.masking is not None:
             self.masking.annotate(event, r)
-        bind = bind_fields_leniently(r.bind_body) if r.bind_body is not None else None
-        if bind is not None and bind[3]:
-            params = bind[3]
+        bind = Bind.lenient(r.bind_body)
+        if bind is not None and bind.params:
+            params = bind.params
             codec = self.tracker.server_codec
-            event["params"] = [audit_value(value, fmt, codec)
-                               for value, fmt in zip(params, param_formats(bind[2], len(params)), strict=True)]
+            event["params"] = [audit_value(value, fmt, codec) for value, fmt in
+                               zip(params, param_formats(bind.param_formats, len(params)), strict=True)]
         if r.statement_name:
             event["statement_name"] = r.statement_name
         if r.error is not None:
@@ -953,10 +954,7 @@ def _statement_bytes(msg_type: int, body: memoryview) -> bytes:
     """The statement text's bytes in a Query or Parse body, as sent (no decoding)."""
     if msg_type == _QUERY:
         return bytes(body)
-    raw = bytes(body)
-    start = raw.find(0) + 1
-    end = raw.find(0, start)
-    return raw[start:end] if start and end >= 0 else raw  # malformed: the tracker refuses it next
+    return Parse.view(body).query_bytes
 
 
 def _chain(first: MessageHandler, second: MessageHandler, body: memoryview) -> bytes | None:

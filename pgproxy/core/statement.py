@@ -18,7 +18,6 @@ from pglast import parse_sql
 from pglast.parser import ParseError
 
 from ..protocol.messages import Bind
-from ..protocol.tracker import decode_bind_leniently
 from ..protocol.types import Frontend
 
 T = TypeVar("T")
@@ -87,7 +86,7 @@ class Statement:
     @property
     def bind(self) -> Bind | None:
         """The bound parameters (Bind, Execute); None when absent or malformed."""
-        return decode_bind_leniently(self.bind_body)
+        return Bind.lenient(self.bind_body)
 
     @property
     def tree(self) -> Tree:

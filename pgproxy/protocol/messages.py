@@ -1,7 +1,10 @@
 """Typed PostgreSQL v3 protocol messages (sans-I/O).
 
-One frozen dataclass per message the proxy builds or reads as a whole; every other message is relayed
-by type byte and length only (:mod:`~pgproxy.protocol.types`, :func:`~pgproxy.protocol.codec.frame`).
+One class per message the proxy builds or reads; every other message is relayed by type byte and length
+only (:mod:`~pgproxy.protocol.types`, :func:`~pgproxy.protocol.codec.frame`). The requests the session
+reads per statement (Query, Parse, Bind, Execute, Describe, Close) are lazy views: ``view(body, codec)``
+decodes a field, in the client's encoding, when it is first read (the session, its tracker, the policy,
+the audit log and the tests all read them so); the others are frozen dataclasses.
 ``encode()`` returns the full wire message (type byte, Int32 length, body); ``decode(body)`` parses the
 body that follows the 5-byte header and raises :class:`~pgproxy.protocol.codec.ProtocolViolation` on
 anything malformed (truncation, trailing bytes, bad lengths, invalid UTF-8, invalid enum values).
@@ -14,11 +17,12 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import ClassVar, Final, NamedTuple, Self
+from typing import Any, ClassVar, Final, NamedTuple, Self
 
 from .codec import (
     INT16,
     INT32,
+    SQLSTATE_CHARACTER_NOT_IN_REPERTOIRE,
     UINT16,
     UINT32,
     Buffer,
@@ -46,8 +50,10 @@ __all__ = [
     "BackendKeyData",
     "BackendMessage",
     "Bind",
+    "Close",
     "CommandComplete",
     "DataRow",
+    "Describe",
     "ErrorResponse",
     "Execute",
     "FieldDescription",
@@ -63,7 +69,6 @@ __all__ = [
     "SASLResponse",
     "Sync",
     "Terminate",
-    "bind_fields",
     "decode_backend",
     "param_formats",
     "row_values",
@@ -127,112 +132,344 @@ class _Empty:
 # --------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
-class Query:
+def _string_end(raw: bytes, start: int, what: str) -> int:
+    """Offset of the NUL ending the string at ``start``."""
+    end = raw.find(0, start)
+    if end < 0:
+        raise ProtocolViolation(f"unterminated string in {what} message at offset {start}")
+    return end
+
+
+def _text(raw: bytes, start: int, end: int, codec: str | None) -> str:
+    """``raw[start:end]`` read in the client's encoding (``codec``: its Python codec, None when pgproxy has
+    none): the server reads the client's strings in its client_encoding, so the proxy must too."""
+    if codec is None:
+        raise ProtocolViolation("the session's client_encoding is not supported by pgproxy", "0A000")
+    if start == end:  # unnamed statements and portals: most of them
+        return ""
+    try:
+        return raw[start:end].decode(codec)
+    except UnicodeDecodeError as exc:
+        if codec == "utf-8":
+            raise invalid_utf8(exc) from None
+        raise ProtocolViolation(f"invalid byte sequence for the client encoding ({codec})",
+                                SQLSTATE_CHARACTER_NOT_IN_REPERTOIRE) from None
+
+
+def _trailing(what: str, raw: bytes, pos: int) -> ProtocolViolation:
+    return ProtocolViolation(f"{what} message has {len(raw) - pos} trailing byte(s) at offset {pos}")
+
+
+class _View:
+    """A frontend message the proxy reads per request: built from its fields (``Bind("p", "s")``) or a view
+    over a body as received (``Bind.view(body, codec)``) whose fields are decoded, in the client's
+    encoding, on first access and kept. Reading a field checks the bytes it needs (a malformed section
+    raises ProtocolViolation); ``decode`` reads and checks every byte. A view keeps ``body``: pass bytes
+    when it outlives the buffer. Equal when the fields are; ``encode`` of a view gives its bytes as sent.
+    """
+
+    __slots__ = ("_codec", "_raw")
+    TYPE: ClassVar[int]
+    _FIELDS: ClassVar[tuple[str, ...]]
+
+    _raw: bytes | None  # the body of a view (None: built from fields)
+    _codec: str | None
+
+    @classmethod
+    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
+        """``body`` as this message, nothing decoded yet."""
+        raise NotImplementedError
+
+    @classmethod
+    def decode(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
+        """``body`` as this message, every field decoded and every byte checked now."""
+        message = cls.view(as_bytes(body), codec)
+        message._check()
+        return message
+
+    def _check(self) -> None:
+        self.fields()
+
+    def fields(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self._FIELDS)
+
+    def _body(self) -> bytes:
+        raise NotImplementedError
+
+    def encode(self) -> bytes:
+        raw = self._raw
+        return frame(self.TYPE, raw if raw is not None else self._body())
+
+    def __eq__(self, other: object) -> bool:
+        if type(other) is not type(self):
+            return NotImplemented
+        assert isinstance(other, _View)
+        return self.fields() == other.fields()
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.fields()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.fields()))})"
+
+
+_new = object.__new__
+
+
+class Query(_View):
     """Simple query ('Q')."""
 
-    sql: str
+    __slots__ = ("_sql",)
     TYPE: ClassVar[int] = Frontend.QUERY
+    _sql: str | None
+    _FIELDS: ClassVar[tuple[str, ...]] = ("sql",)
 
-    def encode(self) -> bytes:
-        return frame(Frontend.QUERY, cstr(self.sql))
+    def __init__(self, sql: str) -> None:
+        self._raw, self._codec, self._sql = None, "utf-8", sql
 
     @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "Query")
-        sql = r.cstring()
-        r.done()
-        return cls(sql)
+    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
+        self = _new(cls)
+        self._raw, self._codec, self._sql = as_bytes(body), codec, None
+        return self
+
+    @property
+    def sql(self) -> str:
+        sql = self._sql
+        if sql is None:
+            raw: bytes = self._raw  # type: ignore[assignment]
+            end = _string_end(raw, 0, "Query")
+            if end + 1 != len(raw):
+                raise _trailing("Query", raw, end + 1)
+            sql = self._sql = _text(raw, 0, end, self._codec)
+        return sql
+
+    def _body(self) -> bytes:
+        return cstr(self.sql)
 
 
-@dataclass(frozen=True, slots=True)
-class Parse:
+class Parse(_View):
     """Extended-protocol Parse ('P'); ``param_types`` are type OIDs (0 = unspecified)."""
 
-    name: str
-    query: str
-    param_types: tuple[int, ...] = ()
+    __slots__ = ("_name", "_name_end", "_param_types", "_query", "_query_end")
     TYPE: ClassVar[int] = Frontend.PARSE
+    _FIELDS: ClassVar[tuple[str, ...]] = ("name", "query", "param_types")
+    _name: str | None
+    _query: str | None
+    _param_types: tuple[int, ...] | None
 
-    def encode(self) -> bytes:
-        n = len(self.param_types)
-        return frame(Frontend.PARSE,
-            cstr(self.name) + cstr(self.query) + UINT16.pack(n) + struct.pack(f">{n}I", *self.param_types),
-        )
+    def __init__(self, name: str, query: str, param_types: tuple[int, ...] = ()) -> None:
+        self._raw, self._codec, self._name, self._query, self._param_types = None, "utf-8", name, query, param_types
+        self._name_end = self._query_end = -1
 
     @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "Parse")
-        name = r.cstring()
-        query = r.cstring()
-        types = r.uint32_array(r.uint16())
-        r.done()
-        return cls(name, query, types)
+    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
+        self = _new(cls)
+        self._raw, self._codec = as_bytes(body), codec
+        self._name = self._query = self._param_types = None
+        self._name_end = self._query_end = -1
+        return self
+
+    def _ends(self) -> tuple[int, int]:
+        """Offsets of the NULs ending the name and the query text."""
+        name_end = self._name_end
+        if name_end < 0:
+            raw: bytes = self._raw  # type: ignore[assignment]
+            name_end = self._name_end = _string_end(raw, 0, "Parse")
+            self._query_end = _string_end(raw, name_end + 1, "Parse")
+        return name_end, self._query_end
+
+    @property
+    def name(self) -> str:
+        name = self._name
+        if name is None:
+            name = self._name = _text(self._raw, 0, self._ends()[0], self._codec)  # type: ignore[arg-type]
+        return name
+
+    @property
+    def query(self) -> str:
+        query = self._query
+        if query is None:
+            start, end = self._ends()
+            query = self._query = _text(self._raw, start + 1, end, self._codec)  # type: ignore[arg-type]
+        return query
+
+    @property
+    def query_bytes(self) -> bytes:
+        """The query text as sent, not decoded (a view only)."""
+        start, end = self._ends()
+        return self._raw[start + 1:end]  # type: ignore[index]
+
+    @property
+    def param_types(self) -> tuple[int, ...]:
+        types = self._param_types
+        if types is None:
+            r = Reader(self._raw, "Parse")  # type: ignore[arg-type]
+            r.raw(self._ends()[1] + 1)
+            types = r.uint32_array(r.uint16())
+            r.done()
+            self._param_types = types
+        return types
+
+    def with_query(self, text: bytes) -> bytes:
+        """This Parse (a view) as sent, with ``text`` (encoded, no NUL) for its query: the wire message."""
+        start, end = self._ends()
+        raw: bytes = self._raw  # type: ignore[assignment]
+        return frame(Frontend.PARSE, raw[:start + 1] + text + raw[end:])
+
+    def _body(self) -> bytes:
+        n = len(self.param_types)
+        return cstr(self.name) + cstr(self.query) + UINT16.pack(n) + struct.pack(f">{n}I", *self.param_types)
 
 
-BindFields = tuple[str, str, tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]]
+class Bind(_View):
+    """Extended-protocol Bind ('B'); ``params`` entries are raw values, ``None`` for NULL.
 
-
-def bind_fields(body: Buffer) -> BindFields:
-    """(portal, statement, parameter formats, parameters, result formats) of a Bind body.
-
-    The audit log reads every Bind: this skips building the frozen dataclass (which costs more than the
-    parsing) and takes a straight path over well-formed bodies; anything unusual is re-read by the
-    bounds-checked ``Reader``, which raises the precise ``ProtocolViolation``.
+    The names and the values are two sections, each decoded on first access: the session reads the names
+    of every Bind and leaves the values to the server, the policy and the audit log.
     """
-    raw = as_bytes(body)
-    try:
-        fields = _bind_fields_fast(raw)
-    except (struct.error, UnicodeDecodeError):
-        fields = None
-    return fields if fields is not None else _bind_fields_checked(raw)
 
+    __slots__ = ("_names_end", "_param_formats", "_params", "_portal", "_portal_end", "_result_formats",
+                 "_statement")
+    TYPE: ClassVar[int] = Frontend.BIND
+    _FIELDS: ClassVar[tuple[str, ...]] = ("portal", "statement", "param_formats", "params", "result_formats")
 
-def _bind_fields_fast(raw: bytes) -> BindFields | None:
-    """The common case; None (or struct.error/UnicodeDecodeError) when the body needs the careful path."""
-    p = raw.find(0)
-    s = raw.find(0, p + 1)
-    if p < 0 or s < 0:
-        return None
-    pos = s + 1
-    n = _U16_UNPACK_FROM(raw, pos)[0]
-    pos += 2
-    formats: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
-    pos += 2 * n
-    count = _U16_UNPACK_FROM(raw, pos)[0]
-    pos += 2
-    if n > 1 and n != count:
-        return None
-    params: list[bytes | None] = []
-    append = params.append
-    for _ in range(count):
-        length = _I32_UNPACK_FROM(raw, pos)[0]
-        pos += 4
-        if length >= 0:
-            append(raw[pos:pos + length])
-            pos += length
-        elif length == -1:
-            append(None)
-        else:
+    _portal: str | None
+    _statement: str | None
+    _params: tuple[bytes | None, ...] | None
+    _param_formats: tuple[int, ...]
+    _result_formats: tuple[int, ...]
+
+    def __init__(self, portal: str, statement: str, param_formats: tuple[int, ...] = (),
+                 params: tuple[bytes | None, ...] = (), result_formats: tuple[int, ...] = ()) -> None:
+        self._raw, self._codec, self._portal, self._statement = None, "utf-8", portal, statement
+        self._param_formats, self._params, self._result_formats = param_formats, params, result_formats
+        self._portal_end = self._names_end = -1
+
+    @classmethod
+    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
+        self = _new(cls)
+        self._raw, self._codec = as_bytes(body), codec
+        self._portal = self._statement = self._params = None
+        self._portal_end = self._names_end = -1
+        return self
+
+    @classmethod
+    def lenient(cls, body: bytes | None, codec: str | None = "utf-8") -> Self | None:
+        """A recorded Bind body as a view whose values decode; None when absent or malformed (the server
+        refused it too: nothing was bound)."""
+        if body is None:
             return None
-    n = _U16_UNPACK_FROM(raw, pos)[0]
-    pos += 2
-    results: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
-    if pos + 2 * n != len(raw):
-        return None
-    return (raw[:p].decode() if p else "", raw[p + 1:s].decode(), formats, tuple(params), results)
+        bind = cls.view(body, codec)
+        try:
+            bind._values()
+        except ProtocolViolation:
+            return None
+        return bind
 
+    def _ends(self) -> tuple[int, int]:
+        portal_end = self._portal_end
+        if portal_end < 0:
+            raw: bytes = self._raw  # type: ignore[assignment]
+            portal_end = self._portal_end = _string_end(raw, 0, "Bind")
+            self._names_end = _string_end(raw, portal_end + 1, "Bind")
+        return portal_end, self._names_end
 
-def _bind_fields_checked(raw: bytes) -> BindFields:
-    r = Reader(raw, "Bind")
-    portal = r.cstring()
-    statement = r.cstring()
-    formats = r.int16_array(r.uint16())
-    params = r.nullable_array(r.uint16())
-    results = r.int16_array(r.uint16())
-    r.done()
-    _check_format_count("bind", len(formats), len(params), "parameter")
-    return portal, statement, formats, params, results
+    @property
+    def portal(self) -> str:
+        portal = self._portal
+        if portal is None:
+            portal = self._portal = _text(self._raw, 0, self._ends()[0], self._codec)  # type: ignore[arg-type]
+        return portal
+
+    @property
+    def statement(self) -> str:
+        statement = self._statement
+        if statement is None:
+            start, end = self._ends()
+            statement = self._statement = _text(self._raw, start + 1, end, self._codec)  # type: ignore[arg-type]
+        return statement
+
+    @property
+    def param_formats(self) -> tuple[int, ...]:
+        if self._params is None:
+            self._values()
+        return self._param_formats
+
+    @property
+    def params(self) -> tuple[bytes | None, ...]:
+        params = self._params
+        if params is None:
+            params = self._values()
+        return params
+
+    @property
+    def result_formats(self) -> tuple[int, ...]:
+        if self._params is None:
+            self._values()
+        return self._result_formats
+
+    def _values(self) -> tuple[bytes | None, ...]:
+        """Decode the parameter formats, parameters and result formats: a straight path over well-formed
+        bodies; anything unusual is re-read by the bounds-checked ``Reader`` for the precise error."""
+        raw: bytes = self._raw  # type: ignore[assignment]
+        start = self._ends()[1] + 1
+        try:
+            values = self._values_fast(raw, start)
+        except struct.error:
+            values = False
+        if values is False:
+            r = Reader(raw, "Bind")
+            r.raw(start)
+            formats = r.int16_array(r.uint16())
+            params = r.nullable_array(r.uint16())
+            results = r.int16_array(r.uint16())
+            r.done()
+            _check_format_count("bind", len(formats), len(params), "parameter")
+            self._param_formats, self._params, self._result_formats = formats, params, results
+            return params
+        return values  # type: ignore[return-value]
+
+    def _values_fast(self, raw: bytes, pos: int) -> tuple[bytes | None, ...] | bool:
+        n = _U16_UNPACK_FROM(raw, pos)[0]
+        pos += 2
+        formats: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
+        pos += 2 * n
+        count = _U16_UNPACK_FROM(raw, pos)[0]
+        pos += 2
+        if n > 1 and n != count:
+            return False
+        values: list[bytes | None] = []
+        append = values.append
+        for _ in range(count):
+            length = _I32_UNPACK_FROM(raw, pos)[0]
+            pos += 4
+            if length >= 0:
+                append(raw[pos:pos + length])
+                pos += length
+            elif length == -1:
+                append(None)
+            else:
+                return False
+        n = _U16_UNPACK_FROM(raw, pos)[0]
+        pos += 2
+        results: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
+        if pos + 2 * n != len(raw):
+            return False
+        params = tuple(values)
+        self._param_formats, self._params, self._result_formats = formats, params, results
+        return params
+
+    def param_format(self, index: int) -> int:
+        """Format code (0 text, 1 binary) of parameter ``index`` per the 0/1/N format-code rule."""
+        formats = self.param_formats
+        if not formats:
+            return 0
+        return formats[0] if len(formats) == 1 else formats[index]
+
+    def _body(self) -> bytes:
+        return b"".join((cstr(self.portal), cstr(self.statement), _int16s(self.param_formats),
+                         values_body(self.params), _int16s(self.result_formats)))
 
 
 def _int16_array(count: int) -> struct.Struct:
@@ -242,40 +479,6 @@ def _int16_array(count: int) -> struct.Struct:
     return st
 
 
-@dataclass(frozen=True, slots=True)
-class Bind:
-    """Extended-protocol Bind ('B'); ``params`` entries are raw values, ``None`` for NULL."""
-
-    portal: str
-    statement: str
-    param_formats: tuple[int, ...] = ()
-    params: tuple[bytes | None, ...] = ()
-    result_formats: tuple[int, ...] = ()
-    TYPE: ClassVar[int] = Frontend.BIND
-
-    def encode(self) -> bytes:
-        return frame(Frontend.BIND,
-            b"".join((
-                cstr(self.portal),
-                cstr(self.statement),
-                _int16s(self.param_formats),
-                values_body(self.params),
-                _int16s(self.result_formats),
-            )),
-        )
-
-    @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        return cls(*bind_fields(body))
-
-    def param_format(self, index: int) -> int:
-        """Format code (0 text, 1 binary) of parameter ``index`` per the 0/1/N format-code rule."""
-        formats = self.param_formats
-        if not formats:
-            return 0
-        return formats[0] if len(formats) == 1 else formats[index]
-
-
 def param_formats(formats: tuple[int, ...], count: int) -> tuple[int, ...]:
     """The format code of each of ``count`` parameters, from a Bind's 0, 1 or N format codes."""
     if len(formats) == count:
@@ -283,28 +486,115 @@ def param_formats(formats: tuple[int, ...], count: int) -> tuple[int, ...]:
     return (formats[0] if formats else 0,) * count
 
 
-
-
-@dataclass(frozen=True, slots=True)
-class Execute:
+class Execute(_View):
     """Execute ('E') a portal; ``max_rows`` 0 means no limit."""
 
-    portal: str
-    max_rows: int = 0
+    __slots__ = ("_max_rows", "_portal")
     TYPE: ClassVar[int] = Frontend.EXECUTE
+    _FIELDS: ClassVar[tuple[str, ...]] = ("portal", "max_rows")
+    _portal: str | None
+    _max_rows: int | None
 
-    def encode(self) -> bytes:
-        return frame(Frontend.EXECUTE, cstr(self.portal) + INT32.pack(self.max_rows))
+    def __init__(self, portal: str, max_rows: int = 0) -> None:
+        self._raw, self._codec, self._portal, self._max_rows = None, "utf-8", portal, max_rows
 
     @classmethod
-    def decode(cls, body: Buffer) -> Self:
-        r = Reader(body, "Execute")
-        portal = r.cstring()
-        max_rows = r.int32()
-        r.done()
-        return cls(portal, max_rows)
+    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
+        self = _new(cls)
+        self._raw, self._codec, self._portal, self._max_rows = as_bytes(body), codec, None, None
+        return self
+
+    @property
+    def portal(self) -> str:
+        portal = self._portal
+        if portal is None:
+            raw: bytes = self._raw  # type: ignore[assignment]
+            portal = self._portal = _text(raw, 0, _string_end(raw, 0, "Execute"), self._codec)
+        return portal
+
+    @property
+    def max_rows(self) -> int:
+        max_rows = self._max_rows
+        if max_rows is None:
+            raw: bytes = self._raw  # type: ignore[assignment]
+            r = Reader(raw, "Execute")
+            r.raw(_string_end(raw, 0, "Execute") + 1)
+            max_rows = self._max_rows = r.int32()
+            r.done()
+        return max_rows
+
+    def _body(self) -> bytes:
+        return cstr(self.portal) + INT32.pack(self.max_rows)
 
 
+class _Target(_View):
+    """Describe and Close: a statement ('S') or a portal ('P') by name."""
+
+    __slots__ = ("_kind", "_name")
+    _FIELDS: ClassVar[tuple[str, ...]] = ("kind", "name")
+    _NAME: ClassVar[str]
+    _STRICT: ClassVar[bool]  # reading ``kind`` refuses one other than 'S' or 'P'
+    _kind: str | None
+    _name: str | None
+
+    def __init__(self, kind: str, name: str) -> None:
+        self._raw, self._codec, self._kind, self._name = None, "utf-8", kind, name
+
+    @classmethod
+    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
+        self = _new(cls)
+        self._raw, self._codec, self._kind, self._name = as_bytes(body), codec, None, None
+        return self
+
+    @property
+    def kind(self) -> str:
+        """'S' (a prepared statement) or 'P' (a portal); for Describe, whatever byte was sent ("" for none)."""
+        kind = self._kind
+        if kind is None:
+            raw: bytes = self._raw  # type: ignore[assignment]
+            kind = self._kind = chr(raw[0]) if raw else ""
+        if self._STRICT and kind not in ("S", "P"):
+            raise ProtocolViolation(f"invalid {self._NAME} message")
+        return kind
+
+    @property
+    def name(self) -> str:
+        name = self._name
+        if name is None:
+            raw: bytes = self._raw  # type: ignore[assignment]
+            name = self._name = _text(raw, 1, _string_end(raw, 1, self._NAME), self._codec)
+        return name
+
+    def _check(self) -> None:
+        if self.kind not in ("S", "P"):
+            raise ProtocolViolation(f"invalid {self._NAME} message")
+        raw: bytes = self._raw  # type: ignore[assignment]
+        end = _string_end(raw, 1, self._NAME) + 1
+        if end != len(raw):
+            raise _trailing(self._NAME, raw, end)
+        self.name  # noqa: B018 -- decodes (and checks) the name
+
+    def _body(self) -> bytes:
+        return self.kind.encode("ascii") + cstr(self.name)
+
+
+class Describe(_Target):
+    """Describe ('D') a prepared statement or portal. A view's ``kind`` is not checked when read: the
+    server answers an unknown one with an error of its own."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int] = Frontend.DESCRIBE
+    _NAME: ClassVar[str] = "Describe"
+    _STRICT: ClassVar[bool] = False
+
+
+class Close(_Target):
+    """Close ('C') a prepared statement or portal; a view's ``kind`` other than 'S' or 'P' is refused."""
+
+    __slots__ = ()
+    TYPE: ClassVar[int] = Frontend.CLOSE
+    _NAME: ClassVar[str] = "Close"
+    _STRICT: ClassVar[bool] = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,27 +19,22 @@ _MISSING = "\x01pgproxy refused"
 
 def rewritten_message(msg_type: int, body: memoryview, sql: str, codec: str) -> bytes:
     """The Query or Parse in ``body`` with its text replaced, encoded in the client's encoding."""
-    text = sql.encode(codec) + b"\x00"
+    text = sql.encode(codec)
     if msg_type == Frontend.QUERY:
-        payload = text
-    elif msg_type == Frontend.PARSE:
-        raw = bytes(body)
-        name_end = raw.index(b"\x00") + 1
-        query_end = raw.index(b"\x00", name_end) + 1
-        payload = raw[:name_end] + text + raw[query_end:]  # the name and parameter types as sent
-    else:
-        raise ValueError(f"message type {chr(msg_type)!r} cannot be rewritten")
-    return frame(msg_type, payload)
+        return frame(msg_type, text + b"\x00")
+    if msg_type == Frontend.PARSE:  # the name and parameter types as sent
+        return Parse.view(body, codec).with_query(text)
+    raise ValueError(f"message type {chr(msg_type)!r} cannot be rewritten")
 
 
-def substitute_for_refusal(msg_type: int, body: memoryview) -> tuple[bytes, str]:
+def substitute_for_refusal(msg_type: int, body: memoryview, codec: str | None = "utf-8") -> tuple[bytes, str]:
     """A request that fails upstream where ``msg_type`` would have run, and the SQLSTATE it fails with."""
     if msg_type == Frontend.QUERY:  # Query
         return Query(_REFUSED_SQL).encode(), "42601"
     if msg_type == Frontend.PARSE:  # Parse: keep the statement name so later Binds fail as they would
-        return Parse(Parse.decode(body).name, _REFUSED_SQL).encode(), "42601"
+        return Parse(Parse.decode(body, codec).name, _REFUSED_SQL).encode(), "42601"
     if msg_type == Frontend.BIND:  # Bind: a prepared statement that cannot exist
-        return Bind(Bind.decode(body).portal, _MISSING).encode(), "26000"
+        return Bind(Bind.decode(body, codec).portal, _MISSING).encode(), "26000"
     if msg_type == Frontend.EXECUTE:  # Execute: a portal that cannot exist
         return Execute(_MISSING, 0).encode(), "34000"
     if msg_type == Frontend.FUNCTION_CALL:  # FunctionCall: OID 0 is never a function

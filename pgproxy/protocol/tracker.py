@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from cachetools import FIFOCache
 
 from .codec import ProtocolViolation, invalid_utf8
-from .messages import Bind, BindFields, ErrorResponse, FunctionCall, Parse, Query, bind_fields, tag_rows
+from .messages import Bind, Close, Describe, ErrorResponse, Execute, FunctionCall, Parse, Query, tag_rows
 from .types import Backend as B
 from .types import Frontend as F
 from .types import backend_name
@@ -63,7 +63,7 @@ _QUERY_MSG, _PARSE_MSG, _BIND_MSG, _EXECUTE_MSG, _FUNCTION_MSG = F.QUERY, F.PARS
 _SYNC_TYPE = F.SYNC
 _PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE, _NO_DATA = (
     B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.NO_DATA)
-_STATEMENT = ord("S")  # Describe and Close name a statement ('S') or a portal ('P')
+_query_view, _bind_view, _execute_view, _describe_view = Query.view, Bind.view, Execute.view, Describe.view
 _TRANSACTION_STATES = frozenset(b"ITE")
 
 
@@ -135,7 +135,7 @@ class StatementResult:
     @property
     def bind(self) -> Bind | None:
         """The decoded Bind; None when there was none or it was malformed (the server rejected it too)."""
-        return decode_bind_leniently(self.bind_body)
+        return Bind.lenient(self.bind_body)
 
     @property
     def params(self) -> tuple[bytes | None, ...]:
@@ -176,22 +176,6 @@ class _Portal:
     bind_body: bytes
 
 
-def decode_bind_leniently(body: bytes | None) -> Bind | None:
-    """A recorded Bind body decoded for display; None when absent or malformed."""
-    fields = bind_fields_leniently(body)
-    return Bind(*fields) if fields is not None else None
-
-
-def bind_fields_leniently(body: bytes | None) -> BindFields | None:
-    """``bind_fields`` of a recorded Bind body (what the audit log reads); None when absent or malformed."""
-    if body is None:
-        return None
-    try:
-        return bind_fields(body)
-    except ProtocolViolation:
-        return None
-
-
 # PostgreSQL client encodings and the Python codecs that read them. The server interprets a client's
 # bytes in its client_encoding, so the proxy must judge and record them the same way.
 CLIENT_ENCODINGS = {
@@ -205,22 +189,6 @@ CLIENT_ENCODINGS = {
     "EUC_CN": "gb2312", "EUC_JIS_2004": "euc_jis_2004", "SJIS": "shift_jis", "SHIFT_JIS_2004": "shift_jis_2004",
     "BIG5": "big5", "GBK": "gbk", "GB18030": "gb18030", "UHC": "cp949", "JOHAB": "johab",
 }
-
-
-def _cstring(raw: bytes, pos: int, codec: str | None = "utf-8") -> tuple[str, int]:
-    """The NUL-terminated string at ``pos`` in the client's encoding, and the offset after it."""
-    end = raw.find(0, pos)
-    if end == pos and codec is not None:  # unnamed statements and portals: most of them
-        return "", end + 1
-    if end < 0:
-        raise ProtocolViolation("missing string terminator in message")
-    if codec is None:
-        raise ProtocolViolation("the session's client_encoding is not supported by pgproxy", sqlstate="0A000")
-    try:
-        return raw[pos:end].decode(codec), end + 1
-    except UnicodeDecodeError as exc:
-        raise invalid_utf8(exc) if codec == "utf-8" else ProtocolViolation(
-            f"invalid byte sequence for the client encoding ({codec})", sqlstate="22021") from None
 
 
 class ExchangeTracker:
@@ -254,7 +222,7 @@ class ExchangeTracker:
         self._ready_seq = 0  # the last request a ReadyForQuery answered (0: the startup)
         self._last_run_seq = -1  # the last request that ran a statement (note_run)
         # First in, first out: a hit costs one lookup (an LRU cache also reorders on every hit).
-        self._parse_cache: FIFOCache[bytes, tuple[str, str, tuple[int, ...]]] = FIFOCache(_PARSE_CACHE_LIMIT)
+        self._parse_cache: FIFOCache[bytes, Parse] = FIFOCache(_PARSE_CACHE_LIMIT)
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
         self._inflight: dict[str, str] = {}
@@ -313,18 +281,17 @@ class ExchangeTracker:
         """(sql, statement name, raw Bind body) a Query/Parse/Bind/Execute/FunctionCall refers to,
         read without changing any state (gates look before the tracker records)."""
         if msg_type == _QUERY_MSG:
-            return self._query_text(body), None, None
+            return _query_view(body, self.codec).sql, None, None
         if msg_type == _PARSE_MSG:
-            name, query, _ = self._parse(bytes(body))
-            return query, name, None
+            parse = self._parse(bytes(body))
+            return parse.query, parse.name, None
         if msg_type == _BIND_MSG:
             raw = bytes(body)
-            _, pos = _cstring(raw, 0, self.codec)
-            statement, _ = _cstring(raw, pos, self.codec)
+            statement = _bind_view(raw, self.codec).statement
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
         if msg_type == _EXECUTE_MSG:
-            portal = self.portals.get(_cstring(bytes(body), 0, self.codec)[0])
+            portal = self.portals.get(_execute_view(body, self.codec).portal)
             if portal is None:
                 return "", None, None
             return portal.sql, portal.statement_name, portal.bind_body
@@ -340,7 +307,7 @@ class ExchangeTracker:
     def portal_described(self, body: memoryview) -> bool:
         """Whether the server will have described the portal an Execute runs (its statement or the
         portal itself was Described since it was made): the shape of the rows that follow is known."""
-        return _cstring(bytes(body), 0, self.codec)[0] in self._described_portals
+        return _execute_view(body, self.codec).portal in self._described_portals
 
     def drain(self) -> list[StatementResult]:
         """Hand over (and forget) the statements finished since the last call."""
@@ -368,8 +335,9 @@ class ExchangeTracker:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.BIND):
             return
         raw = bytes(body)
-        portal_name, pos = _cstring(raw, 0, self.codec)
-        statement, _ = _cstring(raw, pos, self.codec)
+        bind = _bind_view(raw, self.codec)
+        portal_name = bind.portal
+        statement = bind.statement
         sql = self._inflight.get(statement)
         portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
         self.portals[portal_name] = portal
@@ -382,8 +350,7 @@ class ExchangeTracker:
     def _execute(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.EXECUTE):
             return
-        unnamed = body and body[0] == 0 and self.codec is not None  # skips copying the body
-        found = self.portals.get("" if unnamed else _cstring(bytes(body), 0, self.codec)[0])
+        found = self.portals.get(_execute_view(body, self.codec).portal)
         if found is None:
             result = StatementResult("extended", "", time.time())
         else:
@@ -396,39 +363,24 @@ class ExchangeTracker:
     def _parse_request(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.PARSE):
             return
-        name, query, types = self._parse(bytes(body))
+        parse = self._parse(bytes(body))
+        name, query, types = parse.name, parse.query, parse.param_types
         self._inflight[name] = query
         self._described_statements.discard(name)
         if types or name in self._param_types:
             self._param_types[name] = types
         self._push(Pending(_PARSE, None, time.perf_counter(), sql=query, statement_name=name))
 
-    def _query_text(self, body: memoryview) -> str:
-        if self.codec == "utf-8":
-            return Query.decode(body).sql
-        raw = bytes(body)
-        sql, end = _cstring(raw, 0, self.codec)
-        if end != len(raw):
-            raise ProtocolViolation("Query message has trailing bytes")
-        return sql
-
-    def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
-        """(statement name, query text, parameter type OIDs) of a Parse body; decoded once per body."""
+    def _parse(self, raw: bytes) -> Parse:
+        """A Parse body decoded and checked (in the client's encoding); once per body."""
         try:
             return self._parse_cache[raw]  # item access: the cache's get() costs twice as much
         except KeyError:
             pass
-        if self.codec == "utf-8":
-            parse = Parse.decode(raw)  # full validation the first time
-        else:  # strings in the client's encoding; the rest validated as usual
-            name, pos = _cstring(raw, 0, self.codec)
-            query, pos = _cstring(raw, pos, self.codec)
-            parse = Parse.decode(b"\0\0" + raw[pos:])
-            parse = Parse(name, query, parse.param_types)
-        cached = (parse.name, parse.query, parse.param_types)
+        parse = Parse.decode(raw, self.codec)
         if len(raw) <= _PARSE_CACHE_MAX_BODY:  # big one-off statements are not worth keeping
-            self._parse_cache[raw] = cached
-        return cached
+            self._parse_cache[raw] = parse
+        return parse
 
     def _sync(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.SYNC):
@@ -438,13 +390,14 @@ class ExchangeTracker:
     def _describe(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.DESCRIBE):
             return
-        raw = bytes(body)
-        if raw[:1] == b"S":
-            statement: str | None = _cstring(raw, 1, self.codec)[0]
+        describe = _describe_view(body, self.codec)
+        kind = describe.kind
+        if kind == "S":
+            statement: str | None = describe.name
             self._described_statements.add(statement or "")
         else:
-            name = _cstring(raw, 1, self.codec)[0]
-            portal = self.portals.get(name) if raw[:1] == b"P" else None
+            name = describe.name
+            portal = self.portals.get(name) if kind == "P" else None
             statement = portal.statement_name if portal is not None else None
             self._described_portals.add(name)
             if statement is not None:  # its rows have these columns in every later portal too (pgjdbc)
@@ -455,18 +408,17 @@ class ExchangeTracker:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.QUERY):
             return
         statement = self._statement
-        sql = self._query_text(body) if statement is None else statement.sql
+        sql = _query_view(body, self.codec).sql if statement is None else statement.sql
         self._push(Pending(_QUERY, StatementResult("simple", sql, time.time(), statement=statement),
                            time.perf_counter()))
 
     def _close(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.CLOSE):
             return
-        raw = bytes(body)
-        if not raw or raw[0] not in b"SP":
-            raise ProtocolViolation("invalid Close message")
-        name, _ = _cstring(raw, 1, self.codec)
-        if raw[0] == _STATEMENT:
+        close = Close.view(body, self.codec)
+        kind = close.kind  # refuses one other than 'S' or 'P'
+        name = close.name
+        if kind == "S":
             self.statements.pop(name, None)
             self._described_statements.discard(name)
         else:

@@ -17,8 +17,9 @@ from harness import ProxyUnderTest
 
 import pgproxy.core.statement
 import pgproxy.masking.rewrite
+import pgproxy.protocol.tracker
 from pgproxy.policy import classify as classify_module
-from pgproxy.protocol.tracker import ExchangeTracker
+from pgproxy.protocol.messages import Query
 
 SCHEMA = """
 DROP SCHEMA IF EXISTS monce CASCADE;
@@ -64,13 +65,16 @@ def parsed(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every Query text the tracker decodes from the client's bytes from now on."""
     texts: list[str] = []
-    real = ExchangeTracker._query_text
 
-    def counting(self: ExchangeTracker, body: memoryview) -> str:
-        texts.append(real(self, body))
-        return texts[-1]
+    class Counting(Query):
+        __slots__ = ()
 
-    monkeypatch.setattr(ExchangeTracker, "_query_text", counting)
+        @property
+        def sql(self) -> str:
+            texts.append(Query.sql.fget(self))  # type: ignore[attr-defined]
+            return texts[-1]
+
+    monkeypatch.setattr(pgproxy.protocol.tracker, "_query_view", Counting.view)
     return texts
 
 

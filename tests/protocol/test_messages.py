@@ -53,6 +53,7 @@ def split(wire: bytes) -> tuple[int, bytes]:
 FRONTEND_DECODERS: dict[int, Any] = {
     Frontend.QUERY: m.Query.decode, Frontend.PARSE: m.Parse.decode, Frontend.BIND: m.Bind.decode,
     Frontend.EXECUTE: m.Execute.decode, Frontend.SYNC: m.Sync.decode, Frontend.FUNCTION_CALL: m.FunctionCall.decode,
+    Frontend.DESCRIBE: m.Describe.decode, Frontend.CLOSE: m.Close.decode,
     Frontend.PASSWORD: m.AuthenticationResponse.decode, Frontend.TERMINATE: m.Terminate.decode,
 }
 
@@ -186,6 +187,10 @@ FRONTEND_SAMPLES: list[Any] = [
     m.Execute("", 0),
     m.Execute("portal", 100),
     m.Execute("p", -1),
+    m.Describe("S", "stmt"),
+    m.Describe("P", ""),
+    m.Close("S", "s1"),
+    m.Close("P", "портал"),
     m.Sync(),
     m.FunctionCall(1598, (), (), 0),
     m.FunctionCall(2**32 - 2, (1,), (b"\x00\x01", None), 1),
@@ -283,11 +288,15 @@ def test_password_family_decodes_to_raw_response(message: Any) -> None:
     assert decoded.encode() == message.encode()
 
 
-def test_messages_are_frozen_slotted_and_hashable() -> None:
+def test_messages_are_immutable_slotted_and_hashable() -> None:
     for message in FRONTEND_SAMPLES + PASSWORD_SAMPLES + BACKEND_SAMPLES:
-        assert dataclasses.is_dataclass(type(message))
         assert not hasattr(message, "__dict__"), type(message).__name__
         assert hash(message) == hash(type(message).decode(message.encode()[5:]))
+        if isinstance(message, m._View):  # the requests read per statement: read-only views
+            with pytest.raises(AttributeError):
+                setattr(message, type(message)._FIELDS[0], None)
+            continue
+        assert dataclasses.is_dataclass(type(message))
         fields = dataclasses.fields(message)
         if fields:
             with pytest.raises(dataclasses.FrozenInstanceError):
@@ -353,6 +362,71 @@ def test_bind_param_format_rule() -> None:
     assert m.Bind("", "", (), (b"a", b"b"), ()).param_format(1) == 0
     assert m.Bind("", "", (1,), (b"a", b"b"), ()).param_format(1) == 1
     assert m.Bind("", "", (0, 1), (b"a", b"b"), ()).param_format(1) == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# lazy views: what the session reads per request
+# --------------------------------------------------------------------------------------------------
+
+
+def test_a_bind_view_reads_its_names_without_its_values() -> None:
+    # Names fine, parameter section truncated: the session reads the names and leaves the rest to the server.
+    body = b"p1\x00s1\x00" + u16(0) + u16(1) + i32(10) + b"abc"
+    bind = m.Bind.view(memoryview(body))
+    assert (bind.portal, bind.statement) == ("p1", "s1")
+    assert violation(lambda: bind.params).sqlstate == "08P01"
+    assert violation(m.Bind.decode, body).sqlstate == "08P01"
+    assert m.Bind.lenient(body) is None
+    assert m.Bind.lenient(None) is None
+
+
+def test_a_bind_view_decodes_each_section_once() -> None:
+    wire = m.Bind("p", "s", (0, 1), (b"x", None), (1,)).encode()
+    bind = m.Bind.view(wire[5:])
+    assert bind.params is bind.params
+    assert bind.portal is bind.portal
+    assert (bind.param_formats, bind.result_formats, bind.param_format(1)) == ((0, 1), (1,), 1)
+    lenient = m.Bind.lenient(wire[5:])
+    assert lenient is not None and lenient == m.Bind("p", "s", (0, 1), (b"x", None), (1,))
+    assert bind.encode() == wire  # a view encodes to its bytes as sent
+
+
+def test_views_read_text_in_the_client_encoding() -> None:
+    assert m.Query.view(b"SELECT '\xe9'\x00", "iso8859-1").sql == "SELECT 'é'"
+    assert violation(lambda: m.Query.view(b"SELECT '\xe9'\x00").sql).sqlstate == "22021"
+    parse = m.Parse.decode(b"n\xe9\x00SELECT '\xe9'\x00" + u16(1) + u32(23), "iso8859-1")
+    assert (parse.name, parse.query, parse.param_types) == ("né", "SELECT 'é'", (23,))
+    bind = m.Bind.view(b"\xe9\x00\x00" + u16(0) + u16(0) + u16(0), "iso8859-1")
+    assert (bind.portal, bind.statement, bind.params) == ("é", "", ())
+    assert m.Execute.view(b"\xe9\x00" + i32(0), "iso8859-1").portal == "é"
+    assert m.Describe.view(b"S\xe9\x00", "iso8859-1").name == "é"
+    assert m.Close.view(b"P\xe9\x00", "iso8859-1").name == "é"
+    exc = violation(lambda: m.Bind.view(b"\xff\x00\x00" + u16(0) * 3, "euc_jp").portal)
+    assert (exc.sqlstate, str(exc)) == ("22021", "invalid byte sequence for the client encoding (euc_jp)")
+
+
+def test_views_refuse_text_in_an_unsupported_client_encoding() -> None:
+    exc = violation(lambda: m.Execute.view(b"\x00" + i32(0), None).portal)
+    assert exc.sqlstate == "0A000"
+    assert violation(lambda: m.Query.view(b"SELECT 1\x00", None).sql).sqlstate == "0A000"
+
+
+def test_a_view_reads_only_the_bytes_a_field_needs() -> None:
+    execute = m.Execute.view(b"p\x00" + b"\x00")  # max_rows truncated
+    assert execute.portal == "p"
+    assert violation(lambda: execute.max_rows).sqlstate == "08P01"
+    describe = m.Describe.view(b"X\x00")  # the server answers an unknown kind with its own error
+    assert (describe.kind, describe.name) == ("X", "")
+    assert str(violation(lambda: m.Close.view(b"X\x00").kind)) == "invalid Close message"
+    assert str(violation(lambda: m.Close.view(b"").kind)) == "invalid Close message"
+
+
+def test_parse_view_rewrites_its_text_and_keeps_the_rest() -> None:
+    body = m.Parse("s1", "SELECT 1", (23,)).encode()[5:]
+    parse = m.Parse.view(body)
+    assert parse.query_bytes == b"SELECT 1"
+    rewritten = parse.with_query(b"SELECT 2")
+    assert rewritten == m.Parse("s1", "SELECT 2", (23,)).encode()
 
 
 def test_execute_sync_terminate_captures() -> None:
@@ -599,6 +673,9 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("bind-short-length-word", FRONT, "B", b"\x00\x00\x00\x00\x00\x01\x00\x00", "08P01"),
     ("bind-no-result-count", FRONT, "B", b"\x00\x00\x00\x00\x00\x00", "08P01"),
     ("execute-no-maxrows", FRONT, "E", b"\x00\x00\x00", "08P01"),
+    ("describe-empty", FRONT, "D", b"", "08P01"),
+    ("describe-unterminated", FRONT, "D", b"Sname", "08P01"),
+    ("close-empty", FRONT, "C", b"", "08P01"),
     ("function-short", FRONT, "F", u32(1) + u16(0) + u16(0), "08P01"),
     ("row-desc-empty", BACK, "T", b"", "08P01"),
     ("row-desc-one-byte", BACK, "T", b"\x00", "08P01"),
@@ -622,6 +699,10 @@ MALFORMED: list[tuple[str, str, str, bytes, str]] = [
     ("parse-trailing", FRONT, "P", b"\x00q\x00\x00\x00\x00", "08P01"),
     ("bind-trailing", FRONT, "B", b"\x00\x00" + u16(0) + u16(0) + u16(0) + b"\x00", "08P01"),
     ("execute-trailing", FRONT, "E", b"\x00" + i32(0) + b"\x00", "08P01"),
+    ("describe-trailing", FRONT, "D", b"Sa\x00b", "08P01"),
+    ("close-trailing", FRONT, "C", b"P\x00\x00", "08P01"),
+    ("describe-bad-kind", FRONT, "D", b"X\x00", "08P01"),
+    ("close-bad-kind", FRONT, "C", b"X\x00", "08P01"),
     ("sync-body", FRONT, "S", b"\x00", "08P01"),
     ("terminate-body", FRONT, "X", b"xx", "08P01"),
     ("row-desc-trailing", BACK, "T", b"\x00\x00\x00", "08P01"),

@@ -21,8 +21,10 @@ from pgproxy.protocol.messages import (
     AuthenticationOk,
     BackendKeyData,
     Bind,
+    Close,
     CommandComplete,
     DataRow,
+    Describe,
     ErrorResponse,
     Execute,
     FieldDescription,
@@ -59,14 +61,6 @@ COPY_DONE = frame(Frontend.COPY_DONE, b"")  # the same byte in both directions
 
 def ready(status: str) -> bytes:
     return frame(Backend.READY_FOR_QUERY, status.encode())
-
-
-def describe(kind: str, name: str) -> bytes:
-    return frame(Frontend.DESCRIBE, kind.encode() + cstr(name))
-
-
-def close(kind: str, name: str) -> bytes:
-    return frame(Frontend.CLOSE, kind.encode() + cstr(name))
 
 
 def copy_data(data: bytes) -> bytes:
@@ -304,7 +298,7 @@ def test_extended_query_with_parameters() -> None:
     c = Conversation()
     sql = "SELECT * FROM t WHERE a = $1 AND b = $2"
     pendings = c.client(Parse("", sql, (INT4, 0)), Bind("", "", (0, 1), (b"42", None), (0,)),
-                        describe("P", ""), Execute("", 0), Sync())
+                        Describe("P", ""), Execute("", 0), Sync())
     assert [p.kind for p in pendings if p is not None] == [Kind.PARSE, Kind.BIND, Kind.DESCRIBE, Kind.EXECUTE,
                                                            Kind.SYNC]
     c.server(PARSE_COMPLETE, BIND_COMPLETE, rowdesc("a", "b"))
@@ -503,7 +497,7 @@ def test_named_prepared_statement_reused_and_closed() -> None:
         ("SELECT name FROM users WHERE id = $1", (b"2",), "get_user"),
     ]
 
-    c.client(close("S", "get_user"), close("P", "p1"), Sync())
+    c.client(Close("S", "get_user"), Close("P", "p1"), Sync())
     assert "get_user" not in c.t.statements
     assert "p1" not in c.t.portals
     c.server(CLOSE_COMPLETE, CLOSE_COMPLETE, ready("I"))
@@ -530,7 +524,7 @@ def test_failed_parse_does_not_replace_an_existing_prepared_statement() -> None:
 
 def test_describe_statement_with_rows() -> None:
     c = Conversation()
-    c.client(Parse("s", "SELECT a, b FROM t WHERE a = $1"), describe("S", "s"), Sync())
+    c.client(Parse("s", "SELECT a, b FROM t WHERE a = $1"), Describe("S", "s"), Sync())
     c.server(PARSE_COMPLETE, parameter_description((INT4,)))
     assert not c.t.idle
     assert [p.kind for p in c.t.queue] == [Kind.DESCRIBE, Kind.SYNC]
@@ -543,14 +537,14 @@ def test_describe_statement_with_rows() -> None:
 
 def test_describe_statement_without_rows() -> None:
     c = Conversation()
-    c.client(Parse("s", "UPDATE t SET a = $1"), describe("S", "s"), Sync())
+    c.client(Parse("s", "UPDATE t SET a = $1"), Describe("S", "s"), Sync())
     c.server(PARSE_COMPLETE, parameter_description((INT4,)), NO_DATA, ready("I"))
     assert c.t.idle
 
 
 def test_describe_portal_then_execute() -> None:
     c = Conversation()
-    c.client(Parse("", "DELETE FROM t"), Bind("", ""), describe("P", ""), Execute(""), Sync())
+    c.client(Parse("", "DELETE FROM t"), Bind("", ""), Describe("P", ""), Execute(""), Sync())
     c.server(PARSE_COMPLETE, BIND_COMPLETE, NO_DATA, CommandComplete("DELETE 4"), ready("I"))
     (res,) = c.done()
     assert res.sql == "DELETE FROM t" and res.rows == 4
@@ -559,7 +553,7 @@ def test_describe_portal_then_execute() -> None:
 
 def test_describe_of_unknown_statement_fails_and_skips_to_sync() -> None:
     c = Conversation()
-    c.client(describe("S", "missing"), Bind("", "missing"), Execute(""), Sync())
+    c.client(Describe("S", "missing"), Bind("", "missing"), Execute(""), Sync())
     c.server(err("26000", 'prepared statement "missing" does not exist'))
     assert [p.kind for p in c.t.queue] == [Kind.SYNC]
     c.server(ready("I"))
@@ -862,3 +856,29 @@ def test_a_parse_body_read_again_after_client_encoding_changes_reads_in_the_new_
     assert c.t.peek(Frontend.PARSE, memoryview(body))[0] == "SELECT 'é'"
     c.server(parameter_status("client_encoding", "LATIN1"))
     assert c.t.peek(Frontend.PARSE, memoryview(body))[0] == "SELECT 'Ã©'"  # the server reads these bytes so
+
+
+def test_names_read_in_the_client_encoding_and_params_recorded_whatever_it_is() -> None:
+    """Bind, Describe, Execute and Close name statements and portals in the client's encoding; the audit
+    reads a Bind's values whatever encoding its names are in."""
+    c = Conversation()
+    c.server(parameter_status("client_encoding", "LATIN1"))
+    parse = frame(Frontend.PARSE, b"n\xe9\0SELECT $1\0\0\0")
+    bind = frame(Frontend.BIND, b"p\xe9\0n\xe9\0" + Bind("", "", (), (b"1",)).encode()[7:])
+    c.client(parse, bind, frame(Frontend.DESCRIBE, b"Pp\xe9\0"), frame(Frontend.EXECUTE, b"p\xe9\0\0\0\0\0"), Sync())
+    c.server(PARSE_COMPLETE, BIND_COMPLETE, RowDescription(()), CommandComplete("SELECT 1"), ready("I"))
+    [res] = c.done()
+    assert (res.sql, res.statement_name, res.params) == ("SELECT $1", "né", (b"1",))
+    assert "pé" in c.t.portals and c.t.statements == {"né": "SELECT $1"}
+    c.client(frame(Frontend.CLOSE, b"Sn\xe9\0"), frame(Frontend.CLOSE, b"Pp\xe9\0"), Sync())
+    assert c.t.portals == {} and c.t.statements == {}
+
+
+def test_a_close_of_neither_statement_nor_portal_is_refused_and_a_describe_left_to_the_server() -> None:
+    c = Conversation()
+    with pytest.raises(ProtocolViolation, match="invalid Close message"):
+        c.client(frame(Frontend.CLOSE, b"X\0"))
+    [pending] = c.client(frame(Frontend.DESCRIBE, b"X\0"), Sync())[:1]
+    assert pending is not None and pending.kind is Kind.DESCRIBE
+    c.server(err("08P01", "invalid DESCRIBE message subtype 88"), ready("I"))
+    assert c.t.idle
