@@ -143,10 +143,10 @@ def _string_end(raw: bytes, start: int, what: str) -> int:
 def _text(raw: bytes, start: int, end: int, codec: str | None) -> str:
     """``raw[start:end]`` read in the client's encoding (``codec``: its Python codec, None when pgproxy has
     none): the server reads the client's strings in its client_encoding, so the proxy must too."""
+    if start == end and codec is not None:  # unnamed statements and portals: most of them
+        return ""
     if codec is None:
         raise ProtocolViolation("the session's client_encoding is not supported by pgproxy", "0A000")
-    if start == end:  # unnamed statements and portals: most of them
-        return ""
     try:
         return raw[start:end].decode(codec)
     except UnicodeDecodeError as exc:
@@ -156,6 +156,21 @@ def _text(raw: bytes, start: int, end: int, codec: str | None) -> str:
                                 SQLSTATE_CHARACTER_NOT_IN_REPERTOIRE) from None
 
 
+def _two_strings(raw: bytes, codec: str | None, what: str) -> tuple[str, str, int]:
+    """The two strings a Parse or Bind body starts with, and the offset after them."""
+    first = raw.find(0)
+    second = raw.find(0, first + 1) if first >= 0 else -1
+    if second < 0:
+        _string_end(raw, first + 1 if first >= 0 else 0, what)  # raises
+    if codec is not None:  # the straight path; _text below gives the precise error
+        try:
+            return (raw[:first].decode(codec) if first else "",
+                    raw[first + 1:second].decode(codec) if second > first + 1 else "", second + 1)
+        except UnicodeDecodeError:
+            pass
+    return _text(raw, 0, first, codec), _text(raw, first + 1, second, codec), second + 1
+
+
 def _trailing(what: str, raw: bytes, pos: int) -> ProtocolViolation:
     return ProtocolViolation(f"{what} message has {len(raw) - pos} trailing byte(s) at offset {pos}")
 
@@ -163,27 +178,28 @@ def _trailing(what: str, raw: bytes, pos: int) -> ProtocolViolation:
 class _View:
     """A frontend message the proxy reads per request: built from its fields (``Bind("p", "s")``) or a view
     over a body as received (``Bind.view(body, codec)``) whose fields are decoded, in the client's
-    encoding, on first access and kept. Reading a field checks the bytes it needs (a malformed section
+    encoding, when first read and then kept. Reading a field checks the bytes it needs (a malformed part
     raises ProtocolViolation); ``decode`` reads and checks every byte. A view keeps ``body``: pass bytes
     when it outlives the buffer. Equal when the fields are; ``encode`` of a view gives its bytes as sent.
+
+    The views are instances of a subclass whose ``__init__`` takes the body: CPython builds an object
+    fastest through a plain call, and the session makes one per request.
     """
 
     __slots__ = ("_codec", "_raw")
     TYPE: ClassVar[int]
+    _NAME: ClassVar[str]
     _FIELDS: ClassVar[tuple[str, ...]]
+    #: ``view(body, codec="utf-8")``: ``body`` as this message, nothing decoded yet.
+    view: ClassVar[Callable[..., Any]]
 
-    _raw: bytes | None  # the body of a view (None: built from fields)
+    _raw: Buffer | None  # the body of a view (None: built from fields)
     _codec: str | None
-
-    @classmethod
-    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
-        """``body`` as this message, nothing decoded yet."""
-        raise NotImplementedError
 
     @classmethod
     def decode(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
         """``body`` as this message, every field decoded and every byte checked now."""
-        message = cls.view(as_bytes(body), codec)
+        message: Self = cls.view(body, codec)
         message._check()
         return message
 
@@ -201,19 +217,15 @@ class _View:
         return frame(self.TYPE, raw if raw is not None else self._body())
 
     def __eq__(self, other: object) -> bool:
-        if type(other) is not type(self):
+        if not isinstance(other, _View) or other.TYPE != self.TYPE:
             return NotImplemented
-        assert isinstance(other, _View)
         return self.fields() == other.fields()
 
     def __hash__(self) -> int:
-        return hash((type(self), self.fields()))
+        return hash((self.TYPE, self.fields()))
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(map(repr, self.fields()))})"
-
-
-_new = object.__new__
+        return f"{self._NAME}({', '.join(map(repr, self.fields()))})"
 
 
 class Query(_View):
@@ -221,17 +233,13 @@ class Query(_View):
 
     __slots__ = ("_sql",)
     TYPE: ClassVar[int] = Frontend.QUERY
-    _sql: str | None
+    _NAME: ClassVar[str] = "Query"
     _FIELDS: ClassVar[tuple[str, ...]] = ("sql",)
+    view: ClassVar[Callable[..., Query]]
+    _sql: str | None
 
     def __init__(self, sql: str) -> None:
         self._raw, self._codec, self._sql = None, "utf-8", sql
-
-    @classmethod
-    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
-        self = _new(cls)
-        self._raw, self._codec, self._sql = as_bytes(body), codec, None
-        return self
 
     @property
     def sql(self) -> str:
@@ -248,177 +256,165 @@ class Query(_View):
         return cstr(self.sql)
 
 
+class _QueryView(Query):
+    __slots__ = ()
+
+    def __init__(self, body: Buffer, codec: str | None = "utf-8") -> None:  # a view: see _View
+        self._raw = body if type(body) is bytes else bytes(body)
+        self._codec = codec
+        self._sql = None
+
+
+Query.view = _QueryView
+
+
 class Parse(_View):
     """Extended-protocol Parse ('P'); ``param_types`` are type OIDs (0 = unspecified)."""
 
-    __slots__ = ("_name", "_name_end", "_param_types", "_query", "_query_end")
+    __slots__ = ("_param_types", "_strings")
     TYPE: ClassVar[int] = Frontend.PARSE
+    _NAME: ClassVar[str] = "Parse"
     _FIELDS: ClassVar[tuple[str, ...]] = ("name", "query", "param_types")
-    _name: str | None
-    _query: str | None
+    view: ClassVar[Callable[..., Parse]]
+    _strings: tuple[str, str, int] | None  # name, query, offset of the parameter types
     _param_types: tuple[int, ...] | None
 
     def __init__(self, name: str, query: str, param_types: tuple[int, ...] = ()) -> None:
-        self._raw, self._codec, self._name, self._query, self._param_types = None, "utf-8", name, query, param_types
-        self._name_end = self._query_end = -1
+        self._raw, self._codec, self._strings, self._param_types = None, "utf-8", (name, query, -1), param_types
 
-    @classmethod
-    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
-        self = _new(cls)
-        self._raw, self._codec = as_bytes(body), codec
-        self._name = self._query = self._param_types = None
-        self._name_end = self._query_end = -1
-        return self
-
-    def _ends(self) -> tuple[int, int]:
-        """Offsets of the NULs ending the name and the query text."""
-        name_end = self._name_end
-        if name_end < 0:
-            raw: bytes = self._raw  # type: ignore[assignment]
-            name_end = self._name_end = _string_end(raw, 0, "Parse")
-            self._query_end = _string_end(raw, name_end + 1, "Parse")
-        return name_end, self._query_end
+    def _read_strings(self) -> tuple[str, str, int]:
+        strings = self._strings
+        if strings is None:
+            strings = self._strings = _two_strings(self._raw, self._codec, "Parse")  # type: ignore[arg-type]
+        return strings
 
     @property
     def name(self) -> str:
-        name = self._name
-        if name is None:
-            name = self._name = _text(self._raw, 0, self._ends()[0], self._codec)  # type: ignore[arg-type]
-        return name
+        strings = self._strings
+        return (strings if strings is not None else self._read_strings())[0]
 
     @property
     def query(self) -> str:
-        query = self._query
-        if query is None:
-            start, end = self._ends()
-            query = self._query = _text(self._raw, start + 1, end, self._codec)  # type: ignore[arg-type]
-        return query
+        strings = self._strings
+        return (strings if strings is not None else self._read_strings())[1]
 
     @property
     def query_bytes(self) -> bytes:
-        """The query text as sent, not decoded (a view only)."""
-        start, end = self._ends()
-        return self._raw[start + 1:end]  # type: ignore[index]
+        """The query text of a view as sent, not decoded."""
+        raw: bytes = self._raw  # type: ignore[assignment]
+        start = _string_end(raw, 0, "Parse") + 1
+        return raw[start:_string_end(raw, start, "Parse")]
 
     @property
     def param_types(self) -> tuple[int, ...]:
         types = self._param_types
         if types is None:
             r = Reader(self._raw, "Parse")  # type: ignore[arg-type]
-            r.raw(self._ends()[1] + 1)
-            types = r.uint32_array(r.uint16())
+            r.raw(self._read_strings()[2])
+            types = self._param_types = r.uint32_array(r.uint16())
             r.done()
-            self._param_types = types
         return types
 
     def with_query(self, text: bytes) -> bytes:
-        """This Parse (a view) as sent, with ``text`` (encoded, no NUL) for its query: the wire message."""
-        start, end = self._ends()
+        """This Parse (a view) as sent with ``text`` (encoded, no NUL) for its query: the wire message."""
         raw: bytes = self._raw  # type: ignore[assignment]
-        return frame(Frontend.PARSE, raw[:start + 1] + text + raw[end:])
+        start = _string_end(raw, 0, "Parse") + 1
+        return frame(Frontend.PARSE, raw[:start] + text + raw[_string_end(raw, start, "Parse"):])
 
     def _body(self) -> bytes:
         n = len(self.param_types)
         return cstr(self.name) + cstr(self.query) + UINT16.pack(n) + struct.pack(f">{n}I", *self.param_types)
 
 
+class _ParseView(Parse):
+    __slots__ = ()
+
+    def __init__(self, body: Buffer, codec: str | None = "utf-8") -> None:  # a view: see _View
+        self._raw = body if type(body) is bytes else bytes(body)
+        self._codec = codec
+        self._strings = self._param_types = None
+
+
+Parse.view = _ParseView
+
+_BindValues = tuple[tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]]
+
+
 class Bind(_View):
     """Extended-protocol Bind ('B'); ``params`` entries are raw values, ``None`` for NULL.
 
-    The names and the values are two sections, each decoded on first access: the session reads the names
-    of every Bind and leaves the values to the server, the policy and the audit log.
+    The names and the values are decoded apart, each on first access: the session reads the names of
+    every Bind and leaves the values to the server, the policy and the audit log.
     """
 
-    __slots__ = ("_names_end", "_param_formats", "_params", "_portal", "_portal_end", "_result_formats",
-                 "_statement")
+    __slots__ = ("_names", "_values")
     TYPE: ClassVar[int] = Frontend.BIND
+    _NAME: ClassVar[str] = "Bind"
     _FIELDS: ClassVar[tuple[str, ...]] = ("portal", "statement", "param_formats", "params", "result_formats")
-
-    _portal: str | None
-    _statement: str | None
-    _params: tuple[bytes | None, ...] | None
-    _param_formats: tuple[int, ...]
-    _result_formats: tuple[int, ...]
+    view: ClassVar[Callable[..., Bind]]
+    _names: tuple[str, str, int] | None  # portal, statement, offset of the values
+    _values: _BindValues | None  # parameter formats, parameters, result formats
 
     def __init__(self, portal: str, statement: str, param_formats: tuple[int, ...] = (),
                  params: tuple[bytes | None, ...] = (), result_formats: tuple[int, ...] = ()) -> None:
-        self._raw, self._codec, self._portal, self._statement = None, "utf-8", portal, statement
-        self._param_formats, self._params, self._result_formats = param_formats, params, result_formats
-        self._portal_end = self._names_end = -1
+        self._raw, self._codec = None, "utf-8"
+        self._names, self._values = (portal, statement, -1), (param_formats, params, result_formats)
 
     @classmethod
-    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
-        self = _new(cls)
-        self._raw, self._codec = as_bytes(body), codec
-        self._portal = self._statement = self._params = None
-        self._portal_end = self._names_end = -1
-        return self
-
-    @classmethod
-    def lenient(cls, body: bytes | None, codec: str | None = "utf-8") -> Self | None:
+    def lenient(cls, body: bytes | None, codec: str | None = "utf-8") -> Bind | None:
         """A recorded Bind body as a view whose values decode; None when absent or malformed (the server
         refused it too: nothing was bound)."""
         if body is None:
             return None
-        bind = cls.view(body, codec)
+        bind = _BindView(body, codec)
         try:
-            bind._values()
+            bind._read_values()
         except ProtocolViolation:
             return None
         return bind
 
-    def _ends(self) -> tuple[int, int]:
-        portal_end = self._portal_end
-        if portal_end < 0:
-            raw: bytes = self._raw  # type: ignore[assignment]
-            portal_end = self._portal_end = _string_end(raw, 0, "Bind")
-            self._names_end = _string_end(raw, portal_end + 1, "Bind")
-        return portal_end, self._names_end
+    def _read_names(self) -> tuple[str, str, int]:
+        names = self._names
+        if names is None:
+            names = self._names = _two_strings(self._raw, self._codec, "Bind")  # type: ignore[arg-type]
+        return names
 
     @property
     def portal(self) -> str:
-        portal = self._portal
-        if portal is None:
-            portal = self._portal = _text(self._raw, 0, self._ends()[0], self._codec)  # type: ignore[arg-type]
-        return portal
+        names = self._names
+        return (names if names is not None else self._read_names())[0]
 
     @property
     def statement(self) -> str:
-        statement = self._statement
-        if statement is None:
-            start, end = self._ends()
-            statement = self._statement = _text(self._raw, start + 1, end, self._codec)  # type: ignore[arg-type]
-        return statement
+        names = self._names
+        return (names if names is not None else self._read_names())[1]
 
     @property
     def param_formats(self) -> tuple[int, ...]:
-        if self._params is None:
-            self._values()
-        return self._param_formats
+        return self._read_values()[0]
 
     @property
     def params(self) -> tuple[bytes | None, ...]:
-        params = self._params
-        if params is None:
-            params = self._values()
-        return params
+        return self._read_values()[1]
 
     @property
     def result_formats(self) -> tuple[int, ...]:
-        if self._params is None:
-            self._values()
-        return self._result_formats
+        return self._read_values()[2]
 
-    def _values(self) -> tuple[bytes | None, ...]:
-        """Decode the parameter formats, parameters and result formats: a straight path over well-formed
-        bodies; anything unusual is re-read by the bounds-checked ``Reader`` for the precise error."""
+    def _read_values(self) -> _BindValues:
+        """Parameter formats, parameters and result formats: a straight path over well-formed bodies (the
+        names need not decode); anything unusual is re-read by the bounds-checked ``Reader`` for the
+        precise error."""
+        values = self._values
+        if values is not None:
+            return values
         raw: bytes = self._raw  # type: ignore[assignment]
-        start = self._ends()[1] + 1
+        start = _string_end(raw, _string_end(raw, 0, "Bind") + 1, "Bind") + 1
         try:
-            values = self._values_fast(raw, start)
+            values = _bind_values(raw, start)
         except struct.error:
-            values = False
-        if values is False:
+            values = None
+        if values is None:
             r = Reader(raw, "Bind")
             r.raw(start)
             formats = r.int16_array(r.uint16())
@@ -426,39 +422,9 @@ class Bind(_View):
             results = r.int16_array(r.uint16())
             r.done()
             _check_format_count("bind", len(formats), len(params), "parameter")
-            self._param_formats, self._params, self._result_formats = formats, params, results
-            return params
-        return values  # type: ignore[return-value]
-
-    def _values_fast(self, raw: bytes, pos: int) -> tuple[bytes | None, ...] | bool:
-        n = _U16_UNPACK_FROM(raw, pos)[0]
-        pos += 2
-        formats: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
-        pos += 2 * n
-        count = _U16_UNPACK_FROM(raw, pos)[0]
-        pos += 2
-        if n > 1 and n != count:
-            return False
-        values: list[bytes | None] = []
-        append = values.append
-        for _ in range(count):
-            length = _I32_UNPACK_FROM(raw, pos)[0]
-            pos += 4
-            if length >= 0:
-                append(raw[pos:pos + length])
-                pos += length
-            elif length == -1:
-                append(None)
-            else:
-                return False
-        n = _U16_UNPACK_FROM(raw, pos)[0]
-        pos += 2
-        results: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
-        if pos + 2 * n != len(raw):
-            return False
-        params = tuple(values)
-        self._param_formats, self._params, self._result_formats = formats, params, results
-        return params
+            values = (formats, params, results)
+        self._values = values
+        return values
 
     def param_format(self, index: int) -> int:
         """Format code (0 text, 1 binary) of parameter ``index`` per the 0/1/N format-code rule."""
@@ -470,6 +436,48 @@ class Bind(_View):
     def _body(self) -> bytes:
         return b"".join((cstr(self.portal), cstr(self.statement), _int16s(self.param_formats),
                          values_body(self.params), _int16s(self.result_formats)))
+
+
+class _BindView(Bind):
+    __slots__ = ()
+
+    def __init__(self, body: Buffer, codec: str | None = "utf-8") -> None:  # a view: see _View
+        self._raw = body if type(body) is bytes else bytes(body)
+        self._codec = codec
+        self._names = self._values = None
+
+
+Bind.view = _BindView
+
+
+def _bind_values(raw: bytes, pos: int) -> _BindValues | None:
+    """The common case of ``Bind._read_values``; None (or struct.error) when the body needs the careful path."""
+    n = _U16_UNPACK_FROM(raw, pos)[0]
+    pos += 2
+    formats: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
+    pos += 2 * n
+    count = _U16_UNPACK_FROM(raw, pos)[0]
+    pos += 2
+    if n > 1 and n != count:
+        return None
+    params: list[bytes | None] = []
+    append = params.append
+    for _ in range(count):
+        length = _I32_UNPACK_FROM(raw, pos)[0]
+        pos += 4
+        if length >= 0:
+            append(raw[pos:pos + length])
+            pos += length
+        elif length == -1:
+            append(None)
+        else:
+            return None
+    n = _U16_UNPACK_FROM(raw, pos)[0]
+    pos += 2
+    results: tuple[int, ...] = _int16_array(n).unpack_from(raw, pos) if n else ()
+    if pos + 2 * n != len(raw):
+        return None
+    return formats, tuple(params), results
 
 
 def _int16_array(count: int) -> struct.Struct:
@@ -491,32 +499,32 @@ class Execute(_View):
 
     __slots__ = ("_max_rows", "_portal")
     TYPE: ClassVar[int] = Frontend.EXECUTE
+    _NAME: ClassVar[str] = "Execute"
     _FIELDS: ClassVar[tuple[str, ...]] = ("portal", "max_rows")
+    view: ClassVar[Callable[..., Execute]]
     _portal: str | None
     _max_rows: int | None
 
     def __init__(self, portal: str, max_rows: int = 0) -> None:
         self._raw, self._codec, self._portal, self._max_rows = None, "utf-8", portal, max_rows
 
-    @classmethod
-    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
-        self = _new(cls)
-        self._raw, self._codec, self._portal, self._max_rows = as_bytes(body), codec, None, None
-        return self
-
     @property
     def portal(self) -> str:
         portal = self._portal
         if portal is None:
-            raw: bytes = self._raw  # type: ignore[assignment]
-            portal = self._portal = _text(raw, 0, _string_end(raw, 0, "Execute"), self._codec)
+            body = self._raw
+            if body and body[0] == 0 and self._codec is not None:  # the unnamed portal: most of them
+                portal = self._portal = ""
+            else:
+                raw = as_bytes(body)  # type: ignore[arg-type]
+                portal = self._portal = _text(raw, 0, _string_end(raw, 0, "Execute"), self._codec)
         return portal
 
     @property
     def max_rows(self) -> int:
         max_rows = self._max_rows
         if max_rows is None:
-            raw: bytes = self._raw  # type: ignore[assignment]
+            raw = as_bytes(self._raw)  # type: ignore[arg-type]
             r = Reader(raw, "Execute")
             r.raw(_string_end(raw, 0, "Execute") + 1)
             max_rows = self._max_rows = r.int32()
@@ -527,12 +535,23 @@ class Execute(_View):
         return cstr(self.portal) + INT32.pack(self.max_rows)
 
 
+class _ExecuteView(Execute):
+    __slots__ = ()
+
+    def __init__(self, body: Buffer, codec: str | None = "utf-8") -> None:  # a view: see _View
+        self._raw = body  # as given: an Execute view is read at once
+        self._codec = codec
+        self._portal = self._max_rows = None
+
+
+Execute.view = _ExecuteView
+
+
 class _Target(_View):
     """Describe and Close: a statement ('S') or a portal ('P') by name."""
 
     __slots__ = ("_kind", "_name")
     _FIELDS: ClassVar[tuple[str, ...]] = ("kind", "name")
-    _NAME: ClassVar[str]
     _STRICT: ClassVar[bool]  # reading ``kind`` refuses one other than 'S' or 'P'
     _kind: str | None
     _name: str | None
@@ -540,19 +559,13 @@ class _Target(_View):
     def __init__(self, kind: str, name: str) -> None:
         self._raw, self._codec, self._kind, self._name = None, "utf-8", kind, name
 
-    @classmethod
-    def view(cls, body: Buffer, codec: str | None = "utf-8") -> Self:
-        self = _new(cls)
-        self._raw, self._codec, self._kind, self._name = as_bytes(body), codec, None, None
-        return self
-
     @property
     def kind(self) -> str:
-        """'S' (a prepared statement) or 'P' (a portal); for Describe, whatever byte was sent ("" for none)."""
+        """'S' (a prepared statement) or 'P' (a portal); for a Describe, whatever byte was sent ("" for none)."""
         kind = self._kind
         if kind is None:
             raw: bytes = self._raw  # type: ignore[assignment]
-            kind = self._kind = chr(raw[0]) if raw else ""
+            kind = self._kind = chr(raw[0]) if len(raw) else ""
         if self._STRICT and kind not in ("S", "P"):
             raise ProtocolViolation(f"invalid {self._NAME} message")
         return kind
@@ -561,14 +574,18 @@ class _Target(_View):
     def name(self) -> str:
         name = self._name
         if name is None:
-            raw: bytes = self._raw  # type: ignore[assignment]
-            name = self._name = _text(raw, 1, _string_end(raw, 1, self._NAME), self._codec)
+            body: Buffer = self._raw  # type: ignore[assignment]
+            if len(body) > 1 and body[1] == 0 and self._codec is not None:  # unnamed: most of them
+                name = self._name = ""
+            else:
+                raw = as_bytes(body)
+                name = self._name = _text(raw, 1, _string_end(raw, 1, self._NAME), self._codec)
         return name
 
     def _check(self) -> None:
         if self.kind not in ("S", "P"):
             raise ProtocolViolation(f"invalid {self._NAME} message")
-        raw: bytes = self._raw  # type: ignore[assignment]
+        raw = as_bytes(self._raw)  # type: ignore[arg-type]
         end = _string_end(raw, 1, self._NAME) + 1
         if end != len(raw):
             raise _trailing(self._NAME, raw, end)
@@ -586,6 +603,7 @@ class Describe(_Target):
     TYPE: ClassVar[int] = Frontend.DESCRIBE
     _NAME: ClassVar[str] = "Describe"
     _STRICT: ClassVar[bool] = False
+    view: ClassVar[Callable[..., Describe]]
 
 
 class Close(_Target):
@@ -595,6 +613,29 @@ class Close(_Target):
     TYPE: ClassVar[int] = Frontend.CLOSE
     _NAME: ClassVar[str] = "Close"
     _STRICT: ClassVar[bool] = True
+    view: ClassVar[Callable[..., Close]]
+
+
+class _DescribeView(Describe):
+    __slots__ = ()
+
+    def __init__(self, body: Buffer, codec: str | None = "utf-8") -> None:  # a view: see _View
+        self._raw = body  # as given: a Describe view is read at once
+        self._codec = codec
+        self._kind = self._name = None
+
+
+class _CloseView(Close):
+    __slots__ = ()
+
+    def __init__(self, body: Buffer, codec: str | None = "utf-8") -> None:  # a view: see _View
+        self._raw = body  # as given: a Close view is read at once
+        self._codec = codec
+        self._kind = self._name = None
+
+
+Describe.view = _DescribeView
+Close.view = _CloseView
 
 
 @dataclass(frozen=True, slots=True)

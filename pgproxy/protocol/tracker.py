@@ -222,7 +222,7 @@ class ExchangeTracker:
         self._ready_seq = 0  # the last request a ReadyForQuery answered (0: the startup)
         self._last_run_seq = -1  # the last request that ran a statement (note_run)
         # First in, first out: a hit costs one lookup (an LRU cache also reorders on every hit).
-        self._parse_cache: FIFOCache[bytes, Parse] = FIFOCache(_PARSE_CACHE_LIMIT)
+        self._parse_cache: FIFOCache[bytes, tuple[str, str, tuple[int, ...]]] = FIFOCache(_PARSE_CACHE_LIMIT)
         self._param_types: dict[str, tuple[int, ...]] = {}  # statement name -> declared parameter types
         # Parsed statements the server has not confirmed yet: a failed Parse must not rename anything.
         self._inflight: dict[str, str] = {}
@@ -283,8 +283,8 @@ class ExchangeTracker:
         if msg_type == _QUERY_MSG:
             return _query_view(body, self.codec).sql, None, None
         if msg_type == _PARSE_MSG:
-            parse = self._parse(bytes(body))
-            return parse.query, parse.name, None
+            name, query, _ = self._parse(bytes(body))
+            return query, name, None
         if msg_type == _BIND_MSG:
             raw = bytes(body)
             statement = _bind_view(raw, self.codec).statement
@@ -363,24 +363,25 @@ class ExchangeTracker:
     def _parse_request(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.PARSE):
             return
-        parse = self._parse(bytes(body))
-        name, query, types = parse.name, parse.query, parse.param_types
+        name, query, types = self._parse(bytes(body))
         self._inflight[name] = query
         self._described_statements.discard(name)
         if types or name in self._param_types:
             self._param_types[name] = types
         self._push(Pending(_PARSE, None, time.perf_counter(), sql=query, statement_name=name))
 
-    def _parse(self, raw: bytes) -> Parse:
-        """A Parse body decoded and checked (in the client's encoding); once per body."""
+    def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
+        """(statement name, query text, parameter type OIDs) of a Parse body, decoded and checked in the
+        client's encoding; once per body."""
         try:
             return self._parse_cache[raw]  # item access: the cache's get() costs twice as much
         except KeyError:
             pass
         parse = Parse.decode(raw, self.codec)
+        fields = (parse.name, parse.query, parse.param_types)
         if len(raw) <= _PARSE_CACHE_MAX_BODY:  # big one-off statements are not worth keeping
-            self._parse_cache[raw] = parse
-        return parse
+            self._parse_cache[raw] = fields
+        return fields
 
     def _sync(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.SYNC):

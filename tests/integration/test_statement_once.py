@@ -66,7 +66,7 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Every Query text the tracker decodes from the client's bytes from now on."""
     texts: list[str] = []
 
-    class Counting(Query):
+    class Counting(Query.view):  # type: ignore[misc]
         __slots__ = ()
 
         @property
@@ -74,7 +74,7 @@ def decoded(monkeypatch: pytest.MonkeyPatch) -> list[str]:
             texts.append(Query.sql.fget(self))  # type: ignore[attr-defined]
             return texts[-1]
 
-    monkeypatch.setattr(pgproxy.protocol.tracker, "_query_view", Counting.view)
+    monkeypatch.setattr(pgproxy.protocol.tracker, "_query_view", Counting)
     return texts
 
 
