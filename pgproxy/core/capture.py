@@ -118,11 +118,11 @@ def result_fields(r: StatementResult, bind: Bind | None, *, capturing: bool = Tr
     """
     out: dict[str, Any] = {}
     if bind is not None:
-        formats = bind.param_formats
+        formats, result_formats = bind.param_formats, bind.result_formats
         if formats:
             out["param_formats"] = list(param_formats(formats, len(bind.params)))
-        if bind.result_formats:
-            out["result_formats"] = list(bind.result_formats)
+        if result_formats:
+            out["result_formats"] = list(result_formats)
     if r.param_types and any(r.param_types):
         out["param_types"] = list(r.param_types)
     if not capturing:

@@ -391,15 +391,18 @@ class Bind(_View):
 
     @property
     def param_formats(self) -> tuple[int, ...]:
-        return self._read_values()[0]
+        values = self._values
+        return (values if values is not None else self._read_values())[0]
 
     @property
     def params(self) -> tuple[bytes | None, ...]:
-        return self._read_values()[1]
+        values = self._values
+        return (values if values is not None else self._read_values())[1]
 
     @property
     def result_formats(self) -> tuple[int, ...]:
-        return self._read_values()[2]
+        values = self._values
+        return (values if values is not None else self._read_values())[2]
 
     def _read_values(self) -> _BindValues:
         """Parameter formats, parameters and result formats: a straight path over well-formed bodies (the
