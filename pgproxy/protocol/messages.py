@@ -648,14 +648,6 @@ class Sync(_Empty):
     TYPE: ClassVar[int] = Frontend.SYNC
 
 
-
-
-
-
-
-
-
-
 @dataclass(frozen=True, slots=True)
 class FunctionCall:
     """Fast-path FunctionCall ('F'); ``args`` entries are raw values, ``None`` for NULL."""
@@ -980,10 +972,6 @@ class BackendKeyData:
         return cls(pid, key)
 
 
-
-
-
-
 class FieldDescription(NamedTuple):
     """One column of a RowDescription; ``table_oid`` and ``type_oid`` are unsigned 32-bit.
 
@@ -1138,8 +1126,6 @@ def tag_rows(tag: str) -> int | None:
     return None
 
 
-
-
 @dataclass(frozen=True, slots=True)
 class _FieldsResponse:
     """Shared body of ErrorResponse and NoticeResponse: ordered (code, value) fields."""
@@ -1259,28 +1245,6 @@ class NotificationResponse:
         payload = r.cstring(encoding)
         r.done()
         return cls(pid, channel, payload)
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 
 
 @dataclass(frozen=True, slots=True)
