@@ -361,12 +361,12 @@ class Bind(_View):
         self._names, self._values = (portal, statement, -1), (param_formats, params, result_formats)
 
     @classmethod
-    def lenient(cls, body: bytes | None, codec: str | None = "utf-8") -> Bind | None:
-        """A recorded Bind body as a view whose values decode; None when absent or malformed (the server
-        refused it too: nothing was bound)."""
+    def lenient(cls, body: bytes | None) -> Bind | None:
+        """A recorded Bind body as a view whose values decode (its names are read as UTF-8); None when
+        absent or malformed (the server refused it too: nothing was bound)."""
         if body is None:
             return None
-        bind = _BindView(body, codec)
+        bind = _BindView(body)
         try:
             bind._read_values()
         except ProtocolViolation:
