@@ -118,9 +118,9 @@ def result_fields(r: StatementResult, bind: Bind | None, *, capturing: bool = Tr
     """
     out: dict[str, Any] = {}
     if bind is not None:
-        formats, result_formats = bind.param_formats, bind.result_formats
+        formats, params, result_formats = bind.values
         if formats:
-            out["param_formats"] = list(param_formats(formats, len(bind.params)))
+            out["param_formats"] = list(param_formats(formats, len(params)))
         if result_formats:
             out["result_formats"] = list(result_formats)
     if r.param_types and any(r.param_types):

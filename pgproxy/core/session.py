@@ -908,11 +908,12 @@ class SessionCore:
         if self.masking is not None:
             self.masking.annotate(event, r)
         bind = Bind.lenient(r.bind_body)
-        if bind is not None and bind.params:
-            params = bind.params
-            codec = self.tracker.server_codec
-            event["params"] = [audit_value(value, fmt, codec) for value, fmt in
-                               zip(params, param_formats(bind.param_formats, len(params)), strict=True)]
+        if bind is not None:
+            formats, params, _ = bind.values
+            if params:
+                codec = self.tracker.server_codec
+                event["params"] = [audit_value(value, fmt, codec) for value, fmt in
+                                   zip(params, param_formats(formats, len(params)), strict=True)]
         if r.statement_name:
             event["statement_name"] = r.statement_name
         if r.error is not None:

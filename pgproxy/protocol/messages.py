@@ -404,6 +404,12 @@ class Bind(_View):
         values = self._values
         return (values if values is not None else self._read_values())[2]
 
+    @property
+    def values(self) -> tuple[tuple[int, ...], tuple[bytes | None, ...], tuple[int, ...]]:
+        """(param_formats, params, result_formats) at once: the audit reads all three per statement."""
+        values = self._values
+        return values if values is not None else self._read_values()
+
     def _read_values(self) -> _BindValues:
         """Parameter formats, parameters and result formats: a straight path over well-formed bodies (the
         names need not decode); anything unusual is re-read by the bounds-checked ``Reader`` for the
@@ -412,7 +418,10 @@ class Bind(_View):
         if values is not None:
             return values
         raw: bytes = self._raw  # type: ignore[assignment]
-        start = _string_end(raw, _string_end(raw, 0, "Bind") + 1, "Bind") + 1
+        first = raw.find(0)
+        start = raw.find(0, first + 1) + 1 if first >= 0 else 0
+        if not start:
+            _string_end(raw, first + 1 if first >= 0 else 0, "Bind")  # raises
         try:
             values = _bind_values(raw, start)
         except struct.error:

@@ -386,6 +386,7 @@ def test_a_bind_view_decodes_each_section_once() -> None:
     assert bind.params is bind.params
     assert bind.portal is bind.portal
     assert (bind.param_formats, bind.result_formats, bind.param_format(1)) == ((0, 1), (1,), 1)
+    assert bind.values == ((0, 1), (b"x", None), (1,))
     lenient = m.Bind.lenient(wire[5:])
     assert lenient is not None and lenient == m.Bind("p", "s", (0, 1), (b"x", None), (1,))
     assert bind.encode() == wire  # a view encodes to its bytes as sent
