@@ -442,6 +442,9 @@ class Analysis:
 
     shape: str | None  # ``statement_shape``: the key of analyses that hold for new literals
     classification: Classification
+    # The classification holds for every text of ``shape`` (read from its template, or made one): what
+    # depends on the classification alone (a policy decision) may be cached by the shape.
+    shaped: bool = False
 
 
 CACHED = 4096  # analyses by text, and classifications by shape
@@ -470,12 +473,13 @@ def analyse(sql: str, tree: Callable[[], Tree] | None = None) -> Analysis:
     shape = statement_shape(sql)
     template = _by_shape.get(shape) if shape is not None else None
     if isinstance(template, _Template):
-        classification = template.bind(sql)
+        classification, shaped = template.bind(sql), True
     else:
         classification, made = _classify_tree(sql, tree() if tree is not None else parse(sql))
+        shaped = shape is not None and template is None and made is not None
         if shape is not None and template is None:
             _by_shape[shape] = made if made is not None else _READS_CONSTANTS
-    found = _by_text[sql] = Analysis(shape, classification)
+    found = _by_text[sql] = Analysis(shape, classification, shaped)
     return found
 
 
