@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from ..core.plugins import Hold, Refuse, SessionContext, Verdict
 from ..core.reading import unparsed_error
 from ..core.statement import SqlSyntaxError, Statement
+from ..fifo import FifoDict
 from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
@@ -169,9 +170,8 @@ class PolicyGate:
                     return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
                 decision = self.policy.decide(identity, classification, session.database, session.db_role)
                 if shape is not None:
-                    _keep(decisions.by_shape, shape, decision)
-            cached = (decision, classification)
-            _keep(decisions.by_text, sql, cached)
+                    decisions.by_shape.keep(shape, decision)
+            cached = decisions.by_text.keep(sql, (decision, classification))
         decision, classification = cached
         action = decision.action
         self.metrics.statement(classification.classes, action)
@@ -346,15 +346,8 @@ class _Decisions:
     __slots__ = ("by_shape", "by_text")
 
     def __init__(self) -> None:
-        self.by_text: dict[str, tuple[Decision, Classification]] = {}
-        self.by_shape: dict[str, Decision] = {}
-
-
-def _keep(cache: dict[str, Any], key: str, value: Any) -> None:
-    """Store ``value``, forgetting the oldest entry beyond MAX_CACHED_DECISIONS (first in, first out)."""
-    if len(cache) >= MAX_CACHED_DECISIONS:
-        del cache[next(iter(cache))]
-    cache[key] = value
+        self.by_text: FifoDict[str, tuple[Decision, Classification]] = FifoDict(MAX_CACHED_DECISIONS)
+        self.by_shape: FifoDict[str, Decision] = FifoDict(MAX_CACHED_DECISIONS)
 
 
 def _emit(session: Session, event: dict[str, Any]) -> None:
