@@ -4,7 +4,8 @@ Producers (sessions, the policy gate, approval stores, the HTTP proxy) build an 
 ``event`` is one of ``EventKind``; ``AuditEmitter.emit`` then, for every kind and every sink:
 
 - stamps ``ts`` (the time the event was recorded);
-- redacts secrets in every string the event holds (``redact.redact_event``), so an
+- redacts secrets in every string the event holds (``redact.redact_event``, once a keyword check over
+  its encoding found one), so an
   ``ALTER ROLE ... PASSWORD '...'`` is never stored, whether it reaches the log as a ``statement``,
   a ``policy_decision`` or an ``approval_requested``;
 - numbers the records of each session (``session_seq``, from 0) and gives the session's terminal
@@ -27,7 +28,7 @@ from typing import Any
 import orjson
 
 from .logformat import canonical
-from .redact import redact_event
+from .redact import may_hold_secret_encoded, redact_event
 from .sink import AuditSink, AuditUnavailable
 
 
@@ -100,13 +101,18 @@ class AuditEmitter:
                 counts[session] = n + 1  # re-inserted: the dict is ordered by last activity
                 if len(counts) > MAX_OPEN_SESSIONS:  # HTTP callers' sessions never end: forget the stalest
                     del counts[next(iter(counts))]
-        redact_event(event)
         encoded = b""
         if self._emit_encoded is not None:
             try:
                 encoded = canonical(event)
+                # Most events hold no secret: one keyword check over the encoding spares redacting each string.
+                if may_hold_secret_encoded(encoded):
+                    redact_event(event)
+                    encoded = canonical(event)
             except (TypeError, orjson.JSONEncodeError) as exc:
                 raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
+        else:
+            redact_event(event)
         try:
             if self._emit_encoded is not None:
                 self._emit_encoded(event, encoded)

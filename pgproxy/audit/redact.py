@@ -2,7 +2,8 @@
 
 Applied by the audit emitter (``events.AuditEmitter``) to every string of every event, in every sink,
 before it is stored. One combined pre-check keeps the common case (no secret) to a few substring tests
-(ASCII text) or a single regex search (any other text).
+(ASCII text) or a single regex search (any other text); the emitter runs it once over the encoded event
+(``may_hold_secret_encoded``) and redacts string by string only when it finds a keyword.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ def may_hold_secret(text: str) -> bool:
     if text.isascii():
         return any(map(text.lower().__contains__, _KEYWORDS))  # all in C: no generator
     return _PRECHECK.search(text) is not None
+
+
+def may_hold_secret_encoded(encoded: bytes) -> bool:
+    """Whether a JSON-encoded event (UTF-8) holds a detector's keyword anywhere: False means no string in it
+    holds a secret, so redacting it would change nothing. JSON escapes only quotes, backslashes and control
+    characters, none of them in a keyword, so a keyword in any string of the event is in its encoding too.
+    (Decoded first: substring tests of ``str`` are faster than of ``bytes``.)"""
+    return may_hold_secret(encoded.decode("utf-8", "surrogateescape"))
 
 
 def redact_text(text: str) -> str:
@@ -84,8 +93,6 @@ def redact_value(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: redact_value(v) for k, v in value.items()}
     return value
-
-
 
 
 def redact_event(event: dict[str, Any]) -> dict[str, Any]:

@@ -118,6 +118,18 @@ class Statement:
             memo[analysis] = value
         return value
 
+    def remember(self, key: Callable[[Statement], T], value: T) -> None:
+        """Keep ``value`` for ``recall(key)``: a result a consumer computed with more than the statement."""
+        if self._memo is None:
+            self._memo = {key: value}
+        else:
+            self._memo[key] = value
+
+    def recall(self, key: Callable[[Statement], T]) -> T | None:
+        """What ``derive(key)`` or ``remember(key, ...)`` kept, None when nothing is kept."""
+        memo = self._memo
+        return memo.get(key) if memo is not None else None
+
     def _parse(self) -> Tree | SqlSyntaxError:
         if self.msg_type == _FUNCTION:
             raise ValueError("a fast-path function call has no SQL text to parse")

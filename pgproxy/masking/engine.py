@@ -26,6 +26,7 @@ from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..core.plugins import Hold, Refuse, Rewrite, SessionContext, Verdict
 from ..core.reading import unparsed_error
 from ..core.statement import SqlSyntaxError, Statement
+from ..fifo import FifoDict
 from ..policy.classify import analyse_statement, analysed, classify_statement
 from ..policy.shape import statement_shape
 from ..protocol import errors
@@ -75,8 +76,8 @@ class Masking:
         self._schemas: LRUCache[tuple[int, tuple[str, ...]], MaskedSchema] = LRUCache(maxsize=SCHEMA_CACHE_SIZE)
         # (catalog version, rule set, statement text) -> a plan that rewrites, or of a text without a shape;
         # (catalog version, rule set, shape) -> a plan that sends the text unchanged (or refuses it)
-        self._rewrites: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
-        self._by_shape: LRUCache[tuple[int, tuple[str, ...], str], Rewritten] = LRUCache(maxsize=REWRITE_CACHE_SIZE)
+        self._rewrites: FifoDict[tuple[int, tuple[str, ...], str], Rewritten] = FifoDict(REWRITE_CACHE_SIZE)
+        self._by_shape: FifoDict[tuple[int, tuple[str, ...], str], Rewritten] = FifoDict(REWRITE_CACHE_SIZE)
         self._attached: weakref.WeakKeyDictionary[Session, SessionMasking] = weakref.WeakKeyDictionary()
 
     async def aclose(self) -> None:
@@ -142,9 +143,9 @@ class Masking:
         result = rewrite_tree(statement.take_tree(), schema)
         if shape is not None and result.sql is None:
             # A text with a shape parses, so this is never the pass given to a text the parser cannot read.
-            self._by_shape[(version, rules_key, shape)] = result
+            self._by_shape.keep((version, rules_key, shape), result)
         else:
-            self._rewrites[(version, rules_key, sql)] = result
+            self._rewrites.keep((version, rules_key, sql), result)
         return result
 
     def cached(self, catalog_version: int, rules_key: tuple[str, ...], sql: str) -> Rewritten | None:
@@ -191,9 +192,28 @@ class SessionMasking:
     def current_schema(self) -> MaskedSchema | None:
         """The masked schema for the current catalog (the last known one while a reload is pending)."""
         catalog = self.engine.catalogs.current(self.session.database, self._connect)
-        if catalog is not None and (self._schema is None or self._schema.catalog is not catalog):
-            self._schema = self.engine.schema_for(catalog, self.rules)
-        return self._schema
+        return self._schema_for(catalog) if catalog is not None else self._schema
+
+    def _schema_for(self, catalog: CatalogSnapshot) -> MaskedSchema:
+        schema = self._schema
+        if schema is None or schema.catalog is not catalog:
+            schema = self._schema = self.engine.schema_for(catalog, self.rules)
+        return schema
+
+    def _plan(self, result: StatementResult) -> Rewritten | None:
+        """The plan the gate used for a result's statement (kept on it), else the cached one for its text."""
+        request = result.statement
+        if isinstance(request, Statement):
+            used = request.recall(_plan_used)
+            if used is not None:
+                return used
+        schema = self._schema
+        if schema is None:
+            return None
+        # The text the gate rewrote: as the server reads it (the Statement the gate saw), else as sent.
+        sql = (request.server_text() if isinstance(request, Statement) and request.reading_error is None
+               else result.sql)
+        return self.engine.cached(schema.catalog.version, self.rules_key, sql)
 
     async def _load(self) -> MaskedSchema:
         catalog = await self.engine.catalogs.get(self.session.database, self._connect)
@@ -218,13 +238,17 @@ class SessionMasking:
         tracker = self.session.tracker
         head = tracker.queue[0] if tracker.queue else None
         schema = self._schema
-        if head is not None and head.kind in (Kind.QUERY, Kind.EXECUTE) and head.result is not None:
-            sql: str | None = head.result.sql
-        else:  # a prepared statement's Describe: its executions will not describe their rows again
-            sql = self._statement_sql.get(tracker.last_described) if tracker.last_described is not None else None
-        if sql is None or schema is None:
+        if schema is None:
             return
-        rewritten = self.engine.cached(schema.catalog.version, self.rules_key, sql)
+        if head is not None and head.kind in (Kind.QUERY, Kind.EXECUTE) and head.result is not None:
+            sql = head.result.sql
+            rewritten = self._plan(head.result)
+        else:  # a prepared statement's Describe: its executions will not describe their rows again
+            described = self._statement_sql.get(tracker.last_described) if tracker.last_described is not None else None
+            if described is None:
+                return
+            sql = described
+            rewritten = self.engine.cached(schema.catalog.version, self.rules_key, sql)
         if rewritten is None or rewritten.sql is None or not rewritten.relations:
             return
         names = {name for qualified in rewritten.relations
@@ -241,14 +265,7 @@ class SessionMasking:
         rows = event.get("rows")
         if masked_columns and isinstance(rows, int) and rows > 0 and self._on_masked is not None:
             self._on_masked(masked_columns * rows)  # values the rewrite masked, as sent to the client
-        schema = self._schema
-        if schema is None:
-            return
-        statement = result.statement
-        # The text the gate rewrote: as the server reads it (the Statement the gate saw), else as sent.
-        sql = (statement.server_text() if isinstance(statement, Statement) and statement.reading_error is None
-               else result.sql)
-        rewritten = self.engine.cached(schema.catalog.version, self.rules_key, sql)
+        rewritten = self._plan(result)
         if rewritten is None:
             return
         if rewritten.relations:
@@ -276,10 +293,10 @@ class SessionMasking:
                 self.ddl_pending = True
         except SqlSyntaxError as exc:  # what the proxy cannot read, it cannot prove safe
             return Refuse(unparsed_error(exc, "masking rules apply to this session"))
-        schema = self.current_schema()
-        if schema is None or self.engine.catalogs.current(self.session.database) is None:
+        catalog = self.engine.catalogs.current(self.session.database, self._connect)
+        if catalog is None:
             return Hold(self._decide_later(request))  # no catalog yet, or DDL invalidated it
-        return self._verdict(schema, request, time.monotonic())
+        return self._verdict(self._schema_for(catalog), request, time.monotonic())
 
     async def _decide_later(self, statement: Statement, since: float | None = None) -> Refuse | Rewrite | None:
         """The verdict once the catalog is read (``since``: read entirely after that moment)."""
@@ -319,6 +336,7 @@ class SessionMasking:
         """Refuse, rewrite or pass ``statement``; a name the snapshot does not know (an object created
         upstream since it was read) first makes the catalog be read again, once per statement (``arrived``)."""
         result = self.engine.rewrite(schema, self.rules_key, statement)
+        statement.remember(_plan_used, result)  # for the row description and the audit event
         if arrived is not None:
             if result.unknown:
                 return Hold(self._decide_later(statement, arrived))
@@ -329,6 +347,11 @@ class SessionMasking:
         if result.sql is None:
             return None
         return Rewrite(result.sql)
+
+
+def _plan_used(statement: Statement) -> Rewritten:
+    """The key of the plan ``_verdict`` kept on a statement (never computed: ``Statement.remember`` sets it)."""
+    raise LookupError("the masking plan of a statement is kept, not derived")
 
 
 def _masked_names(schema: MaskedSchema, qualified: str) -> frozenset[str]:

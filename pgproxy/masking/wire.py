@@ -22,6 +22,7 @@ from cachetools import LRUCache, cached
 from pglast import ast
 
 from ..core.statement import SqlSyntaxError, parse
+from ..fifo import FifoDict
 from ..protocol.codec import frame
 from ..protocol.messages import NotificationResponse, RowDescription, row_values, values_body
 from ..protocol.tracker import ExchangeTracker, Kind
@@ -40,6 +41,7 @@ _VALUE_DETAILS = (
 )
 # A plan: per column index, the mask and whether the values come in text format (None: unknown).
 Plan = tuple[tuple[int, Mask, bool], ...]
+DESCRIPTIONS_KEPT = 32  # per session: the plans of the row descriptions it saw last
 
 
 _ROW_STATEMENTS = (ast.SelectStmt, ast.VariableShowStmt, ast.FetchStmt, ast.ExplainStmt, ast.ExecuteStmt,
@@ -100,6 +102,9 @@ class WireMasker:
         self.channels = channels
         self.on_masked = on_masked
         self._plans: dict[str, Plan] = {}  # statement name -> plan from its Describe
+        # RowDescription body -> its plan under ``_described_wire`` (a statement's repeats describe the same rows)
+        self._by_description: FifoDict[bytes, Plan] = FifoDict(DESCRIPTIONS_KEPT)
+        self._described_wire: Mapping[tuple[int, int], Mask] | None = None
         self._result: object = None
         self._plan: Plan = ()
 
@@ -115,9 +120,16 @@ class WireMasker:
         wire = self._wire_masks()
         if not wire:
             return
-        description = RowDescription.decode(body, self.tracker.server_codec)
-        plan = tuple((i, wire[(f.table_oid, f.column_number)], f.format_code == 0)
-                     for i, f in enumerate(description.fields) if (f.table_oid, f.column_number) in wire)
+        if wire is not self._described_wire:  # another catalog: its masks apply from now on
+            self._by_description.clear()
+            self._described_wire = wire
+        raw = bytes(body)
+        plan = self._by_description.get(raw)
+        if plan is None:
+            description = RowDescription.decode(raw, self.tracker.server_codec)
+            plan = self._by_description.keep(raw, tuple(
+                (i, wire[(f.table_oid, f.column_number)], f.format_code == 0)
+                for i, f in enumerate(description.fields) if (f.table_oid, f.column_number) in wire))
         if plan and self._hook_rows is not None:
             self._hook_rows()
             self._hook_rows = None

@@ -49,12 +49,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import LRUCache
 from pglast import ast
 from pglast.enums.parsenodes import VariableSetKind
 
 from ..core.statement import SqlSyntaxError as SqlSyntaxError  # what classify() raises, importable from here
 from ..core.statement import Statement, Tree, parse
+from ..fifo import FifoDict
 from .shape import statement_shape
 
 CLASSES = frozenset({
@@ -442,12 +442,15 @@ class Analysis:
 
     shape: str | None  # ``statement_shape``: the key of analyses that hold for new literals
     classification: Classification
+    # The classification holds for every text of ``shape`` (read from its template, or made one): what
+    # depends on the classification alone (a policy decision) may be cached by the shape.
+    shaped: bool = False
 
 
 CACHED = 4096  # analyses by text, and classifications by shape
 _READS_CONSTANTS = False  # cached by shape: this shape's classification depends on its constants
-_by_text: LRUCache[str, Analysis] = LRUCache(maxsize=CACHED)
-_by_shape: LRUCache[str, _Template | bool] = LRUCache(maxsize=CACHED)
+_by_text: FifoDict[str, Analysis] = FifoDict(CACHED)
+_by_shape: FifoDict[str, _Template | bool] = FifoDict(CACHED)
 
 
 def classify(sql: str) -> Classification:
@@ -470,13 +473,13 @@ def analyse(sql: str, tree: Callable[[], Tree] | None = None) -> Analysis:
     shape = statement_shape(sql)
     template = _by_shape.get(shape) if shape is not None else None
     if isinstance(template, _Template):
-        classification = template.bind(sql)
+        classification, shaped = template.bind(sql), True
     else:
         classification, made = _classify_tree(sql, tree() if tree is not None else parse(sql))
+        shaped = shape is not None and template is None and made is not None
         if shape is not None and template is None:
-            _by_shape[shape] = made if made is not None else _READS_CONSTANTS
-    found = _by_text[sql] = Analysis(shape, classification)
-    return found
+            _by_shape.keep(shape, made if made is not None else _READS_CONSTANTS)
+    return _by_text.keep(sql, Analysis(shape, classification, shaped))
 
 
 def analysed(sql: str) -> Analysis | None:

@@ -26,10 +26,12 @@ Decisions: allow lets the request through; deny refuses it with 42501 "pgproxy p
 A store that cannot be reached refuses the statement with 57P03 (fail closed: nothing that needs an
 approval runs without one).
 
-Cost: classification is cached by SQL text (``classify``), decisions per session by SQL text, so a
-repeated or prepared statement costs two dict lookups. Every deny/approve decision is written to the
-audit log as a ``policy_decision`` event; allows only when ``audit_allowed`` (the ``statement`` event
-records what ran anyway).
+Cost: classification is cached by SQL text and by shape (``classify.analyse``); decisions per session by
+SQL text, and by shape when the classification holds for every text of the shape (a decision depends on
+the classification, the caller, the database and the role only), so a repeated or prepared statement
+costs a dict lookup and a statement with new literals no policy evaluation. Every deny/approve decision is
+written to the audit log as a ``policy_decision`` event; allows only when ``audit_allowed`` (the
+``statement`` event records what ran anyway).
 """
 
 from __future__ import annotations
@@ -40,11 +42,10 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from cachetools import LRUCache
-
 from ..core.plugins import Hold, Refuse, SessionContext, Verdict
 from ..core.reading import unparsed_error
 from ..core.statement import SqlSyntaxError, Statement
+from ..fifo import FifoDict
 from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
@@ -53,7 +54,7 @@ from ..upstream_login import upstream_dsn
 from .approval_factory import new_request
 from .approval_impact import estimate_impact
 from .approvals import ApprovalRequest, ApprovalStore
-from .classify import Classification, StatementInfo, classify_statement
+from .classify import Classification, StatementInfo, analyse_statement, classify_statement
 from .rules import ApprovalRequirement, Decision, Policy
 
 if TYPE_CHECKING:
@@ -100,9 +101,8 @@ class PolicyGate:
         self.metrics = metrics if metrics is not None else ProxyMetrics()  # statements by class and decision
         self.store = store
         self.audit_allowed = audit_allowed
-        # Per session (dropped with it), by statement text: a repeated statement is judged once.
-        self._decisions: weakref.WeakKeyDictionary[Session, LRUCache[str, tuple[Decision, Classification]]] = \
-            weakref.WeakKeyDictionary()
+        # Per session (dropped with it), by statement text and by shape: a repeated statement is judged once.
+        self._decisions: weakref.WeakKeyDictionary[Session, _Decisions] = weakref.WeakKeyDictionary()
         self._background: set[asyncio.Future[None]] = set()
 
     def use_policy(self, policy: Policy, *, audit_allowed: bool) -> None:
@@ -143,28 +143,35 @@ class PolicyGate:
         return Refuse(unparsed_error(exc, f"policy rule {decision.rule} may apply to it"))
 
     def _judge(self, session: Session, request: Statement) -> Verdict:
-        cache = self._decisions.get(session)
-        if cache is None:
-            cache = self._decisions[session] = LRUCache(MAX_CACHED_DECISIONS)
+        decisions = self._decisions.get(session)
+        if decisions is None:
+            decisions = self._decisions[session] = _Decisions()
         try:
             sql = request.server_text()
         except SqlSyntaxError as exc:
             return self._unparsed(session, request, exc)
-        try:
-            cached: tuple[Decision, Classification] | None = cache[sql]
-        except KeyError:
-            cached = None
+        cached = decisions.by_text.get(sql)
         if cached is None:
-            try:
-                classification = (function_call_classification(sql) if request.msg_type == _KIND_FUNCTION
-                                  else classify_statement(request))
-            except SqlSyntaxError as exc:
-                return self._unparsed(session, request, exc)
-            identity = session.identity
-            if identity is None:  # cannot happen after login; fail closed
-                return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
-            decision = self.policy.decide(identity, classification, session.database, session.db_role)
-            cached = cache[sql] = (decision, classification)
+            shape: str | None = None
+            if request.msg_type == _KIND_FUNCTION:
+                classification = function_call_classification(sql)
+            else:
+                try:
+                    analysis = analyse_statement(request)
+                except SqlSyntaxError as exc:
+                    return self._unparsed(session, request, exc)
+                classification = analysis.classification
+                if analysis.shaped:
+                    shape = analysis.shape
+            decision = decisions.by_shape.get(shape) if shape is not None else None
+            if decision is None:
+                identity = session.identity
+                if identity is None:  # cannot happen after login; fail closed
+                    return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
+                decision = self.policy.decide(identity, classification, session.database, session.db_role)
+                if shape is not None:
+                    decisions.by_shape.keep(shape, decision)
+            cached = decisions.by_text.keep(sql, (decision, classification))
         decision, classification = cached
         action = decision.action
         self.metrics.statement(classification.classes, action)
@@ -331,6 +338,16 @@ class PolicyGate:
                         "status": request.status,
                         "decisions": [{"approver": d.approver, "approve": d.approve, "reason": d.reason, "at": d.at}
                                       for d in request.decisions]})
+
+
+class _Decisions:
+    """One session's decisions: by statement text (with its classification), and by shape."""
+
+    __slots__ = ("by_shape", "by_text")
+
+    def __init__(self) -> None:
+        self.by_text: FifoDict[str, tuple[Decision, Classification]] = FifoDict(MAX_CACHED_DECISIONS)
+        self.by_shape: FifoDict[str, Decision] = FifoDict(MAX_CACHED_DECISIONS)
 
 
 def _emit(session: Session, event: dict[str, Any]) -> None:

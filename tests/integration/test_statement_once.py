@@ -109,3 +109,25 @@ def test_a_prepared_statement_is_parsed_once_across_parse_bind_and_execute(stack
     assert len(statements) == 3 and {e["protocol"] for e in statements} == {"extended"}
     assert all(e["masked_relations"] == ["monce.people"] for e in statements)
     assert [t for t in parsed if marker in t] == [sql.replace("%s", "$1")]
+
+
+def test_the_masking_plan_is_looked_up_once_and_kept_on_the_statement(stacked: ProxyUnderTest,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row description and the audit event read the plan the gate used, not the plan caches again."""
+    import pgproxy.masking.engine as engine
+
+    looked_up: list[str] = []
+    real = engine.Masking.cached
+
+    def counting(self: Any, version: int, rules_key: tuple[str, ...], sql: str) -> Any:
+        looked_up.append(sql)
+        return real(self, version, rules_key, sql)
+
+    monkeypatch.setattr(engine.Masking, "cached", counting)
+    marker = f"once_{secrets.token_hex(6)}"
+    sql = f"SELECT id, email FROM monce.people WHERE name <> '{marker}'"
+    with psycopg.connect(**stacked.conninfo(), cursor_factory=psycopg.ClientCursor) as conn:
+        assert conn.execute(sql).fetchone() == (1, "****@example.com")
+    [statement] = _events(stacked, marker, "statement")
+    assert statement["masked_relations"] == ["monce.people"]
+    assert [t for t in looked_up if marker in t] == []

@@ -156,3 +156,31 @@ def test_masks_flow_to_children_and_parents() -> None:
     from pgproxy.masking.rules import NOBODY, Audience, ColumnRule
     schema = resolve(catalog, [ColumnRule("s", "child", "email", build_mask("email"), Audience(), NOBODY, "r")], KEY)
     assert {oid for oid, m in schema.relations.items() if "email" in m.masks} == {1, 2, 3}
+
+
+def test_the_wire_backstop_reads_a_row_description_again_under_a_new_catalog() -> None:
+    """Plans are kept per RowDescription body, and only for the catalog (wire masks) they were made for."""
+    from types import SimpleNamespace
+
+    from pgproxy.masking.masks import build_mask
+    from pgproxy.masking.wire import WireMasker
+    from pgproxy.protocol.messages import FieldDescription, RowDescription
+    from pgproxy.protocol.tracker import Kind
+
+    email = build_mask("email")
+    body = memoryview(RowDescription((FieldDescription("id", 7, 1, 23, 4, -1, 0),
+                                      FieldDescription("email", 7, 2, 25, -1, -1, 0))).encode()[5:])
+    result = SimpleNamespace(statement_name=None)
+    tracker = SimpleNamespace(queue=[SimpleNamespace(kind=Kind.QUERY, result=result)], server_codec="utf-8",
+                              last_described=None)
+    schema = SimpleNamespace(wire={})
+    hooked: list[bool] = []
+    masker = WireMasker(tracker, lambda: schema, frozenset(), lambda: hooked.append(True))  # type: ignore[arg-type]
+    masker.on_row_description(body)
+    assert masker._plan == () and not hooked
+    schema = SimpleNamespace(wire={(7, 2): email})  # the catalog was read again: email is now masked
+    masker.on_row_description(body)
+    assert masker._plan == ((1, email, True),) and hooked == [True]
+    schema = SimpleNamespace(wire={(7, 1): email})
+    masker.on_row_description(body)
+    assert masker._plan == ((0, email, True),)

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from pgproxy.audit.events import TERMINAL_KINDS, AuditEmitter, EventKind, event_kind
+from pgproxy.audit.logformat import canonical
 from pgproxy.audit.merkle import (
     CompactTree,
     TreeView,
@@ -21,7 +22,7 @@ from pgproxy.audit.merkle import (
     verify_consistency,
     verify_inclusion,
 )
-from pgproxy.audit.redact import _PRECHECK, may_hold_secret, redact_event, redact_text
+from pgproxy.audit.redact import _PRECHECK, may_hold_secret, may_hold_secret_encoded, redact_event, redact_text
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.config import ConfigError, parse_config
 
@@ -204,3 +205,35 @@ def test_nested_fields_named_like_generated_ones_are_redacted_too() -> None:
                                                            "tags": ["AKIAABCDEFGHIJKLMNOP"]}}}})
     assert sink.events[0]["request"]["body"]["json"] == {"session": "Bearer [redacted:bearer_token]",
                                                          "tags": ["[redacted:aws_access_key]"]}
+
+
+@pytest.mark.parametrize("secret", ["ALTER ROLE x PASSWORD 'hunter2hunter2'", "AKIAABCDEFGHIJKLMNOP",
+                                    "Authorization: Bearer abcdefghijklmnopqrstuvwx",
+                                    "alter role x pa\u017f\u017fword 'hunter2hunter2' -- \u00e9t\u00e9"])
+def test_an_encoding_sink_stores_every_string_redacted(secret: str, tmp_path: Path) -> None:
+    """The emitter checks the encoded event once for keywords; a secret anywhere (nested rows, non-ASCII
+    letters that read as ASCII ones) still sends it through every detector before the bytes are stored."""
+    import orjson
+
+    from pgproxy.audit.sink import JsonLinesAuditSink
+
+    sink = JsonLinesAuditSink(tmp_path / "audit.jsonl")
+    emitter = AuditEmitter(sink)
+    emitter.emit({"event": "statement", "session": "s", "sql": "select v from t where id = 1",
+                  "result": {"columns": ["v"], "rows": [["ordinary"], [secret]]}})
+    emitter.emit({"event": "statement", "session": "s", "sql": "select 1", "params": ["caf\u00e9", 1]})
+    sink.close()
+    first, second = (orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_bytes().splitlines())
+    assert first["result"]["rows"][0] == ["ordinary"]
+    assert first["result"]["rows"][1] == [redact_text(secret)] and "[redacted:" in first["result"]["rows"][1][0]
+    assert second["params"] == ["caf\u00e9", 1] and second["sql"] == "select 1"
+
+
+@given(st.dictionaries(st.sampled_from(["sql", "params", "result", "error", "x"]),
+                       st.text(max_size=60) | st.lists(st.text(alphabet=st.sampled_from(
+                           "pasSwordPrivATe KEYjJbBcCiI_'1-\u017f\u0131\"\\\n"), max_size=60), max_size=3)))
+def test_the_encoded_precheck_never_misses_what_redaction_changes(fields: dict[str, Any]) -> None:
+    event = {"event": "statement", **fields}
+    encoded = canonical(event)
+    if canonical(redact_event(dict(event))) != encoded:
+        assert may_hold_secret_encoded(encoded)

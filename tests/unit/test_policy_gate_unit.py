@@ -135,4 +135,29 @@ def test_store_unavailable_fails_closed() -> None:
 def test_decisions_are_cached_per_session() -> None:
     gate, s = PolicyGate(POLICY), session()
     assert gate.inspect(s, Statement(0x51, "select 1")) is None
-    assert "select 1" in gate._decisions[s]
+    assert "select 1" in gate._decisions[s].by_text
+
+
+def test_a_statement_with_new_literals_reuses_the_decision_of_its_shape() -> None:
+    """The policy is evaluated once per shape whose classification holds for every text of it; a shape
+    whose classification reads its constants (destructive detection: WHERE true) is judged text by text."""
+    calls: list[str] = []
+
+    class Counting:
+        def decide(self, identity: Any, classification: Any, database: str, role: str) -> Any:
+            calls.append(classification.statements[0].sql)
+            return POLICY.decide(identity, classification, database, role)
+
+    gate, s = PolicyGate(POLICY, MemoryStore()), session()
+    gate.policy = Counting()  # type: ignore[assignment]
+    for n in range(3):
+        assert gate.inspect(s, Statement(0x51, f"select * from t where id = {n}")) is None
+    assert calls == ["select * from t where id = 0"]
+    assert gate.inspect(s, Statement(0x51, "delete from t where id = 1")) is None
+    verdict = gate.inspect(s, Statement(0x51, "delete from t where true"))
+    assert isinstance(verdict, Hold)  # destructive: the approve rule, not the decision for id = 1
+    verdict.decision.close()  # type: ignore[attr-defined]
+    verdict = gate.inspect(s, Statement(0x51, "delete from t where 1 = 1"))
+    assert isinstance(verdict, Hold)
+    verdict.decision.close()  # type: ignore[attr-defined]
+    assert calls[-2:] == ["delete from t where true", "delete from t where 1 = 1"]

@@ -73,3 +73,14 @@ def test_classification_reads_the_statements_parse(parsed: list[str]) -> None:
     assert "destructive" in classify_statement(statement).classes
     assert classify_statement(statement) is classify_statement(Statement(0x51, "delete from unit_once_e"))
     assert parsed == ["delete from unit_once_e"]
+
+
+def test_a_kept_result_is_recalled_and_overwritten_by_a_later_one() -> None:
+    def key(statement: Statement) -> int:
+        raise AssertionError("kept, never derived")
+
+    statement = Statement(0x51, "select 1")
+    assert statement.recall(key) is None
+    statement.remember(key, 1)
+    statement.remember(key, 2)  # e.g. a plan made again once the catalog was read again
+    assert statement.recall(key) == 2 and statement.derive(key) == 2
