@@ -20,13 +20,12 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from cachetools import LRUCache
+from cachetools import FIFOCache, LRUCache
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..core.plugins import Hold, Refuse, Rewrite, SessionContext, Verdict
 from ..core.reading import unparsed_error
 from ..core.statement import SqlSyntaxError, Statement
-from ..fifo import FifoDict
 from ..policy.classify import analyse_statement, analysed, classify_statement
 from ..policy.shape import statement_shape
 from ..protocol import errors
@@ -76,8 +75,8 @@ class Masking:
         self._schemas: LRUCache[tuple[int, tuple[str, ...]], MaskedSchema] = LRUCache(maxsize=SCHEMA_CACHE_SIZE)
         # (catalog version, rule set, statement text) -> a plan that rewrites, or of a text without a shape;
         # (catalog version, rule set, shape) -> a plan that sends the text unchanged (or refuses it)
-        self._rewrites: FifoDict[tuple[int, tuple[str, ...], str], Rewritten] = FifoDict(REWRITE_CACHE_SIZE)
-        self._by_shape: FifoDict[tuple[int, tuple[str, ...], str], Rewritten] = FifoDict(REWRITE_CACHE_SIZE)
+        self._rewrites: FIFOCache[tuple[int, tuple[str, ...], str], Rewritten] = FIFOCache(REWRITE_CACHE_SIZE)
+        self._by_shape: FIFOCache[tuple[int, tuple[str, ...], str], Rewritten] = FIFOCache(REWRITE_CACHE_SIZE)
         self._attached: weakref.WeakKeyDictionary[Session, SessionMasking] = weakref.WeakKeyDictionary()
 
     async def aclose(self) -> None:
@@ -143,9 +142,9 @@ class Masking:
         result = rewrite_tree(statement.take_tree(), schema)
         if shape is not None and result.sql is None:
             # A text with a shape parses, so this is never the pass given to a text the parser cannot read.
-            self._by_shape.keep((version, rules_key, shape), result)
+            self._by_shape[(version, rules_key, shape)] = result
         else:
-            self._rewrites.keep((version, rules_key, sql), result)
+            self._rewrites[(version, rules_key, sql)] = result
         return result
 
     def cached(self, catalog_version: int, rules_key: tuple[str, ...], sql: str) -> Rewritten | None:

@@ -18,11 +18,10 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from cachetools import LRUCache, cached
+from cachetools import FIFOCache, LRUCache, cached
 from pglast import ast
 
 from ..core.statement import SqlSyntaxError, parse
-from ..fifo import FifoDict
 from ..protocol.codec import frame
 from ..protocol.messages import NotificationResponse, RowDescription, row_values, values_body
 from ..protocol.tracker import ExchangeTracker, Kind
@@ -103,7 +102,7 @@ class WireMasker:
         self.on_masked = on_masked
         self._plans: dict[str, Plan] = {}  # statement name -> plan from its Describe
         # RowDescription body -> its plan under ``_described_wire`` (a statement's repeats describe the same rows)
-        self._by_description: FifoDict[bytes, Plan] = FifoDict(DESCRIPTIONS_KEPT)
+        self._by_description: FIFOCache[bytes, Plan] = FIFOCache(DESCRIPTIONS_KEPT)
         self._described_wire: Mapping[tuple[int, int], Mask] | None = None
         self._result: object = None
         self._plan: Plan = ()
@@ -127,9 +126,9 @@ class WireMasker:
         plan = self._by_description.get(raw)
         if plan is None:
             description = RowDescription.decode(raw, self.tracker.server_codec)
-            plan = self._by_description.keep(raw, tuple(
+            plan = self._by_description[raw] = tuple(
                 (i, wire[(f.table_oid, f.column_number)], f.format_code == 0)
-                for i, f in enumerate(description.fields) if (f.table_oid, f.column_number) in wire))
+                for i, f in enumerate(description.fields) if (f.table_oid, f.column_number) in wire)
         if plan and self._hook_rows is not None:
             self._hook_rows()
             self._hook_rows = None

@@ -49,12 +49,12 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from cachetools import FIFOCache
 from pglast import ast
 from pglast.enums.parsenodes import VariableSetKind
 
 from ..core.statement import SqlSyntaxError as SqlSyntaxError  # what classify() raises, importable from here
 from ..core.statement import Statement, Tree, parse
-from ..fifo import FifoDict
 from .shape import statement_shape
 
 CLASSES = frozenset({
@@ -449,8 +449,8 @@ class Analysis:
 
 CACHED = 4096  # analyses by text, and classifications by shape
 _READS_CONSTANTS = False  # cached by shape: this shape's classification depends on its constants
-_by_text: FifoDict[str, Analysis] = FifoDict(CACHED)
-_by_shape: FifoDict[str, _Template | bool] = FifoDict(CACHED)
+_by_text: FIFOCache[str, Analysis] = FIFOCache(CACHED)
+_by_shape: FIFOCache[str, _Template | bool] = FIFOCache(CACHED)
 
 
 def classify(sql: str) -> Classification:
@@ -478,8 +478,9 @@ def analyse(sql: str, tree: Callable[[], Tree] | None = None) -> Analysis:
         classification, made = _classify_tree(sql, tree() if tree is not None else parse(sql))
         shaped = shape is not None and template is None and made is not None
         if shape is not None and template is None:
-            _by_shape.keep(shape, made if made is not None else _READS_CONSTANTS)
-    return _by_text.keep(sql, Analysis(shape, classification, shaped))
+            _by_shape[shape] = made if made is not None else _READS_CONSTANTS
+    found = _by_text[sql] = Analysis(shape, classification, shaped)
+    return found
 
 
 def analysed(sql: str) -> Analysis | None:

@@ -42,10 +42,11 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
+from cachetools import FIFOCache
+
 from ..core.plugins import Hold, Refuse, SessionContext, Verdict
 from ..core.reading import unparsed_error
 from ..core.statement import SqlSyntaxError, Statement
-from ..fifo import FifoDict
 from ..metrics import SYNTAX_ERROR_CLASSES, ProxyMetrics
 from ..protocol import errors
 from ..protocol.messages import ErrorResponse, NoticeResponse
@@ -170,8 +171,8 @@ class PolicyGate:
                     return Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, "pgproxy policy: no identity"))
                 decision = self.policy.decide(identity, classification, session.database, session.db_role)
                 if shape is not None:
-                    decisions.by_shape.keep(shape, decision)
-            cached = decisions.by_text.keep(sql, (decision, classification))
+                    decisions.by_shape[shape] = decision
+            cached = decisions.by_text[sql] = (decision, classification)
         decision, classification = cached
         action = decision.action
         self.metrics.statement(classification.classes, action)
@@ -346,8 +347,8 @@ class _Decisions:
     __slots__ = ("by_shape", "by_text")
 
     def __init__(self) -> None:
-        self.by_text: FifoDict[str, tuple[Decision, Classification]] = FifoDict(MAX_CACHED_DECISIONS)
-        self.by_shape: FifoDict[str, Decision] = FifoDict(MAX_CACHED_DECISIONS)
+        self.by_text: FIFOCache[str, tuple[Decision, Classification]] = FIFOCache(MAX_CACHED_DECISIONS)
+        self.by_shape: FIFOCache[str, Decision] = FIFOCache(MAX_CACHED_DECISIONS)
 
 
 def _emit(session: Session, event: dict[str, Any]) -> None:
