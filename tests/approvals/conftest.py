@@ -39,6 +39,7 @@ async def store_factory(request: pytest.FixtureRequest, tmp_path: Path, clock: F
 
         def make(**kwargs: Any) -> ApprovalStore:
             kwargs.setdefault("clock", clock)
+            kwargs.setdefault("monotonic", clock)
             store = SQLiteApprovalStore(path, **kwargs)
             made.append(store)
             return store
@@ -48,6 +49,7 @@ async def store_factory(request: pytest.FixtureRequest, tmp_path: Path, clock: F
 
         def make(**kwargs: Any) -> ApprovalStore:
             kwargs.setdefault("clock", clock)
+            kwargs.setdefault("monotonic", clock)
             store = PostgresApprovalStore(database.dsn(), schema=schema, **kwargs)
             made.append(store)
             return store

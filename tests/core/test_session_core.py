@@ -384,6 +384,46 @@ def test_no_statement_starts_after_the_token_expired() -> None:
     assert core.take_actions() == [SendClient(EXPIRED), SendUpstream(TERMINATE), End()]
 
 
+def test_statements_run_until_the_token_expires_on_the_cores_clock() -> None:
+    """The deadline is the token's exp read on the clock the core was given: a second before, the statement
+    goes upstream; at exp, the next one ends the session with FATAL 28000 and never leaves the proxy."""
+    clock = FakeClock()
+    core = _pumping(clock=clock)
+    clock.wall = EPOCH + 3600 - 1
+    before = m.Query("select 'before'").encode()
+    assert core.client_data(before) == before
+    assert core.take_actions() == []
+    answer = m.CommandComplete("SELECT 1").encode() + RFQ_IDLE
+    assert core.upstream_data(answer) == answer
+    clock.wall = EPOCH + 3600
+    assert core.client_data(m.Query("select 'after'").encode()) == b""
+    assert core.take_actions() == [SendClient(EXPIRED), SendUpstream(TERMINATE), End()]
+    assert [e["sql"] for e in core.server.audit.sink.events if e["event"] == "statement"] == ["select 'before'"]
+
+
+def test_idle_in_transaction_limit_counts_from_the_last_activity() -> None:
+    clock = FakeClock()
+    core = _pumping(clock=clock, idle_in_transaction_timeout_seconds=30)
+    begin = m.Query("begin").encode()
+    assert core.client_data(begin) == begin
+    in_tx = m.CommandComplete("BEGIN").encode() + frame(Backend.READY_FOR_QUERY, b"T")
+    clock.advance(5)
+    assert core.upstream_data(in_tx) == in_tx  # the answer left the session idle in a transaction: from now on
+    core.idle_check(clock.monotonic() + 30)
+    assert core.take_actions() == []
+    core.idle_check(clock.monotonic() + 30.5)
+    assert core.take_actions() == [
+        SendClient(errors.fatal("25P03", "terminating connection due to idle-in-transaction timeout")),
+        SendUpstream(TERMINATE), End()]
+
+
+def test_idle_limit_is_not_the_idle_in_transaction_limit() -> None:
+    clock = FakeClock()
+    core = _pumping(clock=clock, idle_timeout_seconds=0, idle_in_transaction_timeout_seconds=30)
+    core.idle_check(clock.monotonic() + 3600)  # idle outside a transaction, with no idle limit: left alone
+    assert core.take_actions() == []
+
+
 def test_idle_limit_uses_the_clock_it_is_given() -> None:
     clock = FakeClock()
     core = _pumping(clock=clock, idle_timeout_seconds=30)

@@ -10,7 +10,6 @@ import asyncio
 import datetime as dt
 import io
 import json
-import time
 import uuid
 from collections.abc import AsyncIterator
 from decimal import Decimal
@@ -169,12 +168,13 @@ async def test_cancel_by_timeout(proxy: Any, tls: bool) -> None:
     app = f"apgt_cancel_{tls}"
     c = await connect(proxy, tls=tls, server_settings={"application_name": app})
     try:
-        started = time.monotonic()
         with pytest.raises(asyncio.TimeoutError):
             await c.fetch("select pg_sleep(10)", timeout=0.5)
         # If the CancelRequest had not reached the upstream, this would wait for the sleep to end.
-        assert await c.fetchval("select 'usable'", timeout=5) == "usable"
-        assert time.monotonic() - started < 4
+        try:
+            assert await c.fetchval("select 'usable'", timeout=7) == "usable"
+        except TimeoutError:
+            raise AssertionError("the connection stayed busy: the cancel did not reach the upstream") from None
         # The upstream really cancelled the statement (57014), as the proxy's audit shows.
         session = next(e["session"] for e in proxy.events("session_start") if e["application_name"] == app)
         sleeps = [e for e in proxy.events("statement") if e["session"] == session and "pg_sleep" in e["sql"]]

@@ -247,16 +247,14 @@ def test_ctrl_c_cancels_running_query(proxy: Any, tls: bool) -> None:
     env["PGAPPNAME"] = app
     proc = subprocess.Popen(["psql", "-X", "-A", "-t", "-v", "VERBOSITY=verbose", "-c", "select pg_sleep(10)"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    started = time.monotonic()
     time.sleep(0.7)  # connected and running the sleep by now
     proc.send_signal(signal.SIGINT)
     try:
-        _stdout, stderr = proc.communicate(timeout=5)
+        _stdout, stderr = proc.communicate(timeout=8)  # well before the 10 s sleep would end by itself
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.communicate()
-        raise
-    assert time.monotonic() - started < 4
+        raise AssertionError("psql did not end after Ctrl-C: the cancel did not reach the upstream") from None
     assert "ERROR:  57014: canceling statement due to user request" in stderr
     session = next(e["session"] for e in proxy.events("session_start") if e.get("application_name") == app)
     sleeps = [e for e in proxy.events("statement") if e["session"] == session]

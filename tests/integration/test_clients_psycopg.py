@@ -148,10 +148,8 @@ def test_notifies_generator(proxy: Any) -> None:
         assert [(n.channel, n.payload, n.pid) for n in got] == [
             ("pg3t_chan", "hello", sender.info.backend_pid), ("pg3t_chan", "world", sender.info.backend_pid)]
         assert sender.info.backend_pid == sender.execute("select pg_backend_pid()").fetchone()[0]  # type: ignore[index]
-        # Nothing more: the generator gives up at its timeout.
-        started = time.monotonic()
+        # Nothing more: the generator gives up at its timeout (a hang is caught by the test timeout).
         assert list(listener.notifies(timeout=0.3)) == []
-        assert time.monotonic() - started < 2
 
 
 # Only cancel_safe(): the legacy conn.cancel() calls libpq's blocking PQcancel() without releasing the GIL,
@@ -169,13 +167,11 @@ def test_cancel_from_another_thread(proxy: Any, tls: bool) -> None:
                 outcome["error"] = exc
 
         worker = threading.Thread(target=run)
-        started = time.monotonic()
         worker.start()
         time.sleep(0.3)
         c.cancel_safe(timeout=5)
-        worker.join(5)
-        assert not worker.is_alive()
-        assert time.monotonic() - started < 3
+        worker.join(8)  # well before the 10 s sleep would end by itself
+        assert not worker.is_alive(), "the statement still runs: the cancel did not reach the upstream"
         assert isinstance(outcome.get("error"), errors.QueryCanceled), outcome
         assert outcome["error"].sqlstate == "57014"
         c.rollback()

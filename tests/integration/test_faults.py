@@ -85,10 +85,8 @@ def test_upstream_refusing_connections(make_proxy: Callable[..., ProxyUnderTest]
 
     p = make_proxy(mutate)
     for _ in range(3):  # again and again: the proxy keeps answering, nothing piles up
-        started = time.monotonic()
         with pytest.raises(psycopg.OperationalError) as info:
-            psycopg.connect(p.dsn(tls=False), connect_timeout=10)
-        assert time.monotonic() - started < 3
+            psycopg.connect(p.dsn(tls=False), connect_timeout=10)  # a hang would end as "timeout expired"
         diag = info.value.diag if hasattr(info.value, "diag") else None
         text = str(info.value)
         assert "could not connect to the upstream database" in text, text
@@ -125,14 +123,15 @@ def test_upstream_that_never_answers(make_proxy: Callable[..., ProxyUnderTest]) 
             data["upstream"]["connect_timeout_seconds"] = 1
 
         p = make_proxy(mutate)
-        started = time.monotonic()
         with socket.create_connection(("127.0.0.1", p.plain_port), timeout=10) as sock:
             sock.sendall(startup_packet("agent_reader", p.database.database))
             assert read_message(sock)[0] == "R"
             sock.sendall(message("p", p.token().encode() + b"\x00"))
-            fields = fatal(read_until_closed(sock))
+            try:
+                fields = fatal(read_until_closed(sock))
+            except TimeoutError:
+                raise AssertionError("no FATAL within 10 s: the upstream connect never timed out") from None
         assert fields["C"] == "08001" and "timed out" in fields["M"], fields
-        assert 0.8 < time.monotonic() - started < 4
         assert wait_for(lambda: sessions(p) == 0, 5)
     finally:
         black_hole.close()
@@ -181,7 +180,6 @@ def test_upstream_restart_mid_session(on_own_cluster: ProxyUnderTest, own_cluste
         assert client.execute("select 1").fetchone() == (1,)
         busy.sendall(query("select pg_sleep(30)"))
         time.sleep(0.3)
-        started = time.monotonic()
         pg_ctl_restart(own_cluster)
         # the idle raw session: PostgreSQL's FATAL 57P01 relayed (or the proxy's 08006), then the close
         for sock in (idle, busy):
@@ -194,7 +192,6 @@ def test_upstream_restart_mid_session(on_own_cluster: ProxyUnderTest, own_cluste
                 sock.close()
             fields = fatal(reply)
             assert fields["C"] in ("57P01", "08006"), fields
-        assert time.monotonic() - started < 30
         # the psycopg client learns on its next statement, with an error rather than a hang
         with pytest.raises(psycopg.OperationalError):
             client.execute("select 1")
@@ -301,23 +298,30 @@ def test_sigterm_drains_then_ends_idle_sessions(proxy: ProxyUnderTest, serve_dir
         idle = login(port, "agent_reader", proxy.database.database, proxy.token(), application_name="rb_drained")
         idle.settimeout(15)
         assert backends(proxy.database.dsn(), "rb_drained") == 1
-        sent = time.monotonic()
         srv.process.send_signal(signal.SIGTERM)
         time.sleep(0.3)
         # no new connections during the drain
         with pytest.raises(OSError):
             socket.create_connection(("127.0.0.1", port), timeout=2).close()
-        # the idle session is ended after the 5 s drain deadline with PostgreSQL's shutdown FATAL
-        reply = read_until_closed(idle)
-        ended = time.monotonic() - sent
+        # ... while the idle session is left alone until the drain deadline (5 s) ...
+        idle.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            idle.recv(1)
+        idle.settimeout(15)
+        # ... and then ended with PostgreSQL's shutdown FATAL
+        try:
+            reply = read_until_closed(idle)
+        except TimeoutError:
+            raise AssertionError("the idle session was never ended after the drain") from None
         idle.close()
         fields = fatal(reply)
         assert fields["C"] == "57P01", fields
         assert fields["M"] == "terminating connection due to administrator command"
-        assert 4.5 < ended < 7.5, ended
-        srv.process.wait(5)
+        try:
+            srv.process.wait(10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("pgproxy serve did not exit after ending its last session") from None
         assert srv.process.returncode == 0, "".join(srv.stderr_lines)
-        assert time.monotonic() - sent < 5 + 4
     assert wait_for(lambda: backends(proxy.database.dsn(), "rb_drained") == 0, 5)
     # the audit log was flushed on the way out: the session's end is recorded
     events = (serve_dir / "audit.jsonl").read_text()
@@ -337,22 +341,54 @@ def test_sigterm_exits_as_soon_as_sessions_finish(proxy: ProxyUnderTest, serve_d
         worker = threading.Thread(target=finish_work)
         worker.start()
         time.sleep(0.3)
-        sent = time.monotonic()
         srv.process.send_signal(signal.SIGTERM)
         worker.join(10)
         assert result.get("row") == ("", "finished"), result
-        srv.process.wait(8)
+        try:
+            srv.process.wait(10)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("pgproxy serve did not exit after its last session ended") from None
         assert srv.process.returncode == 0
-        assert time.monotonic() - sent < 4, "did not exit once its last session had ended"
+
+
+@pytest.mark.parametrize("busy", [True, False], ids=["session_finishing", "no_session"])
+def test_close_returns_once_no_session_is_left_not_at_the_drain_deadline(proxy: ProxyUnderTest, busy: bool) -> None:
+    """With a drain deadline far beyond the test's patience, close() must return as soon as no session is left."""
+    running = RunningProxy(parse_config(copy.deepcopy(proxy.config_data), Path.cwd()), audit=MemoryAuditSink()).start()
+    try:
+        result: dict[str, Any] = {}
+        worker = None
+        if busy:
+            info = proxy.conninfo(tls=False)
+            info["port"] = str(running.ports[1])
+            conn = psycopg.connect(**info, autocommit=True, connect_timeout=10)  # type: ignore[arg-type]
+
+            def finish_work() -> None:  # a statement in flight completes during the drain
+                result["row"] = conn.execute("select pg_sleep(1), 'finished'").fetchone()
+                conn.close()
+
+            worker = threading.Thread(target=finish_work)
+            worker.start()
+            time.sleep(0.3)
+        server = running.server
+        assert server is not None
+        try:
+            running.call(server.close(drain_seconds=3600), timeout=60)
+        except TimeoutError:
+            raise AssertionError("close() kept draining with no session left") from None
+        running.server = None
+        if worker is not None:
+            worker.join(10)
+            assert result.get("row") == ("", "finished"), result
+    finally:
+        running.stop()
 
 
 def test_sigterm_without_sessions_exits_at_once(proxy: ProxyUnderTest, serve_dir: Path) -> None:
     with serving(proxy.config_data, serve_dir) as srv:
-        sent = time.monotonic()
         srv.process.send_signal(signal.SIGTERM)
         try:
-            srv.process.wait(5)
+            srv.process.wait(10)
         except subprocess.TimeoutExpired:
             raise AssertionError("pgproxy serve did not exit on SIGTERM") from None
         assert srv.process.returncode == 0
-        assert time.monotonic() - sent < 3

@@ -309,11 +309,9 @@ def test_refuse_inside_a_transaction_fails_at_once_with_what_to_do(gated: Gated)
     """The default: no silent hold. The error carries the id and says to roll back and run it again."""
     with psycopg.connect(gated.dsn) as conn:
         conn.execute("insert into pg_policy_t values (8)")  # opens the transaction block
-        started = time.monotonic()
         with pytest.raises(psycopg.Error) as info:
             conn.execute("delete from pg_policy_t where true")
-        assert time.monotonic() - started < 5
-        assert info.value.sqlstate == "PXA01"
+        assert info.value.sqlstate == "PXA01"  # refused, not held until the approval wait timed out (PXA02)
         message = info.value.diag.message_primary or ""
         approval = _approval_id(info.value)
         assert f"pgproxy approvals approve {approval}" in message and "roll back this transaction" in message

@@ -118,10 +118,9 @@ def test_cancel_request_works_at_the_limit(make_proxy: Callable[..., ProxyUnderT
             worker = threading.Thread(target=run)
             worker.start()
             time.sleep(0.4)
-            started = time.monotonic()
             conn.cancel_safe(timeout=5)  # cancel() holds the GIL in libpq, starving the in-process proxy
-            worker.join(10)
-            assert time.monotonic() - started < 5
+            worker.join(15)  # well before the 20 s sleep would end by itself
+            assert not worker.is_alive(), "the statement still runs: the cancel did not reach the upstream"
             assert isinstance(outcome.get("error"), psycopg.errors.QueryCanceled), outcome
             assert conn.execute("select 'after cancel'").fetchone() == ("after cancel",)
     finally:
@@ -205,11 +204,12 @@ def test_idle_session_timeout_raw(make_proxy: Callable[..., ProxyUnderTest]) -> 
     sock = session(p, application_name="rb_idle")
     with sock:
         assert backends(p, "rb_idle") == 1
-        sock.settimeout(5)
-        started = time.monotonic()
-        fields = only_fatal(read_until_closed(sock))
+        sock.settimeout(10)
+        try:
+            fields = only_fatal(read_until_closed(sock))
+        except TimeoutError:
+            raise AssertionError("the idle session was still open 10 s after its 0.5 s idle timeout") from None
     assert (fields["C"], fields["M"]) == ("57P05", "terminating connection due to idle-session timeout"), fields
-    assert 0.4 < time.monotonic() - started < 2.5
     assert wait_for(lambda: backends(p, "rb_idle") == 0, 5), "the upstream backend outlived the session"
     assert wait_for(lambda: sessions(p) == 0, 5)
 

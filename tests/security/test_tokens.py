@@ -356,20 +356,21 @@ def test_startup_timeout(make_proxy: Callable[..., Any]) -> None:
     silent["ssl_request_no_hello"] = socket.create_connection(("127.0.0.1", quick.port), timeout=5)
     silent["ssl_request_no_hello"].sendall(struct.pack("!II", 8, SSL_REQUEST_CODE))
     assert silent["ssl_request_no_hello"].recv(1) == b"S"
-    started = time.monotonic()
     replies: dict[str, bytes] = {}
     try:
         # Meanwhile, a real client connects and outlives the startup timeout.
         with psycopg.connect(quick.dsn(), connect_timeout=10) as conn:
             assert conn.execute("select 1").fetchone() == (1,)
             for name, sock in silent.items():
-                replies[name] = read_until_closed(sock)
-            elapsed = time.monotonic() - started
+                sock.settimeout(10)
+                try:
+                    replies[name] = read_until_closed(sock)
+                except TimeoutError:
+                    raise AssertionError(f"{name}: still open 10 s after a 1 s startup timeout") from None
             assert conn.execute("select 2").fetchone() == (2,)
     finally:
         for sock in silent.values():
             sock.close()
-    assert 0.5 < elapsed < 3.5, elapsed
     for name in ("plain_nothing", "half_startup_packet"):  # plaintext: the FATAL is readable as is
         reply = replies[name]
         assert reply[:1] == b"E", (name, reply)
@@ -414,7 +415,6 @@ def test_cancel_request_with_wrong_key_is_ignored(proxy: Any, still_working: Non
                 outcome["error"] = exc
 
         worker = threading.Thread(target=run)
-        started = time.monotonic()
         worker.start()
         time.sleep(0.3)
         for target_pid, key in ((pid, secrets.randbits(32)), (pid, 0), (pid + 100_000, secrets.randbits(32))):
@@ -425,6 +425,5 @@ def test_cancel_request_with_wrong_key_is_ignored(proxy: Any, still_working: Non
                 sock.close()
         worker.join(5)
         assert not worker.is_alive()
-        assert outcome == {"row": ("", "done")}, outcome
-        assert time.monotonic() - started >= 1.4
+        assert outcome == {"row": ("", "done")}, outcome  # a cancel that landed would be a QueryCanceled error
         assert victim.execute("select 'alive'").fetchone() == ("alive",)

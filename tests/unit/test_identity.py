@@ -815,9 +815,8 @@ async def test_jwks_url_timeout(jwks_server: JWKSServer, es_keys: DevKeys) -> No
     jwks_server.delay = 3.0
     clock = Clock()
     verifier = url_verifier(jwks_server.url, clock, jwks_timeout_seconds=0.3)
-    started = time.monotonic()
+    # Given up at 0.3 s: a fetch that waited for the 3 s answer would get the keys and verify the token.
     assert await reason(verifier, mint(es_keys, now=clock.t)) == "signing keys unavailable"
-    assert time.monotonic() - started < 2.0
     assert jwks_server.hits == 1
     # Within the minimum refresh interval the dead endpoint isn't hammered.
     assert await reason(verifier, mint(es_keys, now=clock.t)) == "signing keys unavailable"

@@ -81,12 +81,14 @@ class PostgresApprovalStore:
 
     def __init__(self, dsn: str, *, schema: str = "pgproxy", audit: AuditSink | None = None,
                  notify: Notifier | None = None, clock: Callable[[], float] = time.time,
-                 connect_timeout: float = 5.0, pool_size: int = 4) -> None:
+                 monotonic: Callable[[], float] = time.monotonic, connect_timeout: float = 5.0,
+                 pool_size: int = 4) -> None:
         if not SCHEMA_NAME.match(schema):
             raise ValueError(f"invalid schema name {schema!r}")
         self.schema = schema
         self.channel = f"pgproxy_approvals_{schema}"[:63]
-        self.clock = clock
+        self.clock = clock  # wall time: creation, expiry
+        self.monotonic = monotonic  # the deadline of wait()
         self.events = StoreEvents(audit, notify, clock)
         self._dsn = dsn
         self._connect_timeout = connect_timeout
@@ -257,7 +259,7 @@ class PostgresApprovalStore:
         return request
 
     async def wait(self, approval_id: str, timeout: float) -> ApprovalRequest:
-        deadline = time.monotonic() + max(0.0, timeout)
+        deadline = self.monotonic() + max(0.0, timeout)
         event = asyncio.Event()
         self._wakeups.setdefault(approval_id, set()).add(event)
         try:
@@ -267,7 +269,7 @@ class PostgresApprovalStore:
                 request = await self.get(approval_id)
                 if request is None:
                     raise ApprovalNotFound(f"no approval request {approval_id}")
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.monotonic()
                 if request.status != "pending" or remaining <= 0:
                     return request
                 pause = min(remaining, WAIT_FALLBACK_SECONDS, max(0.01, request.expires_at - self.clock()))

@@ -68,9 +68,11 @@ class SQLiteApprovalStore:
     """ApprovalStore on a SQLite file; the file and its tables are created on first use."""
 
     def __init__(self, path: Path, *, audit: AuditSink | None = None, notify: Notifier | None = None,
-                 clock: Callable[[], float] = time.time, busy_timeout_ms: int = 5000) -> None:
+                 clock: Callable[[], float] = time.time, monotonic: Callable[[], float] = time.monotonic,
+                 busy_timeout_ms: int = 5000) -> None:
         self.path = Path(path)
-        self.clock = clock
+        self.clock = clock  # wall time: creation, expiry
+        self.monotonic = monotonic  # the deadline of wait()
         self.events = StoreEvents(audit, notify, clock)
         self._busy_timeout_ms = busy_timeout_ms
         self._db: aiosqlite.Connection | None = None
@@ -211,7 +213,7 @@ class SQLiteApprovalStore:
         return request
 
     async def wait(self, approval_id: str, timeout: float) -> ApprovalRequest:
-        deadline = time.monotonic() + max(0.0, timeout)
+        deadline = self.monotonic() + max(0.0, timeout)
         event = asyncio.Event()
         self._wakeups.setdefault(approval_id, set()).add(event)
         try:
@@ -220,7 +222,7 @@ class SQLiteApprovalStore:
                 request = await self.get(approval_id)
                 if request is None:
                     raise ApprovalNotFound(f"no approval request {approval_id}")
-                remaining = deadline - time.monotonic()
+                remaining = deadline - self.monotonic()
                 if request.status != "pending" or remaining <= 0:
                     return request
                 pause = min(remaining, WAIT_POLL_SECONDS, max(0.01, request.expires_at - self.clock()))
