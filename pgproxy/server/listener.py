@@ -14,7 +14,6 @@ import functools
 import logging
 import signal
 import ssl
-import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Protocol
 
@@ -243,9 +242,8 @@ class ProxyServer:
         interval = max(0.05, min(1.0, min(timeouts) / 4))
         while True:
             await asyncio.sleep(interval)
-            now = time.monotonic()
             for session in list(self.sessions):
-                session.idle_check(now)
+                session.idle_check()
 
     @property
     def bound_ports(self) -> list[int]:

@@ -273,9 +273,10 @@ class Session:
         self.core.timer_fired(name)
         self._apply_actions()
 
-    def idle_check(self, now: float) -> None:
-        """End the session if it sat idle (or idle in a transaction) longer than the configured limits."""
-        self.core.idle_check(now)
+    def idle_check(self) -> None:
+        """End the session if it sat idle (or idle in a transaction) longer than the configured limits
+        (on the core's clock, the one its last activity was read from)."""
+        self.core.idle_check(self.core.clock.monotonic())
         self._apply_actions()
 
     def terminate(self, sqlstate: str, message: str, *, hint: str | None = None) -> None:
