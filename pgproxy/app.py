@@ -133,7 +133,9 @@ class Wiring:
             if server is not None and server.admin is not None:
                 server.admin.service.verifier = verifier
             if server is not None and server.http is not None:
-                server.http.verifier = verifier
+                server.http.use_verifier(verifier)
+            if server is not None and server.grpc is not None:
+                server.grpc.use_verifier(verifier)
 
         return Rebuilt(verifier=verifier, masking=masking, commit=commit)
 

@@ -199,6 +199,10 @@ class GrpcProxy:
         self._port = 0
         self._recorder = AuditGuard(audit, "grpc call")
 
+    def use_verifier(self, verifier: TokenVerifier) -> None:
+        """Verify callers' tokens with ``verifier`` from the next call on (a config reload)."""
+        self._tokens = VerifiedTokens(verifier)
+
     # ------------------------------------------------------------------------------------ lifecycle
 
     def _resolve(self, target: TargetConfig) -> _Upstream:

@@ -132,7 +132,6 @@ class HttpProxy:
     def __init__(self, config: HttpConfig, *, verifier: TokenVerifier, audit: AuditSink,
                  approval_store: ApprovalStore | None = None) -> None:
         self.config = config
-        self.verifier = verifier
         self.audit = audit
         self.approvals = HttpApprovals(approval_store, audit)
         self._upstreams: dict[str, _Upstream] = {}
@@ -141,6 +140,10 @@ class HttpProxy:
         self._tokens = VerifiedTokens(verifier)
         self.app = web.Application()
         self.app.router.add_route("*", r"/{target}{tail:(/.*)?}", self._handle)
+
+    def use_verifier(self, verifier: TokenVerifier) -> None:
+        """Verify callers' tokens with ``verifier`` from the next request on (a config reload)."""
+        self._tokens = VerifiedTokens(verifier)
 
     # ------------------------------------------------------------------------------------ lifecycle
 

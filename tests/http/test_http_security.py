@@ -21,11 +21,12 @@ import time_machine
 from click.testing import CliRunner
 from cryptography.hazmat.primitives import serialization
 from harness import AUDIENCE, ISSUER
-from http_helpers import StartProxy, base, bearer, exchanges, token
+from http_helpers import StartProxy, base, bearer, config_data, exchanges, token
 
 from pgproxy.audit.sink import MemoryAuditSink
 from pgproxy.cli import main
-from pgproxy.identity import DevKeys
+from pgproxy.config import parse_config
+from pgproxy.identity import DevKeys, generate_dev_keys
 from pgproxy.server.listener import ProxyServer
 
 pytestmark = pytest.mark.timeout(60)
@@ -184,3 +185,20 @@ async def test_upstream_cookies_are_not_kept_for_other_callers(start_proxy: Star
     async with client.get(f"{base(proxy)}/api/echo/next", headers=bearer(token(dev_keys, sub="two"))) as r:
         echoed = await r.json()
     assert "caller-one-session" not in json.dumps(echoed["headers"])  # the proxy sent nobody's cookie on
+
+
+async def test_a_reload_gives_the_http_listener_the_new_identity_settings(
+        proxy: ProxyServer, client: aiohttp.ClientSession, dev_keys: DevKeys, upstream_url: str,
+        tmp_path: Path) -> None:
+    """After a reload that changes the signing keys, HTTP callers are checked against the new keys only."""
+    rotated = generate_dev_keys(tmp_path / "rotated")
+    old, new = token(dev_keys), token(rotated)
+    async with client.get(f"{base(proxy)}/api/echo/x", headers=bearer(new)) as r:
+        assert r.status == 401  # not yet trusted
+    data = config_data(dev_keys, upstream_url, tmp_path)  # the running proxy's config
+    data["identity"]["jwks_file"] = str(rotated.jwks_file)
+    await proxy.reload(parse_config(data, tmp_path))
+    async with client.get(f"{base(proxy)}/api/echo/x", headers=bearer(new)) as r:
+        assert r.status == 200, await r.text()
+    async with client.get(f"{base(proxy)}/api/echo/x", headers=bearer(old)) as r:
+        assert r.status == 401  # the old key is no longer trusted
