@@ -351,9 +351,6 @@ class SignedAuditLog:
         """Why the log cannot be written now, or None when it can."""
         return self._broken
 
-    def last_checkpoint_size(self) -> int:
-        return self._cp_size
-
 
 def open_signed_log(directory: Path, key_file: Path, **kwargs: Any) -> SignedAuditLog:
     from .keys import load_private_key

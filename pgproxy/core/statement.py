@@ -112,10 +112,7 @@ class Statement:
             value: T = memo[analysis]
             return value
         value = analysis(self)
-        if memo is None:
-            self._memo = {analysis: value}
-        else:
-            memo[analysis] = value
+        self.remember(analysis, value)
         return value
 
     def remember(self, key: Callable[[Statement], T], value: T) -> None:
