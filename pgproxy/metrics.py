@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable, Iterator, Sequence
 from itertools import accumulate
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from cachetools import FIFOCache
+from cachebox import FIFOCache
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 

@@ -20,7 +20,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 import asyncpg
-from cachetools import FIFOCache, LRUCache
+from cachebox import FIFOCache, LRUCache
 
 from ..config import ConfigError, MaskingConfig, UpstreamConfig
 from ..core.plugins import Hold, Refuse, Rewrite, SessionContext, Verdict

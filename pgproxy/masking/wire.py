@@ -18,7 +18,8 @@ import re
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING
 
-from cachetools import FIFOCache, LRUCache, cached
+from cachebox import FIFOCache
+from cachetools import LRUCache, cached
 from pglast import ast
 
 from ..core.statement import SqlSyntaxError, parse

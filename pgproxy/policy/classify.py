@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from cachetools import FIFOCache
+from cachebox import FIFOCache
 from pglast import ast
 from pglast.enums.parsenodes import VariableSetKind
 

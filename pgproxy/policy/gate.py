@@ -42,7 +42,7 @@ import time
 import weakref
 from typing import TYPE_CHECKING, Any
 
-from cachetools import FIFOCache
+from cachebox import FIFOCache
 
 from ..core.plugins import Hold, Refuse, SessionContext, Verdict
 from ..core.reading import unparsed_error
