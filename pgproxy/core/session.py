@@ -314,7 +314,7 @@ class SessionCore:
         self._upstream_lost = False
         self._secret: bytes | None = None
         self._cancel_key: tuple[int, int] | None = None
-        self.gates: list[FrontendGate] = list(server.gates)
+        self.gates: list[FrontendGate] = []  # taken at login, with the masking attached then
         # Backend rewrite hooks per message type, run in order (masking before result capture).
         self._backend_hooks: dict[int, list[MessageHandler]] = {}
         self.masking: SessionMasking | None = None  # set at login when masking rules apply to the identity
@@ -513,6 +513,8 @@ class SessionCore:
             raise SessionRefused(outcome.error.sqlstate or errors.CONNECTION_FAILURE, outcome.error.message or "",
                                  raw=self._scrub(outcome.error.encode()))
         self.upstream_connected = True
+        # The gates and the masking in force now (one loop turn: a reload during the login cannot split them).
+        self.gates = list(self.server.gates)
         if self.server.masking is not None:
             self.masking = self.server.masking.attach(self)
         yield SendClient(AuthenticationOk().encode())

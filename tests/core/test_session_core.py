@@ -37,6 +37,7 @@ from pgproxy.core.session import (
     State,
     TokenRefused,
     TokenVerified,
+    UpstreamConnected,
     UpstreamLoginRefused,
     UpstreamUnreachable,
     VerifyToken,
@@ -490,3 +491,22 @@ def test_the_upstream_password_never_reaches_the_client(monkeypatch: pytest.Monk
     leak = m.NoticeResponse.build("NOTICE", "00000", "password s3cret rejected").encode()
     out = core.upstream_data(leak)
     assert b"s3cret" not in out and b"********" in out
+
+
+def test_the_gates_are_those_in_force_when_the_login_completes() -> None:
+    """A reload during the login (here: one that turns a gate on) must not leave the session with the gates
+    of before it, while its masking is attached from after it."""
+    server = fake_server()
+    core = new_core(server)
+    steps = core.run()
+    answer: Any = None
+    answers = {ReadPacket: (startup_body(), False), ReadMessage: (ord("p"), b"the-token\x00"),
+               VerifyToken: TokenVerified(make_identity()), ConnectUpstream: UpstreamConnected([])}
+    with pytest.raises(StopIteration):
+        while True:
+            action = steps.send(answer)
+            if isinstance(action, ConnectUpstream):
+                server.gates = (Gate(Refuse(errors.error("42501", "refused by the reloaded policy"))),)
+            answer = answers.get(type(action))
+    core.upstream_data(RFQ_IDLE)
+    assert core.client_data(m.Query("select 1").encode()) == m.Query("pgproxy refused this statement").encode()
