@@ -47,7 +47,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 from cachebox import FIFOCache
 from pglast import ast
@@ -106,9 +106,9 @@ _RELATION_OBJECTS = frozenset({"OBJECT_TABLE", "OBJECT_VIEW", "OBJECT_MATVIEW", 
 _PROCEDURAL_NODES = frozenset({"DoStmt", "CallStmt", "CreatePLangStmt", "LoadStmt"})
 
 
-@dataclass(frozen=True, slots=True)
-class StatementInfo:
-    """One statement of the string, judged on its own."""
+class StatementInfo(NamedTuple):
+    """One statement of the string, judged on its own (a tuple: built for every statement with new literals,
+    where a frozen dataclass's ``__init__`` cost several times more)."""
 
     sql: str  # its text, as written
     node: str  # the parse node, e.g. "DeleteStmt"
@@ -119,8 +119,9 @@ class StatementInfo:
     reasons: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
-class Classification:
+class Classification(NamedTuple):
+    """What the policy reads from a statement string: its statements and their union."""
+
     statements: tuple[StatementInfo, ...]
     classes: frozenset[str]
     tables: tuple[str, ...]
@@ -436,9 +437,8 @@ class _Template:
         return Classification((info,), info.classes, info.tables, info.columns, info.functions, info.reasons)
 
 
-@dataclass(frozen=True, slots=True)
-class Analysis:
-    """What the proxy reads from one statement text, once for all its consumers."""
+class Analysis(NamedTuple):
+    """What the proxy reads from one statement text, once for all its consumers (made for every new text)."""
 
     shape: str | None  # ``statement_shape``: the key of analyses that hold for new literals
     classification: Classification
