@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from cachetools import FIFOCache
 
 from .codec import ProtocolViolation, invalid_utf8
-from .messages import Bind, Close, Describe, ErrorResponse, Execute, FunctionCall, Parse, Query, tag_rows
+from .messages import Bind, Close, Describe, ErrorResponse, Execute, FunctionCall, Parse, Query, bind_names, tag_rows
 from .types import Backend as B
 from .types import Frontend as F
 from .types import backend_name
@@ -63,8 +63,8 @@ _QUERY_MSG, _PARSE_MSG, _BIND_MSG, _EXECUTE_MSG, _FUNCTION_MSG = F.QUERY, F.PARS
 _SYNC_TYPE = F.SYNC
 _PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE, _NO_DATA = (
     B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.NO_DATA)
-_query_view, _bind_view, _execute_view, _describe_view = Query.view, Bind.view, Execute.view, Describe.view
-_TRANSACTION_STATES = frozenset(b"ITE")
+_query_view, _execute_view, _describe_view = Query.view, Execute.view, Describe.view
+_TRANSACTION_STATES = {ord(status): status for status in "ITE"}  # ReadyForQuery's byte -> transaction status
 
 
 class StatementText(Protocol):
@@ -102,12 +102,16 @@ class StatementResult:
     inspects costs no decoding.
     """
 
+    # The fields set when a request is tracked come first: the tracker builds one per statement with
+    # positional arguments, several times faster than with keywords.
     protocol: str  # "simple", "extended" or "function"
     sql: str
     started_at: float  # wall clock, seconds since the epoch
-    duration_ms: float = 0.0
     bind_body: bytes | None = None
     statement_name: str | None = None
+    param_types: tuple[int, ...] = ()  # type OIDs the Parse declared (0 = server infers), for replay
+    statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
+    duration_ms: float = 0.0
     tags: list[str] = field(default_factory=list)
     error: ErrorResponse | None = None
     refused: bool = False
@@ -120,8 +124,6 @@ class StatementResult:
     sample_rows: list[bytes] | None = None
     notices: list[bytes] | None = None
     copy_out_bytes: int = 0
-    param_types: tuple[int, ...] = ()  # type OIDs the Parse declared (0 = server infers), for replay
-    statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
 
     @property
     def rows(self) -> int | None:
@@ -154,19 +156,20 @@ class Pending:
 
     ``result`` exists from the start for requests that run a statement (Query, Execute, FunctionCall);
     for Parse and Bind it is created only if they fail, since only then are they worth recording.
+    The tracker builds one per request with positional arguments (keywords cost several times more).
     """
 
     kind: Kind
     result: StatementResult | None = None
     started: float = 0.0
-    refusal: ErrorResponse | None = None
-    # SQLSTATE the substituted request is expected to fail with; only that error is replaced.
-    refusal_expected_sqlstate: str | None = None
     portal: _Portal | None = None
     sql: str | None = None
     statement_name: str | None = None
     seq: int = 0  # order in which requests were sent
     statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
+    refusal: ErrorResponse | None = None
+    # SQLSTATE the substituted request is expected to fail with; only that error is replaced.
+    refusal_expected_sqlstate: str | None = None
 
 
 @dataclass(slots=True)
@@ -287,7 +290,7 @@ class ExchangeTracker:
             return query, name, None
         if msg_type == _BIND_MSG:
             raw = bytes(body)
-            statement = _bind_view(raw, self.codec).statement
+            statement = bind_names(raw, self.codec)[1]
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
         if msg_type == _EXECUTE_MSG:
@@ -316,10 +319,11 @@ class ExchangeTracker:
 
     # ----------------------------------------------------------------------------------------- frontend
 
-    def _push(self, p: Pending) -> None:
-        p.seq = self._seq
-        p.statement = self._statement
-        self._seq += 1
+    def _push(self, kind: Kind, result: StatementResult | None = None, started: float = 0.0,
+              portal: _Portal | None = None, sql: str | None = None, statement_name: str | None = None) -> None:
+        seq = self._seq
+        self._seq = seq + 1
+        p = Pending(kind, result, started, portal, sql, statement_name, seq, self._statement)
         self.queue.append(p)
         self.last_request = p
 
@@ -335,9 +339,7 @@ class ExchangeTracker:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.BIND):
             return
         raw = bytes(body)
-        bind = _bind_view(raw, self.codec)
-        portal_name = bind.portal
-        statement = bind.statement
+        portal_name, statement = bind_names(raw, self.codec)
         sql = self._inflight.get(statement)
         portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
         self.portals[portal_name] = portal
@@ -345,7 +347,7 @@ class ExchangeTracker:
             self._described_portals.add(portal_name)
         else:
             self._described_portals.discard(portal_name)
-        self._push(Pending(_BIND, None, time.perf_counter(), portal=portal))
+        self._push(_BIND, None, time.perf_counter(), portal)
 
     def _execute(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.EXECUTE):
@@ -354,11 +356,10 @@ class ExchangeTracker:
         if found is None:
             result = StatementResult("extended", "", time.time())
         else:
-            result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
-                                     statement_name=found.statement_name,
-                                     param_types=self._param_types.get(found.statement_name, ()),
-                                     statement=self._statement)
-        self._push(Pending(_EXECUTE, result, time.perf_counter()))
+            name = found.statement_name
+            result = StatementResult("extended", found.sql, time.time(), found.bind_body, name,
+                                     self._param_types.get(name, ()) if self._param_types else (), self._statement)
+        self._push(_EXECUTE, result, time.perf_counter())
 
     def _parse_request(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.PARSE):
@@ -368,7 +369,7 @@ class ExchangeTracker:
         self._described_statements.discard(name)
         if types or name in self._param_types:
             self._param_types[name] = types
-        self._push(Pending(_PARSE, None, time.perf_counter(), sql=query, statement_name=name))
+        self._push(_PARSE, None, time.perf_counter(), None, query, name)
 
     def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
         """(statement name, query text, parameter type OIDs) of a Parse body, decoded and checked in the
@@ -386,7 +387,7 @@ class ExchangeTracker:
     def _sync(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.SYNC):
             return
-        self._push(Pending(_SYNC))
+        self._push(_SYNC)
 
     def _describe(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.DESCRIBE):
@@ -403,15 +404,14 @@ class ExchangeTracker:
             self._described_portals.add(name)
             if statement is not None:  # its rows have these columns in every later portal too (pgjdbc)
                 self._described_statements.add(statement)
-        self._push(Pending(_DESCRIBE, statement_name=statement))
+        self._push(_DESCRIBE, None, 0.0, None, None, statement)
 
     def _query(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.QUERY):
             return
         statement = self._statement
         sql = _query_view(body, self.codec).sql if statement is None else statement.sql
-        self._push(Pending(_QUERY, StatementResult("simple", sql, time.time(), statement=statement),
-                           time.perf_counter()))
+        self._push(_QUERY, StatementResult("simple", sql, time.time(), None, None, (), statement), time.perf_counter())
 
     def _close(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.CLOSE):
@@ -425,14 +425,14 @@ class ExchangeTracker:
         else:
             self.portals.pop(name, None)
             self._described_portals.discard(name)
-        self._push(Pending(_CLOSE))
+        self._push(_CLOSE)
 
     def _function_call(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.FUNCTION_CALL):
             return
         oid = FunctionCall.decode(body).function_oid
-        self._push(Pending(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time(),
-                                                      statement=self._statement), time.perf_counter()))
+        self._push(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time(), None, None, (),
+                                              self._statement), time.perf_counter())
 
     def _copy_end(self, body: memoryview) -> None:  # CopyDone / CopyFail
         self.last_request = None
@@ -443,10 +443,11 @@ class ExchangeTracker:
 
     def _pop_expected(self, kinds: tuple[Kind, ...], msg_type: int) -> None:
         queue = self.queue
-        if queue and queue[0].kind in kinds:
-            self._finish(queue.popleft())
-        else:
+        if not queue or queue[0].kind not in kinds:
             raise self._desync(msg_type)
+        done = queue.popleft()
+        if done.result is not None:  # a successful Parse, Bind or Close has nothing to record
+            self._finish(done)
 
     def _desync(self, msg_type: int) -> Desync:
         """The error ending the session for an unaccounted response (counted through ``on_desync``)."""
@@ -457,11 +458,15 @@ class ExchangeTracker:
 
     def _parse_complete(self, body: memoryview) -> None:
         queue = self.queue
-        if queue and queue[0].kind is _PARSE:
-            head = queue[0]
-            self.statements[head.statement_name or ""] = head.sql or ""
-            self._forget_inflight(head)
-        self._pop_expected((_PARSE,), _PARSE_COMPLETE)
+        if not queue or queue[0].kind is not _PARSE:
+            raise self._desync(_PARSE_COMPLETE)
+        head = queue.popleft()
+        name, sql = head.statement_name or "", head.sql or ""
+        self.statements[name] = sql
+        if self._inflight.get(name) is sql:  # _forget_inflight
+            del self._inflight[name]
+        if head.result is not None:
+            self._finish(head)
 
     def _bind_complete(self, body: memoryview) -> None:
         self._pop_expected(_BIND_OR_CLOSE, _BIND_COMPLETE)
@@ -483,12 +488,11 @@ class ExchangeTracker:
         result = queue[0].result if queue else None
         if result is None:
             raise self._desync(B.COMMAND_COMPLETE)
-        head = queue[0]
         try:
-            result.tags.append(str(body[:-1], self.server_codec))
+            result.tags.append(str(body[:-1], self.codec or "latin-1"))  # server_codec
         except UnicodeDecodeError as exc:
             raise invalid_utf8(exc) from None
-        if head.kind is _EXECUTE:
+        if queue[0].kind is _EXECUTE:
             self._finish(queue.popleft())
 
     def _execute_done(self, body: memoryview) -> None:  # EmptyQueryResponse, PortalSuspended
@@ -497,16 +501,17 @@ class ExchangeTracker:
             self._finish(queue.popleft())
 
     def _ready_for_query(self, body: memoryview) -> None:
-        if len(body) != 1 or body[0] not in _TRANSACTION_STATES:
+        status = _TRANSACTION_STATES.get(body[0]) if len(body) == 1 else None
+        if status is None:
             raise ProtocolViolation("invalid ReadyForQuery message")
-        self.transaction_status = chr(body[0])
+        self.transaction_status = status
         queue = self.queue
-        if queue and queue[0].kind in _SYNC_POINTS:
-            ready = queue.popleft()
-            self._ready_seq = ready.seq
-            self._finish(ready)
-        else:
+        if not queue or queue[0].kind not in _SYNC_POINTS:
             raise self._desync(B.READY_FOR_QUERY)
+        ready = queue.popleft()
+        self._ready_seq = ready.seq
+        if ready.result is not None:  # a Sync's has none
+            self._finish(ready)
 
     def note_run(self) -> None:
         """The request just tracked runs a statement (Bind plans it, Execute, Query and a fast-path call
