@@ -12,6 +12,7 @@ Sans-I/O: fed message types and bodies, it never touches a socket.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -47,6 +48,7 @@ _EXECUTE, _CLOSE, _SYNC, _FUNCTION = Kind.EXECUTE, Kind.CLOSE, Kind.SYNC, Kind.F
 _SYNC_POINTS = (_QUERY, _SYNC, _FUNCTION)  # tuples, not sets: membership by identity, no Enum.__hash__
 _PARSE_OR_BIND = (_PARSE, _BIND)
 _BIND_OR_CLOSE = (_BIND, _CLOSE)  # BindComplete and CloseComplete are accepted for either
+_DESCRIBE_ONLY = (_DESCRIBE,)
 
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
@@ -64,6 +66,7 @@ _SYNC_TYPE = F.SYNC
 _PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE, _NO_DATA = (
     B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.NO_DATA)
 _query_view, _execute_view, _describe_view = Query.view, Execute.view, Describe.view
+_DESCRIBE_UNNAMED_PORTAL = b"P\x00"
 _TRANSACTION_STATES = {ord(status): status for status in "ITE"}  # ReadyForQuery's byte -> transaction status
 
 
@@ -242,9 +245,12 @@ class ExchangeTracker:
             F.FUNCTION_CALL: self._function_call, F.COPY_DONE: self._copy_end, F.COPY_FAIL: self._copy_end,
         }
         self.backend_handlers: dict[int, Callable[[memoryview], bytes | None]] = {
-            B.PARSE_COMPLETE: self._parse_complete, B.BIND_COMPLETE: self._bind_complete,
-            B.CLOSE_COMPLETE: self._close_complete, B.PARAMETER_DESCRIPTION: _ignore,
-            B.ROW_DESCRIPTION: self._row_description, B.NO_DATA: self._no_data,
+            # Answers that only end the request at the head: one frame each (partial is not one).
+            B.PARSE_COMPLETE: self._parse_complete,
+            B.BIND_COMPLETE: functools.partial(self._pop_expected, _BIND_OR_CLOSE, _BIND_COMPLETE),
+            B.CLOSE_COMPLETE: functools.partial(self._pop_expected, _BIND_OR_CLOSE, _CLOSE_COMPLETE),
+            B.PARAMETER_DESCRIPTION: _ignore, B.ROW_DESCRIPTION: self._row_description,
+            B.NO_DATA: functools.partial(self._pop_expected, _DESCRIBE_ONLY, _NO_DATA),
             B.COMMAND_COMPLETE: self._command_complete, B.EMPTY_QUERY_RESPONSE: self._execute_done,
             B.PORTAL_SUSPENDED: self._execute_done, B.ERROR_RESPONSE: self._error,
             B.READY_FOR_QUERY: self._ready_for_query, B.FUNCTION_CALL_RESPONSE: _ignore,
@@ -294,7 +300,7 @@ class ExchangeTracker:
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
         if msg_type == _EXECUTE_MSG:
-            portal = self.portals.get(_execute_view(body, self.codec).portal)
+            portal = self.portals.get(self._execute_portal(body))
             if portal is None:
                 return "", None, None
             return portal.sql, portal.statement_name, portal.bind_body
@@ -310,7 +316,12 @@ class ExchangeTracker:
     def portal_described(self, body: memoryview) -> bool:
         """Whether the server will have described the portal an Execute runs (its statement or the
         portal itself was Described since it was made): the shape of the rows that follow is known."""
-        return _execute_view(body, self.codec).portal in self._described_portals
+        return self._execute_portal(body) in self._described_portals
+
+    def _execute_portal(self, body: memoryview) -> str:
+        """The portal an Execute names: the unnamed one (most of them) read as the view reads it, without one."""
+        codec = self.codec
+        return "" if body and body[0] == 0 and codec is not None else _execute_view(body, codec).portal
 
     def drain(self) -> list[StatementResult]:
         """Hand over (and forget) the statements finished since the last call."""
@@ -352,7 +363,7 @@ class ExchangeTracker:
     def _execute(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.EXECUTE):
             return
-        found = self.portals.get(_execute_view(body, self.codec).portal)
+        found = self.portals.get(self._execute_portal(body))
         if found is None:
             result = StatementResult("extended", "", time.time())
         else:
@@ -392,13 +403,15 @@ class ExchangeTracker:
     def _describe(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.DESCRIBE):
             return
-        describe = _describe_view(body, self.codec)
-        kind = describe.kind
-        if kind == "S":
-            statement: str | None = describe.name
-            self._described_statements.add(statement or "")
+        if body == _DESCRIBE_UNNAMED_PORTAL and self.codec is not None:  # most Describes: read as the view would
+            kind, name = "P", ""
         else:
-            name = describe.name
+            describe = _describe_view(body, self.codec)
+            kind, name = describe.kind, describe.name
+        if kind == "S":
+            statement: str | None = name
+            self._described_statements.add(name)
+        else:
             portal = self.portals.get(name) if kind == "P" else None
             statement = portal.statement_name if portal is not None else None
             self._described_portals.add(name)
@@ -441,7 +454,7 @@ class ExchangeTracker:
 
     # ------------------------------------------------------------------------------------------ backend
 
-    def _pop_expected(self, kinds: tuple[Kind, ...], msg_type: int) -> None:
+    def _pop_expected(self, kinds: tuple[Kind, ...], msg_type: int, body: memoryview) -> None:
         queue = self.queue
         if not queue or queue[0].kind not in kinds:
             raise self._desync(msg_type)
@@ -468,20 +481,11 @@ class ExchangeTracker:
         if head.result is not None:
             self._finish(head)
 
-    def _bind_complete(self, body: memoryview) -> None:
-        self._pop_expected(_BIND_OR_CLOSE, _BIND_COMPLETE)
-
-    def _close_complete(self, body: memoryview) -> None:
-        self._pop_expected(_BIND_OR_CLOSE, _CLOSE_COMPLETE)
-
     def _row_description(self, body: memoryview) -> None:
         """Ends a Describe; for a Query or Execute it only announces the rows."""
         queue = self.queue
         if queue and queue[0].kind is _DESCRIBE:
             self.last_described = queue.popleft().statement_name
-
-    def _no_data(self, body: memoryview) -> None:
-        self._pop_expected((_DESCRIBE,), _NO_DATA)
 
     def _command_complete(self, body: memoryview) -> None:
         queue = self.queue
