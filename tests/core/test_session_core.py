@@ -283,8 +283,8 @@ def test_a_query_is_forwarded_as_sent_and_its_answer_relayed_and_audited() -> No
 
 def test_backend_hooks_run_in_order_each_on_the_message_the_previous_left(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each type's hooks are built into one handler: tracking first, then the hooks in order (``first``
-    before the others), each seeing the replacement before it; a hook added while a chunk is relayed
-    applies from the next message of that chunk."""
+    before the others), each seeing the replacement the ones before it made; on a scrubbed type, after
+    the scrubbing."""
     monkeypatch.setenv("CORE_TEST_UPSTREAM_PASSWORD", "s3cret")
     core = new_core(fake_server(core_config(password_env="CORE_TEST_UPSTREAM_PASSWORD")))
     login(core)
