@@ -526,4 +526,3 @@ def test_the_upstream_password_never_reaches_the_client(monkeypatch: pytest.Monk
     leak = m.NoticeResponse.build("NOTICE", "00000", "password s3cret rejected").encode()
     out = core.upstream_data(leak)
     assert b"s3cret" not in out and b"********" in out
-
