@@ -311,7 +311,7 @@ class ProxyProcess:
             "audit": {"jsonl_path": str(self.audit_file)},
         }
         if full:
-            config.update(self._full_controls(workdir))
+            config.update(self.full_controls(workdir))
         self.config_file = workdir / "pgproxy.yaml"
         self.config_file.write_text(yaml.safe_dump(config, sort_keys=False))
         self.token = mint_token(keys.private_key_file, issuer=ISSUER, audience=AUDIENCE, subject="pgbench",
@@ -319,8 +319,10 @@ class ProxyProcess:
         self.log_file = workdir / "pgproxy.log"
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def _full_controls(self, workdir: Path) -> dict[str, Any]:
-        """Config sections of the "full" proxy: signed audit log, default policy + allow rule, masking."""
+    @staticmethod
+    def full_controls(workdir: Path) -> dict[str, Any]:
+        """Config sections of the "full" proxy: signed audit log, default policy + allow rule, masking
+        (bench/session_overhead.py runs the same ones in process)."""
         signing_key = workdir / "audit-signing.key"
         generate_key(signing_key)
         policy = yaml.safe_load(DEFAULT_POLICY.read_text())
@@ -332,7 +334,7 @@ class ProxyProcess:
         (rules_dir / "people.yaml").write_text(yaml.safe_dump({"tables": {f"public.{MASKED_TABLE}": {
             "columns": {"email": "email", "ssn": {"mask": "partial", "keep_last": 4}}}}}))
         return {
-            "audit": {"dir": str(self.audit_dir), "signing_key_file": str(signing_key)},
+            "audit": {"dir": str(workdir / "audit"), "signing_key_file": str(signing_key)},
             "policy": {"file": str(policy_file)},
             "masking": {"rules_dir": str(rules_dir), "schema_role": BENCH_ROLE, "schema_database": BENCH_DB},
         }

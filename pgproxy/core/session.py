@@ -782,20 +782,17 @@ class SessionCore:
         return out
 
     def _backend_handlers(self) -> dict[int, MessageHandler]:
-        """Per message type: tracking, FATAL detection, credential scrubbing, cancel keys, then hooks."""
-        handlers: dict[int, MessageHandler] = dict(self.tracker.backend_handlers)
-        handlers[_ERROR] = self._on_error_response
+        """Per message type: tracking, FATAL detection, credential scrubbing, cancel keys, then hooks; each
+        type's chain built into one handler here (when the hooks change), not walked per message."""
+        chains: dict[int, list[MessageHandler]] = {t: [h] for t, h in self.tracker.backend_handlers.items()}
+        chains[_ERROR] = [self._on_error_response]
         scrubbed: tuple[int, ...] = (Backend.PARAMETER_STATUS, Backend.NOTICE_RESPONSE, Backend.NOTIFICATION_RESPONSE)
         for msg_type in scrubbed:
-            scrub = functools.partial(self._scrub_body, msg_type)
-            tracked = handlers.get(msg_type)
-            handlers[msg_type] = scrub if tracked is None else functools.partial(_chain, tracked, scrub)
-        handlers[Backend.BACKEND_KEY_DATA] = self._on_backend_key_data
+            chains.setdefault(msg_type, []).append(functools.partial(self._scrub_body, msg_type))
+        chains[Backend.BACKEND_KEY_DATA] = [self._on_backend_key_data]
         for msg_type, hooks in self._backend_hooks.items():
-            for hook in hooks:
-                first = handlers.get(msg_type)
-                handlers[msg_type] = hook if first is None else functools.partial(_chain, first, hook)
-        return handlers
+            chains.setdefault(msg_type, []).extend(hooks)
+        return {msg_type: _chained(*chain) for msg_type, chain in chains.items()}
 
     def _on_error_response(self, body: memoryview) -> bytes | None:
         replacement = self.tracker.backend_handlers[_ERROR](body)
@@ -960,13 +957,32 @@ def _statement_bytes(msg_type: int, body: memoryview) -> bytes:
     return Parse.view(body).query_bytes
 
 
-def _chain(first: MessageHandler, second: MessageHandler, body: memoryview) -> bytes | None:
-    """Run ``first`` (e.g. tracking) and then ``second`` (a hook) on the message ``first`` left."""
-    replaced = first(body)
-    if replaced is None:
-        return second(body)
-    again = second(memoryview(replaced)[5:])
-    return replaced if again is None else again
+def _chained(first: MessageHandler, *then: MessageHandler) -> MessageHandler:
+    """One handler running ``first`` (e.g. tracking) and then each of ``then`` (hooks), each on the message
+    as the ones before it left it (their replacement's body); returns the last replacement, or None."""
+    if not then:
+        return first
+    if len(then) == 1:  # the common chain: one frame per message, no loop
+        second = then[0]
+
+        def chained_two(body: memoryview) -> bytes | None:
+            replaced = first(body)
+            if replaced is None:
+                return second(body)
+            again = second(memoryview(replaced)[5:])
+            return replaced if again is None else again
+
+        return chained_two
+
+    def chained(body: memoryview) -> bytes | None:
+        replaced = first(body)
+        for hook in then:
+            again = hook(body if replaced is None else memoryview(replaced)[5:])
+            if again is not None:
+                replaced = again
+        return replaced
+
+    return chained
 
 
 __all__ = [

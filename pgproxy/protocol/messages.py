@@ -171,6 +171,15 @@ def _two_strings(raw: bytes, codec: str | None, what: str) -> tuple[str, str, in
     return _text(raw, 0, first, codec), _text(raw, first + 1, second, codec), second + 1
 
 
+def bind_names(raw: bytes, codec: str | None) -> tuple[str, str]:
+    """(portal, statement) a Bind body names, read and checked as ``Bind.view(raw, codec)`` reads them, without
+    building the view (the tracker reads them from every Bind)."""
+    if raw.startswith(b"\0\0") and codec is not None:  # the unnamed portal of the unnamed statement: most Binds
+        return "", ""
+    portal, statement, _ = _two_strings(raw, codec, "Bind")
+    return portal, statement
+
+
 def _trailing(what: str, raw: bytes, pos: int) -> ProtocolViolation:
     return ProtocolViolation(f"{what} message has {len(raw) - pos} trailing byte(s) at offset {pos}")
 

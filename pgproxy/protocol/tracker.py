@@ -12,6 +12,7 @@ Sans-I/O: fed message types and bodies, it never touches a socket.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections import deque
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from typing import Any, Protocol
 from cachetools import FIFOCache
 
 from .codec import ProtocolViolation, invalid_utf8
-from .messages import Bind, Close, Describe, ErrorResponse, Execute, FunctionCall, Parse, Query, tag_rows
+from .messages import Bind, Close, Describe, ErrorResponse, Execute, FunctionCall, Parse, Query, bind_names, tag_rows
 from .types import Backend as B
 from .types import Frontend as F
 from .types import backend_name
@@ -47,6 +48,7 @@ _EXECUTE, _CLOSE, _SYNC, _FUNCTION = Kind.EXECUTE, Kind.CLOSE, Kind.SYNC, Kind.F
 _SYNC_POINTS = (_QUERY, _SYNC, _FUNCTION)  # tuples, not sets: membership by identity, no Enum.__hash__
 _PARSE_OR_BIND = (_PARSE, _BIND)
 _BIND_OR_CLOSE = (_BIND, _CLOSE)  # BindComplete and CloseComplete are accepted for either
+_DESCRIBE_ONLY = (_DESCRIBE,)
 
 # Backend message types the tracker must see; every other type (DataRow, CopyData, notices, ...)
 # can bypass it, which keeps the per-row path free of Python calls.
@@ -63,8 +65,9 @@ _QUERY_MSG, _PARSE_MSG, _BIND_MSG, _EXECUTE_MSG, _FUNCTION_MSG = F.QUERY, F.PARS
 _SYNC_TYPE = F.SYNC
 _PARSE_COMPLETE, _BIND_COMPLETE, _CLOSE_COMPLETE, _NO_DATA = (
     B.PARSE_COMPLETE, B.BIND_COMPLETE, B.CLOSE_COMPLETE, B.NO_DATA)
-_query_view, _bind_view, _execute_view, _describe_view = Query.view, Bind.view, Execute.view, Describe.view
-_TRANSACTION_STATES = frozenset(b"ITE")
+_query_view, _execute_view, _describe_view = Query.view, Execute.view, Describe.view
+_DESCRIBE_UNNAMED_PORTAL = b"P\x00"
+_TRANSACTION_STATES = {ord(status): status for status in "ITE"}  # ReadyForQuery's byte -> transaction status
 
 
 class StatementText(Protocol):
@@ -102,12 +105,16 @@ class StatementResult:
     inspects costs no decoding.
     """
 
+    # The fields set when a request is tracked come first: the tracker builds one per statement with
+    # positional arguments, several times faster than with keywords.
     protocol: str  # "simple", "extended" or "function"
     sql: str
     started_at: float  # wall clock, seconds since the epoch
-    duration_ms: float = 0.0
     bind_body: bytes | None = None
     statement_name: str | None = None
+    param_types: tuple[int, ...] = ()  # type OIDs the Parse declared (0 = server infers), for replay
+    statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
+    duration_ms: float = 0.0
     tags: list[str] = field(default_factory=list)
     error: ErrorResponse | None = None
     refused: bool = False
@@ -120,8 +127,6 @@ class StatementResult:
     sample_rows: list[bytes] | None = None
     notices: list[bytes] | None = None
     copy_out_bytes: int = 0
-    param_types: tuple[int, ...] = ()  # type OIDs the Parse declared (0 = server infers), for replay
-    statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
 
     @property
     def rows(self) -> int | None:
@@ -154,19 +159,20 @@ class Pending:
 
     ``result`` exists from the start for requests that run a statement (Query, Execute, FunctionCall);
     for Parse and Bind it is created only if they fail, since only then are they worth recording.
+    The tracker builds one per request with positional arguments (keywords cost several times more).
     """
 
     kind: Kind
     result: StatementResult | None = None
     started: float = 0.0
-    refusal: ErrorResponse | None = None
-    # SQLSTATE the substituted request is expected to fail with; only that error is replaced.
-    refusal_expected_sqlstate: str | None = None
     portal: _Portal | None = None
     sql: str | None = None
     statement_name: str | None = None
     seq: int = 0  # order in which requests were sent
     statement: StatementText | None = None  # the request's Statement, when the caller read one (track_statement)
+    refusal: ErrorResponse | None = None
+    # SQLSTATE the substituted request is expected to fail with; only that error is replaced.
+    refusal_expected_sqlstate: str | None = None
 
 
 @dataclass(slots=True)
@@ -239,9 +245,12 @@ class ExchangeTracker:
             F.FUNCTION_CALL: self._function_call, F.COPY_DONE: self._copy_end, F.COPY_FAIL: self._copy_end,
         }
         self.backend_handlers: dict[int, Callable[[memoryview], bytes | None]] = {
-            B.PARSE_COMPLETE: self._parse_complete, B.BIND_COMPLETE: self._bind_complete,
-            B.CLOSE_COMPLETE: self._close_complete, B.PARAMETER_DESCRIPTION: _ignore,
-            B.ROW_DESCRIPTION: self._row_description, B.NO_DATA: self._no_data,
+            # Answers that only end the request at the head: one frame each (partial is not one).
+            B.PARSE_COMPLETE: self._parse_complete,
+            B.BIND_COMPLETE: functools.partial(self._pop_expected, _BIND_OR_CLOSE, _BIND_COMPLETE),
+            B.CLOSE_COMPLETE: functools.partial(self._pop_expected, _BIND_OR_CLOSE, _CLOSE_COMPLETE),
+            B.PARAMETER_DESCRIPTION: _ignore, B.ROW_DESCRIPTION: self._row_description,
+            B.NO_DATA: functools.partial(self._pop_expected, _DESCRIBE_ONLY, _NO_DATA),
             B.COMMAND_COMPLETE: self._command_complete, B.EMPTY_QUERY_RESPONSE: self._execute_done,
             B.PORTAL_SUSPENDED: self._execute_done, B.ERROR_RESPONSE: self._error,
             B.READY_FOR_QUERY: self._ready_for_query, B.FUNCTION_CALL_RESPONSE: _ignore,
@@ -287,11 +296,11 @@ class ExchangeTracker:
             return query, name, None
         if msg_type == _BIND_MSG:
             raw = bytes(body)
-            statement = _bind_view(raw, self.codec).statement
+            statement = bind_names(raw, self.codec)[1]
             sql = self._inflight.get(statement)
             return (sql if sql is not None else self.statements.get(statement, "")), statement, raw
         if msg_type == _EXECUTE_MSG:
-            portal = self.portals.get(_execute_view(body, self.codec).portal)
+            portal = self.portals.get(self._execute_portal(body))
             if portal is None:
                 return "", None, None
             return portal.sql, portal.statement_name, portal.bind_body
@@ -307,7 +316,12 @@ class ExchangeTracker:
     def portal_described(self, body: memoryview) -> bool:
         """Whether the server will have described the portal an Execute runs (its statement or the
         portal itself was Described since it was made): the shape of the rows that follow is known."""
-        return _execute_view(body, self.codec).portal in self._described_portals
+        return self._execute_portal(body) in self._described_portals
+
+    def _execute_portal(self, body: memoryview) -> str:
+        """The portal an Execute names: the unnamed one (most of them) read as the view reads it, without one."""
+        codec = self.codec
+        return "" if body and body[0] == 0 and codec is not None else _execute_view(body, codec).portal
 
     def drain(self) -> list[StatementResult]:
         """Hand over (and forget) the statements finished since the last call."""
@@ -316,10 +330,11 @@ class ExchangeTracker:
 
     # ----------------------------------------------------------------------------------------- frontend
 
-    def _push(self, p: Pending) -> None:
-        p.seq = self._seq
-        p.statement = self._statement
-        self._seq += 1
+    def _push(self, kind: Kind, result: StatementResult | None = None, started: float = 0.0,
+              portal: _Portal | None = None, sql: str | None = None, statement_name: str | None = None) -> None:
+        seq = self._seq
+        self._seq = seq + 1
+        p = Pending(kind, result, started, portal, sql, statement_name, seq, self._statement)
         self.queue.append(p)
         self.last_request = p
 
@@ -335,9 +350,7 @@ class ExchangeTracker:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.BIND):
             return
         raw = bytes(body)
-        bind = _bind_view(raw, self.codec)
-        portal_name = bind.portal
-        statement = bind.statement
+        portal_name, statement = bind_names(raw, self.codec)
         sql = self._inflight.get(statement)
         portal = _Portal(sql if sql is not None else self.statements.get(statement, ""), statement, raw)
         self.portals[portal_name] = portal
@@ -345,20 +358,19 @@ class ExchangeTracker:
             self._described_portals.add(portal_name)
         else:
             self._described_portals.discard(portal_name)
-        self._push(Pending(_BIND, None, time.perf_counter(), portal=portal))
+        self._push(_BIND, None, time.perf_counter(), portal)
 
     def _execute(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.EXECUTE):
             return
-        found = self.portals.get(_execute_view(body, self.codec).portal)
+        found = self.portals.get(self._execute_portal(body))
         if found is None:
             result = StatementResult("extended", "", time.time())
         else:
-            result = StatementResult("extended", found.sql, time.time(), bind_body=found.bind_body,
-                                     statement_name=found.statement_name,
-                                     param_types=self._param_types.get(found.statement_name, ()),
-                                     statement=self._statement)
-        self._push(Pending(_EXECUTE, result, time.perf_counter()))
+            name = found.statement_name
+            result = StatementResult("extended", found.sql, time.time(), found.bind_body, name,
+                                     self._param_types.get(name, ()) if self._param_types else (), self._statement)
+        self._push(_EXECUTE, result, time.perf_counter())
 
     def _parse_request(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.PARSE):
@@ -368,7 +380,7 @@ class ExchangeTracker:
         self._described_statements.discard(name)
         if types or name in self._param_types:
             self._param_types[name] = types
-        self._push(Pending(_PARSE, None, time.perf_counter(), sql=query, statement_name=name))
+        self._push(_PARSE, None, time.perf_counter(), None, query, name)
 
     def _parse(self, raw: bytes) -> tuple[str, str, tuple[int, ...]]:
         """(statement name, query text, parameter type OIDs) of a Parse body, decoded and checked in the
@@ -386,32 +398,33 @@ class ExchangeTracker:
     def _sync(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.SYNC):
             return
-        self._push(Pending(_SYNC))
+        self._push(_SYNC)
 
     def _describe(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.DESCRIBE):
             return
-        describe = _describe_view(body, self.codec)
-        kind = describe.kind
-        if kind == "S":
-            statement: str | None = describe.name
-            self._described_statements.add(statement or "")
+        if body == _DESCRIBE_UNNAMED_PORTAL and self.codec is not None:  # most Describes: read as the view would
+            kind, name = "P", ""
         else:
-            name = describe.name
+            describe = _describe_view(body, self.codec)
+            kind, name = describe.kind, describe.name
+        if kind == "S":
+            statement: str | None = name
+            self._described_statements.add(name)
+        else:
             portal = self.portals.get(name) if kind == "P" else None
             statement = portal.statement_name if portal is not None else None
             self._described_portals.add(name)
             if statement is not None:  # its rows have these columns in every later portal too (pgjdbc)
                 self._described_statements.add(statement)
-        self._push(Pending(_DESCRIBE, statement_name=statement))
+        self._push(_DESCRIBE, None, 0.0, None, None, statement)
 
     def _query(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.QUERY):
             return
         statement = self._statement
         sql = _query_view(body, self.codec).sql if statement is None else statement.sql
-        self._push(Pending(_QUERY, StatementResult("simple", sql, time.time(), statement=statement),
-                           time.perf_counter()))
+        self._push(_QUERY, StatementResult("simple", sql, time.time(), None, None, (), statement), time.perf_counter())
 
     def _close(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.CLOSE):
@@ -425,14 +438,14 @@ class ExchangeTracker:
         else:
             self.portals.pop(name, None)
             self._described_portals.discard(name)
-        self._push(Pending(_CLOSE))
+        self._push(_CLOSE)
 
     def _function_call(self, body: memoryview) -> None:
         if (self._skipping or self._client_in_copy) and self._ignored_by_server(F.FUNCTION_CALL):
             return
         oid = FunctionCall.decode(body).function_oid
-        self._push(Pending(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time(),
-                                                      statement=self._statement), time.perf_counter()))
+        self._push(_FUNCTION, StatementResult("function", f"<function call oid={oid}>", time.time(), None, None, (),
+                                              self._statement), time.perf_counter())
 
     def _copy_end(self, body: memoryview) -> None:  # CopyDone / CopyFail
         self.last_request = None
@@ -441,12 +454,13 @@ class ExchangeTracker:
 
     # ------------------------------------------------------------------------------------------ backend
 
-    def _pop_expected(self, kinds: tuple[Kind, ...], msg_type: int) -> None:
+    def _pop_expected(self, kinds: tuple[Kind, ...], msg_type: int, body: memoryview) -> None:
         queue = self.queue
-        if queue and queue[0].kind in kinds:
-            self._finish(queue.popleft())
-        else:
+        if not queue or queue[0].kind not in kinds:
             raise self._desync(msg_type)
+        done = queue.popleft()
+        if done.result is not None:  # a successful Parse, Bind or Close has nothing to record
+            self._finish(done)
 
     def _desync(self, msg_type: int) -> Desync:
         """The error ending the session for an unaccounted response (counted through ``on_desync``)."""
@@ -457,17 +471,15 @@ class ExchangeTracker:
 
     def _parse_complete(self, body: memoryview) -> None:
         queue = self.queue
-        if queue and queue[0].kind is _PARSE:
-            head = queue[0]
-            self.statements[head.statement_name or ""] = head.sql or ""
-            self._forget_inflight(head)
-        self._pop_expected((_PARSE,), _PARSE_COMPLETE)
-
-    def _bind_complete(self, body: memoryview) -> None:
-        self._pop_expected(_BIND_OR_CLOSE, _BIND_COMPLETE)
-
-    def _close_complete(self, body: memoryview) -> None:
-        self._pop_expected(_BIND_OR_CLOSE, _CLOSE_COMPLETE)
+        if not queue or queue[0].kind is not _PARSE:
+            raise self._desync(_PARSE_COMPLETE)
+        head = queue.popleft()
+        name, sql = head.statement_name or "", head.sql or ""
+        self.statements[name] = sql
+        if self._inflight.get(name) is sql:  # _forget_inflight
+            del self._inflight[name]
+        if head.result is not None:
+            self._finish(head)
 
     def _row_description(self, body: memoryview) -> None:
         """Ends a Describe; for a Query or Execute it only announces the rows."""
@@ -475,20 +487,16 @@ class ExchangeTracker:
         if queue and queue[0].kind is _DESCRIBE:
             self.last_described = queue.popleft().statement_name
 
-    def _no_data(self, body: memoryview) -> None:
-        self._pop_expected((_DESCRIBE,), _NO_DATA)
-
     def _command_complete(self, body: memoryview) -> None:
         queue = self.queue
         result = queue[0].result if queue else None
         if result is None:
             raise self._desync(B.COMMAND_COMPLETE)
-        head = queue[0]
         try:
-            result.tags.append(str(body[:-1], self.server_codec))
+            result.tags.append(str(body[:-1], self.codec or "latin-1"))  # server_codec
         except UnicodeDecodeError as exc:
             raise invalid_utf8(exc) from None
-        if head.kind is _EXECUTE:
+        if queue[0].kind is _EXECUTE:
             self._finish(queue.popleft())
 
     def _execute_done(self, body: memoryview) -> None:  # EmptyQueryResponse, PortalSuspended
@@ -497,16 +505,17 @@ class ExchangeTracker:
             self._finish(queue.popleft())
 
     def _ready_for_query(self, body: memoryview) -> None:
-        if len(body) != 1 or body[0] not in _TRANSACTION_STATES:
+        status = _TRANSACTION_STATES.get(body[0]) if len(body) == 1 else None
+        if status is None:
             raise ProtocolViolation("invalid ReadyForQuery message")
-        self.transaction_status = chr(body[0])
+        self.transaction_status = status
         queue = self.queue
-        if queue and queue[0].kind in _SYNC_POINTS:
-            ready = queue.popleft()
-            self._ready_seq = ready.seq
-            self._finish(ready)
-        else:
+        if not queue or queue[0].kind not in _SYNC_POINTS:
             raise self._desync(B.READY_FOR_QUERY)
+        ready = queue.popleft()
+        self._ready_seq = ready.seq
+        if ready.result is not None:  # a Sync's has none
+            self._finish(ready)
 
     def note_run(self) -> None:
         """The request just tracked runs a statement (Bind plans it, Execute, Query and a fast-path call

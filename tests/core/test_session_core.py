@@ -282,6 +282,42 @@ def test_a_query_is_forwarded_as_sent_and_its_answer_relayed_and_audited() -> No
     assert core.statements == 1
 
 
+def test_backend_hooks_run_in_order_each_on_the_message_the_previous_left(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each type's hooks are built into one handler: tracking first, then the hooks in order (``first``
+    before the others), each seeing the replacement the ones before it made; on a scrubbed type, after
+    the scrubbing."""
+    monkeypatch.setenv("CORE_TEST_UPSTREAM_PASSWORD", "s3cret")
+    core = new_core(fake_server(core_config(password_env="CORE_TEST_UPSTREAM_PASSWORD")))
+    login(core)
+    assert core.upstream_data(RFQ_IDLE) == RFQ_IDLE
+    seen: list[tuple[str, bytes]] = []
+
+    def hook(name: str, replace: bytes | None) -> Any:
+        def run(body: memoryview) -> bytes | None:
+            seen.append((name, bytes(body)))
+            return None if replace is None else m.DataRow((replace,)).encode()
+        return run
+
+    core.add_backend_hook(Backend.DATA_ROW, hook("second", b"two"))
+    core.add_backend_hook(Backend.DATA_ROW, hook("third", None))
+    core.add_backend_hook(Backend.DATA_ROW, hook("first", b"one"), first=True)
+    query = m.Query("select 'raw'").encode()
+    assert core.client_data(query) == query
+    rows = m.DataRow((b"raw",)).encode()
+    done = m.CommandComplete("SELECT 1").encode() + RFQ_IDLE
+    out = core.upstream_data(m.RowDescription((m.FieldDescription("x", 0, 0, 25, -1, -1, 0),)).encode() + rows + done)
+    assert m.DataRow((b"two",)).encode() in out and rows not in out
+    assert seen == [("first", rows[5:]), ("second", m.DataRow((b"one",)).encode()[5:]),
+                    ("third", m.DataRow((b"two",)).encode()[5:])]
+    assert _events(core)[-1]["sql"] == "select 'raw'"  # the tracker ran before the hooks
+    # A hook on a scrubbed type sees the message without the upstream password.
+    notices: list[bytes] = []
+    core.add_backend_hook(Backend.NOTICE_RESPONSE, lambda body: notices.append(bytes(body)))
+    leak = m.NoticeResponse.build("NOTICE", "00000", "password s3cret rejected").encode()
+    out = core.upstream_data(leak)
+    assert b"s3cret" not in out and notices and b"s3cret" not in notices[0] and b"********" in notices[0]
+
+
 def test_client_data_before_the_pump_is_an_illegal_event() -> None:
     core = new_core()
     with pytest.raises(IllegalEvent):

@@ -882,3 +882,21 @@ def test_a_close_of_neither_statement_nor_portal_is_refused_and_a_describe_left_
     assert pending is not None and pending.kind is Kind.DESCRIBE
     c.server(err("08P01", "invalid DESCRIBE message subtype 88"), ready("I"))
     assert c.t.idle
+
+
+def test_unnamed_statements_and_portals_are_refused_in_an_unsupported_client_encoding() -> None:
+    """The tracker reads the unnamed statement and portal (most requests) without building a message view;
+    like the views, it must refuse them when the proxy cannot read the client's encoding, or it would
+    track requests whose other strings it could not judge."""
+    c = Conversation()
+    c.server(parameter_status("client_encoding", "MULE_INTERNAL"))
+    assert c.t.codec is None
+    for request in (Bind("", "", (), (b"1",), (0,)), Describe("P", ""), Execute("", 0)):
+        with pytest.raises(ProtocolViolation) as refused:
+            c.client(request)
+        assert refused.value.sqlstate == "0A000"
+        if not isinstance(request, Describe):  # what the gates read: peek refuses the same
+            with pytest.raises(ProtocolViolation) as peeked:
+                c.t.peek(request.TYPE, memoryview(request.encode())[5:])
+            assert peeked.value.sqlstate == "0A000"
+    assert c.t.idle
