@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, Protocol
 
-from cachetools import FIFOCache
+from cachebox import FIFOCache
 
 from .codec import ProtocolViolation, invalid_utf8
 from .messages import Bind, Close, Describe, ErrorResponse, Execute, FunctionCall, Parse, Query, bind_names, tag_rows
@@ -386,7 +386,7 @@ class ExchangeTracker:
         """(statement name, query text, parameter type OIDs) of a Parse body, decoded and checked in the
         client's encoding; once per body."""
         try:
-            return self._parse_cache[raw]  # item access: the cache's get() costs twice as much
+            return self._parse_cache[raw]
         except KeyError:
             pass
         parse = Parse.decode(raw, self.codec)
