@@ -5,7 +5,7 @@ Producers (sessions, the policy gate, approval stores, the HTTP proxy) build an 
 
 - stamps ``ts`` (the time the event was recorded);
 - redacts secrets in every string the event holds (``redact.redact_event``, once a keyword check over
-  its encoding found one), so an
+  its encoding, or in the strings its producer lists, found one), so an
   ``ALTER ROLE ... PASSWORD '...'`` is never stored, whether it reaches the log as a ``statement``,
   a ``policy_decision`` or an ``approval_requested``;
 - numbers the records of each session (``session_seq``, from 0) and gives the session's terminal
@@ -21,14 +21,14 @@ Readers map stored records back to a kind with ``event_kind``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
 import orjson
 
 from .logformat import canonical
-from .redact import may_hold_secret_encoded, redact_event
+from .redact import may_hold_secret_encoded, may_need_redaction, redact_event
 from .sink import AuditSink, AuditUnavailable
 
 
@@ -83,9 +83,12 @@ class AuditEmitter:
     def max_result_rows(self) -> int:
         return int(getattr(self.sink, "max_result_rows", 20))
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any], *, texts: Sequence[str | None] | None = None) -> None:
         """Stamp, number, redact and encode ``event``, then hand it to the sink; ``AuditUnavailable``
-        when the sink cannot record it."""
+        when the sink cannot record it.
+
+        ``texts``: every string of ``event`` that redaction reads (its producer's list), keyword-checked
+        instead of the whole encoding: a statement record's strings are a small part of it."""
         kind = _KINDS.get(event["event"])
         if kind is None:  # a programming error
             raise ValueError(f"unknown audit event kind {event['event']!r}")
@@ -106,12 +109,12 @@ class AuditEmitter:
             try:
                 encoded = canonical(event)
                 # Most events hold no secret: one keyword check over the encoding spares redacting each string.
-                if may_hold_secret_encoded(encoded):
+                if may_hold_secret_encoded(encoded) if texts is None else may_need_redaction(texts):
                     redact_event(event)
                     encoded = canonical(event)
             except (TypeError, orjson.JSONEncodeError) as exc:
                 raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
-        else:
+        elif texts is None or may_need_redaction(texts):
             redact_event(event)
         try:
             if self._emit_encoded is not None:
