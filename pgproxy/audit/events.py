@@ -72,7 +72,7 @@ class AuditEmitter:
         self.clock = clock
         self._emit_encoded: Callable[[dict[str, Any], bytes], None] | None = getattr(sink, "emit_encoded", None)
         self._session_counts: dict[str, int] = {}
-        self._broken: str | None = None
+        self.problem: str | None = None  # why events cannot be recorded now (the sink's last failure), or None
 
     # Result capture settings of the signed log, read by sessions.
     @property
@@ -104,17 +104,19 @@ class AuditEmitter:
                 counts[session] = n + 1  # re-inserted: the dict is ordered by last activity
                 if len(counts) > MAX_OPEN_SESSIONS:  # HTTP callers' sessions never end: forget the stalest
                     del counts[next(iter(counts))]
+        if texts is not None and may_need_redaction(texts):
+            redact_event(event)
         encoded = b""
         if self._emit_encoded is not None:
             try:
                 encoded = canonical(event)
                 # Most events hold no secret: one keyword check over the encoding spares redacting each string.
-                if may_hold_secret_encoded(encoded) if texts is None else may_need_redaction(texts):
+                if texts is None and may_hold_secret_encoded(encoded):
                     redact_event(event)
                     encoded = canonical(event)
             except (TypeError, orjson.JSONEncodeError) as exc:
                 raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
-        elif texts is None or may_need_redaction(texts):
+        elif texts is None:
             redact_event(event)
         try:
             if self._emit_encoded is not None:
@@ -122,18 +124,13 @@ class AuditEmitter:
             else:
                 self.sink.emit(event)
         except AuditUnavailable as exc:
-            self._broken = str(exc)
+            self.problem = str(exc)
             raise
-        self._broken = None
-
-    @property
-    def problem(self) -> str | None:
-        """Why events cannot be recorded now (the last failure of the sink), or None."""
-        return self._broken
+        self.problem = None
 
     def check(self) -> None:
         """Raise ``AuditUnavailable`` while the sink is failing (retrying a flush first)."""
-        if self._broken is None:
+        if self.problem is None:
             return
         self.flush()
 
@@ -141,9 +138,9 @@ class AuditEmitter:
         try:
             self.sink.flush()
         except AuditUnavailable as exc:
-            self._broken = str(exc)
+            self.problem = str(exc)
             raise
-        self._broken = None
+        self.problem = None
 
     def close(self) -> None:
         self.sink.close()

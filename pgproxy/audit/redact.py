@@ -55,12 +55,9 @@ def may_hold_secret_encoded(encoded: bytes) -> bool:
 
 
 def may_need_redaction(texts: Iterable[str | None]) -> bool:
-    """Whether ``redact_text`` could change one of ``texts`` (None entries skipped): only strings long
-    enough for a detector and holding a keyword can change."""
-    for text in texts:  # noqa: SIM110 (a loop: a third faster than any() over a generator)
-        if text is not None and len(text) >= _MIN_SECRET_CHARS and may_hold_secret(text):
-            return True
-    return False
+    """Whether ``redact_text`` could change one of ``texts`` (None entries skipped): one keyword check
+    over them all, joined by a newline, which no keyword holds (a check per string costs more)."""
+    return may_hold_secret("\n".join(filter(None, texts)))
 
 
 def redact_text(text: str) -> str:

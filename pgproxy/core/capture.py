@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from ..protocol.codec import ProtocolViolation, header
@@ -120,6 +121,15 @@ def audit_value(value: bytes | None, fmt: int, encoding: str = "utf-8") -> str |
     return "\\x" + clipped.hex() + suffix
 
 
+def audit_values(values: Sequence[bytes | None], formats: tuple[int, ...], encoding: str) -> list[str | None]:
+    """Parameters or a row's cells as recorded (``audit_value``), ``formats`` giving each one's format
+    (a missing one: text)."""
+    if not any(formats):  # all text, the usual case: audit_value's text branch, inline
+        return [v if v is None else v.decode(encoding, "replace") if len(v) <= MAX_VALUE_BYTES
+                else audit_value(v, 0, encoding) for v in values]
+    return [audit_value(v, formats[i] if i < len(formats) else 0, encoding) for i, v in enumerate(values)]
+
+
 def _row_digest(r: StatementResult) -> str:
     """The hex row digest (module docstring): fed row by row past the cap, else over the sample rows."""
     if r.row_digest is not None:
@@ -157,17 +167,11 @@ def add_result_fields(event: dict[str, Any], r: StatementResult, bind: Bind | No
             texts += names
     if r.sample_rows:
         rows = []
-        binary = any(formats)
         for raw in r.sample_rows:
             try:
-                values = row_values(raw)
+                row = audit_values(row_values(raw), formats, encoding)
             except ProtocolViolation:
                 continue
-            if binary:
-                row = [audit_value(v, formats[i] if i < len(formats) else 0, encoding) for i, v in enumerate(values)]
-            else:  # every column in text (the usual case): audit_value's text branch, inline
-                row = [v if v is None else v.decode(encoding, "replace") if len(v) <= MAX_VALUE_BYTES
-                       else audit_value(v, 0, encoding) for v in values]
             texts += row
             rows.append(row)
         result["sample_rows"] = rows

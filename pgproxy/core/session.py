@@ -57,7 +57,7 @@ from ..protocol.tracker import (
     StatementResult,
 )
 from ..protocol.types import Backend, Frontend
-from .capture import ResultCapture, add_result_fields, audit_value
+from .capture import ResultCapture, add_result_fields, audit_values
 from .plugins import AuditUnavailable, FrontendGate, Hold, Refuse, Rewrite, Verdict
 from .reading import is_lexer_neutral, server_reading
 from .statement import SqlSyntaxError, Statement
@@ -921,8 +921,7 @@ class SessionCore:
         if bind is not None:
             formats, params, _ = bind.values
             if params:
-                values = event["params"] = [audit_value(value, fmt, codec) for value, fmt in
-                                            zip(params, param_formats(formats, len(params)), strict=True)]
+                values = event["params"] = audit_values(params, param_formats(formats, len(params)), codec)
                 texts += values
         if r.statement_name:
             event["statement_name"] = r.statement_name
@@ -939,8 +938,11 @@ class SessionCore:
 
     def _check_audit(self) -> None:
         """Refuse a statement before it reaches the server while the audit log cannot record it."""
+        audit = self.server.audit
+        if audit.problem is None:  # recording (checked per request: nothing more to do)
+            return
         try:
-            self.server.audit.check()
+            audit.check()
         except AuditUnavailable as exc:
             log.error("session %s: %s", self.id, exc)
             self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; the statement was NOT sent to "
