@@ -29,7 +29,10 @@ _EMPTY_DIGEST = hashlib.sha256().hexdigest()
 
 
 class ResultCapture:
-    """Hooks for 'T', 'D', 'N' and 'd' backend messages; feeds the StatementResult at the queue's head."""
+    """Hooks for 'T', 'D', 'N' and 'd' backend messages; feeds the StatementResult at the queue's head.
+
+    A result's ``row_digest`` stays None while its sample rows hold every row (see the module docstring).
+    """
 
     __slots__ = ("_described", "max_rows", "tracker")
 
@@ -69,10 +72,7 @@ class ResultCapture:
             return
         digest = r.row_digest
         if digest is None:  # the first row past the cap: the digest starts with the sample rows
-            digest = r.row_digest = hashlib.sha256()
-            for raw in r.sample_rows:  # type: ignore[union-attr]
-                digest.update(header(_DATA_ROW, len(raw)))
-                digest.update(raw)
+            digest = r.row_digest = hashlib.sha256(_as_sent(r.sample_rows))  # type: ignore[arg-type]
         digest.update(header(_DATA_ROW, len(body)))
         digest.update(body)
 
@@ -130,16 +130,17 @@ def audit_values(values: Sequence[bytes | None], formats: tuple[int, ...], encod
     return [audit_value(v, formats[i] if i < len(formats) else 0, encoding) for i, v in enumerate(values)]
 
 
+def _as_sent(rows: list[bytes]) -> bytes:
+    """DataRow bodies as the messages sent: what the row digest covers."""
+    return b"".join([header(_DATA_ROW, len(raw)) + raw for raw in rows])
+
+
 def _row_digest(r: StatementResult) -> str:
-    """The hex row digest (module docstring): fed row by row past the cap, else over the sample rows."""
-    if r.row_digest is not None:
-        return str(r.row_digest.hexdigest())
-    rows = r.sample_rows
-    if not rows:
-        return _EMPTY_DIGEST
-    if len(rows) == 1:
-        return hashlib.sha256(header(_DATA_ROW, len(rows[0])) + rows[0]).hexdigest()
-    return hashlib.sha256(b"".join(header(_DATA_ROW, len(raw)) + raw for raw in rows)).hexdigest()
+    """The hex row digest: fed row by row past the cap, else over the sample rows (every row)."""
+    digest = r.row_digest
+    if digest is None:
+        return hashlib.sha256(_as_sent(r.sample_rows)).hexdigest() if r.sample_rows else _EMPTY_DIGEST
+    return str(digest.hexdigest())
 
 
 def add_result_fields(event: dict[str, Any], r: StatementResult, bind: Bind | None, encoding: str,

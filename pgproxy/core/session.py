@@ -914,7 +914,7 @@ class SessionCore:
         if self.masking is not None:
             fields = len(event)
             self.masking.annotate(event, r)
-            if len(event) != fields:
+            if len(event) != fields:  # annotate adds fields (never changes one): the emitter checks them all
                 checked = None
         bind = Bind.lenient(r.bind_body)
         codec = self.tracker.server_codec
