@@ -5,7 +5,7 @@ Producers (sessions, the policy gate, approval stores, the HTTP proxy) build an 
 
 - stamps ``ts`` (the time the event was recorded);
 - redacts secrets in every string the event holds (``redact.redact_event``, once a keyword check over
-  its encoding found one), so an
+  its encoding, or in the strings its producer lists, found one), so an
   ``ALTER ROLE ... PASSWORD '...'`` is never stored, whether it reaches the log as a ``statement``,
   a ``policy_decision`` or an ``approval_requested``;
 - numbers the records of each session (``session_seq``, from 0) and gives the session's terminal
@@ -21,14 +21,14 @@ Readers map stored records back to a kind with ``event_kind``.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Any
 
 import orjson
 
 from .logformat import canonical
-from .redact import may_hold_secret_encoded, redact_event
+from .redact import may_hold_secret_encoded, may_need_redaction, redact_event
 from .sink import AuditSink, AuditUnavailable
 
 
@@ -72,7 +72,7 @@ class AuditEmitter:
         self.clock = clock
         self._emit_encoded: Callable[[dict[str, Any], bytes], None] | None = getattr(sink, "emit_encoded", None)
         self._session_counts: dict[str, int] = {}
-        self._broken: str | None = None
+        self.problem: str | None = None  # why events cannot be recorded now (the sink's last failure), or None
 
     # Result capture settings of the signed log, read by sessions.
     @property
@@ -83,9 +83,12 @@ class AuditEmitter:
     def max_result_rows(self) -> int:
         return int(getattr(self.sink, "max_result_rows", 20))
 
-    def emit(self, event: dict[str, Any]) -> None:
+    def emit(self, event: dict[str, Any], *, texts: Sequence[str | None] | None = None) -> None:
         """Stamp, number, redact and encode ``event``, then hand it to the sink; ``AuditUnavailable``
-        when the sink cannot record it."""
+        when the sink cannot record it.
+
+        ``texts``: every string of ``event`` that redaction reads (its producer's list), keyword-checked
+        instead of the whole encoding: a statement record's strings are a small part of it."""
         kind = _KINDS.get(event["event"])
         if kind is None:  # a programming error
             raise ValueError(f"unknown audit event kind {event['event']!r}")
@@ -101,17 +104,19 @@ class AuditEmitter:
                 counts[session] = n + 1  # re-inserted: the dict is ordered by last activity
                 if len(counts) > MAX_OPEN_SESSIONS:  # HTTP callers' sessions never end: forget the stalest
                     del counts[next(iter(counts))]
+        if texts is not None and may_need_redaction(texts):
+            redact_event(event)
         encoded = b""
         if self._emit_encoded is not None:
             try:
                 encoded = canonical(event)
                 # Most events hold no secret: one keyword check over the encoding spares redacting each string.
-                if may_hold_secret_encoded(encoded):
+                if texts is None and may_hold_secret_encoded(encoded):
                     redact_event(event)
                     encoded = canonical(event)
             except (TypeError, orjson.JSONEncodeError) as exc:
                 raise AuditUnavailable(f"cannot encode audit event: {exc}") from None
-        else:
+        elif texts is None:
             redact_event(event)
         try:
             if self._emit_encoded is not None:
@@ -119,18 +124,13 @@ class AuditEmitter:
             else:
                 self.sink.emit(event)
         except AuditUnavailable as exc:
-            self._broken = str(exc)
+            self.problem = str(exc)
             raise
-        self._broken = None
-
-    @property
-    def problem(self) -> str | None:
-        """Why events cannot be recorded now (the last failure of the sink), or None."""
-        return self._broken
+        self.problem = None
 
     def check(self) -> None:
         """Raise ``AuditUnavailable`` while the sink is failing (retrying a flush first)."""
-        if self._broken is None:
+        if self.problem is None:
             return
         self.flush()
 
@@ -138,9 +138,9 @@ class AuditEmitter:
         try:
             self.sink.flush()
         except AuditUnavailable as exc:
-            self._broken = str(exc)
+            self.problem = str(exc)
             raise
-        self._broken = None
+        self.problem = None
 
     def close(self) -> None:
         self.sink.close()

@@ -12,14 +12,15 @@ import hashlib
 from collections.abc import Sequence
 
 EMPTY_ROOT = hashlib.sha256(b"").digest()
+_sha256 = hashlib.sha256
 
 
 def leaf_hash(data: bytes) -> bytes:
-    return hashlib.sha256(b"\x00" + data).digest()
+    return _sha256(b"\x00" + data).digest()
 
 
 def node_hash(left: bytes, right: bytes) -> bytes:
-    return hashlib.sha256(b"\x01" + left + right).digest()
+    return _sha256(b"\x01" + left + right).digest()
 
 
 def _split(n: int) -> int:
@@ -50,13 +51,12 @@ class CompactTree:
     def append(self, leaf: bytes) -> None:
         """Add one leaf *hash*."""
         frontier = self._frontier
-        frontier.append(leaf)
         n = self.size
-        while n & 1:  # merge equal-height subtrees, like binary carry
-            right = frontier.pop()
-            frontier[-1] = node_hash(frontier[-1], right)
+        self.size = n + 1
+        while n & 1:  # merge equal-height subtrees, like binary carry (node_hash, inline: once per append)
+            leaf = _sha256(b"\x01" + frontier.pop() + leaf).digest()
             n >>= 1
-        self.size += 1
+        frontier.append(leaf)
 
     @property
     def frontier(self) -> list[bytes]:

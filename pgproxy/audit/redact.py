@@ -3,12 +3,14 @@
 Applied by the audit emitter (``events.AuditEmitter``) to every string of every event, in every sink,
 before it is stored. One combined pre-check keeps the common case (no secret) to a few substring tests
 (ASCII text) or a single regex search (any other text); the emitter runs it once over the encoded event
-(``may_hold_secret_encoded``) and redacts string by string only when it finds a keyword.
+(``may_hold_secret_encoded``), or over the strings its producer lists (``may_need_redaction``: the
+session's statement records), and redacts string by string only when it finds a keyword.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Any
 
 from cachetools import LRUCache
@@ -50,6 +52,12 @@ def may_hold_secret_encoded(encoded: bytes) -> bool:
     characters, none of them in a keyword, so a keyword in any string of the event is in its encoding too.
     (Decoded first: substring tests of ``str`` are faster than of ``bytes``.)"""
     return may_hold_secret(encoded.decode("utf-8", "surrogateescape"))
+
+
+def may_need_redaction(texts: Iterable[str | None]) -> bool:
+    """Whether ``redact_text`` could change one of ``texts`` (None entries skipped): one keyword check
+    over them all, joined by a newline, which no keyword holds (a check per string costs more)."""
+    return may_hold_secret("\n".join(filter(None, texts)))
 
 
 def redact_text(text: str) -> str:

@@ -221,12 +221,14 @@ class SignedAuditLog:
             raise AuditUnavailable("audit log is closed")
         # Canonical JSON sorts "event" < "prev" < "seq": these are the bytes of canonical(record), built
         # around the event's encoding (never encoded again) and hashed once.
-        line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev, self._tree.size)
+        tree = self._tree
+        seq = tree.size
+        line = b'{"event":%b,"prev":"%b","seq":%d}' % (encoded, self._prev, seq)
         h = leaf_hash(line)
-        self._tree.append(h)
+        tree.append(h)
         self._prev = hexlify(h)  # the record's hash as the next record's "prev" (hex, ASCII bytes)
         self._pending.append(line)
-        if event.get("event") == "session_end" or self._tree.size - self._cp_size >= self._every_records:
+        if seq + 1 - self._cp_size >= self._every_records or event.get("event") == "session_end":
             self._checkpoint_due = True
         if self._fsync == "always" or self._broken is not None:
             self._write_pending()

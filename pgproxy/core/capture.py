@@ -1,8 +1,9 @@
 """Result capture for the signed audit log: columns, rows sent, a digest over every DataRow, sample rows.
 
 The session installs these backend hooks only when its sink asks for results (``capture_results``).
-Per DataRow the cost is two ``hashlib`` updates, a counter and, under the cap, one list append; rows are
-decoded only when the statement event is built.
+Per DataRow the cost is, under the cap, one list append and a counter; rows are decoded only when the
+statement event is built. The digest is computed then from the sample rows, which hold every row of a
+result no longer than the cap (most results); past the cap it is fed row by row, starting with them.
 
 Row digest (docs/audit.md): SHA-256 over the concatenation, in order, of every DataRow message sent to
 the client for the statement, each as its full wire bytes: ``'D'`` (0x44), the int32 big-endian length
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 from ..protocol.codec import ProtocolViolation, header
@@ -23,10 +25,14 @@ from ..protocol.types import Backend
 MAX_VALUE_BYTES = 4096
 _DATA_ROW = Backend.DATA_ROW
 _EXECUTING = (Kind.QUERY, Kind.EXECUTE, Kind.FUNCTION)
+_EMPTY_DIGEST = hashlib.sha256().hexdigest()
 
 
 class ResultCapture:
-    """Hooks for 'T', 'D', 'N' and 'd' backend messages; feeds the StatementResult at the queue's head."""
+    """Hooks for 'T', 'D', 'N' and 'd' backend messages; feeds the StatementResult at the queue's head.
+
+    A result's ``row_digest`` stays None while its sample rows hold every row (see the module docstring).
+    """
 
     __slots__ = ("_described", "max_rows", "tracker")
 
@@ -55,17 +61,20 @@ class ResultCapture:
         r = queue[0].result
         if r is None:
             return
-        digest = r.row_digest
-        if digest is None:
-            digest = r.row_digest = hashlib.sha256()
+        n = r.rows_sent
+        r.rows_sent = n + 1
+        if n == 0:
             r.sample_rows = []
             if r.row_description is None and r.statement_name is not None:
                 r.row_description = self._described.get(r.statement_name)
+        if n < self.max_rows:
+            r.sample_rows.append(bytes(body))  # type: ignore[union-attr]
+            return
+        digest = r.row_digest
+        if digest is None:  # the first row past the cap: the digest starts with the sample rows
+            digest = r.row_digest = hashlib.sha256(_as_sent(r.sample_rows))  # type: ignore[arg-type]
         digest.update(header(_DATA_ROW, len(body)))
         digest.update(body)
-        if r.rows_sent < self.max_rows:
-            r.sample_rows.append(bytes(body))  # type: ignore[union-attr]
-        r.rows_sent += 1
 
     def on_notice(self, body: memoryview) -> None:
         queue = self.tracker.queue
@@ -83,17 +92,19 @@ class ResultCapture:
 
 
 @functools.lru_cache(maxsize=1024)
-def _columns(row_description: bytes, encoding: str) -> tuple[tuple[dict[str, Any], ...], tuple[int, ...]]:
-    """Column names, types and formats of a RowDescription; repeated statements decode it once.
+def _columns(row_description: bytes, encoding: str) -> tuple[tuple[dict[str, Any], ...], tuple[int, ...],
+                                                             tuple[str, ...]]:
+    """Column names, types and formats of a RowDescription (as recorded, the formats, the names);
+    repeated statements decode it once.
 
     The dicts are shared between records: never mutate them.
     """
     try:
         fields = RowDescription.decode(row_description, encoding).fields
     except ProtocolViolation:
-        return (), ()
+        return (), (), ()
     return (tuple({"name": f.name, "type_oid": f.type_oid, "format": f.format_code} for f in fields),
-            tuple(f.format_code for f in fields))
+            tuple(f.format_code for f in fields), tuple(f.name for f in fields))
 
 
 def audit_value(value: bytes | None, fmt: int, encoding: str = "utf-8") -> str | None:
@@ -110,42 +121,65 @@ def audit_value(value: bytes | None, fmt: int, encoding: str = "utf-8") -> str |
     return "\\x" + clipped.hex() + suffix
 
 
-def result_fields(r: StatementResult, bind: Bind | None, *, capturing: bool = True,
-                  encoding: str = "utf-8") -> dict[str, Any]:
-    """The signed log's extra statement fields: ``result``, ``notices``, formats for replay.
+def audit_values(values: Sequence[bytes | None], formats: tuple[int, ...], encoding: str) -> list[str | None]:
+    """Parameters or a row's cells as recorded (``audit_value``), ``formats`` giving each one's format
+    (a missing one: text)."""
+    if not any(formats):  # all text, the usual case: audit_value's text branch, inline
+        return [v if v is None else v.decode(encoding, "replace") if len(v) <= MAX_VALUE_BYTES
+                else audit_value(v, 0, encoding) for v in values]
+    return [audit_value(v, formats[i] if i < len(formats) else 0, encoding) for i, v in enumerate(values)]
+
+
+def _as_sent(rows: list[bytes]) -> bytes:
+    """DataRow bodies as the messages sent: what the row digest covers."""
+    return b"".join([header(_DATA_ROW, len(raw)) + raw for raw in rows])
+
+
+def _row_digest(r: StatementResult) -> str:
+    """The hex row digest: fed row by row past the cap, else over the sample rows (every row)."""
+    digest = r.row_digest
+    if digest is None:
+        return hashlib.sha256(_as_sent(r.sample_rows)).hexdigest() if r.sample_rows else _EMPTY_DIGEST
+    return str(digest.hexdigest())
+
+
+def add_result_fields(event: dict[str, Any], r: StatementResult, bind: Bind | None, encoding: str,
+                      texts: list[str | None]) -> None:
+    """Add the signed log's extra statement fields to ``event``: ``result``, ``notices``, formats for
+    replay; every string added (bar the hex digest) also goes to ``texts``, which the audit emitter
+    screens for secrets instead of the whole record.
 
     ``bind`` is the statement's Bind (``Bind.lenient``, read once by the caller), if any.
     """
-    out: dict[str, Any] = {}
     if bind is not None:
-        formats, params, result_formats = bind.values
-        if formats:
-            out["param_formats"] = list(param_formats(formats, len(params)))
+        codes, params, result_formats = bind.values
+        if codes:
+            event["param_formats"] = list(param_formats(codes, len(params)))
         if result_formats:
-            out["result_formats"] = list(result_formats)
+            event["result_formats"] = list(result_formats)
     if r.param_types and any(r.param_types):
-        out["param_types"] = list(r.param_types)
-    if not capturing:
-        return out
-    columns, formats = _columns(r.row_description, encoding) if r.row_description is not None else ((), ())
-    result: dict[str, Any] = {"rows_sent": r.rows_sent,
-                              "row_digest": (r.row_digest or hashlib.sha256()).hexdigest()}
-    if columns:
-        result["columns"] = list(columns)
+        event["param_types"] = list(r.param_types)
+    result: dict[str, Any] = {"rows_sent": r.rows_sent, "row_digest": _row_digest(r)}
+    formats: tuple[int, ...] = ()
+    if r.row_description is not None:
+        columns, formats, names = _columns(r.row_description, encoding)
+        if columns:
+            result["columns"] = list(columns)
+            texts += names
     if r.sample_rows:
         rows = []
         for raw in r.sample_rows:
             try:
-                values = row_values(raw)
+                row = audit_values(row_values(raw), formats, encoding)
             except ProtocolViolation:
                 continue
-            rows.append([audit_value(v, formats[i] if i < len(formats) else 0, encoding)
-                         for i, v in enumerate(values)])
+            texts += row
+            rows.append(row)
         result["sample_rows"] = rows
         result["rows_truncated"] = r.rows_sent > len(rows)
     if r.copy_out_bytes:
         result["copy_out_bytes"] = r.copy_out_bytes
-    out["result"] = result
+    event["result"] = result
     if r.notices:
         notices = []
         for raw in r.notices:
@@ -153,6 +187,6 @@ def result_fields(r: StatementResult, bind: Bind | None, *, capturing: bool = Tr
                 n = NoticeResponse.decode(raw, encoding)
             except ProtocolViolation:
                 continue
+            texts += (n.severity, n.sqlstate, n.message)
             notices.append({"severity": n.severity, "sqlstate": n.sqlstate, "message": n.message})
-        out["notices"] = notices
-    return out
+        event["notices"] = notices

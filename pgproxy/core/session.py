@@ -57,7 +57,7 @@ from ..protocol.tracker import (
     StatementResult,
 )
 from ..protocol.types import Backend, Frontend
-from .capture import ResultCapture, audit_value, result_fields
+from .capture import ResultCapture, add_result_fields, audit_values
 from .plugins import AuditUnavailable, FrontendGate, Hold, Refuse, Rewrite, Verdict
 from .reading import is_lexer_neutral, server_reading
 from .statement import SqlSyntaxError, Statement
@@ -895,48 +895,64 @@ class SessionCore:
     # ------------------------------------------------------------------------------------------- audit
 
     def _emit_finished(self) -> None:
+        observe = self.server.metrics.statement_seconds.observe
         for result in self.tracker.drain():
             self.statements += 1
-            self.server.metrics.statement_seconds.observe(result.duration_ms / 1000.0)
-            self._audit(self._statement_event(result))
+            observe(result.duration_ms / 1000.0)
+            self._audit(*self._statement_event(result))
 
-    def _statement_event(self, r: StatementResult) -> dict[str, Any]:
-        event: dict[str, Any] = {"event": "statement", "protocol": r.protocol, "sql": r.sql,
+    def _statement_event(self, r: StatementResult) -> tuple[dict[str, Any], list[str | None] | None]:
+        """The statement's audit event and every string in it redaction reads (for the emitter's secret
+        check), or None when the emitter must check the whole event (masking added fields)."""
+        sql = r.sql
+        texts: list[str | None] = [sql]
+        event: dict[str, Any] = {"event": "statement", "protocol": r.protocol, "sql": sql,
                                  "started_at": r.started_at, "duration_ms": r.duration_ms,
                                  "tags": r.tags, "rows": r.rows}
+        checked: list[str | None] | None = texts
         if self.masking is not None:
+            fields = len(event)
             self.masking.annotate(event, r)
+            if len(event) != fields:  # annotate adds fields (never changes one): the emitter checks them all
+                checked = None
         bind = Bind.lenient(r.bind_body)
+        codec = self.tracker.server_codec
         if bind is not None:
             formats, params, _ = bind.values
             if params:
-                codec = self.tracker.server_codec
-                event["params"] = [audit_value(value, fmt, codec) for value, fmt in
-                                   zip(params, param_formats(formats, len(params)), strict=True)]
+                values = event["params"] = audit_values(params, param_formats(formats, len(params)), codec)
+                texts += values
         if r.statement_name:
             event["statement_name"] = r.statement_name
+            texts.append(r.statement_name)
         if r.error is not None:
-            event["error"] = {"severity": r.error.severity, "sqlstate": r.error.sqlstate, "message": r.error.message}
+            error = r.error
+            event["error"] = {"severity": error.severity, "sqlstate": error.sqlstate, "message": error.message}
+            texts += (error.severity, error.sqlstate, error.message)
         if r.refused:
             event["refused"] = True
         if self._capturing:
-            event.update(result_fields(r, bind, encoding=self.tracker.server_codec))
-        return event
+            add_result_fields(event, r, bind, codec, texts)
+        return event, checked
 
     def _check_audit(self) -> None:
         """Refuse a statement before it reaches the server while the audit log cannot record it."""
+        audit = self.server.audit
+        if audit.problem is None:  # recording (checked per request: nothing more to do)
+            return
         try:
-            self.server.audit.check()
+            audit.check()
         except AuditUnavailable as exc:
             log.error("session %s: %s", self.id, exc)
             self.terminate(errors.CANNOT_CONNECT_NOW, "the audit log is unavailable; the statement was NOT sent to "
                                                       "the database (safe to retry once the log is back)")
             raise _Ended() from None
 
-    def _audit(self, event: dict[str, Any]) -> None:
+    def _audit(self, event: dict[str, Any], texts: list[str | None] | None = None) -> None:
+        """Record ``event`` (``texts``: see ``AuditEmitter.emit``), failing closed."""
         event["session"] = self.id  # the emitter stamps ts
         try:
-            self.server.audit.emit(event)
+            self.server.audit.emit(event, texts=texts)
         except AuditUnavailable as exc:
             log.error("session %s: %s", self.id, exc)
             if event["event"] == "session_end":

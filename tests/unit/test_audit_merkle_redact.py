@@ -237,3 +237,26 @@ def test_the_encoded_precheck_never_misses_what_redaction_changes(fields: dict[s
     encoded = canonical(event)
     if canonical(redact_event(dict(event))) != encoded:
         assert may_hold_secret_encoded(encoded)
+
+
+_SECRET_ALPHABET = "pasSwordPrivATe KEYjJbBcCiI_'1-\u017f\u0131\"\\\n"
+
+
+@given(st.lists(st.text(alphabet=st.sampled_from(_SECRET_ALPHABET), max_size=40)
+                | st.sampled_from(["AKIAABCDEFGHIJKLMNOP", "password 'x'", "Bearer abcdefghijklmnopq", "short"]),
+                max_size=4))
+def test_the_producers_texts_give_the_record_the_encoded_check_gives(texts: list[str]) -> None:
+    """``emit(event, texts=...)`` keyword-checks only the listed strings: listing every string of the
+    event stores the same bytes as checking its whole encoding."""
+    stored: list[bytes] = []
+
+    class Sink(MemoryAuditSink):
+        def emit_encoded(self, event: dict[str, Any], encoded: bytes) -> None:
+            stored.append(encoded)
+
+    emitter = AuditEmitter(Sink(), clock=lambda: 1.0)
+    for listed in (None, texts):
+        event = {"event": "statement", "sql": texts[0] if texts else "", "params": texts[1:],
+                 "result": {"sample_rows": [texts[::-1]]}}
+        emitter.emit(event, texts=None if listed is None else [event["sql"], *texts[1:], *texts])
+    assert stored[0] == stored[1]
