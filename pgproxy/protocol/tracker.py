@@ -122,7 +122,7 @@ class StatementResult:
     # RowDescription body, a SHA-256 over every DataRow message as sent, rows seen, the first rows'
     # bodies (up to the configured cap), notices and CopyData bytes sent to the client.
     row_description: bytes | None = None
-    row_digest: Any = None  # hashlib sha256 object
+    row_digest: Any = None  # hashlib sha256 object; None while the sample rows hold every row (ResultCapture)
     rows_sent: int = 0
     sample_rows: list[bytes] | None = None
     notices: list[bytes] | None = None
