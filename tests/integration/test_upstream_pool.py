@@ -8,6 +8,7 @@ an ``application_name`` of its own, so the tests never share a pooled connection
 from __future__ import annotations
 
 import socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -17,7 +18,18 @@ import psycopg
 import pytest
 from harness import ProxyUnderTest, config_edit
 from psycopg import errors
-from rawwire import login, message, query, rows_of, simple_query
+from rawwire import (
+    login,
+    message,
+    parse_fields,
+    password,
+    query,
+    read_message,
+    read_until_ready,
+    rows_of,
+    simple_query,
+    startup_packet,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -201,6 +213,43 @@ def test_a_cancel_reaches_the_reused_backend(pooled: ProxyUnderTest, direct: psy
         assert time.monotonic() - started < 5
         assert bystander.execute("select 1").fetchone() == (1,)  # nobody else's query was touched
         assert conn.execute("select 2").fetchone() == (2,)
+
+
+def raw_login(p: ProxyUnderTest, app: str) -> tuple[socket.socket, int, int]:
+    """A plaintext raw-wire session; returns it with the BackendKeyData it was given (pid, secret)."""
+    sock = socket.create_connection(("127.0.0.1", p.plain_port), timeout=10)
+    sock.sendall(startup_packet("agent_reader", p.database.database, application_name=app))
+    assert read_message(sock)[0] == "R"
+    sock.sendall(password(p.token(roles=("agent_reader",))))
+    key = next(body for t, body in read_until_ready(sock) if t == "K")
+    pid, secret = struct.unpack("!iI", key)
+    return sock, pid, secret
+
+
+def send_cancel(p: ProxyUnderTest, pid: int, secret: int) -> None:
+    with socket.create_connection(("127.0.0.1", p.plain_port), timeout=10) as sock:
+        sock.sendall(struct.pack("!iiiI", 16, 80877102, pid, secret))
+        sock.recv(1)  # the proxy closes it once the cancel was handled
+
+
+def test_the_last_clients_cancel_key_does_not_reach_the_next_client(pooled: ProxyUnderTest) -> None:
+    app = "pool_old_key"
+    first, pid, old_secret = raw_login(pooled, app)
+    first.sendall(message("X", b""))
+    first.close()
+    assert wait_until(lambda: holds(pooled, pid))
+    second, second_pid, new_secret = raw_login(pooled, app)
+    assert second_pid == pid and new_secret != old_secret
+    with second:
+        second.sendall(query("select pg_sleep(0.6)"))
+        time.sleep(0.2)
+        send_cancel(pooled, pid, old_secret)  # the key the first client was given: ignored
+        assert [t for t, _ in read_until_ready(second)][-2:] == ["C", "Z"], "the old key cancelled the query"
+        second.sendall(query("select pg_sleep(5)"))
+        time.sleep(0.2)
+        send_cancel(pooled, pid, new_secret)  # its own key reaches its backend
+        errors_seen = [parse_fields(body) for t, body in read_until_ready(second) if t == "E"]
+        assert [e["C"] for e in errors_seen] == ["57014"]
 
 
 def test_a_backend_killed_while_parked_is_not_handed_out(pooled: ProxyUnderTest,
