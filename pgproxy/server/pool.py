@@ -104,6 +104,10 @@ class UpstreamPool:
 
     def release(self, conn: PooledUpstream) -> None:
         """Reset ``conn`` (``DISCARD ALL``) in the background, then park it; closed if anything goes wrong."""
+        link = conn.link
+        link.on_data = link.on_lost = link.on_pause_writing = link.on_resume_writing = None  # now buffers for reads
+        for reason in ("flow", "slice"):  # the session's reasons to stop reading this server
+            link.resume_reading(reason)
         if not self._keeps(conn):
             return
         task = asyncio.get_running_loop().create_task(self._reset_and_park(conn))
@@ -124,9 +128,6 @@ class UpstreamPool:
 
     async def _reset_and_park(self, conn: PooledUpstream) -> None:
         link = conn.link
-        link.on_data = link.on_lost = link.on_pause_writing = link.on_resume_writing = None  # buffer for reads
-        for reason in ("flow", "slice"):  # the session's reasons to stop reading this server
-            link.resume_reading(reason)
         link.write(Query(RESET_SQL).encode())
         try:
             async with asyncio.timeout(self.settings.reset_timeout_seconds):
