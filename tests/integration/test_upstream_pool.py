@@ -128,6 +128,27 @@ def test_same_login_gets_the_backend_without_the_last_clients_state(pooled: Prox
     assert [e["upstream_reused"] for e in starts] == [False, True, True]  # the first one is kept too
 
 
+def test_set_role_and_session_authorization_are_undone(pooled: ProxyUnderTest, direct: psycopg.Connection[Any]) -> None:
+    superuser = pooled.database.superuser
+    direct.execute("drop role if exists pool_other; create role pool_other")
+
+    def become_someone_else(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("set session authorization pool_other")
+        conn.execute("set role none")
+        assert conn.execute("select session_user, current_user").fetchone() == ("pool_other", "pool_other")
+
+    def take_a_role(conn: psycopg.Connection[Any]) -> None:
+        conn.execute("set role pool_other")
+
+    for work in (become_someone_else, take_a_role):
+        pid = session_then_park(pooled, "pool_role", work, user=superuser)
+        with connect(pooled, "pool_role", user=superuser) as conn:
+            assert pid_of(conn) == pid
+            assert conn.execute("select session_user, current_user").fetchone() == (superuser, superuser)
+            assert conn.info.parameter_status("session_authorization") == superuser
+            assert conn.info.parameter_status("is_superuser") == "on"
+
+
 def test_a_different_login_never_gets_it(pooled: ProxyUnderTest) -> None:
     pid = session_then_park(pooled, "pool_login_a")
     with connect(pooled, "pool_login_a", user="agent_writer") as other_role:
