@@ -305,3 +305,24 @@ def test_a_reload_that_changes_the_upstream_drains_the_pool(proxy: ProxyUnderTes
     assert parked(p) == 0
     with connect(p, "pool_reload") as conn:
         assert pid_of(conn) != pid
+
+
+def test_limits_idle_timeout_and_lifetime_close_kept_connections(make_proxy: Callable[..., ProxyUnderTest],
+                                                                 direct: psycopg.Connection[Any]) -> None:
+    p = make_proxy(config_edit("upstream.pool", {"enabled": True, "max_idle_per_key": 1,
+                                                 "idle_timeout_seconds": 1.0, "max_lifetime_seconds": 1}))
+    first, second = connect(p, "pool_limits"), connect(p, "pool_limits")
+    pids = [pid_of(first), pid_of(second)]
+    first.close()
+    assert wait_until(lambda: holds(p, pids[0]))
+    second.close()  # one per login is the limit: this one is closed
+    assert wait_until(lambda: not backend_alive(direct, pids[1]))
+    assert holds(p, pids[0]) and parked(p) == 1
+    assert wait_until(lambda: not backend_alive(direct, pids[0])), "the idle timeout did not close it"
+    assert parked(p) == 0
+
+    with connect(p, "pool_limits") as conn:  # a login older than max_lifetime_seconds is not kept
+        pid = pid_of(conn)
+        time.sleep(1.1)
+    assert wait_until(lambda: not backend_alive(direct, pid))
+    assert parked(p) == 0
