@@ -211,6 +211,7 @@ class Session:
                 self.client.resume_reading("hold")
             case ReleaseUpstream(parameters, process_id, secret_key):
                 upstream, pooled, self.upstream = self.upstream, self._pooled, None
+                self.client.on_pause_writing = self.client.on_resume_writing = None  # they steered its reading
                 if upstream is None or pooled is None or self._upstream_at < len(self._upstream_rest):
                     if upstream is not None:  # bytes of it still to relay: not idle after all
                         upstream.close()
