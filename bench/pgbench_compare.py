@@ -5,7 +5,8 @@ What it does: starts a throwaway cluster (SCRAM) with a ``bench`` role and ``pgb
 proxies (``pgproxy serve`` as subprocesses, JWT as the password, their own upstream credential):
 "proxy" (bare: JSON-lines audit, no policy, no masking) and "proxy-full" (the signed audit log, the
 shipped default policy plus an allow rule for the bench role, masking rules for a table pgbench does
-not read) and, when installed, pgbouncer (session pooling) in front of the same cluster. It then runs
+not read), both with ``upstream.pool`` on (like for like with pgbouncer), and, when installed,
+pgbouncer (session pooling) in front of the same cluster. It then runs
 ``pgbench -n -S`` per query mode (simple, extended, prepared), TPC-B (simple), one-client extended
 (latency) and a connect-per-transaction run (``-C``) against each path, interleaved round-robin with
 the order rotated every round, and reports median tps, added p50/p99 latency (from ``pgbench -l``
@@ -307,7 +308,8 @@ class ProxyProcess:
             "identity": {"issuer": ISSUER, "audience": AUDIENCE, "algorithms": ["ES256"],
                          "jwks_file": str(keys.jwks_file)},
             "upstream": {"host": db.host, "port": db.port, "sslmode": "disable",
-                         "credentials": [{"role": "*", "password_file": str(password_file)}]},
+                         "credentials": [{"role": "*", "password_file": str(password_file)}],
+                         "pool": {"enabled": True}},  # keeps server connections, as pgbouncer does
             "audit": {"jsonl_path": str(self.audit_file)},
         }
         if full:
@@ -1059,8 +1061,11 @@ def static_notes(args: argparse.Namespace) -> list[str]:
         f"rules for `{MASKED_TABLE}` (not read by pgbench). Audit bytes per transaction are shown above.",
         "`connect` runs (`-C`): every transaction opens a new connection. Direct = client SCRAM with the "
         "server; pgbouncer = client SCRAM with pgbouncer, server connections are reused from its pool "
-        "(DISCARD ALL between clients); proxy = ES256 JWT check + a fresh upstream connection with the "
-        "proxy's own SCRAM login for every client connection.",
+        "(DISCARD ALL between clients); proxy = the token as a cleartext password (its ES256 check cached "
+        "until exp) + an upstream connection from the proxy's pool (`upstream.pool.enabled: true` on both "
+        "proxies, like for like with pgbouncer: DISCARD ALL between clients, the proxy's own SCRAM login "
+        "only when no idle connection fits). The clients' side differs: with SCRAM (direct, pgbouncer) "
+        "pgbench derives a PBKDF2 key per connection, with a token it derives none (pgbench µs/txn above).",
         "pgbouncer checks clients against the role's SCRAM verifier (as an auth_query would return it) and "
         "logs in to the server with the client's SCRAM keys; pool_mode=session.",
         "p50/p99 come from `pgbench -l` per-transaction logs (every transaction of every run; the median "

@@ -235,6 +235,24 @@ class UpstreamCredential(Schema):
             yield ("", "set password_env or password_file, not both")
 
 
+class UpstreamPoolConfig(Schema):
+    """Idle upstream connections kept, after a reset, for the next client with exactly the same login."""
+
+    enabled: Flag = False
+    """Keep a cleanly ended session's upstream connection for the next client of the same role, database and
+    startup parameters (after `DISCARD ALL`). Off: every client gets a backend of its own, closed when it leaves."""
+    max_idle_per_key: Annotated[Int, Between(1)] = 16
+    """Idle connections kept for one login (role, database and startup parameters)."""
+    max_idle_total: Annotated[Int, Between(1)] = 256
+    """Idle connections kept in all."""
+    idle_timeout_seconds: Annotated[Number, Between(0.1)] = 60.0
+    """An idle connection nobody took for this long is closed."""
+    max_lifetime_seconds: Annotated[Number, Between(1)] = 3600.0
+    """A connection older than this (from its login) is closed instead of being kept or handed out."""
+    reset_timeout_seconds: Annotated[Number, Between(0.1)] = 5.0
+    """Time the server has to finish `DISCARD ALL` after a client left; a slower reset closes the connection."""
+
+
 class UpstreamConfig(Schema):
     """The PostgreSQL server the proxy connects to, and how it logs in."""
 
@@ -253,6 +271,8 @@ class UpstreamConfig(Schema):
     credentials: Annotated[tuple[UpstreamCredential, ...], NonEmpty(
         "at least one upstream credential is required (role: '*' matches any mapped role)")]
     """The logins the proxy can use upstream; the client never sees them."""
+    pool: UpstreamPoolConfig = Field(default_factory=UpstreamPoolConfig)
+    """Reuse of upstream connections between clients (off by default, see below)."""
 
     def credential_for(self, role: str) -> UpstreamCredential | None:
         """The credential for ``role``, else the ``*`` wildcard entry, else None (role not allowed)."""

@@ -38,6 +38,7 @@ SYNTAX_ERROR = "syntax_error"  # the class of a statement the gate refused becau
 SYNTAX_ERROR_CLASSES = frozenset({SYNTAX_ERROR})
 STATEMENT_CLASSES = (*sorted(CLASSES), SYNTAX_ERROR)
 UPSTREAM_ERRORS = ("connect_failed", "login_refused", "lost")
+UPSTREAM_POOL_OUTCOMES = ("hit", "miss", "parked", "discarded")
 RELOAD_OUTCOMES = ("ok", "failed")
 APPROVAL_OUTCOMES = ("approved", "denied", "timed_out", "error")
 STATEMENT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -103,6 +104,10 @@ class ProxyMetrics:
                            "(the proxy's own credential), lost (connection ended mid-session).", ["kind"],
                            registry=r)
         self._upstream_errors = {k: upstream.labels(k) for k in UPSTREAM_ERRORS}
+        pool = Counter("pgproxy_upstream_pool", "Pooled upstream connections (upstream.pool) by outcome: hit (a "
+                       "login reused one), miss (none to reuse), parked (reset and kept), discarded (closed).",
+                       ["outcome"], registry=r)
+        self._upstream_pool = {o: pool.labels(o) for o in UPSTREAM_POOL_OUTCOMES}
         self._desyncs = Counter("pgproxy_protocol_desyncs", "Server messages that answered no outstanding "
                                 "request (the session was ended with a protocol violation).", registry=r)
         self._audit_write = Histogram("pgproxy_audit_write_seconds", "Time to write (and sync, per the fsync "
@@ -137,6 +142,10 @@ class ProxyMetrics:
     def upstream_error(self, kind: str) -> None:
         """One of UPSTREAM_ERRORS."""
         self._upstream_errors[kind].inc()
+
+    def upstream_pool(self, outcome: str) -> None:
+        """One of UPSTREAM_POOL_OUTCOMES."""
+        self._upstream_pool[outcome].inc()
 
     def protocol_desync(self) -> None:
         """The request tracking of a session lost step with its server (pgproxy.protocol.tracker.Desync)."""

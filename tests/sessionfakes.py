@@ -18,6 +18,7 @@ from pgproxy.core.session import (
     ConnectUpstream,
     ReadMessage,
     ReadPacket,
+    ReuseUpstream,
     SendClient,
     SessionCore,
     TokenVerified,
@@ -50,13 +51,14 @@ class FakeClock:
         self.mono += seconds
 
 
-def core_config(*, password_env: str | None = None, **limits: Any) -> ProxyConfig:
-    """A proxy config for one plaintext listener; ``password_env`` holds the upstream password."""
+def core_config(*, password_env: str | None = None, pool: bool = False, **limits: Any) -> ProxyConfig:
+    """A proxy config for one plaintext listener; ``password_env`` holds the upstream password, ``pool`` turns
+    on upstream.pool."""
     credential = {"role": "*"} if password_env is None else {"role": "*", "password_env": password_env}
     return parse_config({
         "listeners": [{"host": "127.0.0.1", "port": 0, "insecure_plaintext": True}],
         "identity": {"issuer": "i", "audience": "a", "algorithms": ["HS256"], "hs256_secret_env": "UNUSED"},
-        "upstream": {"credentials": [credential]},
+        "upstream": {"credentials": [credential], "pool": {"enabled": pool}},
         "limits": limits,
     }, Path("."))
 
@@ -93,6 +95,7 @@ def login(core: SessionCore, identity: Identity | None = None, *, user: str = "a
         ReadPacket: (startup_body(user), False),
         ReadMessage: (ord("p"), b"the-token\x00"),
         VerifyToken: TokenVerified(identity or make_identity()),
+        ReuseUpstream: False,  # (asked with upstream.pool on) nothing to reuse: a fresh login
         ConnectUpstream: UpstreamConnected(list(notices)),
     }
     steps = core.run()

@@ -185,6 +185,26 @@ class ConnectUpstream:
 
 
 @dataclass(frozen=True, slots=True)
+class ReuseUpstream:
+    """Take an idle pooled upstream connection logged in with exactly this startup; answer True if one was taken
+    (asked only with ``upstream.pool.enabled``; otherwise, and on False, ``ConnectUpstream`` follows)."""
+
+    params: dict[str, str]
+    password: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleaseUpstream:
+    """Hand the idle upstream connection to the pool (reset, then kept for the next client) instead of closing
+    it; ``parameters`` are the ParameterStatus values the server reported last, ``process_id`` and
+    ``secret_key`` its BackendKeyData."""
+
+    parameters: dict[bytes, bytes]
+    process_id: int
+    secret_key: int
+
+
+@dataclass(frozen=True, slots=True)
 class SetTimer:
     """Call ``SessionCore.timer_fired(name)`` after ``delay`` seconds."""
 
@@ -210,7 +230,8 @@ class End:
 
 
 Action = (ReadPacket | ReadMessage | SendClient | SendUpstream | StartTls | ForwardCancel | VerifyToken
-          | CheckMaskedRole | ConnectUpstream | SetTimer | HoldClient | ReleaseClient | End)
+          | CheckMaskedRole | ReuseUpstream | ConnectUpstream | ReleaseUpstream | SetTimer | HoldClient
+          | ReleaseClient | End)
 
 
 # ------------------------------------------------------------------------------------------------ events
@@ -314,6 +335,9 @@ class SessionCore:
         self._upstream_lost = False
         self._secret: bytes | None = None
         self._cancel_key: tuple[int, int] | None = None
+        self._pooling = self.config.upstream.pool.enabled  # the upstream may go back to the pool at the end
+        self._upstream_key: tuple[int, int] | None = None  # the server's BackendKeyData (pid, secret)
+        self._parameters: dict[bytes, bytes] = {}  # ParameterStatus as the server last reported (kept when pooling)
         self.gates: list[FrontendGate] = []  # taken at login, with the masking attached then
         # Backend rewrite hooks per message type, run in order (masking before result capture).
         self._backend_hooks: dict[int, list[MessageHandler]] = {}
@@ -494,10 +518,16 @@ class SessionCore:
         self.identity = identity
         self.database, self.db_role = params["database"], role
         self._secret = password.encode() if password else None
-        self._audit({"event": "session_start", "identity": identity.audit_fields(), "client": self.peer,
-                     "tls": self.tls, "database": params["database"], "upstream_role": role,
-                     "application_name": startup.params.get("application_name")})
-        outcome = yield ConnectUpstream(params, password)
+        start = {"event": "session_start", "identity": identity.audit_fields(), "client": self.peer,
+                 "tls": self.tls, "database": params["database"], "upstream_role": role,
+                 "application_name": startup.params.get("application_name")}
+        reused = False
+        if self._pooling:
+            reused = yield ReuseUpstream(params, password)
+            start["upstream_reused"] = reused
+            self.add_backend_hook(Backend.PARAMETER_STATUS, self._remember_parameter)
+        self._audit(start)
+        outcome = UpstreamConnected([]) if reused else (yield ConnectUpstream(params, password))
         if isinstance(outcome, UpstreamUnreachable):
             self.server.metrics.upstream_error("connect_failed")
             log.warning("session %s: %s", self.id, outcome.detail)
@@ -714,9 +744,35 @@ class SessionCore:
         log.warning("session %s: held request failed: %s", self.id, exc)
         return self.decide(Refuse(errors.error(errors.INSUFFICIENT_PRIVILEGE, f"request not approved: {exc}")))
 
-    def _on_terminate(self, body: memoryview) -> None:
+    def _on_terminate(self, body: memoryview) -> bytes | None:
         self.end_reason = "client terminated"  # forwarded: the upstream closes, and so do we
         self._client_terminated = True  # that close is the client's doing, not an upstream failure
+        if self.upstream_reusable:  # not forwarded: the connection goes back to the pool
+            self._release_upstream()
+            return b""
+        return None
+
+    @property
+    def upstream_reusable(self) -> bool:
+        """The upstream connection may serve another client after a reset: pooling is on, the session is live and
+        the server idle outside any transaction, with nothing asked, held, half-read or failed on the way."""
+        tracker = self.tracker
+        return (self._pooling and self.state is _PUMPING and self._upstream_key is not None
+                and not self._upstream_lost and not self._upstream_fatal and tracker.transaction_status == "I"
+                and tracker.synced and not self._front.held and not self._back.buffered
+                and not self._awaiting_settings)
+
+    def _release_upstream(self) -> None:
+        """End the session, handing its idle upstream connection to the pool."""
+        assert self._upstream_key is not None
+        self._enter(_ENDED)
+        self.actions.append(ReleaseUpstream(dict(self._parameters), *self._upstream_key))
+        self.actions.append(End())
+
+    def _remember_parameter(self, body: memoryview) -> None:
+        """Keep what the server reports (after scrubbing): a reused connection replays it to its next client."""
+        name, _, value = bytes(body).partition(b"\0")
+        self._parameters[name] = value[:-1]  # both null-terminated, kept as bytes (the client's encoding)
 
     # ------------------------------------------------------------ what gates and hooks see (SessionContext)
 
@@ -811,6 +867,7 @@ class SessionCore:
     def _on_backend_key_data(self, body: memoryview) -> bytes:
         """Keep the upstream pid, hand the client a secret key of our own."""
         key = BackendKeyData.decode(body)
+        self._upstream_key = (key.process_id, key.secret_key)
         cfg = self.config.upstream
         proxy_secret = self.server.cancels.register(key.process_id, key.secret_key, cfg.host, cfg.port)
         self._cancel_key = (key.process_id, proxy_secret)
@@ -854,6 +911,9 @@ class SessionCore:
     def client_lost(self) -> None:
         """The client connection closed."""
         if not self._expect_pumping("client lost"):
+            return
+        if self.upstream_reusable:
+            self._release_upstream()
             return
         self._enter(_ENDED)
         if not self._upstream_lost:
@@ -1003,7 +1063,8 @@ def _chained(first: MessageHandler, *then: MessageHandler) -> MessageHandler:
 
 __all__ = [
     "Action", "CheckMaskedRole", "ClientGone", "Clock", "ConnectUpstream", "End", "ForwardCancel", "HoldClient",
-    "IllegalEvent", "ReadMessage", "ReadPacket", "ReleaseClient", "SendClient", "SendUpstream", "SessionCore",
+    "IllegalEvent", "ReadMessage", "ReadPacket", "ReleaseClient", "ReleaseUpstream", "ReuseUpstream", "SendClient",
+    "SendUpstream", "SessionCore",
     "SessionRefused", "SetTimer", "StartTls", "StartupGen", "StartupTimeout", "State", "TokenRefused",
     "TokenVerified", "UpstreamConnected", "UpstreamLoginRefused", "UpstreamUnreachable", "VerifyToken",
     "token_fingerprint",

@@ -525,6 +525,12 @@ class ExchangeTracker:
             self._last_run_seq = self.last_request.seq
 
     @property
+    def synced(self) -> bool:
+        """Every request sent was answered up to a ReadyForQuery: the server waits for a new command, in no
+        extended-protocol exchange (a Parse or Bind without its Sync opens one) and skipping nothing."""
+        return not self.queue and not self._skipping and self._ready_seq == self._seq - 1
+
+    @property
     def settings_known(self) -> bool:
         """No statement ran since the last ReadyForQuery: the standard_conforming_strings and
         client_encoding last reported are those the server applies to the next text."""

@@ -26,6 +26,7 @@ from ..reload import ReloadError, restart_only_changes
 from ..tlsutil import server_context
 from .cancel import CancelRegistry
 from .link import Link
+from .pool import UpstreamPool
 from .session import Session
 
 if TYPE_CHECKING:
@@ -122,6 +123,7 @@ class ProxyServer:
         self._reloading = asyncio.Lock()
         self.closing = False  # set by close(): /readyz then answers 503
         self.cancels = CancelRegistry()
+        self.pool = UpstreamPool(config.upstream.pool, metrics)  # idle upstream connections (upstream.pool)
         self.sessions: set[Session] = set()
         self._servers: list[asyncio.Server] = []
         self._tasks: set[asyncio.Task[None]] = set()
@@ -184,6 +186,8 @@ class ProxyServer:
         self.gates = (*self._fixed_gates, *((rebuilt.masking,) if rebuilt.masking else ()))
         self.verifier = rebuilt.verifier
         self._tls.update(contexts)
+        if config.upstream != self.config.upstream:  # connections logged in the old way are not handed out
+            self.pool.drain(config.upstream.pool)
         self.config = config.model_copy(update={"listeners": self.config.listeners})  # the bound listeners
 
     async def start(self) -> None:
@@ -285,6 +289,7 @@ class ProxyServer:
             session.terminate(errors.ADMIN_SHUTDOWN, "terminating connection due to administrator command")
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=5)
+        await self.pool.close()
         if self._flusher is not None:
             self._flusher.cancel()
         if self._sweeper is not None:

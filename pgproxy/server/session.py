@@ -27,6 +27,8 @@ from ..core.session import (
     ReadMessage,
     ReadPacket,
     ReleaseClient,
+    ReleaseUpstream,
+    ReuseUpstream,
     SendClient,
     SendUpstream,
     SessionCore,
@@ -43,6 +45,7 @@ from ..core.session import (
 )
 from ..identity import Identity, TokenError
 from .link import Link, LinkClosed
+from .pool import PooledUpstream, PoolKey
 from .upstream import UpstreamRefused, UpstreamUnavailable, connect_upstream
 
 if TYPE_CHECKING:
@@ -71,6 +74,9 @@ class Session:
         self.core = SessionCore(server, listener, clock, peer=client.peer())
         self.upstream: Link | None = None
         self._connect = connect
+        self._pool_key: PoolKey | None = None  # the login, as the pool names it (upstream.pool.enabled)
+        self._pooled: PooledUpstream | None = None  # the upstream as the pool knows it
+        self._reused = False  # self.upstream came from the pool: it already said its startup tail
         self._closed: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._hold_task: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -149,6 +155,14 @@ class Session:
             case CheckMaskedRole(identity, role, database):
                 assert self.server.masking is not None
                 return await self.server.masking.refuse_role(identity, role, database)
+            case ReuseUpstream(params, password):
+                pool = self.server.pool
+                self._pool_key = pool.key(self.server.config.upstream, params, password)
+                self._pooled = pool.take(self._pool_key)
+                if self._pooled is None:
+                    return False
+                self.upstream, self._reused = self._pooled.link, True
+                return True
             case ConnectUpstream(params, password):
                 try:
                     self.upstream, notices = await self._connect(self.server.config.upstream, params, password)
@@ -156,6 +170,8 @@ class Session:
                     return UpstreamUnreachable(exc.public, str(exc))
                 except UpstreamRefused as exc:
                     return UpstreamLoginRefused(exc.error)
+                if self._pool_key is not None:
+                    self._pooled = PooledUpstream(self._pool_key, self.upstream, asyncio.get_running_loop().time())
                 return UpstreamConnected(notices)
             case _:
                 self._apply(action)
@@ -173,6 +189,9 @@ class Session:
         if client.closed:
             self._on_client_lost()
             return
+        if self._reused:  # what the server said after its login, long ago: as the session core expects it
+            assert self._pooled is not None
+            upstream.buffer[:0] = self._pooled.startup_tail()
         upstream.start_pump(self._on_upstream_data)
         client.start_pump(self._on_client_data)
 
@@ -190,6 +209,15 @@ class Session:
                     self._hold_task = asyncio.ensure_future(self._await_decision(hold))
             case ReleaseClient():
                 self.client.resume_reading("hold")
+            case ReleaseUpstream(parameters, process_id, secret_key):
+                upstream, pooled, self.upstream = self.upstream, self._pooled, None
+                self.client.on_pause_writing = self.client.on_resume_writing = None  # they steered its reading
+                if upstream is None or pooled is None or self._upstream_at < len(self._upstream_rest):
+                    if upstream is not None:  # bytes of it still to relay: not idle after all
+                        upstream.close()
+                else:
+                    pooled.parameters, pooled.process_id, pooled.secret_key = parameters, process_id, secret_key
+                    self.server.pool.release(pooled)
             case SetTimer(name, delay):
                 self._timer = asyncio.get_running_loop().call_later(delay, self._on_timer, name)
             case End():

@@ -28,6 +28,8 @@ from pgproxy.core.session import (
     ReadMessage,
     ReadPacket,
     ReleaseClient,
+    ReleaseUpstream,
+    ReuseUpstream,
     SendClient,
     SendUpstream,
     SessionCore,
@@ -546,3 +548,69 @@ def test_the_gates_are_those_in_force_when_the_login_completes() -> None:
             answer = answers.get(type(action))
     core.upstream_data(RFQ_IDLE)
     assert core.client_data(m.Query("select 1").encode()) == m.Query("pgproxy refused this statement").encode()
+
+
+# ------------------------------------------------------------------------------------------ upstream pool
+
+KEY = m.BackendKeyData(4242, 0xDEADBEEF).encode()
+
+
+def _param(name: bytes, value: bytes) -> bytes:
+    return frame(Backend.PARAMETER_STATUS, name + b"\0" + value + b"\0")
+
+
+def _pooled_pumping() -> SessionCore:
+    core = new_core(fake_server(core_config(pool=True)))
+    asked = login(core)
+    assert ReuseUpstream({"user": "app_reader", "database": "app"}, None) in asked
+    tail = _param(b"application_name", b"app") + KEY + RFQ_IDLE
+    assert b"4242" not in core.upstream_data(tail)
+    assert core.take_actions() == []
+    assert _events(core)[0]["upstream_reused"] is False
+    return core
+
+
+def test_a_reused_upstream_skips_the_login_and_is_audited_as_reused() -> None:
+    core = new_core(fake_server(core_config(pool=True)))
+    talk = Conversation(core)
+    talk.answer((startup_body(), False))
+    talk.answer()
+    talk.answer((ord("p"), b"the-token\x00"))
+    assert isinstance(talk.answer(TokenVerified(make_identity())), ReuseUpstream)
+    assert talk.answer(True) == SendClient(AUTH_OK)  # no ConnectUpstream
+    assert _events(core)[0]["upstream_reused"] is True
+
+
+def test_with_the_pool_an_idle_clean_end_releases_the_upstream_instead_of_terminating_it() -> None:
+    core = _pooled_pumping()
+    set_name = m.Query("set application_name = 'x'").encode()
+    core.client_data(set_name)
+    core.upstream_data(m.CommandComplete("SET").encode() + _param(b"application_name", b"x") + RFQ_IDLE)
+    assert core.upstream_reusable
+    assert core.client_data(TERMINATE) == b""  # not forwarded
+    assert core.take_actions() == [ReleaseUpstream({b"application_name": b"x"}, 4242, 0xDEADBEEF), End()]
+    assert core.ended
+
+
+@pytest.mark.parametrize("case", ["in-transaction", "no-sync", "outstanding", "upstream-fatal"])
+def test_with_the_pool_an_unclean_end_terminates_the_upstream(case: str) -> None:
+    core = _pooled_pumping()
+    if case == "in-transaction":
+        core.client_data(m.Query("begin").encode())
+        core.upstream_data(m.CommandComplete("BEGIN").encode() + frame(Backend.READY_FOR_QUERY, b"T"))
+    elif case == "no-sync":
+        core.client_data(m.Parse("", "select 1", ()).encode() + frame(ord("H"), b""))
+        core.upstream_data(frame(Backend.PARSE_COMPLETE, b""))
+    elif case == "outstanding":
+        core.client_data(m.Query("select pg_sleep(1)").encode())
+    else:
+        core.upstream_data(m.ErrorResponse.build("FATAL", "57P01", "terminating").encode())
+    assert not core.upstream_reusable
+    core.client_lost()
+    assert core.take_actions() == [SendUpstream(TERMINATE), End()]
+
+
+def test_without_the_pool_an_idle_end_terminates_the_upstream() -> None:
+    core = _pumping()
+    assert not core.upstream_reusable
+    assert core.client_data(TERMINATE) == TERMINATE
