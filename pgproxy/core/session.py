@@ -40,6 +40,7 @@ from ..protocol.messages import (
     Parse,
     Terminate,
     param_formats,
+    parameter_status_fields,
 )
 from ..protocol.startup import (
     PROTOCOL_3_0,
@@ -771,8 +772,8 @@ class SessionCore:
 
     def _remember_parameter(self, body: memoryview) -> None:
         """Keep what the server reports (after scrubbing): a reused connection replays it to its next client."""
-        name, _, value = bytes(body).partition(b"\0")
-        self._parameters[name] = value[:-1]  # both null-terminated, kept as bytes (the client's encoding)
+        name, value = parameter_status_fields(body)
+        self._parameters[name] = value  # kept as sent (the client's encoding)
 
     # ------------------------------------------------------------ what gates and hooks see (SessionContext)
 

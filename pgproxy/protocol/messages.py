@@ -71,6 +71,8 @@ __all__ = [
     "Terminate",
     "decode_backend",
     "param_formats",
+    "parameter_status",
+    "parameter_status_fields",
     "row_values",
     "values_body",
 ]
@@ -1142,6 +1144,17 @@ def tag_rows(tag: str) -> int | None:
     if last.isascii() and last.isdigit():
         return int(last)
     return None
+
+
+def parameter_status_fields(body: Buffer) -> tuple[bytes, bytes]:
+    """(name, value) of a ParameterStatus body, as sent: undecoded, without their terminators."""
+    name, _, value = bytes(body).partition(b"\0")
+    return name, value[:-1]
+
+
+def parameter_status(name: bytes, value: bytes) -> bytes:
+    """A ParameterStatus message (header included) reporting ``name`` = ``value``, both as sent."""
+    return frame(Backend.PARAMETER_STATUS, name + b"\0" + value + b"\0")
 
 
 @dataclass(frozen=True, slots=True)

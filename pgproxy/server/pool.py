@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from ..config import UpstreamConfig, UpstreamPoolConfig
 from ..metrics import ProxyMetrics
 from ..protocol.codec import ProtocolViolation, frame
-from ..protocol.messages import BackendKeyData, Query, Terminate
+from ..protocol.messages import BackendKeyData, Query, Terminate, parameter_status, parameter_status_fields
 from ..protocol.types import Backend
 from .link import Link, LinkClosed
 
@@ -49,7 +49,7 @@ class PooledUpstream:
 
     def startup_tail(self) -> bytes:
         """What a fresh login sends after AuthenticationOk: ParameterStatus*, BackendKeyData, ReadyForQuery 'I'."""
-        out = [frame(Backend.PARAMETER_STATUS, name + b"\0" + value + b"\0") for name, value in self.parameters.items()]
+        out = [parameter_status(name, value) for name, value in self.parameters.items()]
         out.append(BackendKeyData(self.process_id, self.secret_key).encode())
         out.append(_READY_IDLE)
         return b"".join(out)
@@ -148,8 +148,8 @@ class UpstreamPool:
         while True:
             msg_type, body = await conn.link.read_message(_RESET_MESSAGE_LIMIT)
             if msg_type == Backend.PARAMETER_STATUS:
-                name, _, value = body.partition(b"\0")
-                conn.parameters[name] = value[:-1]
+                name, value = parameter_status_fields(body)
+                conn.parameters[name] = value
             elif msg_type == Backend.COMMAND_COMPLETE and body == _RESET_TAG and not completed:
                 completed = True
             elif msg_type == Backend.READY_FOR_QUERY:

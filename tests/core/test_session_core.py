@@ -555,15 +555,11 @@ def test_the_gates_are_those_in_force_when_the_login_completes() -> None:
 KEY = m.BackendKeyData(4242, 0xDEADBEEF).encode()
 
 
-def _param(name: bytes, value: bytes) -> bytes:
-    return frame(Backend.PARAMETER_STATUS, name + b"\0" + value + b"\0")
-
-
 def _pooled_pumping() -> SessionCore:
     core = new_core(fake_server(core_config(pool=True)))
     asked = login(core)
     assert ReuseUpstream({"user": "app_reader", "database": "app"}, None) in asked
-    tail = _param(b"application_name", b"app") + KEY + RFQ_IDLE
+    tail = m.parameter_status(b"application_name", b"app") + KEY + RFQ_IDLE
     assert b"4242" not in core.upstream_data(tail)
     assert core.take_actions() == []
     assert _events(core)[0]["upstream_reused"] is False
@@ -585,7 +581,7 @@ def test_with_the_pool_an_idle_clean_end_releases_the_upstream_instead_of_termin
     core = _pooled_pumping()
     set_name = m.Query("set application_name = 'x'").encode()
     core.client_data(set_name)
-    core.upstream_data(m.CommandComplete("SET").encode() + _param(b"application_name", b"x") + RFQ_IDLE)
+    core.upstream_data(m.CommandComplete("SET").encode() + m.parameter_status(b"application_name", b"x") + RFQ_IDLE)
     assert core.upstream_reusable
     assert core.client_data(TERMINATE) == b""  # not forwarded
     assert core.take_actions() == [ReleaseUpstream({b"application_name": b"x"}, 4242, 0xDEADBEEF), End()]
