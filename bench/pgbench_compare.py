@@ -61,8 +61,13 @@ BENCH_ROLE = "bench"
 BENCH_DB = "bench"
 ISSUER = "pgproxy-bench"
 AUDIENCE = "pgproxy-bench"
-PATHS = ("direct", "pgbouncer", "proxy", "proxy-full")
+PATHS = ("direct", "pgbouncer", "pump", "floor", "proxy", "proxy-full")
 PROXY_PATHS = ("proxy", "proxy-full")
+# Python reference middles (bench/python_floor.py), run only when --paths names them: a byte pump, and
+# the pump plus framing and a hash-chained record per statement.
+REFERENCE_PATHS = ("pump", "floor")
+DEFAULT_PATHS = ("direct", "pgbouncer", *PROXY_PATHS)
+FLOOR_SCRIPT = Path(__file__).resolve().parent / "python_floor.py"
 QUERY_MODES = ("simple", "extended", "prepared")
 TPCB = "tpcb"  # pgbench's default TPC-B-like script, simple protocol
 LATENCY = "latency"  # -S, extended protocol, one client: added latency
@@ -233,6 +238,32 @@ def wait_until_quiet(max_wait_s: float, busy_limit_pct: float = 20.0) -> float:
             return max(0.0, waited - 0.5)
 
 
+def start_until_ready(command: list[str], log_file: Path, ready: str, what: str,
+                      cwd: Path | None = None) -> subprocess.Popen[bytes]:
+    """Start ``command`` (output to ``log_file``) and wait until its log shows ``ready``."""
+    with log_file.open("wb") as log:
+        proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=cwd,
+                                start_new_session=True)
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if ready in tail(log_file, 200):
+            return proc
+        if proc.poll() is not None:
+            break
+        time.sleep(0.05)
+    stop_process(proc)
+    raise RuntimeError(f"{what} did not start (exit {proc.poll()}):\n{tail(log_file)}")
+
+
+def take_size(path: Path) -> int:
+    """The size of an append-only file (its writer appends with O_APPEND), which is then emptied."""
+    with contextlib.suppress(OSError):
+        size = path.stat().st_size
+        os.truncate(path, 0)
+        return size
+    return 0
+
+
 def stop_process(proc: subprocess.Popen[Any], *, sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
     """Signal one process we started and wait for it, killing it if it does not exit in time."""
     if proc.poll() is not None:
@@ -346,18 +377,7 @@ class ProxyProcess:
         command = [str(PGPROXY_BIN), "serve", "-c", str(self.config_file)]
         if self.profile is not None:  # written when the proxy exits (SIGINT at the end of the bench)
             command = [sys.executable, "-c", PROFILED_PROXY, str(self.profile), *command[1:]]
-        with self.log_file.open("wb") as log:
-            self.proc = subprocess.Popen(command,
-                                         stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=self.workdir,
-                                         start_new_session=True)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if "listening on ports" in tail(self.log_file, 200):
-                return
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        raise RuntimeError(f"pgproxy did not start (exit {self.proc.poll()}):\n{tail(self.log_file)}")
+        self.proc = start_until_ready(command, self.log_file, "listening on ports", "pgproxy", cwd=self.workdir)
 
     def pid(self) -> int | None:
         return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
@@ -365,14 +385,40 @@ class ProxyProcess:
     def audit_bytes(self) -> int:
         """Audit bytes written since the last call (the JSON-lines file is emptied; the signed log grows)."""
         if not self.full:
-            with contextlib.suppress(OSError):
-                size = self.audit_file.stat().st_size
-                os.truncate(self.audit_file, 0)  # the proxy appends with O_APPEND
-                return size
-            return 0
+            return take_size(self.audit_file)
         total = sum(f.stat().st_size for f in self.audit_dir.rglob("*") if f.is_file())
         written, self._audit_size = total - self._audit_size, total
         return written
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            stop_process(self.proc, sig=signal.SIGINT)
+
+
+class ReferenceProcess:
+    """bench/python_floor.py in front of ``db`` (``pump`` or ``floor``): pgbench logs in to the server
+    through it with the bench role's password."""
+
+    def __init__(self, mode: str, workdir: Path, db: Database) -> None:
+        self.mode = mode
+        self.db = db
+        self.port = free_port()
+        self.audit_file = workdir / "records"
+        self.log_file = workdir / f"{mode}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        command = [sys.executable, str(FLOOR_SCRIPT), self.mode, "--port", str(self.port),
+                   "--upstream-host", self.db.host, "--upstream-port", str(self.db.port),
+                   "--record-file", str(self.audit_file)]
+        self.proc = start_until_ready(command, self.log_file, "listening", self.mode)
+
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None and self.proc.poll() is None else None
+
+    def audit_bytes(self) -> int:
+        """Record bytes written since the last call (the file is emptied)."""
+        return take_size(self.audit_file)
 
     def stop(self) -> None:
         if self.proc is not None:
@@ -708,7 +754,7 @@ def build_report(runs: list[Run], args: argparse.Namespace, facts: list[tuple[st
 
     cols = [x for x in PATHS if x in paths]
     base = "pgbouncer" if "pgbouncer" in cols else "direct"
-    proxies = [x for x in cols if x in PROXY_PATHS]
+    proxies = [x for x in cols if x in PROXY_PATHS or x in REFERENCE_PATHS]
     modes = [m for m in MODES if m in args.modes]
     out: list[str] = []
     w = out.append
@@ -795,10 +841,11 @@ def build_report(runs: list[Run], args: argparse.Namespace, facts: list[tuple[st
     for mode in modes:
         for path in cols:
             rs = sorted(by.get((mode, path), []), key=lambda r: r.round)
-            tps = [r.tps for r in rs]
-            spread = (max(tps) - min(tps)) / statistics.median(tps) * 100 if tps and min(tps) > 0 else None
+            run_tps = [r.tps for r in rs]
+            spread = (max(run_tps) - min(run_tps)) / statistics.median(run_tps) * 100 \
+                if run_tps and min(run_tps) > 0 else None
             other = max((r.other_load_pct for r in rs if r.other_load_pct is not None), default=None)
-            per_round = " | ".join(f"{t:.0f}" for t in tps)
+            per_round = " | ".join(f"{t:.0f}" for t in run_tps)
             w(f"| {mode} | {path} | {per_round} | {fmt(spread, '.1f', '%')} | {fmt(other, '.0f')} | "
               f"{sum(r.failed for r in rs)} |")
     w("")
@@ -848,7 +895,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="before each run, wait up to this many seconds for other load on the machine to "
                         "drop below 20%% (default 30; 0 disables)")
     p.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
-    p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated subset of {','.join(PATHS)}")
+    p.add_argument("--paths", default=",".join(DEFAULT_PATHS),
+                   help=f"comma-separated subset of {','.join(PATHS)} (default {','.join(DEFAULT_PATHS)}; "
+                        "pump and floor are Python reference middles: bench/python_floor.py)")
     p.add_argument("--profile-dir", type=Path, default=None,
                    help="run each proxy under cProfile and write DIR/<path>.prof when it exits "
                         "(slows the proxies: for finding costs, not for the ratios)")
@@ -861,8 +910,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if unknown or not args.modes:
         p.error(f"--modes: unknown mode(s) {sorted(unknown)}")
     args.paths = [x.strip() for x in args.paths.split(",") if x.strip()]
-    if set(args.paths) - set(PATHS) or "direct" not in args.paths or not set(args.paths) & set(PROXY_PATHS):
-        p.error(f"--paths: a subset of {','.join(PATHS)} with direct and at least one proxy")
+    if set(args.paths) - set(PATHS) or "direct" not in args.paths or not set(args.paths) - {"direct", "pgbouncer"}:
+        p.error(f"--paths: a subset of {','.join(PATHS)} with direct and at least one other middle")
     if min(args.clients, args.duration, args.rounds, args.scale) < 1 or not 0 < args.sampling_rate <= 1:
         p.error("--clients, --duration, --rounds and --scale must be >= 1; --sampling-rate in (0, 1]")
     return args
@@ -881,7 +930,7 @@ class Bench:
     """Everything set up for the measurements."""
 
     endpoints: list[Endpoint]
-    proxies: dict[str, ProxyProcess]
+    proxies: dict[str, ProxyProcess | ReferenceProcess]
     postmaster_pid: int | None
     server_version: str
     pgbouncer_bin: str | None
@@ -928,7 +977,7 @@ def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
             conn.execute(f"CREATE TABLE {MASKED_TABLE} (id int PRIMARY KEY, email text, ssn text)")
             conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(sql.Identifier(MASKED_TABLE),
                                                                    sql.Identifier(BENCH_ROLE)))
-    proxies: dict[str, ProxyProcess] = {}
+    proxies: dict[str, ProxyProcess | ReferenceProcess] = {}
     if args.profile_dir is not None:
         args.profile_dir = args.profile_dir.resolve()
         args.profile_dir.mkdir(parents=True, exist_ok=True)
@@ -960,7 +1009,19 @@ def set_up(args: argparse.Namespace, stack: contextlib.ExitStack) -> Bench:
         bouncer.start()
         endpoints.append(Endpoint("pgbouncer", bouncer.port, pg_env(bouncer.port, password, sslmode),
                                   bouncer.pid))
-    endpoints += [Endpoint(name, p.port, pg_env(p.port, p.token, sslmode), p.pid) for name, p in proxies.items()]
+    for name in (p for p in REFERENCE_PATHS if p in args.paths):
+        if args.tls:
+            raise RuntimeError(f"--tls: the {name} path speaks no TLS")
+        reference_dir = workdir / name
+        reference_dir.mkdir()
+        reference = ReferenceProcess(name, reference_dir, db)
+        stack.callback(reference.stop)
+        log(f"starting {name} ...")
+        reference.start()
+        proxies[name] = reference
+    endpoints += [Endpoint(name, p.port, pg_env(p.port, p.token if isinstance(p, ProxyProcess) else password,
+                                                sslmode), p.pid)
+                  for name, p in proxies.items()]
     endpoints = [ep for ep in endpoints if ep.name in args.paths]
     try:
         postmaster_pid: int | None = int((cluster.data_dir / "postmaster.pid").read_text().split()[0])
@@ -977,7 +1038,7 @@ def _show_log_on_error(exc_type: type[BaseException] | None, log_file: Path) -> 
     return False
 
 
-def proxy_log_note(name: str, proxy: ProxyProcess) -> str:
+def proxy_log_note(name: str, proxy: ProxyProcess | ReferenceProcess) -> str:
     """A note on the WARNING/ERROR lines of the proxy log."""
     try:
         lines = proxy.log_file.read_text(errors="replace").splitlines()
@@ -1051,7 +1112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def static_notes(args: argparse.Namespace) -> list[str]:
     """How to read the numbers."""
+    references = [
+        "pump and floor are Python reference middles, not pgproxy (bench/python_floor.py, uvloop, no pool: "
+        "a new server connection per client, pgbench logs in to the server through them): pump copies "
+        "bytes; floor also reads every message header and writes a hash-chained JSON record per statement "
+        "(SQL, parameters, rows, row digest, tag) with no identity, policy, masking or protocol state: "
+        "the least Python work a per-statement log needs."
+    ] if set(args.paths) & set(REFERENCE_PATHS) else []
     return [
+        *references,
         f"All processes share {len(os.sched_getaffinity(0))} CPU(s): pgbench, the PostgreSQL backends and "
         "the proxy/pgbouncer compete for them, so a middle process's CPU per transaction directly lowers "
         "tps. Ratios are the meaningful output; absolute tps depend on the machine.",
