@@ -113,10 +113,20 @@ class Statements:
             if kind == b"C":
                 record["tag"] = body[:-1].decode()
             else:
-                start = body.find(b"C") + 1  # the SQLSTATE field
-                record["sqlstate"] = body[start:start + 5].decode()
+                record["sqlstate"] = _sqlstate(body)
             self.chain.append(record)
             self.rows, self.digest = 0, None
+
+
+def _sqlstate(body: bytes) -> str:
+    """The SQLSTATE field ('C') of an ErrorResponse body (fields: a type byte, then a C string)."""
+    pos = 0
+    while pos < len(body) and body[pos]:
+        end = body.index(0, pos + 1)
+        if body[pos] == ord("C"):
+            return body[pos + 1:end].decode()
+        pos = end + 1
+    return ""
 
 
 class Framer:
