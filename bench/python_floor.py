@@ -14,7 +14,8 @@ measured in the same run:
   file: the work of a hash-chained statement log and nothing else.
 
 Run: ``python bench/python_floor.py {pump,floor} --port P --upstream-host H --upstream-port Q
-[--record-file F]``; prints ``listening`` when ready; SIGINT/SIGTERM stop it.
+[--record-file F]``; prints ``listening on PORT`` when ready (``--port 0``: a free one); SIGINT/SIGTERM
+stop it. Each record line is the JSON, a space and the chain hash (hex) after it.
 """
 
 from __future__ import annotations
@@ -81,18 +82,21 @@ class Statements:
             name_end = body.index(0, portal_end + 1)
             pos = name_end + 1
             n_formats = _I16(body, pos)[0]
+            formats = body[pos + 3:pos + 2 + 2 * n_formats:2]  # each code's low byte: 0 text, 1 binary
             pos += 2 + 2 * n_formats
             count = _I16(body, pos)[0]
             pos += 2
             params: list[str | None] = []
-            for _ in range(count):
+            for i in range(count):
                 length = _I32(body, pos)[0]
                 pos += 4
                 if length < 0:
                     params.append(None)
-                else:
-                    params.append(body[pos:pos + length].decode("utf-8", "replace"))
-                    pos += length
+                    continue
+                value = body[pos:pos + length]
+                pos += length
+                binary = formats[i if n_formats > 1 else 0] if n_formats else 0
+                params.append("\\x" + value.hex() if binary else value.decode("utf-8", "replace"))
             self.bound = (self.prepared.get(body[portal_end + 1:name_end], ""), params)
         elif kind == b"E":
             sql, params = self.bound
@@ -224,7 +228,7 @@ async def serve(mode: str, port: int, upstream: tuple[str, int], chain: Chain) -
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print("listening", flush=True)
+    print(f"listening on {server.sockets[0].getsockname()[1]}", flush=True)
     async with server:
         await stop.wait()
 
